@@ -1,0 +1,15 @@
+# The two commands of README.md. Both set up .venv first (idempotent: only installs what is missing).
+.PHONY: setup demo test lint
+
+setup:
+	bash scripts/bootstrap.sh
+
+# main job on the embedded default models (MediaPipe, inside its wheel): photos -> teacher-ready dataset + preview
+demo: setup
+	.venv/bin/appleswap preprocess examples/faces out/demo --face-selector all --preview
+
+test: setup
+	.venv/bin/python -m pytest -n 2 -q -p no:cacheprovider
+
+lint: setup
+	.venv/bin/ruff check src tests

@@ -1,0 +1,48 @@
+"""Options every subcommand shares, and small helpers for command modules.
+
+A command module exposes ``add_parser(subparsers)`` (registering its parser with ``set_defaults(func=run)``)
+and ``run(args) -> int``. Modules keep heavy imports (torch, diffusers) inside ``run`` so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the description's line breaks (for examples)."""
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """Parent parser with ``--config``, ``--weights-dir``, ``--device`` and ``--log-level``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("common")
+    group.add_argument("--config", default=None, help="YAML/TOML file whose keys mirror the flags; flags override it")
+    group.add_argument(
+        "--weights-dir",
+        default=None,
+        help="folder holding model weights (default: $APPLESWAP_HOME, else ~/.cache/appleswap); "
+        "see `appleswap weights check`",
+    )
+    group.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(levelname)s %(name)s: %(message)s")
+
+
+def pick_device(requested: str | None) -> str:
+    """The torch device string for ``--device`` (cuda when available and nothing was asked)."""
+    if requested:
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -1,0 +1,180 @@
+"""Configs as data: frozen dataclasses, a YAML/TOML file whose keys mirror the CLI flags, flags win.
+
+Each stage declares one dataclass whose fields carry their help text (``option(default, "help")``) and the
+paper's value as default. The CLI builds its flags from the dataclass (``add_config_args``) and
+``resolve_config`` merges default < file < flag, rejecting unknown keys. Nothing here holds a path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+T = TypeVar("T")
+_UNSET = object()
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its help text (shown by ``--help``)."""
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def load_config_file(path: str | Path | None) -> dict[str, Any]:
+    """Read a ``.yaml``/``.yml``/``.toml``/``.json`` config file into a dict (empty when ``path`` is None)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"config file {path}: unknown format {suffix!r} (use .yaml, .toml or .json)")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _flag(prefix: str | None, name: str) -> str:
+    name = name.replace("_", "-")
+    return f"--{prefix.replace('_', '-')}-{name}" if prefix else f"--{name}"
+
+
+def _dest(prefix: str | None, name: str) -> str:
+    return f"{prefix}__{name}" if prefix else name
+
+
+def _resolve_type(cls: type, field: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints[field.name]
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, prefix: str | None = None) -> None:
+    """Add one flag per field of dataclass ``cls`` (``--prefix-field-name``); defaults stay unset so that a
+    config file can fill them in ``resolve_config``."""
+    for field in dataclasses.fields(cls):
+        if not field.init or field.name.startswith("_"):
+            continue
+        tp, _ = _unwrap_optional(_resolve_type(cls, field))
+        default = field.default if field.default is not dataclasses.MISSING else (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        )
+        help_text = field.metadata.get("help", "")
+        help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
+        kwargs: dict[str, Any] = {"dest": _dest(prefix, field.name), "default": _UNSET, "help": help_text}
+        origin = get_origin(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            choices = list(get_args(tp))
+            kwargs["choices"] = choices
+            kwargs["type"] = type(choices[0])
+        elif origin in (list, tuple):
+            inner = get_args(tp)[0] if get_args(tp) else str
+            kwargs["nargs"] = "+"
+            kwargs["type"] = inner if inner in (int, float, str) else str
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        elif tp is Path:
+            kwargs["type"] = Path
+        else:
+            kwargs["type"] = str
+        parser.add_argument(_flag(prefix, field.name), **kwargs)
+
+
+def _coerce(cls: type, field: dataclasses.Field, value: Any) -> Any:
+    tp, optional = _unwrap_optional(_resolve_type(cls, field))
+    if value is None:
+        return None
+    origin = get_origin(tp)
+    if origin is Literal and value not in get_args(tp):
+        raise ValueError(f"`{field.name}`: {value!r} is not one of {list(get_args(tp))}")
+    if tp is Path:
+        return Path(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple:
+        return tuple(value)
+    if origin is list:
+        return list(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ValueError(f"`{field.name}`: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def resolve_config(cls: type[T], args: argparse.Namespace | None = None, file_data: dict[str, Any] | None = None,
+                   prefix: str | None = None, **overrides: Any) -> T:
+    """Build ``cls`` from its defaults, then the config file section, then explicit flags, then ``overrides``.
+
+    ``file_data`` is the whole file; the section named ``prefix`` is used when present (flat files work too).
+    Unknown keys raise ``ValueError`` naming them and the allowed keys.
+    """
+    names = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values: dict[str, Any] = {}
+    section = (file_data or {})
+    if prefix and isinstance(section.get(prefix), dict):
+        section = section[prefix]
+    elif prefix:
+        section = {k: v for k, v in section.items() if not isinstance(v, dict)}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            continue  # another stage's section
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ValueError(f"unknown config key {key!r} for {cls.__name__}; allowed: {sorted(names)}")
+        values[name] = _coerce(cls, names[name], value)
+    if args is not None:
+        for name in names:
+            value = getattr(args, _dest(prefix, name), _UNSET)
+            if value is not _UNSET:
+                values[name] = _coerce(cls, names[name], value)
+    for name, value in overrides.items():
+        if name not in names:
+            raise ValueError(f"unknown option {name!r} for {cls.__name__}; allowed: {sorted(names)}")
+        values[name] = _coerce(cls, names[name], value)
+    return cls(**values)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-ready dict of a (possibly nested) config dataclass, for writing next to every output."""
+    def convert(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(config)
+
+
+def print_error(message: str) -> None:
+    print(f"appleswap: error: {message}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Evaluation: the FFHQ protocol metrics (one file each) and the report."""

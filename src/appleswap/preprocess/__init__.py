@@ -1,0 +1,1 @@
+"""Preprocessing: condition images, aesthetic scores, the reference dataset layout, the resumable runner."""

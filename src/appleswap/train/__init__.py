@@ -1,0 +1,1 @@
+"""Training: teacher (conditional deblurring), pseudo-triplets, student; accelerate for one to many GPUs."""

@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests never touch the network: hubs are forced offline, weights are built by the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+os.environ.pop("APPLESWAP_HOME", None)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _faces_dir() -> Path:
+    for candidate in (os.environ.get("APPLESWAP_TESTDATA"), REPO.parent / "shared" / "testdata" / "faces"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    raise RuntimeError("test photos not found: set APPLESWAP_TESTDATA to shared/testdata/faces")
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    """The real public-domain test photos (shared/testdata/faces; see its README for who is who)."""
+    return _faces_dir()
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("APPLESWAP_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set APPLESWAP_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
