@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _faces_dir() -> Path:
-    for candidate in (os.environ.get("APPLESWAP_TESTDATA"), REPO.parent / "shared" / "testdata" / "faces"):
+    # a copy of shared/testdata/faces ships in tests/data so a fresh clone tests on its own
+    for candidate in (os.environ.get("APPLESWAP_TESTDATA"), REPO / "tests" / "data" / "faces",
+                      REPO.parent / "shared" / "testdata" / "faces"):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     raise RuntimeError("test photos not found: set APPLESWAP_TESTDATA to shared/testdata/faces")
