@@ -1,0 +1,200 @@
+"""The resumable, parallel preprocessing run: photos in, a teacher-ready dataset in the reference layout out.
+
+Resumable and idempotent: an input is finished when its manifest record exists (written last, atomically), so a
+run killed at any point (even with SIGKILL) continues with the rest and redoes nothing. Every output goes
+through ``files.atomic_path``, so no half-written file is ever visible.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import dataclasses
+import json
+import logging
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from appleswap.config import option
+from appleswap.files import save_json
+from appleswap.preprocess.layout import InputItem, discover_inputs, record_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    aligned: bool = option(False, "inputs are already FFHQ-aligned crops: skip detection and alignment")
+    face_selector: Literal["largest", "all"] = option("largest", "which faces of a photo to keep")
+    size: int = option(512, "side of the aligned crop in pixels")
+    landmarks: Literal["mediapipe", "reference", "3ddfa-v3"] = option(
+        "mediapipe", "landmark provider: MediaPipe mesh (embedded), the authors' drawings, or 3DDFA-V3 weights")
+    reference_root: str | None = option(None, "dataset holding 3dmm/ and iris/ for --landmarks reference "
+                                              "(default: INPUT)")
+    parser: str | None = option(None, "BiSeNet face parser: a file, a registry name, or 'auto' (face_parser); "
+                                      "default: the landmark-mesh mask")
+    occlusion: str | None = option(None, "DeepLabV3+ occlusion model: a file, a registry name or 'auto' "
+                                         "(occlusion_deeplabv3); the mask becomes parser AND visible")
+    aesthetic: bool = option(False, "score every face with the LAION aesthetic predictor (score.json)")
+    clip_dir: str | None = option(None, "CLIP ViT-L/14 folder for the aesthetic score (default: registry)")
+    aesthetic_head: str | None = option(None, "LAION aesthetic MLP head file (default: registry)")
+    min_aesthetic: float | None = option(None, "skip faces scoring below this (implies --aesthetic)")
+    inpainting: bool = option(False, "also write the inpainting-baseline condition (black face region)")
+    preview: bool = option(False, "write preview.jpg: photo | landmarks | mask | condition per face")
+    workers: int = option(1, "worker processes (0: one per CPU core)")
+    min_face_score: float = option(0.5, "face detector confidence threshold")
+    min_face_size: float = option(24.0, "ignore detected faces smaller than this (pixels)")
+    min_side: int = option(64, "refuse images whose shorter side is below this (pixels)")
+    jpeg_quality: int = option(95, "JPEG quality of the aligned crops")
+    limit: int | None = option(None, "process at most this many inputs (for a quick look)")
+
+
+_WORKER: Any = None
+
+
+def _init_worker(config: PreprocessConfig, output_root: str, input_root: str, runtime: dict[str, Any]) -> None:
+    global _WORKER
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    from appleswap.preprocess.worker import FaceWorker
+
+    _WORKER = FaceWorker(config, output_root, input_root, **runtime)
+
+
+def _process(item: InputItem) -> dict[str, Any]:
+    """Run one input in this process and write its record last (the 'finished' marker)."""
+    record = _WORKER.process(item)
+    save_json(record_path(_WORKER.output_root, item), record)
+    return record
+
+
+def pending_items(items: list[InputItem], output_root: Path) -> list[InputItem]:
+    """Inputs without a manifest record."""
+    return [item for item in items if not record_path(output_root, item).is_file()]
+
+
+def run_preprocess(input_dir: str | Path, output_dir: str | Path, config: PreprocessConfig | None = None,
+                   progress: bool = True, weights_dir: str | Path | None = None,
+                   device: str | None = None) -> dict[str, Any]:
+    """Preprocess every face under ``input_dir`` into ``output_dir``; returns the run summary.
+
+    ``weights_dir`` / ``device`` are only used by the optional networks (parser, occlusion, aesthetic, 3DDFA).
+    """
+    config = config or PreprocessConfig()
+    input_root, output_root = Path(input_dir), Path(output_dir)
+    _check_config(config, input_root, output_root)
+    items = discover_inputs(input_root)
+    if config.limit is not None:
+        items = items[: config.limit]
+    if not items:
+        raise FileNotFoundError(f"no image files in {input_root} (nor in its identity sub-folders)")
+    todo = pending_items(items, output_root)
+    log.info("%d inputs, %d already done, %d to do", len(items), len(items) - len(todo), len(todo))
+    start = time.perf_counter()
+    done = 0
+    runtime = {"weights_dir": str(weights_dir) if weights_dir else None, "device": device}
+    for _ in _run_items(todo, config, output_root, input_root, runtime, progress):
+        done += 1
+    elapsed = time.perf_counter() - start
+    summary = finalize(items, output_root, config)
+    summary.update({"processed_now": done, "seconds": round(elapsed, 3)})
+    return summary
+
+
+def _check_config(config: PreprocessConfig, input_root: Path, output_root: Path) -> None:
+    if not input_root.is_dir():
+        raise FileNotFoundError(f"input folder {input_root} does not exist")
+    if config.size < 64:
+        raise ValueError(f"--size must be at least 64, got {config.size}")
+    if config.landmarks == "reference" and not config.aligned:
+        raise ValueError("--landmarks reference reads the authors' drawings of aligned crops: add --aligned")
+    if output_root.resolve() == input_root.resolve() and not config.aligned:
+        raise ValueError("OUTPUT must differ from INPUT unless --aligned (outputs would mix with the photos)")
+
+
+def _workers(config: PreprocessConfig, count: int) -> int:
+    wanted = config.workers if config.workers > 0 else (multiprocessing.cpu_count() or 1)
+    return max(1, min(wanted, count))
+
+
+def _run_items(items: list[InputItem], config: PreprocessConfig, output_root: Path, input_root: Path,
+               runtime: dict[str, Any], progress: bool) -> Iterator[dict[str, Any]]:
+    """Yield each record as it finishes; one process inline, or a spawn pool with a bounded queue."""
+    from tqdm import tqdm
+
+    if not items:
+        return
+    bar = tqdm(total=len(items), unit="img", disable=not progress, dynamic_ncols=True, desc="preprocess")
+    workers = _workers(config, len(items))
+    try:
+        if workers == 1:
+            _init_worker(config, str(output_root), str(input_root), runtime)
+            for item in items:
+                yield _tick(bar, _process(item))
+            return
+        context = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                         initargs=(config, str(output_root), str(input_root), runtime)) as pool:
+            queue = iter(items)
+            running = {pool.submit(_process, item) for item in _take(queue, 2 * workers)}
+            while running:
+                finished, running = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+                running |= {pool.submit(_process, item) for item in _take(queue, len(finished))}
+                for future in finished:
+                    yield _tick(bar, future.result())
+    finally:
+        bar.close()
+
+
+def _take(queue: Iterator[InputItem], count: int) -> list[InputItem]:
+    taken = []
+    for item in queue:
+        taken.append(item)
+        if len(taken) >= count:
+            break
+    return taken
+
+
+def _tick(bar: Any, record: dict[str, Any]) -> dict[str, Any]:
+    bar.update(1)
+    if record.get("status") == "error":
+        log.warning("%s", record.get("error"))
+    return record
+
+
+def load_records(items: list[InputItem], output_root: Path) -> list[dict[str, Any]]:
+    records = []
+    for item in items:
+        path = record_path(output_root, item)
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+    return records
+
+
+def finalize(items: list[InputItem], output_root: Path, config: PreprocessConfig) -> dict[str, Any]:
+    """Write ``manifest.json``, ``score.json`` (when scored) and the preview from the per-input records."""
+    records = load_records(items, output_root)
+    save_json(output_root / "manifest.json", {"config": dataclasses.asdict(config), "records": records})
+    scores = {face["key"]: {"aes": face["aes"]} for record in records for face in record["faces"]
+              if face.get("aes") is not None and face.get("key")}
+    if scores:
+        _save_scores(output_root / "score.json", scores)
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    faces = sum(1 for record in records for face in record["faces"] if face.get("status") == "ok")
+    if config.preview:
+        from appleswap.preprocess.preview import write_preview
+
+        write_preview(output_root, records, output_root / "preview.jpg")
+    return {"inputs": len(items), "finished": len(records), "faces": faces, "status": counts}
+
+
+def _save_scores(path: Path, scores: dict[str, dict[str, float]]) -> None:
+    """score.json as the reference writes it: natural key order, indent 4."""
+    from appleswap.files import atomic_path
+    from appleswap.preprocess.layout import _natural
+
+    ordered = {key: scores[key] for key in sorted(scores, key=_natural)}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(ordered, indent=4))

@@ -1,0 +1,227 @@
+"""One input file -> its faces' outputs in the reference layout and a manifest record (runs in a worker).
+
+A photo goes: detection -> rough FFHQ crop from the 5 keypoints -> landmarks on that crop -> final FFHQ crop
+from the 68 landmarks (the points are mapped, not recomputed) -> mask -> drawings -> condition. Any failure
+becomes an error record naming the file; nothing here stops a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from appleswap.faces.align import AlignedFace, align_face, invert_matrix
+from appleswap.faces.landmarks import FaceLandmarks, get_landmark_provider
+from appleswap.faces.mesh_mask import landmark_classes, mesh_classes
+from appleswap.faces.segmap import colorize, face_mask
+from appleswap.files import ImageLoadError, atomic_path, load_image, save_image
+from appleswap.preprocess.condition import (
+    IRIS_COLOR, LANDMARK_COLOR, build_condition, canvas_to_rgb, draw_iris, draw_landmarks, intersect_classes,
+)
+from appleswap.preprocess.layout import FacePaths, InputItem, face_name
+
+log = logging.getLogger(__name__)
+
+
+class FaceWorker:
+    """Holds the models of one process and turns an :class:`InputItem` into a manifest record."""
+
+    def __init__(self, config: Any, output_root: str | Path, input_root: str | Path,
+                 weights_dir: str | None = None, device: str | None = None) -> None:
+        self.config = config
+        self.output_root = Path(output_root)
+        self.landmarker = get_landmark_provider(
+            config.landmarks, weights_dir=weights_dir, device=device, root=config.reference_root or input_root,
+        )
+        self._iris_fallback = None
+        self.parser, self.occlusion, self.scorer = load_segmenters(config, weights_dir, device)
+
+    def process(self, item: InputItem) -> dict[str, Any]:
+        record: dict[str, Any] = {"input": item.path.name, "key": item.key, "status": "ok", "faces": []}
+        try:
+            image = load_image(item.path, min_side=self.config.min_side)
+            crops = self._faces(image, item)
+        except ImageLoadError as error:
+            return {**record, "status": "error", "error": str(error)}
+        except ValueError as error:
+            return {**record, "status": "error", "error": f"{item.path}: {error}"}
+        except Exception as error:  # noqa: BLE001 - one bad file must never stop the batch
+            log.exception("unexpected failure on %s", item.path)
+            return {**record, "status": "error", "error": f"{item.path}: {type(error).__name__}: {error}"}
+        record["image_size"] = [int(image.shape[1]), int(image.shape[0])]
+        for index, (aligned, landmarks, detection) in enumerate(crops):
+            paths = FacePaths(self.output_root, item.folder, face_name(item.stem, index, len(crops)))
+            try:
+                face = self._write_face(item, aligned, landmarks, paths)
+            except Exception as error:  # noqa: BLE001
+                log.exception("failure on face %d of %s", index, item.path)
+                face = {"name": paths.name, "status": "error", "error": f"{item.path}: face {index}: {error}"}
+            face.update(detection)
+            record["faces"].append(face)
+        statuses = {face["status"] for face in record["faces"]}
+        if statuses != {"ok"}:
+            record["status"] = "ok" if "ok" in statuses else ("filtered" if statuses == {"filtered"} else "error")
+            errors = [face["error"] for face in record["faces"] if face.get("error")]
+            if errors:
+                record["error"] = "; ".join(errors)
+        return record
+
+    def _faces(self, image: np.ndarray, item: InputItem) -> list[tuple[AlignedFace, FaceLandmarks, dict]]:
+        size = self.config.size
+        if self.config.aligned:
+            aligned = _as_aligned(image, size)
+            landmarks = self.landmarker(aligned.image, key=item.key)
+            return [(aligned, self._with_iris(aligned.image, landmarks), {})]
+        from appleswap.faces.detect import detect_faces
+
+        detections = detect_faces(image, min_score=self.config.min_face_score, min_size=self.config.min_face_size)
+        if not detections:
+            raise ValueError("no face detected")
+        if self.config.face_selector == "largest":
+            detections = detections[:1]
+        crops = []
+        for detection in detections:
+            rough = align_face(image, detection.keypoints, size)
+            in_photo = self.landmarker(rough.image, key=item.key).transformed(invert_matrix(rough.matrix))
+            final = align_face(image, in_photo.lm68, size)
+            landmarks = self._with_iris(final.image, in_photo.transformed(final.matrix))
+            info = {"box": detection.box.round(2).tolist(), "det_score": round(detection.score, 4),
+                    "n_faces_detected": len(detections)}
+            crops.append((final, landmarks, info))
+        return crops
+
+    def _with_iris(self, aligned: np.ndarray, landmarks: FaceLandmarks) -> FaceLandmarks:
+        """Providers without iris (3DDFA-V3) get MediaPipe's iris points on the same crop."""
+        if landmarks.iris is not None or landmarks.iris_canvas is not None:
+            return landmarks
+        if self._iris_fallback is None:
+            self._iris_fallback = get_landmark_provider("mediapipe")
+        landmarks.iris = self._iris_fallback(aligned).iris
+        return landmarks
+
+    def _classes(self, image: np.ndarray, landmarks: FaceLandmarks) -> tuple[np.ndarray, np.ndarray]:
+        """Full class map and its occlusion intersection (the one that feeds the condition)."""
+        if self.parser is not None:
+            classes = np.asarray(self.parser.parse(image), dtype=np.uint8)
+        elif landmarks.segmap is not None:
+            classes = np.asarray(landmarks.segmap, dtype=np.uint8)
+        elif landmarks.mesh is not None:
+            classes = mesh_classes(landmarks.mesh, image.shape)
+        elif landmarks.lm68 is not None and len(landmarks.lm68) == 68:
+            classes = landmark_classes(landmarks.lm68, image.shape)
+        else:
+            raise ValueError("no face mask source: give --parser, or landmarks with a mesh or 68 points")
+        visible = np.asarray(self.occlusion.visible(image), dtype=bool) if self.occlusion is not None else None
+        return classes, intersect_classes(classes, visible)
+
+    def _write_face(self, item: InputItem, aligned: AlignedFace, landmarks: FaceLandmarks,
+                    paths: FacePaths) -> dict[str, Any]:
+        image = aligned.image
+        face: dict[str, Any] = {"name": paths.name, "key": paths.key, "status": "ok",
+                                "matrix": aligned.matrix.round(6).tolist(), "padded": aligned.padded,
+                                "lm68": _points(landmarks.lm68), "iris": _points(landmarks.iris)}
+        if self.scorer is not None:
+            face["aes"] = round(float(self.scorer.score([image])[0]), 6)
+            if self.config.min_aesthetic is not None and face["aes"] < self.config.min_aesthetic:
+                face["status"] = "filtered"
+                face["error"] = f"aesthetic score {face['aes']:.3f} < --min-aesthetic {self.config.min_aesthetic}"
+                return face
+        classes, inter = self._classes(image, landmarks)
+        lm_canvas = landmarks.lm68_canvas if landmarks.lm68_canvas is not None else _lm_rgb(image, landmarks)
+        iris_canvas = landmarks.iris_canvas if landmarks.iris_canvas is not None else _iris_rgb(image, landmarks)
+        outputs = {
+            paths.lm68: lm_canvas, paths.iris: iris_canvas,
+            paths.png("segmap"): colorize(classes), paths.png("mask"): _mask(classes),
+            paths.png("segmap_intersection"): colorize(inter), paths.png("mask_intersection"): _mask(inter),
+        }
+        for fill in ("blur", "black") if self.config.inpainting else ("blur",):
+            outputs[paths.png(fill)] = build_condition(image, inter, lm_canvas, iris_canvas, fill=fill)
+        self._write_image(item, image, paths.image)
+        for path, array in outputs.items():
+            if array is not None:
+                save_image(path, array)
+        face["outputs"] = [paths.relative(paths.image)] + [paths.relative(p) for p, a in outputs.items() if a is not None]
+        face["mask_fraction"] = round(float(face_mask(inter).mean()), 6)
+        return face
+
+    def _write_image(self, item: InputItem, image: np.ndarray, target: Path) -> None:
+        """The aligned crop; an already aligned JPEG of the right size is copied byte for byte."""
+        source = item.path
+        if self.config.aligned and source.suffix.lower() in (".jpg", ".jpeg") and _same_pixels(source, image):
+            if source.resolve() != target.resolve():
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(source, tmp)
+            return
+        save_image(target, image, quality=self.config.jpeg_quality)
+
+
+def _same_pixels(path: Path, image: np.ndarray) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as probe:
+        return probe.size == (image.shape[1], image.shape[0]) and probe.mode == "RGB" and not probe.getexif().get(274)
+
+
+def _as_aligned(image: np.ndarray, size: int) -> AlignedFace:
+    height, width = image.shape[:2]
+    if (height, width) == (size, size):
+        return AlignedFace(image=image, matrix=np.array([[1.0, 0, 0], [0, 1.0, 0]]), size=size)
+    sx, sy = size / width, size / height
+    interp = cv2.INTER_AREA if min(sx, sy) < 1 else cv2.INTER_CUBIC
+    resized = cv2.resize(image, (size, size), interpolation=interp)
+    return AlignedFace(image=resized, matrix=np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5]]), size=size)
+
+
+def _points(points: np.ndarray | None) -> list | None:
+    return None if points is None else np.asarray(points, dtype=np.float64).round(3).tolist()
+
+
+def _mask(classes: np.ndarray) -> np.ndarray:
+    return face_mask(classes).astype(np.uint8) * 255
+
+
+def _lm_rgb(image: np.ndarray, landmarks: FaceLandmarks) -> np.ndarray:
+    return canvas_to_rgb(draw_landmarks(image.shape, landmarks.lm68), LANDMARK_COLOR)
+
+
+def _iris_rgb(image: np.ndarray, landmarks: FaceLandmarks) -> np.ndarray | None:
+    return None if landmarks.iris is None else canvas_to_rgb(draw_iris(image.shape, landmarks.iris), IRIS_COLOR)
+
+
+def load_segmenters(config: Any, weights_dir: str | None = None, device: str | None = None) -> tuple[Any, Any, Any]:
+    """The optional parser, occlusion model and aesthetic scorer named in ``config`` (None when not asked)."""
+    from appleswap.weights import get_spec, locate
+
+    def resolve(value: str | None, registry_name: str) -> Path | None:
+        if not value:
+            return None
+        if Path(value).exists():
+            return Path(value)
+        name = registry_name if value in ("auto", "registry") else value
+        try:
+            get_spec(name)
+        except KeyError:
+            raise FileNotFoundError(f"{value!r} is neither an existing file nor a weights registry name") from None
+        return locate(name, weights_dir)
+
+    parser = occlusion = scorer = None
+    if (path := resolve(config.parser, "face_parser")) is not None:
+        from appleswap.faces.parsing import FaceParser
+
+        parser = FaceParser.from_file(path, device=device)
+    if (path := resolve(config.occlusion, "occlusion_deeplabv3")) is not None:
+        from appleswap.faces.occlusion import OcclusionSegmenter
+
+        occlusion = OcclusionSegmenter.from_file(path, device=device)
+    if config.aesthetic or config.min_aesthetic is not None:
+        from appleswap.preprocess.aesthetic import AestheticScorer
+
+        clip_dir = resolve(config.clip_dir or "auto", "clip_vit_l14")
+        head = resolve(config.aesthetic_head or "auto", "laion_aesthetic_head")
+        scorer = AestheticScorer.from_files(clip_dir, head, device=device)
+    return parser, occlusion, scorer
