@@ -1,0 +1,115 @@
+"""Three-branch forwards of diffusers' FLUX blocks: text, image and condition tokens in one joint attention.
+
+The condition tokens run the image-stream weights of each block with their own AdaLN modulation (from the
+t = 0, guidance = 1 embedding) and with the LoRA switched on; text and image tokens run the frozen weights.
+Every layer call goes through the diffusers block's own submodules (``norm1.linear``, ``attn.to_q``, ``ff``...).
+Token layout inside a block: double blocks see ``hidden = [image; condition]`` and the text separately; single
+blocks see ``[text; image; condition]``. ``split`` is where the condition starts (None: no condition tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+
+from appleswap.model.lora import base_linear, routed_linear
+
+
+def branch_modulation(linear, temb: torch.Tensor, temb_cond: torch.Tensor | None) -> torch.Tensor:
+    """AdaLN parameters for the main tokens and (LoRA on) for the condition: (B, 1 or 2, k * D)."""
+    emb = F.silu(temb)[:, None]  # (B, 1, D)
+    if temb_cond is None:
+        return routed_linear(linear, emb, None)
+    emb = torch.cat([emb, F.silu(temb_cond)[:, None]], dim=1)  # (B, 2, D)
+    return routed_linear(linear, emb, 1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int | None) -> torch.Tensor:
+    """x * (1 + scale) + shift with per-branch parameters: shift/scale are (B, 1 or 2, D)."""
+    if split is None:
+        return x * (1 + scale[:, :1]) + shift[:, :1]
+    main = x[:, :split] * (1 + scale[:, :1]) + shift[:, :1]
+    cond = x[:, split:] * (1 + scale[:, 1:2]) + shift[:, 1:2]
+    return torch.cat([main, cond], dim=1)
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, split: int | None) -> torch.Tensor:
+    """gate * x with a per-branch gate (B, 1 or 2, D)."""
+    if split is None:
+        return x * gate[:, :1]
+    return torch.cat([x[:, :split] * gate[:, :1], x[:, split:] * gate[:, 1:2]], dim=1)
+
+
+def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
+    return norm(x.unflatten(-1, (-1, attn.head_dim)))  # (B, N, H, Dh)
+
+
+def joint_attention(query, key, value, rotary) -> torch.Tensor:
+    """RoPE, then SDPA over all tokens; (B, N, H, Dh) in, (B, N, H*Dh) out."""
+    query = apply_rotary_emb(query, rotary, sequence_dim=1)
+    key = apply_rotary_emb(key, rotary, sequence_dim=1)
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+
+def double_block(block, hidden, context, temb, temb_cond, rotary, split):
+    """One ``FluxTransformerBlock`` over text ``context`` (B, T, D) and ``hidden`` = [image; cond] (B, N, D)."""
+    attn = block.attn
+    mod = branch_modulation(block.norm1.linear, temb, temb_cond)  # (B, 1|2, 6D)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+    norm_hidden = modulate(block.norm1.norm(hidden), shift_msa, scale_msa, split)
+    # text stream: the frozen *_context weights with the image timestep, as in stock FLUX
+    c_mod = base_linear(block.norm1_context.linear, F.silu(temb))[:, None]
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod.chunk(6, dim=-1)
+    norm_context = block.norm1_context.norm(context) * (1 + c_scale_msa) + c_shift_msa
+
+    query = _heads(attn, routed_linear(attn.to_q, norm_hidden, split), attn.norm_q)
+    key = _heads(attn, routed_linear(attn.to_k, norm_hidden, split), attn.norm_k)
+    value = _heads(attn, routed_linear(attn.to_v, norm_hidden, split), lambda x: x)
+    c_query = _heads(attn, base_linear(attn.add_q_proj, norm_context), attn.norm_added_q)
+    c_key = _heads(attn, base_linear(attn.add_k_proj, norm_context), attn.norm_added_k)
+    c_value = _heads(attn, base_linear(attn.add_v_proj, norm_context), lambda x: x)
+    out = joint_attention(torch.cat([c_query, query], 1), torch.cat([c_key, key], 1),
+                          torch.cat([c_value, value], 1), rotary)
+    text_len = context.shape[1]
+    context_out, hidden_out = out[:, :text_len], out[:, text_len:]
+    hidden_out = attn.to_out[1](routed_linear(attn.to_out[0], hidden_out.contiguous(), split))
+    context_out = base_linear(attn.to_add_out, context_out.contiguous())
+
+    hidden = hidden + gated(hidden_out, gate_msa, split)
+    norm_hidden = modulate(block.norm2(hidden), shift_mlp, scale_mlp, split)
+    ff = block.ff.net
+    ff_hidden = ff[1](F.gelu(routed_linear(ff[0].proj, norm_hidden, split), approximate=ff[0].approximate))
+    hidden = hidden + gated(routed_linear(ff[2], ff_hidden, split), gate_mlp, split)
+
+    context = context + c_gate_msa * context_out
+    norm_context = block.norm2_context(context) * (1 + c_scale_mlp) + c_shift_mlp
+    context = context + c_gate_mlp * _base_feed_forward(block.ff_context, norm_context)
+    if hidden.dtype == torch.float16:
+        hidden, context = hidden.clip(-65504, 65504), context.clip(-65504, 65504)
+    return context, hidden
+
+
+def _base_feed_forward(ff, x: torch.Tensor) -> torch.Tensor:
+    net = ff.net
+    x = F.gelu(base_linear(net[0].proj, x), approximate=net[0].approximate)
+    return base_linear(net[2], net[1](x))
+
+
+def single_block(block, tokens, temb, temb_cond, rotary, split):
+    """One ``FluxSingleTransformerBlock`` over ``tokens`` = [text; image; cond] (B, N, D)."""
+    attn = block.attn
+    mod = branch_modulation(block.norm.linear, temb, temb_cond)  # (B, 1|2, 3D)
+    shift, scale, gate = mod.chunk(3, dim=-1)
+    normed = modulate(block.norm.norm(tokens), shift, scale, split)
+    mlp = block.act_mlp(routed_linear(block.proj_mlp, normed, split))
+    query = _heads(attn, routed_linear(attn.to_q, normed, split), attn.norm_q)
+    key = _heads(attn, routed_linear(attn.to_k, normed, split), attn.norm_k)
+    value = _heads(attn, routed_linear(attn.to_v, normed, split), lambda x: x)
+    attn_out = joint_attention(query, key, value, rotary)
+    out = routed_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), split)
+    tokens = tokens + gated(out, gate, split)
+    if tokens.dtype == torch.float16:
+        tokens = tokens.clip(-65504, 65504)
+    return tokens

@@ -1,0 +1,174 @@
+"""AppleTransformer: diffusers' FluxTransformer2DModel plus the 20 PuLID ID cross-attentions and the
+condition-only LoRA, run as APPLE's three-branch forward (text, noisy image, clean condition).
+
+Branches (spec §4.1): the condition tokens get timestep 0 and FLUX guidance 1, share the image's position ids,
+and are the only tokens the LoRA acts on; ID cross-attention residuals are added to the image tokens after
+double blocks 0, 2, ... and single blocks 0, 4, ...; only the image tokens reach ``norm_out``/``proj_out``.
+With no condition and no ID the forward equals the stock diffusers forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from appleswap.model import lora as lora_lib
+from appleswap.model.blocks import double_block, single_block
+from appleswap.model.id_attention import id_attention_layout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TextEmbeddings:
+    """The fixed prompt's encodings: T5 ``prompt_embeds`` (B, T, 4096), CLIP ``pooled`` (B, 768), ``text_ids`` (T, 3)."""
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor
+
+    def to(self, device=None, dtype=None) -> "TextEmbeddings":
+        return TextEmbeddings(self.prompt_embeds.to(device=device, dtype=dtype),
+                              self.pooled.to(device=device, dtype=dtype), self.text_ids.to(device=device))
+
+    def expand(self, batch: int) -> "TextEmbeddings":
+        """Broadcast a batch-1 prompt to ``batch`` rows (views, no copy)."""
+        if self.prompt_embeds.shape[0] == batch:
+            return self
+        if self.prompt_embeds.shape[0] != 1:
+            raise ValueError(f"text embeddings have batch {self.prompt_embeds.shape[0]}, need 1 or {batch}")
+        return TextEmbeddings(self.prompt_embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1), self.text_ids)
+
+
+class AppleTransformer(nn.Module):
+    """FLUX transformer (``flux``) + ID cross-attentions (``id_attentions``), three-branch forward.
+
+    Args:
+        flux: a diffusers ``FluxTransformer2DModel`` (its LoRA adapter, if any, is PEFT's ``default``).
+        id_attentions: ``IDCrossAttention`` modules in application order (doubles first), or None for no ID path.
+    """
+
+    def __init__(self, flux: nn.Module, id_attentions: nn.ModuleList | None = None):
+        super().__init__()
+        self.flux = flux
+        self.id_attentions = id_attentions if id_attentions is not None else nn.ModuleList()
+        doubles, singles = id_attention_layout(len(flux.transformer_blocks), len(flux.single_transformer_blocks))
+        if len(self.id_attentions) not in (0, len(doubles) + len(singles)):
+            raise ValueError(f"{len(self.id_attentions)} ID cross-attentions given; this FLUX config needs "
+                             f"{len(doubles) + len(singles)} ({len(doubles)} double + {len(singles)} single)")
+        self._ca_double = {block: n for n, block in enumerate(doubles)}
+        self._ca_single = {block: len(doubles) + n for n, block in enumerate(singles)}
+        self.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flux.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.flux.device
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block (and ID cross-attention) in backward to save activation memory."""
+        self.gradient_checkpointing = True
+
+    def _run(self, fn, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _time_embedding(self, timestep, guidance, pooled, dtype):
+        embed = self.flux.time_text_embed
+        timestep = timestep.to(dtype) * 1000
+        if not self.flux.config.guidance_embeds:
+            return embed(timestep, pooled)
+        guidance = guidance if guidance is not None else torch.ones_like(timestep)
+        return embed(timestep, guidance.to(dtype) * 1000, pooled)
+
+    def _add_id(self, index: int | None, hidden, start: int, length: int, id_tokens, id_weight: float):
+        if index is None or id_tokens is None or not len(self.id_attentions):
+            return hidden
+        image = hidden[:, start:start + length]
+        image = image + id_weight * self._run(self.id_attentions[index], id_tokens, image)
+        return torch.cat([hidden[:, :start], image, hidden[:, start + length:]], dim=1)
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, *, text: TextEmbeddings,
+                img_ids: torch.Tensor, condition: torch.Tensor | None = None, id_tokens: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None, id_weight: float = 1.0) -> torch.Tensor:
+        """Velocity (B, L, 64) for noisy ``latents`` (B, L, 64) at ``timestep`` (B,) in [0, 1].
+
+        Args:
+            text: prompt embeddings (batch 1 or B).
+            img_ids: position ids (L, 3), shared by image and condition tokens.
+            condition: clean condition tokens (B, L, 64) or None (two branches only).
+            id_tokens: PuLID ID tokens (B or 1, 32, D) or None (ID cross-attentions skipped).
+            guidance: FLUX guidance (B,) for text and image (None: 1.0); the condition always gets 1.0.
+            id_weight: weight of the ID cross-attention residuals.
+        """
+        flux = self.flux
+        batch, length, _ = latents.shape
+        text = text.expand(batch)
+        has_cond = condition is not None
+        if has_cond and condition.shape != latents.shape:
+            raise ValueError(f"condition {tuple(condition.shape)} must match latents {tuple(latents.shape)}")
+        if id_tokens is not None and id_tokens.shape[0] != batch:
+            id_tokens = id_tokens.expand(batch, -1, -1)
+        tokens = torch.cat([latents, condition.to(latents.dtype)], 1) if has_cond else latents
+        hidden = lora_lib.routed_linear(flux.x_embedder, tokens, length if has_cond else None)
+        dtype = hidden.dtype
+        timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
+        temb = self._time_embedding(timestep, guidance, text.pooled, dtype)
+        temb_cond = self._time_embedding(torch.zeros_like(timestep), None, text.pooled, dtype) if has_cond else None
+        context = flux.context_embedder(text.prompt_embeds.to(dtype))
+        ids = [text.text_ids, img_ids, img_ids] if has_cond else [text.text_ids, img_ids]
+        rotary = flux.pos_embed(torch.cat([i.to(latents.device) for i in ids], dim=0))
+
+        split = length if has_cond else None
+        for n, block in enumerate(flux.transformer_blocks):
+            context, hidden = self._run(double_block, block, hidden, context, temb, temb_cond, rotary, split)
+            hidden = self._add_id(self._ca_double.get(n), hidden, 0, length, id_tokens, id_weight)
+        text_len = context.shape[1]
+        tokens = torch.cat([context, hidden], dim=1)
+        split = text_len + length if has_cond else None
+        for n, block in enumerate(flux.single_transformer_blocks):
+            tokens = self._run(single_block, block, tokens, temb, temb_cond, rotary, split)
+            tokens = self._add_id(self._ca_single.get(n), tokens, text_len, length, id_tokens, id_weight)
+        image = tokens[:, text_len:text_len + length]
+        return flux.proj_out(flux.norm_out(image, temb))
+
+    # ---- LoRA
+    def has_lora(self) -> bool:
+        return lora_lib.ADAPTER_NAME in getattr(self.flux, "peft_config", {})
+
+    def add_lora(self, rank: int = 64, alpha: float | None = None, modules: list[str] | None = None,
+                 init: str | bool = "gaussian", dropout: float = 0.0) -> None:
+        """Add a fresh condition LoRA (APPLE's target modules by default, alpha = rank, Gaussian init)."""
+        if modules is None:
+            modules = lora_lib.apple_target_modules(len(self.flux.transformer_blocks),
+                                                    len(self.flux.single_transformer_blocks))
+        lora_lib.add_condition_lora(self.flux, modules, rank, alpha, init, dropout)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The trainable LoRA tensors (adapter ``default``)."""
+        return [p for name, p in self.flux.named_parameters() if ".lora_" in name]
+
+    def save_lora(self, path: str | Path) -> Path:
+        """Write the adapter as safetensors with the reference keys (``transformer.<module>.lora_A.weight``)."""
+        from appleswap.files import save_tensors
+
+        if not self.has_lora():
+            raise ValueError("save_lora: this transformer has no LoRA adapter (add_lora or load_lora first)")
+        return save_tensors(path, lora_lib.lora_state_dict(self.flux))
+
+    def load_lora(self, path: str | Path, rank: int | None = None) -> int:
+        """Load a LoRA file (reference or our own); the rank is read from the file. Returns the rank."""
+        rank = lora_lib.load_lora_into(self.flux, path, rank)
+        self.flux.to(self.device)
+        for param in self.lora_parameters():
+            param.data = param.data.to(self.dtype)
+        return rank
