@@ -1,0 +1,109 @@
+"""Build the training parts and datasets from a config: weights through the registry, never downloaded."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from appleswap.train.config import StudentConfig, TrainConfig
+from appleswap.train.data import Dropout, IdTokenStore, TeacherDataset, index_targets, split_validation
+from appleswap.train.teacher import TrainParts
+from appleswap.weights import locate
+
+log = logging.getLogger(__name__)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+def _require(value: Any, name: str) -> Any:
+    if value is None:
+        raise ValueError(f"`{name}` is required (set it in the config file or with --{name.replace('_', '-')})")
+    return value
+
+
+def build_loss_networks(config: TrainConfig, weights_dir: str | None, device: torch.device) -> tuple:
+    """(IdentityLoss or None, LPIPS or None) from local weights."""
+    from appleswap.train.losses import build_identity_loss, build_lpips
+
+    id_loss = lpips = None
+    if config.id_loss != "none" and config.id_loss_weight > 0:
+        name = "arcface_simswap" if config.id_loss == "arcface" else "ir_se50"
+        try:
+            path = locate(name, weights_dir, explicit=config.arcface)
+        except KeyError as error:
+            raise ValueError(f"id_loss={config.id_loss}: no registry entry {name!r}; pass --arcface PATH") from error
+        id_loss = build_identity_loss(config.id_loss, path, device)
+    if config.lpips_weight > 0:
+        lpips = build_lpips(locate("vgg16_lpips", weights_dir, explicit=config.vgg16), device)
+    return id_loss, lpips
+
+
+def prepare_lora(transformer: torch.nn.Module, config: TrainConfig) -> None:
+    """Fresh rank-r Gaussian LoRA (or the init LoRA), kept in float32 as the only trainable tensors."""
+    if config.init_lora:
+        path = Path(config.init_lora)
+        transformer.load_lora(path / "default.safetensors" if path.is_dir() else path)
+    else:
+        transformer.add_lora(rank=config.lora_rank, alpha=config.lora_alpha)
+    transformer.requires_grad_(False)
+    for param in transformer.lora_parameters():
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    count = sum(p.numel() for p in transformer.lora_parameters())
+    log.info("trainable LoRA parameters: %.1f M", count / 1e6)
+
+
+def build_parts(config: TrainConfig, weights_dir: str | None, device: torch.device) -> TrainParts:
+    """Transformer (FLUX + PuLID CA + LoRA), VAE, prompt embeddings and loss networks on ``device``."""
+    from appleswap.model.loading import load_apple_transformer, load_vae
+    from appleswap.model.text import load_text_embeddings
+
+    dtype = DTYPES[config.mixed_precision]
+    flux = locate("flux", weights_dir, explicit=config.flux)
+    pulid = locate("pulid_flux", weights_dir, explicit=config.pulid)
+    transformer = load_apple_transformer(flux, pulid_path=pulid, dtype=dtype, device=device)
+    prepare_lora(transformer, config)
+    vae = load_vae(flux, dtype=dtype, device=device).requires_grad_(False)
+    text = load_text_embeddings(flux, config.prompt, device=device, dtype=dtype)
+    empty = load_text_embeddings(flux, "", device=device, dtype=dtype)
+    id_loss, lpips = build_loss_networks(config, weights_dir, device)
+    return TrainParts(transformer, vae, text, empty, id_loss, lpips)
+
+
+def build_teacher_data(config: TrainConfig) -> tuple[TeacherDataset, TeacherDataset | None]:
+    """Teacher train/validation datasets from the preprocessed layout and the prepare-ids cache."""
+    root = _require(config.dataset_root, "dataset_root")
+    ids = IdTokenStore(_require(config.id_cache, "id_cache"), config.id_from)
+    targets = index_targets(root, config.condition_folder, config.aes_threshold)
+    train_items, val_items = split_validation(targets, config.num_validation, config.seed) \
+        if config.num_validation else (targets, [])
+    dropout = Dropout(config.drop_text, config.drop_condition, config.drop_id)
+    common = dict(condition_folder=config.condition_folder, resolution=config.resolution, seed=config.seed)
+    train_set = TeacherDataset(root, train_items, ids, dropout=dropout, **common)
+    val_set = TeacherDataset(root, val_items, ids, validation=True, **common) if val_items else None
+    log.info("teacher data: %d training targets, %d held out", len(train_items), len(val_items))
+    return train_set, val_set
+
+
+def build_student_data(config: StudentConfig) -> tuple[Any, Any]:
+    """Student train/validation datasets from a pseudo folder (the last ``num_validation`` triplets held out)."""
+    from appleswap.train.student_data import StudentDataset, index_triplets
+
+    root = _require(config.dataset_root, "dataset_root")
+    pseudo_root = _require(config.pseudo_root, "pseudo_root")
+    ids = IdTokenStore(_require(config.id_cache, "id_cache"), config.id_from)
+    thresholds = {name: getattr(config, name) for name in
+                  ("min_aes", "min_id_similarity", "max_pose_error", "max_expression_error")}
+    pairs = index_triplets(pseudo_root, thresholds, config.train_size, config.seed)
+    cut = len(pairs) - config.num_validation if config.num_validation < len(pairs) else len(pairs)
+    dropout = Dropout(config.drop_text, config.drop_condition, config.drop_id)
+    common = dict(resolution=config.resolution, seed=config.seed)
+    train_set = StudentDataset(root, pseudo_root, pairs[:cut], ids, dropout=dropout,
+                               proxy_recon_prob=config.proxy_recon_prob, **common)
+    val_set = StudentDataset(root, pseudo_root, pairs[cut:], ids, validation=True, **common) \
+        if cut < len(pairs) else None
+    return train_set, val_set

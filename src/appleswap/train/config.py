@@ -1,0 +1,100 @@
+"""Training configs as data: one dataclass per stage, the paper's recipe as defaults (spec §5, §8, §9).
+
+The YAML files in ``configs/`` mirror these fields; ``--flag`` values override them (``config.resolve_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from appleswap.config import option
+
+CONDITION_FOLDER = "condition_blended_image_blurdownsample8_segGlass_landmark_iris"
+PROMPT = "a photo of human face"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Teacher training (conditional deblurring, spec §5); the student reuses every field."""
+
+    dataset_root: str | None = option(None, "preprocessed dataset root: <root>/<id>/<name>.jpg, condition folder, "
+                                            "score.json")
+    id_cache: str | None = option(None, "`appleswap prepare-ids` cache (masked/, raw/, null.safetensors)")
+    output_dir: str = option("runs/teacher", "run folder: checkpoints, TensorBoard logs, previews")
+    condition_folder: str = option(CONDITION_FOLDER, "per-identity folder holding the condition PNGs")
+    aes_threshold: float = option(5.1, "keep targets whose aesthetic score is above this")
+    num_validation: int = option(5, "held-out targets (validated with a source of another identity)")
+    id_from: Literal["masked", "raw"] = option("masked", "ID tokens computed on the face-masked or raw photo")
+    prompt: str = option(PROMPT, "fixed text prompt")
+    drop_text: float = option(0.1, "probability of replacing the prompt by ''")
+    drop_condition: float = option(0.1, "probability of replacing the condition by a black image")
+    drop_id: float = option(0.1, "probability of replacing the ID tokens by the null-ID tokens")
+    resolution: int = option(512, "training resolution (square)")
+    lora_rank: int = option(64, "LoRA rank on the condition branch")
+    lora_alpha: float = option(64.0, "LoRA alpha (scale = alpha / rank)")
+    init_lora: str | None = option(None, "start from this LoRA (default.safetensors or its folder)")
+    learning_rate: float = option(1e-4, "AdamW learning rate")
+    weight_decay: float = option(1e-3, "AdamW weight decay")
+    max_grad_norm: float = option(0.5, "gradient clipping norm")
+    batch_size: int = option(4, "images per process per micro-step")
+    gradient_accumulation: int = option(4, "micro-steps per optimizer step")
+    max_steps: int = option(50_000, "optimizer steps")
+    mixed_precision: Literal["bf16", "fp16", "no"] = option("bf16", "weights/compute dtype (bf16 = paper)")
+    gradient_checkpointing: bool = option(True, "recompute blocks in backward to save memory")
+    logit_mean: float = option(0.0, "t = sigmoid(N(mean, std))")
+    logit_std: float = option(1.0, "t = sigmoid(N(mean, std))")
+    id_loss: Literal["arcface", "irse50", "none"] = option("arcface", "ID-loss network")
+    id_loss_weight: float = option(1.0, "weight of (1 - cos) ID loss")
+    id_loss_max_t: float = option(0.35, "apply the ID loss only for t <= this")
+    lpips_weight: float = option(1.0, "weight of LPIPS-VGG (0 turns it off)")
+    lpips_max_t: float = option(0.35, "apply LPIPS only for t <= this")
+    arcface: str | None = option(None, "ArcFace ID-loss weights (.safetensors); default: registry entry")
+    vgg16: str | None = option(None, "torchvision vgg16 weights for LPIPS; default: registry entry")
+    flux: str | None = option(None, "FLUX diffusers folder; default: registry entry `flux`")
+    pulid: str | None = option(None, "PuLID-FLUX weights; default: registry entry `pulid_flux`")
+    save_every: int = option(250, "checkpoint every N optimizer steps")
+    validate_every: int = option(250, "preview swaps every N optimizer steps (0 = never)")
+    validation_steps: int = option(28, "sampling steps of the previews")
+    validation_guidance: float = option(1.0, "FLUX guidance of the previews (1.0 = as trained)")
+    log_every: int = option(10, "log scalars every N optimizer steps")
+    keep_checkpoints: int = option(3, "accelerate states kept (LoRA files are always kept)")
+    seed: int = option(0, "seed of data order, dropout, t and noise")
+    num_workers: int = option(2, "DataLoader workers")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig(TrainConfig):
+    """Student training (spec §9): condition = pseudo image, ID = another photo of the target, GT = real target."""
+
+    output_dir: str = option("runs/student", "run folder: checkpoints, TensorBoard logs, previews")
+    pseudo_root: str | None = option(None, "`appleswap pseudo` output folder (PNGs, pairs.json, scores.json)")
+    proxy_recon_prob: float = option(0.0, "probability of using the real target as condition (proxy "
+                                          "reconstruction; the reference used 0.5)")
+    min_aes: float | None = option(None, "drop triplets whose aesthetic score is below this")
+    min_id_similarity: float | None = option(None, "drop triplets whose ArcFace similarity to the source is below")
+    max_pose_error: float | None = option(None, "drop triplets whose landmark pose error to the target is above")
+    max_expression_error: float | None = option(None, "drop triplets whose expression error is above this")
+    train_size: int | None = option(None, "use at most this many triplets (a seeded random subset)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PseudoConfig:
+    """Pseudo-triplet generation with the teacher and attribute-aware inversion (spec §8)."""
+
+    dataset_root: str | None = option(None, "preprocessed dataset root (as for the teacher)")
+    id_cache: str | None = option(None, "`appleswap prepare-ids` cache; sources use raw (unmasked) tokens")
+    output_dir: str = option("pseudo", "output folder: {src}_{n}_{trg}_{n}.png, pairs.json, scores.json")
+    teacher: str | None = option(None, "teacher LoRA (default.safetensors); default: registry `apple_teacher`")
+    condition_folder: str = option(CONDITION_FOLDER, "per-identity folder holding the condition PNGs")
+    aes_threshold: float = option(5.1, "pool: images whose aesthetic score is above this")
+    num_pairs: int = option(100_000, "distinct-identity pairs to draw")
+    seed: int = option(42, "pair-drawing seed")
+    num_steps: int = option(28, "inversion steps = generation steps")
+    guidance: float = option(1.0, "FLUX guidance")
+    prompt: str = option(PROMPT, "fixed text prompt")
+    score: bool = option(True, "write per-triplet scores (aesthetic, ID similarity, pose, expression)")
+    flux: str | None = option(None, "FLUX diffusers folder; default: registry entry `flux`")
+    pulid: str | None = option(None, "PuLID-FLUX weights; default: registry entry `pulid_flux`")
+    arcface: str | None = option(None, "ArcFace weights for the ID-similarity score")
+    mixed_precision: Literal["bf16", "fp16", "no"] = option("bf16", "model dtype")

@@ -1,0 +1,163 @@
+"""One training step of the teacher (and the student, which only feeds other data): spec §5.2.
+
+``compute_loss`` is the forward + losses; ``training_step`` adds backward, clipping and the AdamW step, so a
+benchmark can time exactly one optimizer step. Every random draw of a sample (t, noise, VAE posterior noise)
+comes from a generator keyed by (seed, epoch, dataset index): one process or several, and a resumed run, see
+the same numbers for the same sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from appleswap.model.latents import image_ids, pack_latents, unpack_latents, vae_scale_factor
+from appleswap.model.transformer import TextEmbeddings
+from appleswap.train import losses
+
+
+@dataclasses.dataclass
+class TrainParts:
+    """Everything a step needs: the LoRA-carrying transformer (trainable), frozen VAE, the prompt's and the
+    empty prompt's embeddings, and the optional frozen loss networks."""
+
+    transformer: nn.Module
+    vae: nn.Module
+    text: TextEmbeddings
+    empty_text: TextEmbeddings
+    id_loss: losses.IdentityLoss | None = None
+    lpips: nn.Module | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The loss knobs of :class:`~appleswap.train.config.TrainConfig` (a config object can be passed too)."""
+
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    id_loss_weight: float = 1.0
+    id_loss_max_t: float = 0.35
+    lpips_weight: float = 1.0
+    lpips_max_t: float = 0.35
+    max_grad_norm: float = 0.5
+    seed: int = 0
+
+
+def sample_generator(seed: int, epoch: int, index: int, tag: str = "noise") -> torch.Generator:
+    """A CPU generator for one sample and one use (``tag``), keyed by (seed, epoch, index)."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{index}:{tag}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def encode_posterior(vae: nn.Module, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Images in [0, 1] -> packed latent tokens, each sample drawn from its VAE posterior with its own generator."""
+    with torch.no_grad():
+        pixels = (images.to(device=vae.device, dtype=vae.dtype) * 2 - 1).clamp(-1, 1)
+        dist = vae.encode(pixels).latent_dist
+        eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
+        latents = dist.mean + dist.std * eps.to(dist.mean)
+        latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    return pack_latents(latents.float())
+
+
+def decode_differentiable(vae: nn.Module, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Packed tokens -> images in [-1, 1], with gradients through the frozen decoder (for the aux losses)."""
+    scale = vae_scale_factor(vae)
+    latents = unpack_latents(tokens, height // scale, width // scale).to(vae.dtype)
+    latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    return vae.decode(latents).sample.float()
+
+
+def batch_text(parts: TrainParts, drop_text: torch.Tensor, device: torch.device, dtype: torch.dtype) -> TextEmbeddings:
+    """Per-sample prompt: the fixed prompt, or the empty prompt where ``drop_text``."""
+    full, empty = parts.text, parts.empty_text
+    if full.prompt_embeds.shape != empty.prompt_embeds.shape:
+        raise ValueError("prompt and empty-prompt embeddings must have the same shape (pad T5 to one length)")
+    pick = drop_text.to(device).view(-1, 1, 1)
+    embeds = torch.where(pick, empty.prompt_embeds.to(device), full.prompt_embeds.to(device))
+    pooled = torch.where(pick[:, :, 0], empty.pooled.to(device), full.pooled.to(device))
+    return TextEmbeddings(embeds.to(dtype), pooled.to(dtype), full.text_ids.to(device))
+
+
+def _draws(batch: dict[str, Any], settings: Any, epoch: int, shape: tuple[int, ...]) -> tuple:
+    indices = [int(i) for i in batch["index"]]
+    gens = [sample_generator(settings.seed, epoch, i) for i in indices]
+    t = torch.stack([losses.sample_timesteps(1, mean=settings.logit_mean, std=settings.logit_std, generator=g)[0]
+                     for g in gens])
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    return gens, t, noise
+
+
+def compute_loss(parts: TrainParts, batch: dict[str, Any], settings: Any, *, epoch: int = 0,
+                 model: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Flow-matching loss + gated ID and LPIPS losses on the decoded one-step x0 estimate.
+
+    Args:
+        batch: ``target``, ``condition``, ``source`` (B, 3, H, W) in [0, 1], ``id_tokens`` (B, 32, D),
+            ``drop_text`` (B,) bool, ``index`` (B,) dataset indices.
+        settings: a TrainConfig or LossSettings.
+        model: the (possibly DDP-wrapped) transformer to call; defaults to ``parts.transformer``.
+    """
+    model = model if model is not None else parts.transformer
+    transformer = parts.transformer
+    device, dtype = transformer.device, transformer.dtype
+    target, condition = batch["target"], batch["condition"]
+    height, width = target.shape[-2:]
+    indices = [int(i) for i in batch["index"]]
+    x0 = encode_posterior(parts.vae, target, [sample_generator(settings.seed, epoch, i, "vae") for i in indices])
+    cond = encode_posterior(parts.vae, condition,
+                            [sample_generator(settings.seed, epoch, i, "vae_condition") for i in indices])
+    _, t, noise = _draws(batch, settings, epoch, tuple(x0.shape[1:]))
+    x0, cond, t, noise = x0.to(device), cond.to(device), t.to(device), noise.to(device)
+    x_t = losses.noisy_latents(x0, noise, t)
+    ids = image_ids(height, width, device=device, vae_scale=vae_scale_factor(parts.vae))
+    velocity = model(x_t.to(dtype), t.to(dtype), text=batch_text(parts, batch["drop_text"], device, dtype),
+                     img_ids=ids, condition=cond.to(dtype), id_tokens=batch["id_tokens"].to(device, dtype),
+                     guidance=torch.ones_like(t, dtype=dtype)).float()
+    fm = losses.flow_matching_loss(velocity, noise, x0)
+    total, logs = fm, {"loss/fm": fm.item(), "t/mean": t.mean().item()}
+    use_id = parts.id_loss is not None and settings.id_loss_weight > 0
+    use_lpips = parts.lpips is not None and settings.lpips_weight > 0
+    gate = max(settings.id_loss_max_t if use_id else -1.0, settings.lpips_max_t if use_lpips else -1.0)
+    chosen = (t <= gate).nonzero().flatten()
+    if len(chosen):
+        x0_hat = losses.predicted_x0(x_t[chosen], t[chosen], velocity[chosen])
+        decoded = decode_differentiable(parts.vae, x0_hat, height, width)
+        t_sel = t[chosen]
+        if use_id:
+            per = parts.id_loss(((decoded + 1) / 2).clamp(0, 1), batch["source"][chosen.cpu()].to(device))
+            id_term = losses.gated_mean(per, t_sel, settings.id_loss_max_t)
+            total = total + settings.id_loss_weight * id_term
+            logs["loss/id"] = id_term.item()
+        if use_lpips:
+            real = batch["target"][chosen.cpu()].to(device) * 2 - 1
+            per = parts.lpips(decoded, real.to(decoded.dtype)).flatten()
+            lp_term = losses.gated_mean(per, t_sel, settings.lpips_max_t)
+            total = total + settings.lpips_weight * lp_term
+            logs["loss/lpips"] = lp_term.item()
+    logs["loss/total"] = total.item()
+    return total, logs
+
+
+def training_step(parts: TrainParts, batch: dict[str, Any], settings: Any, optimizer: torch.optim.Optimizer, *,
+                  epoch: int = 0, accelerator: Any = None, model: nn.Module | None = None) -> dict[str, float]:
+    """One optimizer step on ``batch``: loss, backward, clip to ``max_grad_norm``, AdamW step, zero grads.
+
+    With an ``accelerator`` under ``accelerator.accumulate`` the step and clipping follow its sync points.
+    """
+    params = [p for p in parts.transformer.parameters() if p.requires_grad]
+    loss, logs = compute_loss(parts, batch, settings, epoch=epoch, model=model)
+    if accelerator is not None:
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, settings.max_grad_norm))
+    else:
+        loss.backward()
+        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return logs
