@@ -140,8 +140,9 @@ def paste_back(
         alpha = alpha.copy()
         alpha[[0, -1], :] = 0
         alpha[:, [0, -1]] = 0
-        alpha = cv2.erode(alpha, np.ones((2 * radius + 1, 2 * radius + 1), np.uint8))
-        alpha = cv2.GaussianBlur(alpha, (0, 0), radius / 2.0)
+        # erode by radius + 1, then a blur whose kernel reaches radius: alpha stays 0 outside the mask
+        alpha = cv2.erode(alpha, np.ones((2 * radius + 3, 2 * radius + 3), np.uint8))
+        alpha = cv2.GaussianBlur(alpha, (2 * radius + 1, 2 * radius + 1), radius / 2.0)
     height, width = frame.shape[:2]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     warped = cv2.warpAffine(face_image, matrix, (width, height), flags=flags, borderMode=cv2.BORDER_REPLICATE)

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # eyes 36-47 (from the outer corner of the subject's right eye, clockwise in the image), mouth 48-67.
 MESH_TO_IBUG68 = np.array(
     [
-        127, 234, 93, 132, 58, 172, 136, 150, 152, 379, 365, 397, 288, 361, 323, 454, 356,  # jaw
+        234, 93, 132, 58, 172, 136, 150, 176, 152, 400, 379, 365, 397, 288, 361, 323, 454,  # jaw
         70, 63, 105, 66, 107, 336, 296, 334, 293, 300,  # brows
         168, 197, 5, 4, 98, 97, 2, 326, 327,  # nose bridge + base
         33, 160, 158, 133, 153, 144, 362, 385, 387, 263, 373, 380,  # eyes
@@ -118,7 +118,8 @@ class ReferenceLandmarks:
 
     ``key`` is ``"<identity>/<name>"`` (or ``"<name>"`` for a flat folder) relative to ``root``. The drawings are
     kept verbatim (``lm68_canvas``, ``iris_canvas``) so conditions built from them match the reference's;
-    the points are the dot centres, for the manifest and the alignment checks.
+    the points are the dot centres (fewer than 68 where dots merge), for the manifest. A
+    ``segmap_intersection/<name>.png`` found there becomes ``segmap`` (face classes recovered from its colours).
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -126,17 +127,21 @@ class ReferenceLandmarks:
         if not self.root.is_dir():
             raise FileNotFoundError(f"reference landmark root {self.root} is not a folder")
 
-    def paths(self, key: str) -> tuple[Path, Path]:
+    def paths(self, key: str) -> tuple[Path, Path, Path]:
+        """The landmark drawing, the iris drawing and the intersected segmap of ``key``."""
         folder, name = _split_key(key)
         base = self.root / folder
-        return base / "3dmm" / name / f"{name}_ldm68.png", base / "iris" / f"{name}.png"
+        return (base / "3dmm" / name / f"{name}_ldm68.png", base / "iris" / f"{name}.png",
+                base / "segmap_intersection" / f"{name}.png")
 
     def __call__(self, aligned_image: np.ndarray | None = None, key: str | None = None) -> FaceLandmarks:
         from appleswap.files import load_image
 
         if key is None:
             raise ValueError("the reference landmark provider needs key='<identity>/<name>'")
-        lm_path, iris_path = self.paths(key)
+        from appleswap.faces.segmap import classes_from_colors
+
+        lm_path, iris_path, segmap_path = self.paths(key)
         if not lm_path.is_file():
             raise ValueError(f"no face: reference landmark file {lm_path} is missing (3DDFA found no face there)")
         lm_canvas = load_image(lm_path, min_side=1)
@@ -144,8 +149,9 @@ class ReferenceLandmarks:
         if iris_canvas is None:
             log.warning("%s: no reference iris drawing at %s", key, iris_path)
         iris = blob_centroids(iris_canvas) if iris_canvas is not None else None
+        segmap = classes_from_colors(load_image(segmap_path, min_side=1)) if segmap_path.is_file() else None
         return FaceLandmarks(
-            lm68=blob_centroids(lm_canvas), iris=iris, lm68_canvas=lm_canvas, iris_canvas=iris_canvas
+            lm68=blob_centroids(lm_canvas), iris=iris, segmap=segmap, lm68_canvas=lm_canvas, iris_canvas=iris_canvas
         )
 
 

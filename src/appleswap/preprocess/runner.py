@@ -88,6 +88,7 @@ def run_preprocess(input_dir: str | Path, output_dir: str | Path, config: Prepro
         items = items[: config.limit]
     if not items:
         raise FileNotFoundError(f"no image files in {input_root} (nor in its identity sub-folders)")
+    _remove_stale_temporaries(output_root)
     todo = pending_items(items, output_root)
     log.info("%d inputs, %d already done, %d to do", len(items), len(items) - len(todo), len(todo))
     start = time.perf_counter()
@@ -99,6 +100,16 @@ def run_preprocess(input_dir: str | Path, output_dir: str | Path, config: Prepro
     summary = finalize(items, output_root, config)
     summary.update({"processed_now": done, "seconds": round(elapsed, 3)})
     return summary
+
+
+def _remove_stale_temporaries(output_root: Path) -> None:
+    """Delete the ``.<name>.*.tmp`` files a killed run left behind (``files.atomic_path`` names them so)."""
+    if not output_root.is_dir():
+        return
+    for path in output_root.rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            log.debug("removed stale temporary %s", path)
 
 
 def _check_config(config: PreprocessConfig, input_root: Path, output_root: Path) -> None:

@@ -99,10 +99,13 @@ class FaceWorker:
         """Providers without iris (3DDFA-V3) get MediaPipe's iris points on the same crop."""
         if landmarks.iris is not None or landmarks.iris_canvas is not None:
             return landmarks
+        landmarks.iris = self._mediapipe()(aligned).iris
+        return landmarks
+
+    def _mediapipe(self):
         if self._iris_fallback is None:
             self._iris_fallback = get_landmark_provider("mediapipe")
-        landmarks.iris = self._iris_fallback(aligned).iris
-        return landmarks
+        return self._iris_fallback
 
     def _classes(self, image: np.ndarray, landmarks: FaceLandmarks) -> tuple[np.ndarray, np.ndarray]:
         """Full class map and its occlusion intersection (the one that feeds the condition)."""
@@ -114,8 +117,8 @@ class FaceWorker:
             classes = mesh_classes(landmarks.mesh, image.shape)
         elif landmarks.lm68 is not None and len(landmarks.lm68) == 68:
             classes = landmark_classes(landmarks.lm68, image.shape)
-        else:
-            raise ValueError("no face mask source: give --parser, or landmarks with a mesh or 68 points")
+        else:  # e.g. reference drawings without a segmap: fall back to the MediaPipe mesh of this crop
+            classes = mesh_classes(self._mediapipe()(image).mesh, image.shape)
         visible = np.asarray(self.occlusion.visible(image), dtype=bool) if self.occlusion is not None else None
         return classes, intersect_classes(classes, visible)
 
@@ -131,6 +134,7 @@ class FaceWorker:
                 face["status"] = "filtered"
                 face["error"] = f"aesthetic score {face['aes']:.3f} < --min-aesthetic {self.config.min_aesthetic}"
                 return face
+        image = self._write_image(item, image, paths.image)  # the saved (JPEG-decoded) pixels, as training sees
         classes, inter = self._classes(image, landmarks)
         lm_canvas = landmarks.lm68_canvas if landmarks.lm68_canvas is not None else _lm_rgb(image, landmarks)
         iris_canvas = landmarks.iris_canvas if landmarks.iris_canvas is not None else _iris_rgb(image, landmarks)
@@ -141,7 +145,6 @@ class FaceWorker:
         }
         for fill in ("blur", "black") if self.config.inpainting else ("blur",):
             outputs[paths.png(fill)] = build_condition(image, inter, lm_canvas, iris_canvas, fill=fill)
-        self._write_image(item, image, paths.image)
         for path, array in outputs.items():
             if array is not None:
                 save_image(path, array)
@@ -149,15 +152,17 @@ class FaceWorker:
         face["mask_fraction"] = round(float(face_mask(inter).mean()), 6)
         return face
 
-    def _write_image(self, item: InputItem, image: np.ndarray, target: Path) -> None:
-        """The aligned crop; an already aligned JPEG of the right size is copied byte for byte."""
+    def _write_image(self, item: InputItem, image: np.ndarray, target: Path) -> np.ndarray:
+        """Save the aligned crop and return its pixels as decoded from the file (an already aligned JPEG of the
+        right size is copied byte for byte), so the condition matches the training image outside the mask."""
         source = item.path
         if self.config.aligned and source.suffix.lower() in (".jpg", ".jpeg") and _same_pixels(source, image):
             if source.resolve() != target.resolve():
                 with atomic_path(target) as tmp:
                     shutil.copyfile(source, tmp)
-            return
+            return image
         save_image(target, image, quality=self.config.jpeg_quality)
+        return load_image(target, min_side=1)
 
 
 def _same_pixels(path: Path, image: np.ndarray) -> bool:
