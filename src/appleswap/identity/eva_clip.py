@@ -82,6 +82,8 @@ def unwrap_checkpoint(obj: object) -> dict[str, torch.Tensor]:
 def convert_eva_clip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """EVA-CLIP ``visual.*`` keys (or a bare visual state dict) -> timm Eva keys; drops text tower and rope buffers."""
     has_prefix = any(k.startswith("visual.") for k in sd)
+    if not has_prefix and "cls_token" not in sd:
+        raise ValueError("EVA-CLIP checkpoint has no visual.* weights (is this the EVA02-CLIP .pt?)")
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if has_prefix:
@@ -127,8 +129,11 @@ class EvaClipVision(torch.nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"EVA-CLIP checkpoint: {path} not found")
         raw = unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
-        sd = convert_eva_clip_state_dict(raw)
-        module = cls(EvaConfig.from_state_dict(sd))
+        try:
+            sd = convert_eva_clip_state_dict(raw)
+            module = cls(EvaConfig.from_state_dict(sd))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
         missing, unexpected = module.model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"{path}: does not match EVA02-CLIP vision layout; missing {missing[:5]}, "
