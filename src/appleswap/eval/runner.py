@@ -1,0 +1,133 @@
+"""The evaluation run: pairs -> cached per-image features -> per-pair metrics -> summary with 95% intervals."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from appleswap.config import config_to_dict
+from appleswap.eval import fid as fid_metric
+from appleswap.eval import stats
+from appleswap.eval.cache import FeatureCache
+from appleswap.eval.features import Extractor, Job, compute_faces, extract_all, id_mask
+from appleswap.eval.gaze import gaze_error
+from appleswap.eval.identity import identity_scores
+from appleswap.eval.lighting import lighting_difference
+from appleswap.eval.masks import SKIN_CLASSES, FaceMasker, select
+from appleswap.eval.networks import (
+    WeightPaths,
+    expression_extractor,
+    gaze_extractor,
+    identity_extractors,
+    inception_extractor,
+    pose_extractor,
+)
+from appleswap.eval.pairs import Pair, load_pairs
+from appleswap.eval.pose import pose_error
+from appleswap.eval.settings import EvalConfig
+from appleswap.eval.skin import skin_tone_difference
+from appleswap.files import is_image_path
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+
+
+def _reference_images(folder: str | None, limit: int) -> list[Path]:
+    if not folder:
+        return []
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--reference: {root} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_path(p))
+    if not files:
+        raise FileNotFoundError(f"--reference: no images in {root}")
+    return files[:limit] if limit > 0 else files
+
+
+def _features(extractor: Extractor, pairs: list[Pair], faces: dict, cache: FeatureCache, config: EvalConfig):
+    """Features for sources, targets and swaps (swaps masked by their target's record when the metric masks)."""
+    def swap_job(pair: Pair) -> Job:
+        masked_by = pair.target if extractor.uses_mask and config.id_mask_from == "target" else None
+        return Job(pair.swap, masked_by)
+
+    jobs = [Job(p.source) for p in pairs] + [Job(p.target) for p in pairs]
+    jobs += [swap_job(p) for p in pairs if p.swap is not None]
+    found = extract_all(extractor, jobs, cache, faces, config.batch_size)
+    return lambda path, pair=None: found[swap_job(pair) if pair is not None else Job(path)]
+
+
+def _per_pair_basic(pairs: list[Pair], faces: dict, pose_f, expr_f, gaze_f) -> dict[str, np.ndarray]:
+    """Pose, expression, gaze, skin and lighting per pair (NaN where the swap or a face is missing)."""
+    values = {name: np.full(len(pairs), np.nan) for name in ("pose", "expression", "gaze", "skin", "lighting")}
+    for i, pair in enumerate(pairs):
+        if pair.swap is None:
+            continue
+        swap_pose, target_pose = pose_f(None, pair)["angles"], pose_f(pair.target)["angles"]
+        values["pose"][i] = pose_error(swap_pose, target_pose)
+        values["expression"][i] = np.linalg.norm(expr_f(None, pair)["coefficients"] - expr_f(pair.target)["coefficients"])
+        values["gaze"][i] = gaze_error(gaze_f(None, pair)["vector"], gaze_f(pair.target)["vector"])[0]
+        target_face, swap_face = faces[pair.target], faces[pair.swap]
+        skin = select(target_face["classes"], SKIN_CLASSES)
+        values["skin"][i] = skin_tone_difference(swap_face["thumb"], target_face["thumb"], skin)
+        values["lighting"][i] = lighting_difference(swap_face["thumb"], target_face["thumb"], id_mask(target_face))
+    return values
+
+
+def _set_metrics(pairs, inception, faces_cache, config, cache) -> dict[str, dict]:
+    """FID and KID of the swaps against the reference folder, with few-resample bootstrap intervals."""
+    reference = _reference_images(config.reference, config.reference_limit)
+    swaps = [p.swap for p in pairs if p.swap is not None]
+    if inception is None or not reference or len(swaps) < 2:
+        reason = "no Inception weights" if inception is None else "no --reference folder or < 2 swaps"
+        return {"fid": {"mean": None, "note": f"not computed: {reason}"}, "kid": {"mean": None, "note": f"not computed: {reason}"}}
+    found = extract_all(inception, [Job(p) for p in swaps + reference], cache, {}, config.batch_size)
+    a = np.stack([found[Job(p)]["pool3"] for p in swaps]).astype(np.float64)
+    b = np.stack([found[Job(p)]["pool3"] for p in reference]).astype(np.float64)
+    out = {}
+    for name, function in (("fid", fid_metric.frechet_distance), ("kid", fid_metric.kernel_inception_distance)):
+        value = function(a, b)
+        low, high = stats.bootstrap_statistic(len(a), lambda idx, fn=function: fn(a[idx], b), resamples=config.set_resamples)
+        out[name] = {"mean": value, "ci_low": low, "ci_high": high, "n": len(a), "reference": len(b),
+                     "resamples": config.set_resamples}
+    return out
+
+
+def evaluate(config: EvalConfig, paths: WeightPaths, device: str = "cpu") -> dict:
+    """Score every pair and return the report dict (written by the caller)."""
+    pairs = load_pairs(config.pairs, config.swapped, config.sources, config.targets)
+    cache = FeatureCache(config.cache or Path(config.out) / "cache")
+    masker = FaceMasker(config.parser_weights, device)
+    images = list(dict.fromkeys([p.source for p in pairs] + [p.target for p in pairs] +
+                                [p.swap for p in pairs if p.swap is not None]))
+    faces = compute_faces(images, masker, cache)
+    recognisers = identity_extractors(paths, device, config.id_mask_from)
+    pose_x, expr_x, gaze_x = pose_extractor(paths, device), expression_extractor(paths, device, config.expression_mode), gaze_extractor()
+    per_pair: dict[str, np.ndarray] = {}
+    networks = {"mask": masker.source}
+    for recogniser in recognisers:
+        lookup = _features(recogniser, pairs, faces, cache, config)
+        per_pair.update(identity_scores(recogniser.name, pairs, lookup))
+        networks[f"identity/{recogniser.name}"] = recogniser.label
+    lookups = [_features(x, pairs, faces, cache, config) for x in (pose_x, expr_x, gaze_x)]
+    per_pair.update(_per_pair_basic(pairs, faces, *lookups))
+    networks.update(pose=pose_x.label, expression=expr_x.label, gaze=gaze_x.label)
+    inception = inception_extractor(paths, device)
+    networks["fid"] = inception.label if inception else "missing weights"
+    summary = {name: stats.bootstrap_mean(values, resamples=config.bootstrap) for name, values in per_pair.items()}
+    summary.update(_set_metrics(pairs, inception, faces, config, cache))
+    rows = [{"id": p.id, "source": str(p.source), "target": str(p.target), "swap": str(p.swap) if p.swap else None,
+             **{name: _finite(values[i]) for name, values in per_pair.items()}} for i, p in enumerate(pairs)]
+    log.info("feature cache: %d hits, %d computed", cache.hits, cache.misses)
+    return {"report_version": REPORT_VERSION, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "config": config_to_dict(config), "device": device, "pairs": len(pairs),
+            "swaps_found": sum(p.swap is not None for p in pairs), "networks": networks,
+            "fallbacks": sorted(x.name for x in recognisers + [pose_x, expr_x] if x.fallback),
+            "metrics": summary, "per_pair": rows}
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
