@@ -47,7 +47,7 @@ def test_watermark_rejects_bad_input():
 
 def test_combine_scores():
     assert combine_scores([]) == 0.0
-    assert combine_scores([10.0, 10.0, 10.0, 10.0]) == pytest.approx(20.0)
+    assert combine_scores([10.0, 8.0, 12.0, 10.0]) == pytest.approx(10.0)
 
 
 @pytest.mark.parametrize("ext", ["png", "jpg", "webp"])

@@ -1,0 +1,93 @@
+"""``appleswap verify FILE...``: is this image or video labelled / watermarked as made by appleswap?
+
+Exit status: 0 when every file carries the AI-generated label or the watermark, 1 when one carries neither,
+2 when a file cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from appleswap.cli_common import HelpFormatter
+
+EPILOG = """examples:
+  appleswap verify swapped.jpg
+  appleswap verify out/*.png clip.mp4 --json
+"""
+
+
+@dataclasses.dataclass
+class Verdict:
+    path: str
+    provenance: dict[str, Any] | None
+    watermark_score: float
+    watermark_detected: bool
+    frames_checked: int = 1
+
+    @property
+    def ai_generated(self) -> bool:
+        return self.watermark_detected or bool(self.provenance and self.provenance.get("ai_generated"))
+
+
+def verify_file(path: str | Path, key: int | None = None, max_frames: int = 16) -> Verdict:
+    """Read the provenance record and test for the watermark (videos: up to ``max_frames`` frames combined)."""
+    from appleswap.app import watermark
+    from appleswap.app.provenance import read_image_provenance, read_video_provenance
+    from appleswap.app.video import is_video_path, iter_frames, probe_video
+    from appleswap.files import load_image
+
+    path = Path(path)
+    key = watermark.DEFAULT_KEY if key is None else key
+    if is_video_path(path):
+        info = probe_video(path)
+        step = max(1, info.frame_count // max_frames)
+        scores = [watermark.detect_watermark(frame, key).score
+                  for i, frame in enumerate(iter_frames(path)) if i % step == 0][:max_frames]
+        score = watermark.combine_scores(scores)
+        return Verdict(str(path), read_video_provenance(path), score, score > watermark.VIDEO_THRESHOLD, len(scores))
+    image = load_image(path, min_side=8)
+    result = watermark.detect_watermark(image, key)
+    return Verdict(str(path), read_image_provenance(path), result.score, result.detected)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "verify", help="check a file for appleswap's AI-generated label and invisible watermark",
+        description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
+    parser.add_argument("files", nargs="+", metavar="FILE", help="images or videos to check")
+    parser.add_argument("--watermark-key", type=int, default=None,
+                        help="the key the outputs were marked with (default: appleswap's public key)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per file")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(func=run)
+
+
+def _describe(verdict: Verdict) -> str:
+    label = "labelled AI-generated" if verdict.provenance else "no provenance label"
+    if verdict.provenance:
+        label += f" (tool {verdict.provenance.get('tool', '?')} {verdict.provenance.get('version', '')}, " \
+                 f"model {verdict.provenance.get('model', '?')})"
+    mark = "watermark FOUND" if verdict.watermark_detected else "no watermark"
+    return f"{verdict.path}: {label}; {mark} (score {verdict.watermark_score:.1f})"
+
+
+def run(args: argparse.Namespace) -> int:
+    status = 0
+    for name in args.files:
+        try:
+            verdict = verify_file(name, args.watermark_key)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"{name}: error: {error}")
+            status = 2
+            continue
+        if args.json:
+            print(json.dumps({**dataclasses.asdict(verdict), "ai_generated": verdict.ai_generated}, sort_keys=True))
+        else:
+            print(_describe(verdict))
+        if not verdict.ai_generated and status == 0:
+            status = 1
+    return status
