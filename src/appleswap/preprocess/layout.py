@@ -29,6 +29,8 @@ OUTPUT_DIRS = frozenset(
      "masked_pulid_id", "manifest", *CONDITION_DIRS.values()}
 )
 
+RESERVED_FILES = frozenset({"preview.jpg"})  # written at the root of an output folder
+
 
 @dataclasses.dataclass(frozen=True)
 class InputItem:
@@ -56,7 +58,8 @@ def discover_inputs(root: str | Path) -> list[InputItem]:
     for folder in folders:
         rel = "" if folder == root else folder.name
         files = sorted((f for f in folder.iterdir() if f.is_file() and is_image_path(f)
-                        and not f.name.startswith(".")), key=lambda f: _natural(f.name))
+                        and not f.name.startswith(".") and not (rel == "" and f.name in RESERVED_FILES)),
+                       key=lambda f: _natural(f.name))
         seen: set[str] = set()
         for path in files:
             stem = path.stem if path.stem not in seen else f"{path.stem}_{path.suffix.lstrip('.').lower()}"

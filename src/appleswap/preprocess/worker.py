@@ -82,6 +82,7 @@ class FaceWorker:
         detections = detect_faces(image, min_score=self.config.min_face_score, min_size=self.config.min_face_size)
         if not detections:
             raise ValueError("no face detected")
+        found = len(detections)
         if self.config.face_selector == "largest":
             detections = detections[:1]
         crops = []
@@ -91,7 +92,7 @@ class FaceWorker:
             final = align_face(image, in_photo.lm68, size)
             landmarks = self._with_iris(final.image, in_photo.transformed(final.matrix))
             info = {"box": detection.box.round(2).tolist(), "det_score": round(detection.score, 4),
-                    "n_faces_detected": len(detections)}
+                    "n_faces_detected": found}
             crops.append((final, landmarks, info))
         return crops
 
