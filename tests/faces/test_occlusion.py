@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
 
 from appleswap.faces.occlusion import (
-    MEAN, STD, DeepLabConfig, DeepLabV3Plus, OcclusionSegmenter, convert_checkpoint, read_mmseg_checkpoint,
+    MEAN,
+    STD,
+    DeepLabConfig,
+    DeepLabV3Plus,
+    OcclusionSegmenter,
+    convert_checkpoint,
+    read_mmseg_checkpoint,
 )
 from appleswap.files import load_image
 from tests.fixtures import tiny_segmenters
@@ -53,7 +61,7 @@ def test_tiny_config_keeps_the_naming():
 
 def test_mmcv_checkpoint_with_pickled_metadata_loads_safely(checkpoint):
     tiny_segmenters.FakeHistoryBuffer.constructed = 0
-    with pytest.raises(Exception):  # plain weights_only refuses the metadata...
+    with pytest.raises(pickle.UnpicklingError):  # plain weights_only refuses the metadata...
         torch.load(checkpoint, weights_only=True)
     state = read_mmseg_checkpoint(checkpoint)  # ...our reader keeps weights_only and ignores it
     assert tiny_segmenters.FakeHistoryBuffer.constructed == 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from pathlib import Path
 
 import cv2
@@ -210,7 +211,7 @@ def read_mmseg_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         return read_state_dict(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # an UnpicklingError for non-tensor metadata (numpy scalars, mmengine classes)
+    except pickle.UnpicklingError as error:  # non-tensor metadata (numpy scalars, mmengine classes...)
         inert = _inert_globals(path)
         if not inert:
             raise ValueError(f"{path}: cannot read the checkpoint safely ({error})") from error
@@ -249,7 +250,7 @@ class OcclusionSegmenter:
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device | None = None, flip: str = "none",
-                  config: DeepLabConfig | None = None) -> "OcclusionSegmenter":
+                  config: DeepLabConfig | None = None) -> OcclusionSegmenter:
         """Load ``deeplabv3_iter_27600.pth`` (or its safetensors conversion); ``flip="only"`` is the parity mode."""
         path = Path(path)
         state = read_mmseg_checkpoint(path)

@@ -236,7 +236,7 @@ class FaceParser:
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device | None = None,
-                  parity_double_norm: bool | None = None) -> "FaceParser":
+                  parity_double_norm: bool | None = None) -> FaceParser:
         """Load ``FaceParser.pth`` / ``79999_iter.pth`` / facexlib ``parsing_bisenet.pth`` (or a safetensors copy).
 
         ``parity_double_norm=None`` means the correct default (single ImageNet normalisation); see the module doc.

@@ -88,7 +88,7 @@ class AestheticScorer:
 
     @classmethod
     def from_files(cls, clip_dir: str | Path, head_path: str | Path, device: str | torch.device | None = None,
-                   preprocess: str = "imscore", dtype: torch.dtype = torch.float32) -> "AestheticScorer":
+                   preprocess: str = "imscore", dtype: torch.dtype = torch.float32) -> AestheticScorer:
         """CLIP ViT-L/14 from a local transformers folder + the MLP head file; nothing is downloaded."""
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -126,7 +126,7 @@ class AestheticScorer:
         size = (CROP, int(CROP * w / h)) if h <= w else (int(CROP * h / w), CROP)  # torchvision Resize(224)
         if size != (h, w):
             x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-        top, left = int(round((size[0] - CROP) / 2.0)), int(round((size[1] - CROP) / 2.0))
+        top, left = round((size[0] - CROP) / 2.0), round((size[1] - CROP) / 2.0)
         x = x[:, :, top:top + CROP, left:left + CROP]
         return (x - self._mean) / self._std
 
