@@ -1,0 +1,99 @@
+"""Metric behaviour on real photos: zero against itself, the expected error against a mirror, planted retrieval."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from appleswap.eval import dlib_id, expression, gaze, lighting, pose, skin, stats
+from appleswap.eval.flicker import flicker_scores
+from appleswap.eval.identity import retrieval_hits
+from appleswap.eval.masks import SKIN_CLASSES, mesh_classes, select
+from appleswap.eval.mesh import face_mesh_points
+from appleswap.files import load_image
+
+
+@pytest.fixture(scope="module")
+def frontal(faces_dir):
+    image = load_image(faces_dir / "obama1.jpg")
+    mirror = np.ascontiguousarray(image[:, ::-1])
+    return image, face_mesh_points(image), mirror, face_mesh_points(mirror)
+
+
+def test_self_scores_are_zero(frontal):
+    image, mesh, _, _ = frontal
+    again = face_mesh_points(image.copy())
+    assert pose.pose_error(pose.pnp_angles(mesh, image.shape), pose.pnp_angles(again, image.shape)) < 1e-6
+    assert np.linalg.norm(expression.mesh_expression(mesh) - expression.mesh_expression(again)) < 1e-6
+    assert gaze.gaze_error(gaze.gaze_vector(mesh), gaze.gaze_vector(again))[0] == pytest.approx(0.0, abs=1e-6)
+    classes = mesh_classes(mesh, image.shape[:2])
+    assert select(classes, SKIN_CLASSES).sum() > 1000
+    assert skin.skin_tone_difference(image, image, select(classes, SKIN_CLASSES)) == 0.0
+    assert lighting.lighting_difference(image, image, classes > 0) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_mirror_flips_yaw_and_roll(frontal):
+    image, mesh, mirror, mirror_mesh = frontal
+    original = pose.pnp_angles(mesh, image.shape)
+    flipped = pose.pnp_angles(mirror_mesh, mirror.shape)
+    assert abs(original[0]) > 1.0  # the photo is not perfectly frontal, so the flip is visible
+    assert flipped[0] == pytest.approx(-original[0], abs=1.5)
+    assert flipped[2] == pytest.approx(-original[2], abs=1.5)
+    assert flipped[1] == pytest.approx(original[1], abs=2.0)
+    expected = np.hypot(2 * original[0], 2 * original[2])
+    assert pose.pose_error(original, flipped) == pytest.approx(expected, abs=3.0)
+    # gaze mirrors horizontally too
+    g, gm = gaze.gaze_vector(mesh), gaze.gaze_vector(mirror_mesh)
+    assert gm[0] * g[0] < 0 and abs(gm[0] + g[0]) < 0.08 and gm[1] == pytest.approx(g[1], abs=0.05)
+
+
+def test_skin_lighting_and_flicker_detect_planted_changes(frontal):
+    image, mesh, _, _ = frontal
+    image = np.ascontiguousarray(image[::4, ::4])  # quarter size keeps the Lab conversions fast
+    classes = mesh_classes(mesh / 4, image.shape[:2])
+    warmer = np.clip(image.astype(int) + [25, 5, -15], 0, 255).astype(np.uint8)
+    assert skin.skin_tone_difference(warmer, image, select(classes, SKIN_CLASSES)) > 3.0
+    ramp = np.linspace(0.6, 1.2, image.shape[1])[None, :, None]
+    relit = np.clip(image * ramp, 0, 255).astype(np.uint8)
+    assert lighting.lighting_difference(relit, image, classes > 0) > 3.0
+    still = flicker_scores([image, image, image], [image, image, image])
+    assert np.all(still == 0)
+    noisy = [np.clip(image.astype(int) + np.random.default_rng(i).integers(-20, 20, image.shape), 0, 255)
+             .astype(np.uint8) for i in range(3)]
+    assert np.all(flicker_scores(noisy, [image] * 3) > 1.0)
+
+
+def test_retrieval_returns_the_planted_match():
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(50, 512))
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    truth = rng.permutation(50)[:20]
+    queries = gallery[truth] + rng.normal(scale=0.02, size=(20, 512))
+    assert retrieval_hits(queries, gallery, truth, 1).tolist() == [1.0] * 20
+    wrong = (truth + 1) % 50
+    assert retrieval_hits(queries, gallery, wrong, 1).sum() == 0
+    queries[3] = np.nan  # a missing swap is a miss
+    assert retrieval_hits(queries, gallery, truth, 5)[3] == 0.0
+
+
+def test_dlib_fallback_same_person_beats_cross_person(faces_dir):
+    recogniser = dlib_id.DlibRecognizer()
+    embeddings = {}
+    for name in ("obama.jpg", "obama1.jpg", "biden.jpg", "biden2.jpg"):
+        image = load_image(faces_dir / name)
+        embeddings[name] = recogniser.embed(image, dlib_id.mesh_box(face_mesh_points(image)))
+    same = [embeddings["obama.jpg"] @ embeddings["obama1.jpg"], embeddings["biden.jpg"] @ embeddings["biden2.jpg"]]
+    cross = [embeddings[a] @ embeddings[b] for a in ("obama.jpg", "obama1.jpg") for b in ("biden.jpg", "biden2.jpg")]
+    assert min(same) > max(cross)
+
+
+def test_bootstrap_and_paired_difference():
+    rng = np.random.default_rng(1)
+    values = rng.normal(2.0, 1.0, 400)
+    summary = stats.bootstrap_mean(np.append(values, np.nan))
+    assert summary["ci_low"] < 2.0 < summary["ci_high"] and summary["missing"] == 1 and summary["n"] == 400
+    better = values - 0.5 + rng.normal(0, 0.1, 400)
+    result = stats.paired_difference(values, better)
+    assert result["significant"] and result["p_value"] < 0.01 and result["diff"] == pytest.approx(-0.5, abs=0.05)
+    noise = values + rng.normal(0, 0.1, 400)
+    assert not stats.paired_difference(values, noise)["significant"]
