@@ -11,7 +11,14 @@ from safetensors.torch import load_file, save_file
 from appleswap.model.latents import decode_tokens, encode_images, image_ids, pack_latents, unpack_latents
 from appleswap.model.loading import load_apple_transformer, load_vae
 from appleswap.model.text import load_text_embeddings
-from tests.fixtures.tiny_flux import FLUX_DIR, LORA_FILES, PULID_FILE, TINY_LORA_RANK, make_tiny_weights
+from tests.fixtures.tiny_flux import (
+    FLUX_DIR,
+    LORA_FILES,
+    PULID_FILE,
+    TINY_LORA_RANK,
+    make_tiny_weights,
+    one_thread,  # noqa: F401
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,16 @@ import torch
 from appleswap.model import lora as lora_lib
 from appleswap.model.id_attention import IDCrossAttention
 from appleswap.model.latents import image_ids
-from appleswap.model.transformer import AppleTransformer
-from tests.fixtures.tiny_flux import (build_tiny_transformer, id_attention_state, lora_state, tiny_id_tokens,
-                                      tiny_text)
 from appleswap.model.loading import build_id_attentions_from_weights
+from appleswap.model.transformer import AppleTransformer
+from tests.fixtures.tiny_flux import (  # noqa: F401
+    build_tiny_transformer,
+    id_attention_state,
+    lora_state,
+    one_thread,
+    tiny_id_tokens,
+    tiny_text,
+)
 
 IDS = image_ids(64, 64, vae_scale=2)  # (256, 3)
 

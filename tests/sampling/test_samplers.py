@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from appleswap.sampling import (combine_guidance, get_schedule, inversion_sigmas, invert, sample_euler,
-                                sample_midpoint, with_batched_guidance, with_id_guidance, with_image_guidance)
+from appleswap.sampling import (
+    combine_guidance,
+    get_schedule,
+    inversion_sigmas,
+    invert,
+    sample_euler,
+    sample_midpoint,
+    with_batched_guidance,
+    with_id_guidance,
+    with_image_guidance,
+)
+from tests.fixtures.tiny_flux import one_thread  # noqa: F401
 
 RATE = 1.3
 
@@ -110,9 +120,9 @@ def test_partial_inversion_resumes_at_the_reached_noise_level():
 
 def test_guidance_formulas():
     x, s = torch.randn(2, 3), torch.ones(2)
-    full = lambda x, s: x + 1.0  # noqa: E731
-    black = lambda x, s: x - 2.0  # noqa: E731
-    null_id = lambda x, s: 0.5 * x  # noqa: E731
+    full = lambda x, s: x + 1.0
+    black = lambda x, s: x - 2.0
+    null_id = lambda x, s: 0.5 * x
     v, vb, vn = full(x, s), black(x, s), null_id(x, s)
     torch.testing.assert_close(with_image_guidance(full, black, 2.5)(x, s), vb + 2.5 * (v - vb))
     torch.testing.assert_close(with_id_guidance(full, null_id, 1.7)(x, s), vn + 1.7 * (v - vn))

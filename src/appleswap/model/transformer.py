@@ -32,11 +32,11 @@ class TextEmbeddings:
     pooled: torch.Tensor
     text_ids: torch.Tensor
 
-    def to(self, device=None, dtype=None) -> "TextEmbeddings":
+    def to(self, device=None, dtype=None) -> TextEmbeddings:
         return TextEmbeddings(self.prompt_embeds.to(device=device, dtype=dtype),
                               self.pooled.to(device=device, dtype=dtype), self.text_ids.to(device=device))
 
-    def expand(self, batch: int) -> "TextEmbeddings":
+    def expand(self, batch: int) -> TextEmbeddings:
         """Broadcast a batch-1 prompt to ``batch`` rows (views, no copy)."""
         if self.prompt_embeds.shape[0] == batch:
             return self

@@ -8,7 +8,7 @@ v = v + (s_img - 1)(v - v_black) + (s_id - 1)(v - v_nullID), which reduces to ea
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

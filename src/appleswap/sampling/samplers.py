@@ -7,7 +7,7 @@ Every update is done in float32 and cast back, as diffusers' FlowMatchEulerDiscr
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm

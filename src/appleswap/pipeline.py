@@ -1,0 +1,282 @@
+"""SwapPipeline: aligned 512 faces in, swapped 512 faces out (APPLE teacher or student).
+
+    pipe = SwapPipeline.from_pretrained(weights_dir="~/weights", mode="student")
+    swapped = pipe(source="alice.safetensors", target=target_rgb)      # (1, 512, 512, 3) uint8
+
+``source`` is ID tokens (a tensor), an identity file, or photos of the source person (encoded by the identity
+stage). ``target`` is the aligned target; the teacher also needs ``condition`` (the blurred-face + landmarks
+image) and usually runs with ``invert=True`` (attribute-aware inversion, spec §7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from appleswap.model.latents import decode_tokens, encode_images, image_ids, prepare_noise, vae_scale_factor
+from appleswap.model.text import DEFAULT_PROMPT, load_text_embeddings
+from appleswap.model.transformer import AppleTransformer, TextEmbeddings
+from appleswap.sampling import (
+    get_schedule,
+    inversion_sigmas,
+    invert,
+    sample_euler,
+    sample_midpoint,
+    with_batched_guidance,
+)
+from appleswap.sampling.schedule import schedule_from_scheduler_config
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["student", "teacher"]
+InverseCond = Literal["noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond"]
+INVERSE_CONDS = ("noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond")
+DEFAULT_VIT_TOKENS = 577  # EVA02-CLIP-L-336: 24 x 24 patches + CLS (shapes the null ID)
+
+
+def images_to_tensor(images: Any, name: str) -> torch.Tensor:
+    """uint8 (H, W, 3) / (B, H, W, 3) arrays, a list of them, paths, or a float (B, 3, H, W) tensor -> (B, 3, H, W)."""
+    from appleswap.files import load_image
+
+    if isinstance(images, torch.Tensor):
+        tensor = images[None] if images.ndim == 3 else images
+        if tensor.ndim != 4 or tensor.shape[1] != 3:
+            raise ValueError(f"{name}: tensor must be (B, 3, H, W) in [0, 1], got {tuple(tensor.shape)}")
+        return tensor.float()
+    if isinstance(images, (str, Path)):
+        images = [load_image(images)]
+    elif isinstance(images, np.ndarray):
+        images = [images] if images.ndim == 3 else list(images)
+    arrays = [load_image(i) if isinstance(i, (str, Path)) else np.asarray(i) for i in images]
+    if not arrays or any(a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 for a in arrays):
+        raise ValueError(f"{name}: expected uint8 RGB images (H, W, 3)")
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"{name}: images differ in size {sorted({a.shape for a in arrays})}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _is_identity_file(value: Any) -> bool:
+    return isinstance(value, (str, Path)) and str(value).endswith(".safetensors")
+
+
+@dataclasses.dataclass
+class SwapPipeline:
+    """The assembled model; call it to swap. Build with :meth:`from_pretrained`."""
+
+    transformer: AppleTransformer
+    vae: torch.nn.Module
+    text: TextEmbeddings
+    mode: Mode = "student"
+    null_id: torch.Tensor | None = None  # (1, 32, D) PuLID uncond tokens
+    scheduler_config: dict = dataclasses.field(default_factory=dict)
+    weights_dir: Path | None = None
+    identity_encoder: Any = None  # appleswap.identity.encoder.IdentityEncoder, loaded on first photo source
+
+    @classmethod
+    def from_pretrained(cls, weights_dir: str | Path | None = None, mode: Mode = "student", *,
+                        flux_path: str | Path | None = None, pulid_path: str | Path | None = None,
+                        lora_path: str | Path | None = None, device: str | None = None,
+                        dtype: torch.dtype = torch.bfloat16, prompt: str = DEFAULT_PROMPT,
+                        text_cache_dir: str | Path | None = None, max_sequence_length: int = 512,
+                        null_id: torch.Tensor | str | Path | None = None,
+                        vit_tokens: int = DEFAULT_VIT_TOKENS) -> SwapPipeline:
+        """Load FLUX, PuLID ID cross-attentions, the mode's LoRA and the cached prompt through the registry.
+
+        Args:
+            weights_dir: the weights folder (``--weights-dir`` / ``$APPLESWAP_HOME``).
+            mode: ``student`` (clean target as condition) or ``teacher`` (condition image, usually with inversion).
+            flux_path / pulid_path / lora_path: explicit files that win over the registry locations.
+            null_id: null-ID tokens or an identity file; default: PuLID's IDFormer on zero inputs.
+        """
+        from appleswap.cli_common import pick_device
+        from appleswap.model.loading import load_apple_transformer, load_vae
+        from appleswap.weights import locate
+        from appleswap.weights import weights_dir as resolve_weights_dir
+
+        if mode not in ("student", "teacher"):
+            raise ValueError(f"mode must be 'student' or 'teacher', got {mode!r}")
+        device = pick_device(device)
+        root = resolve_weights_dir(weights_dir)
+        flux = locate("flux", weights_dir, explicit=flux_path)
+        pulid = locate("pulid_flux", weights_dir, explicit=pulid_path)
+        lora = locate(f"apple_{mode}", weights_dir, explicit=lora_path)
+        transformer = load_apple_transformer(flux, pulid_path=pulid, lora_path=lora, dtype=dtype, device=device)
+        vae = load_vae(flux, dtype=dtype, device=device)
+        cache = Path(text_cache_dir) if text_cache_dir else root / "cache" / "text_embeddings"
+        text = load_text_embeddings(flux, prompt, cache, max_sequence_length=max_sequence_length, device=device,
+                                    dtype=dtype)
+        scheduler_file = Path(flux) / "scheduler" / "scheduler_config.json"
+        scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+        pipe = cls(transformer, vae, text, mode, None, scheduler_config, root)
+        pipe.null_id = pipe._load_null_id(null_id, pulid, vit_tokens)
+        return pipe
+
+    def _load_null_id(self, null_id, pulid: Path, vit_tokens: int) -> torch.Tensor | None:
+        from appleswap.identity.store import load_identity
+
+        if isinstance(null_id, torch.Tensor):
+            return null_id.reshape(1, *null_id.shape[-2:])
+        if null_id is not None:
+            return load_identity(null_id)[0]
+        from appleswap.identity.idformer import IDFormer
+
+        try:
+            return IDFormer.from_file(pulid).null_tokens(vit_tokens).float().cpu()
+        except ValueError as error:
+            logger.warning("no null ID (%s): inversion with 'noID_*' and id_guidance_scale need null_id=", error)
+            return None
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    # ---- inputs
+    def encode_source(self, source: Any) -> torch.Tensor:
+        """ID tokens (B or 1, 32, D) from a tensor, an identity file, or photos of one person."""
+        from appleswap.identity.store import load_identity
+
+        if isinstance(source, torch.Tensor):
+            return source[None] if source.ndim == 2 else source
+        if _is_identity_file(source):
+            return load_identity(source)[0]
+        if self.identity_encoder is None:
+            from appleswap.identity.encoder import IdentityEncoder
+
+            self.identity_encoder = IdentityEncoder.from_pretrained(self.weights_dir, device=str(self.device))
+        photos = images_to_tensor(source, "source")
+        arrays = [(p.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for p in photos]
+        return self.identity_encoder.encode_identity(arrays)
+
+    def encode_latents(self, images: torch.Tensor, sample: bool, seeds: Sequence[int]) -> torch.Tensor:
+        """VAE tokens (B, L, 64); ``sample`` draws from the posterior with a per-image seeded generator."""
+        rows = []
+        for image, seed in zip(images, seeds):
+            generator = torch.Generator(self.vae.device).manual_seed(seed) if sample else None
+            rows.append(encode_images(self.vae, image[None], sample=sample, generator=generator))
+        return torch.cat(rows).to(self.transformer.dtype)
+
+    # ---- the denoiser
+    def denoiser(self, condition: torch.Tensor | None, id_tokens: torch.Tensor | None, positions: torch.Tensor,
+                 *, guidance_scale: float = 1.0, image_guidance_scale: float = 1.0, id_guidance_scale: float = 1.0,
+                 black: torch.Tensor | None = None, id_weight: float = 1.0):
+        """``model(x, sigma) -> velocity`` with conditions bound; guidance passes stacked into one batch."""
+        variants = [(condition, id_tokens)]
+        if image_guidance_scale != 1.0:
+            if condition is None or black is None:
+                raise ValueError("image_guidance_scale != 1 needs a condition")
+            variants.append((black.expand_as(condition), id_tokens))
+        if id_guidance_scale != 1.0:
+            if self.null_id is None or id_tokens is None:
+                raise ValueError("id_guidance_scale != 1 needs ID tokens and the null ID")
+            variants.append((condition, self.null_id.to(id_tokens).expand_as(id_tokens)))
+
+        def multi(x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
+            n, batch = len(variants), x.shape[0]
+            conds = None if condition is None else torch.cat([c for c, _ in variants])
+            ids = None if id_tokens is None else torch.cat([i.expand(batch, -1, -1) for _, i in variants])
+            timestep = sigma.to(x.dtype).repeat(n)
+            guidance = torch.full_like(timestep, guidance_scale)
+            velocity = self.transformer(x.repeat(n, 1, 1), timestep, text=self.text, img_ids=positions,
+                                        condition=conds, id_tokens=ids, guidance=guidance, id_weight=id_weight)
+            return list(velocity.chunk(n))
+
+        return with_batched_guidance(multi, image_guidance_scale, id_guidance_scale)
+
+    def schedule(self, num_steps: int, image_seq_len: int) -> torch.Tensor:
+        if self.scheduler_config:
+            return schedule_from_scheduler_config(self.scheduler_config, num_steps, image_seq_len)
+        return get_schedule(num_steps, image_seq_len)
+
+    # ---- swapping
+    @torch.no_grad()
+    def __call__(self, source: Any, target: Any, *, condition: Any = None, invert: bool = False,
+                 num_steps: int = 28, inverse_steps: int | None = None, inverse_cond: InverseCond = "noID_trgCond",
+                 inversion_order: int = 1, parity_wrong_midpoint: bool = False, sampler_order: int = 1,
+                 guidance_scale: float = 1.0, image_guidance_scale: float = 1.0, id_guidance_scale: float = 1.0,
+                 seed: int | Sequence[int] = 0, id_weight: float = 1.0, target_id: Any = None,
+                 progress: bool = False, output_type: Literal["np", "pt"] = "np"):
+        """Swap ``source``'s identity into ``target``.
+
+        Args:
+            source: ID tokens (32, D) / (B, 32, D), an identity ``.safetensors`` file, or photo(s) of one person.
+            target: aligned target(s): uint8 (H, W, 3) arrays, paths, or a (B, 3, H, W) tensor in [0, 1].
+            condition: the condition image(s) (teacher: required; student: default = the clean target).
+            invert: attribute-aware inversion of the target before regeneration (spec §7).
+            inverse_steps: inversion depth in steps (default ``num_steps``; fewer = partial, resumed correctly).
+            inverse_cond: conditions during inversion (``noID_trgCond`` = attribute-only, the paper's choice).
+            inversion_order / sampler_order: 1 = Euler (reference), 2 = midpoint.
+            parity_wrong_midpoint: reproduce the reference's ``--second_order`` inversion (parity runs only).
+            guidance_scale: FLUX distilled guidance for text and image (the condition always gets 1).
+            image_guidance_scale / id_guidance_scale: guidance against a black condition / the null ID.
+            seed: noise seed, one for all images or one per image (the reference uses 0 for every image).
+            target_id: the target's ID (tokens, file or photos) for ``trgID_*`` inversion (default: from target).
+        Returns:
+            uint8 (B, H, W, 3) array (``np``) or float (B, 3, H, W) tensor in [0, 1] (``pt``).
+        """
+        if inverse_cond not in INVERSE_CONDS:
+            raise ValueError(f"inverse_cond must be one of {INVERSE_CONDS}, got {inverse_cond!r}")
+        if self.mode == "teacher" and condition is None:
+            raise ValueError("teacher mode needs condition= (the target's blurred-face + landmarks image)")
+        dtype, device = self.transformer.dtype, self.device
+        targets = images_to_tensor(target, "target").to(device)
+        conditions = targets if condition is None else images_to_tensor(condition, "condition").to(device)
+        if conditions.shape != targets.shape:
+            raise ValueError(f"condition {tuple(conditions.shape)} and target {tuple(targets.shape)} differ in size")
+        batch, _, height, width = targets.shape
+        seeds = [seed] * batch if isinstance(seed, int) else list(seed)
+        if len(seeds) != batch:
+            raise ValueError(f"seed: {len(seeds)} seeds for {batch} images")
+        id_tokens = self._batch_ids(self.encode_source(source), batch, "source")
+        positions = image_ids(height, width, device=device, vae_scale=vae_scale_factor(self.vae))
+        cond_tokens = self.encode_latents(conditions, sample=True, seeds=seeds)
+        black = None
+        if image_guidance_scale != 1.0:
+            black = self.encode_latents(torch.zeros_like(targets[:1]), sample=False, seeds=[0])
+        sigmas = self.schedule(num_steps, positions.shape[0])
+        if invert:
+            sigmas = inversion_sigmas(sigmas, inverse_steps or num_steps)
+            x = self._invert(targets, cond_tokens, positions, sigmas, inverse_cond, target_id, inversion_order,
+                             parity_wrong_midpoint, progress)
+        else:
+            x = torch.cat([prepare_noise(1, height, width, generator=torch.Generator().manual_seed(s),
+                                         vae_scale=vae_scale_factor(self.vae), dtype=dtype) for s in seeds])
+            x = x.to(device)
+        model = self.denoiser(cond_tokens, id_tokens, positions, guidance_scale=guidance_scale,
+                              image_guidance_scale=image_guidance_scale, id_guidance_scale=id_guidance_scale,
+                              black=black, id_weight=id_weight)
+        sampler = sample_euler if sampler_order == 1 else sample_midpoint
+        tokens = sampler(model, x, sigmas.to(device), disable=not progress)
+        images = decode_tokens(self.vae, tokens, height, width)
+        if output_type == "pt":
+            return images
+        return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+    def _batch_ids(self, tokens: torch.Tensor | None, batch: int, name: str) -> torch.Tensor | None:
+        if tokens is None or not len(self.transformer.id_attentions):
+            return None
+        if tokens.shape[0] not in (1, batch):
+            raise ValueError(f"{name}: {tokens.shape[0]} identities for {batch} targets (give 1 or {batch})")
+        return tokens.to(self.device, self.transformer.dtype).expand(batch, -1, -1)
+
+    def _invert(self, targets, cond_tokens, positions, sigmas, inverse_cond, target_id, order, parity, progress):
+        """Step A of §7: target latent (VAE mode) integrated from data to noise under ``inverse_cond``."""
+        batch = targets.shape[0]
+        if inverse_cond.startswith("noID"):
+            if self.null_id is None and len(self.transformer.id_attentions):
+                raise ValueError(f"inverse_cond={inverse_cond!r} needs the null ID (pass null_id= to from_pretrained)")
+            ids = self._batch_ids(self.null_id, batch, "null_id")
+        else:
+            ids = self._batch_ids(self.encode_source(target_id if target_id is not None else targets), batch,
+                                  "target_id")
+        condition = cond_tokens if inverse_cond.endswith("trgCond") else None
+        x0 = self.encode_latents(targets, sample=False, seeds=[0] * batch)
+        model = self.denoiser(condition, ids, positions)  # guidance all 1 during inversion, as the reference
+        return invert(model, x0, sigmas.to(self.device), order=order, parity_wrong_midpoint=parity,
+                      disable=not progress)

@@ -1,0 +1,110 @@
+"""SwapPipeline on a tiny weights folder: modes, inversion, guidance batching, sources, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from appleswap.identity.store import save_identity
+from appleswap.model.latents import image_ids
+from appleswap.pipeline import SwapPipeline
+from appleswap.sampling import get_schedule, invert, sample_euler, with_id_guidance, with_image_guidance
+from tests.fixtures.tiny_flux import make_tiny_weights, one_thread, tiny_id_tokens  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return make_tiny_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def student(weights):
+    return SwapPipeline.from_pretrained(weights, "student", dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def faces():
+    rng = np.random.default_rng(0)
+    return (rng.random((2, 64, 64, 3)) * 255).astype(np.uint8)
+
+
+def test_student_swap_is_seeded_and_uses_the_identity(student, faces, tmp_path):
+    ids = tiny_id_tokens(1)
+    first = student(ids, faces[0], num_steps=3)
+    assert first.shape == (1, 64, 64, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(student(ids, faces[0], num_steps=3), first)
+    assert not np.array_equal(student(ids, faces[0], num_steps=3, seed=1), first)
+    assert not np.array_equal(student(tiny_id_tokens(1, seed=9), faces[0], num_steps=3), first)
+    path = save_identity(tmp_path / "alice.safetensors", ids)
+    np.testing.assert_array_equal(student(path, faces[0], num_steps=3), first)  # identity file == tokens
+
+
+def test_batch_equals_one_by_one(student, faces):
+    ids = tiny_id_tokens(2)
+    both = student(ids, list(faces), num_steps=2, seed=[0, 1], output_type="pt")
+    one = student(ids[1:], faces[1], num_steps=2, seed=1, output_type="pt")
+    torch.testing.assert_close(both[1:], one, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="seed"):
+        student(ids, list(faces), seed=[0, 1, 2])
+
+
+def test_batched_guidance_equals_separate_passes(student, faces):
+    cond = student.encode_latents(torch.from_numpy(faces[:1]).permute(0, 3, 1, 2) / 255.0, True, [0])
+    black = student.encode_latents(torch.zeros(1, 3, 64, 64), False, [0])
+    ids = tiny_id_tokens(1)
+    pos = image_ids(64, 64, vae_scale=2)
+    batched = student.denoiser(cond, ids, pos, image_guidance_scale=2.0, id_guidance_scale=1.5, black=black)
+    full = student.denoiser(cond, ids, pos)
+    no_image = student.denoiser(black, ids, pos)
+    no_id = student.denoiser(cond, student.null_id, pos)
+    x, sigma = torch.randn(1, 256, 64), torch.tensor([0.6])
+    v, vb, vn = full(x, sigma), no_image(x, sigma), no_id(x, sigma)
+    torch.testing.assert_close(batched(x, sigma), v + 1.0 * (v - vb) + 0.5 * (v - vn), rtol=1e-4, atol=1e-5)
+    only_image = with_image_guidance(full, no_image, 2.0)
+    torch.testing.assert_close(student.denoiser(cond, ids, pos, image_guidance_scale=2.0, black=black)(x, sigma),
+                               only_image(x, sigma), rtol=1e-4, atol=1e-5)
+    only_id = with_id_guidance(full, no_id, 1.5)
+    torch.testing.assert_close(student.denoiser(cond, ids, pos, id_guidance_scale=1.5)(x, sigma),
+                               only_id(x, sigma), rtol=1e-4, atol=1e-5)
+
+
+def test_inversion_then_regeneration_with_same_conditions_reconstructs(student, faces):
+    target = torch.from_numpy(faces[:1]).permute(0, 3, 1, 2) / 255.0
+    x0 = student.encode_latents(target, False, [0])
+    cond = student.encode_latents(target, True, [0])
+    model = student.denoiser(cond, student.null_id, image_ids(64, 64, vae_scale=2))
+    errors = []
+    for steps in (3, 12):
+        sigmas = get_schedule(steps, 256)
+        noise = invert(model, x0, sigmas, disable=True)
+        errors.append(float((sample_euler(model, noise, sigmas, disable=True) - x0).abs().mean()))
+    assert errors[1] < errors[0] / 2 and errors[1] < 0.1 * float(x0.abs().mean())
+    assert float((noise - x0).abs().mean()) > 10 * errors[1]  # the inverted latent really is far from x0
+
+
+def test_teacher_needs_condition_and_runs_every_inversion_mode(weights, faces):
+    teacher = SwapPipeline.from_pretrained(weights, "teacher", dtype=torch.float32, device="cpu")
+    ids = tiny_id_tokens(1)
+    with pytest.raises(ValueError, match="condition"):
+        teacher(ids, faces[0], num_steps=2)
+    outputs = {}
+    for cond in ("noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond"):
+        outputs[cond] = teacher(ids, faces[0], condition=faces[1], invert=True, num_steps=2, inverse_cond=cond,
+                                target_id=tiny_id_tokens(1, seed=7))
+    assert len({o.tobytes() for o in outputs.values()}) == 4
+    partial = teacher(ids, faces[0], condition=faces[1], invert=True, num_steps=4, inverse_steps=2)
+    parity = teacher(ids, faces[0], condition=faces[1], invert=True, num_steps=2, inversion_order=2,
+                     parity_wrong_midpoint=True)
+    assert partial.shape == parity.shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="inverse_cond"):
+        teacher(ids, faces[0], condition=faces[1], invert=True, inverse_cond="bogus")
+
+
+def test_missing_weights_name_the_file(tmp_path):
+    from appleswap.weights import MissingWeightError
+
+    with pytest.raises(MissingWeightError, match="flux"):
+        SwapPipeline.from_pretrained(tmp_path, "student", device="cpu")
+    with pytest.raises(ValueError, match="mode"):
+        SwapPipeline.from_pretrained(tmp_path, "pupil", device="cpu")
