@@ -1,0 +1,182 @@
+"""The swap engine behind the CLI and the web UI: models loaded once, then photo and video jobs with labels.
+
+``SwapEngine.load`` builds the identity encoder (antelopev2 + EVA-CLIP + PuLID) and the APPLE pipeline through
+the weights registry, so a missing file raises ``MissingWeightError`` naming it. Each job writes one labelled
+output (provenance metadata, plus the watermark unless turned off) and returns a small JSON-ready record.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from appleswap.app import watermark as wm
+from appleswap.app.provenance import provenance_record, save_labelled_image, video_tags
+from appleswap.app.swapper import FaceSwapper, SwapConfig
+from appleswap.app.tracking import FaceTracker
+from appleswap.files import load_image
+
+log = logging.getLogger(__name__)
+IDENTITY_SUFFIX = ".safetensors"
+
+
+class SwapEngine:
+    """Source identity + ``FaceSwapper`` + labelled writing of photos and videos."""
+
+    def __init__(self, swapper: FaceSwapper, encode: Callable[[list[np.ndarray], list[str]], Any] | None,
+                 model_name: str) -> None:
+        self.swapper = swapper
+        self.config = swapper.config
+        self.encode = encode
+        self.model_name = model_name
+
+    @classmethod
+    def load(cls, config: SwapConfig, weights_dir: str | Path | None = None, device: str | None = None) -> "SwapEngine":
+        """Load every model through the registry (``MissingWeightError`` names what is missing and where)."""
+        from appleswap.app.generation import load_generator
+        from appleswap.identity.align import arcface_crop
+        from appleswap.identity.encoder import IdentityEncoder
+
+        config = config.check()
+        generator = load_generator(config, weights_dir, device)
+        encoder = IdentityEncoder.from_pretrained(weights_dir, device=generator.device)
+        generator.pipeline.identity_encoder = encoder  # one encoder for sources, references and the pipeline
+
+        def embed(frame: np.ndarray, keypoints: Sequence[np.ndarray]) -> np.ndarray:
+            if not len(keypoints):
+                return np.zeros((0, encoder.arcface.dim or 512), np.float32)
+            size = encoder.arcface.input_size
+            crops = np.stack([arcface_crop(frame, np.asarray(k, np.float32), size) for k in keypoints])
+            return encoder.arcface.embed(crops)
+
+        def encode(images: list[np.ndarray], names: list[str]) -> Any:
+            return encoder.encode_identity(images, names=names)
+
+        swapper = FaceSwapper(generator, config, image_size=generator.image_size, embed=embed)
+        engine = cls(swapper, encode, generator.model_name)
+        if config.face_selector == "reference":
+            engine.set_reference(config.reference_face)
+        return engine
+
+    def with_config(self, config: SwapConfig) -> "SwapEngine":
+        """The same loaded models under other knobs (the web UI's per-request settings)."""
+        old = self.swapper
+        if config.model != self.config.model:
+            raise ValueError(f"this engine runs the {self.config.model}; load another for --model {config.model}")
+        generate = old.generate
+        if hasattr(generate, "config"):  # PipelineGenerator: same pipeline, new steps / seed / guidance
+            generate = copy.copy(generate)
+            generate.config = config
+        swapper = FaceSwapper(generate, config, image_size=old.image_size, embed=old.embed, detect=old.detect)
+        return SwapEngine(swapper, self.encode, self.model_name)
+
+    def set_reference(self, path: str | Path | None) -> None:
+        if not path:
+            raise ValueError("--face-selector reference needs --reference-face PHOTO")
+        self.swapper.set_reference(load_image(path), name=str(path))
+
+    def source_identity(self, sources: Sequence[str | Path]) -> Any:
+        """A saved identity (``.safetensors``) or the identity averaged over one or more source photos."""
+        from appleswap.identity.store import load_identity
+
+        paths = [Path(s) for s in sources]
+        if not paths:
+            raise ValueError("-s/--source: give at least one source photo or identity file")
+        identities = [p for p in paths if p.suffix.lower() == IDENTITY_SUFFIX]
+        if identities:
+            if len(paths) > 1:
+                raise ValueError("-s/--source: an identity .safetensors file cannot be mixed with other sources")
+            return load_identity(paths[0])[0]
+        if self.encode is None:
+            raise ValueError("this engine has no identity encoder; pass a saved identity .safetensors")
+        images = [load_image(p) for p in paths]
+        return self.encode(images, [str(p) for p in paths])
+
+    def record(self, sources: Sequence[str | Path], target: str | Path, **extra: Any) -> dict[str, Any]:
+        cfg = self.config
+        return provenance_record(
+            self.model_name, watermarked=cfg.watermark, source=[Path(s).name for s in sources],
+            target=Path(target).name, steps=cfg.steps, seed=cfg.seed, id_guidance_scale=cfg.id_guidance_scale, **extra)
+
+    def _mark(self, image: np.ndarray) -> np.ndarray:
+        if not self.config.watermark:
+            return image
+        return wm.embed_watermark(image, self.config.watermark_key if self.config.watermark_key is not None
+                                  else wm.DEFAULT_KEY)
+
+    def swap_image(self, identity: Any, target: np.ndarray, name: str = "target"):
+        """Swap one decoded photo; ValueError (naming ``name``) when no face qualifies."""
+        faces = self.swapper.detect(target)
+        if not faces:
+            raise ValueError(f"{name}: no face found in the target")
+        chosen = self.swapper.choose(target, faces)
+        if not chosen:
+            raise ValueError(f"{name}: {len(faces)} face(s) found but none selected "
+                             f"(--face-selector {self.config.face_selector}, --min-face-size {self.config.min_face_size})")
+        outcome = self.swapper.swap_frame(target, identity, faces=faces, chosen=chosen)
+        outcome.image = self._mark(outcome.image)
+        return outcome
+
+    def swap_image_file(self, identity: Any, sources: Sequence[str | Path], target: str | Path,
+                        output: str | Path) -> dict[str, Any]:
+        outcome = self.swap_image(identity, load_image(target), str(target))
+        record = self.record(sources, target, faces_swapped=len(outcome.swapped))
+        save_labelled_image(output, outcome.image, record, quality=self.config.output_image_quality)
+        boxes = [f.box.round(1).tolist() for f in outcome.swapped]
+        return {"target": str(target), "output": str(output), "faces": boxes, "status": "ok"}
+
+    def swap_video_file(self, identity: Any, sources: Sequence[str | Path], target: str | Path,
+                        output: str | Path, progress: bool = True) -> dict[str, Any]:
+        from appleswap.app.video import process_video
+
+        processor = VideoSwapProcessor(self, identity)
+        cfg = self.config
+        settings = {"sources": [str(s) for s in sources], "model": self.model_name, "config": repr(cfg)}
+        record = self.record(sources, target)
+        info = process_video(target, output, processor, chunk_size=cfg.chunk_size, settings=settings,
+                             tags=video_tags(record), keep_audio=cfg.keep_audio, progress=progress)
+        if processor.frames_swapped == 0:
+            log.warning("%s: no face was swapped in any processed frame", target)
+        return {"target": str(target), "output": str(output), "frames": info.frame_count,
+                "frames_swapped": processor.frames_swapped, "status": "ok"}
+
+
+class VideoSwapProcessor:
+    """Per-frame swap with face tracks: the same people are replaced in every frame, keypoints smoothed."""
+
+    def __init__(self, engine: SwapEngine, identity: Any) -> None:
+        self.engine, self.identity = engine, identity
+        cfg = engine.config
+        self.tracker = FaceTracker(smoothing=cfg.landmark_smoothing)
+        self.targets: set[int] = set()
+        self.frames_swapped = 0
+
+    def __call__(self, frame: np.ndarray, index: int) -> np.ndarray:
+        swapper, cfg = self.engine.swapper, self.engine.config
+        faces = swapper.detect(frame)
+        embeddings = None
+        if faces and swapper.embed is not None and cfg.face_selector == "reference":
+            embeddings = swapper.embed(frame, [f.keypoints for f in faces])
+        ids = self.tracker.update(faces, embeddings)
+        if faces and (cfg.face_selector != "one" or not self.targets):
+            self.targets |= {ids[i] for i in swapper.choose(frame, faces)}  # "one" keeps its first choice
+        chosen = [i for i, track in enumerate(ids) if track in self.targets]
+        if not chosen:
+            return self.engine._mark(frame)
+        keypoints = [self.tracker.keypoints(ids[i]) for i in chosen]
+        seed = cfg.seed if cfg.shared_noise else cfg.seed + index
+        outcome = swapper.swap_frame(frame, self.identity, faces=faces, chosen=chosen, keypoints=keypoints, seed=seed)
+        self.frames_swapped += 1
+        return self.engine._mark(outcome.image)
+
+    def state(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state(), "targets": sorted(self.targets), "frames_swapped": self.frames_swapped}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state(state["tracker"])
+        self.targets = set(state["targets"])
+        self.frames_swapped = int(state["frames_swapped"])

@@ -1,0 +1,186 @@
+"""Swap faces in any photo or video frame: detect, select, align, generate, paste back, label.
+
+Why paste-back: the APPLE model generates a whole aligned crop; only a feathered face region of that crop goes
+back into the frame (through the inverse alignment), so every pixel outside the face mask stays the input's.
+The watermark (on by default) is the one deliberate exception: it changes luminance by about one grey level
+everywhere, invisibly, so that ``appleswap verify`` can tell the picture was made here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Literal, Sequence
+
+import cv2
+import numpy as np
+
+from appleswap.app.selection import select_faces
+from appleswap.config import option
+
+log = logging.getLogger(__name__)
+ALIGN_SIZE = 512  # faces are aligned and pasted at 512; a model of another size resizes the crops itself
+Order = Literal["large-small", "small-large", "left-right", "right-left", "top-bottom", "bottom-top", "best-worst",
+                "worst-best"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapConfig:
+    """Every knob of ``appleswap swap`` (and the web UI); a config file's ``[swap]`` section mirrors it."""
+
+    model: Literal["student", "teacher"] = option(
+        "student", "student: clean target in, no preprocessing; teacher: condition image + attribute-aware inversion")
+    face_selector: Literal["one", "many", "reference"] = option(
+        "one", "which target faces to swap: one (by --face-position in --face-selector-order), many (all), "
+        "reference (those like --reference-face)")
+    face_selector_order: Order = option("large-small", "face order for --face-selector one / many")
+    face_position: int = option(0, "index of the face to swap in that order (--face-selector one)")
+    reference_face: str | None = option(None, "photo of the person to replace (--face-selector reference)")
+    reference_face_position: int = option(0, "which face of the reference photo (largest first)")
+    reference_face_distance: float = option(0.6, "max ArcFace cosine distance to the reference (0 same .. 2)")
+    min_face_size: int = option(32, "skip target faces whose box is smaller than this (pixels)")
+    size: int = option(512, "generation size in pixels: the model's resolution (APPLE: 512)")
+    steps: int = option(28, "sampling steps (paper: 28)")
+    seed: int = option(0, "noise seed (paper: 0)")
+    id_guidance_scale: float = option(1.0, "identity strength: >1 more source identity, weaker attributes")
+    image_guidance_scale: float = option(1.0, "condition-image guidance (cannot be combined with ID guidance)")
+    guidance_scale: float = option(1.0, "FLUX distilled guidance value (paper: 1.0)")
+    face_mask_blur: float = option(0.06, "feather width of the paste-back mask, as a fraction of the crop")
+    watermark: bool = option(True, "embed the invisible watermark that `appleswap verify` detects")
+    watermark_key: int | None = option(None, "private watermark key (default: appleswap's public key)")
+    output_pattern: str = option("{source}-{target}{ext}", "output file name for folder targets")
+    output_image_quality: int = option(95, "JPEG/WebP quality of image outputs")
+    keep_audio: bool = option(True, "copy the target video's audio track")
+    chunk_size: int = option(16, "video frames per resumable chunk")
+    landmark_smoothing: float = option(0.6, "video: keypoint smoothing along each face track, 0 = off (< 1)")
+    shared_noise: bool = option(True, "video: the same initial noise for every frame (less flicker)")
+    dtype: Literal["bfloat16", "float16", "float32"] = option("bfloat16", "model precision on GPU (CPU: float32)")
+
+    def check(self) -> "SwapConfig":
+        """Validate combinations and values (the web UI builds configs without argparse's choices)."""
+        from appleswap.app.selection import ORDERS, SELECTOR_MODES
+
+        if self.model not in ("student", "teacher"):
+            raise ValueError(f"--model must be student or teacher, got {self.model!r}")
+        if self.face_selector not in SELECTOR_MODES:
+            raise ValueError(f"--face-selector must be one of {list(SELECTOR_MODES)}, got {self.face_selector!r}")
+        if self.face_selector_order not in ORDERS:
+            raise ValueError(f"--face-selector-order must be one of {list(ORDERS)}, got {self.face_selector_order!r}")
+        if self.id_guidance_scale != 1.0 and self.image_guidance_scale != 1.0:
+            raise ValueError("--id-guidance-scale and --image-guidance-scale cannot both differ from 1")
+        if self.size < 16 or self.size % 16:
+            raise ValueError(f"--size must be a multiple of 16, got {self.size}")
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if not 0 <= self.face_mask_blur < 0.5:
+            raise ValueError(f"--face-mask-blur must be in [0, 0.5), got {self.face_mask_blur}")
+        if not 1 <= self.output_image_quality <= 100:
+            raise ValueError(f"--output-image-quality must be 1..100, got {self.output_image_quality}")
+        return self
+
+
+@dataclasses.dataclass
+class SwappedFace:
+    box: np.ndarray
+    keypoints: np.ndarray
+    index: int  # position in the frame's detections (largest first)
+
+
+@dataclasses.dataclass
+class SwapOutcome:
+    image: np.ndarray
+    swapped: list[SwappedFace]
+    mask: np.ndarray  # (H, W) float32 paste-back alpha, 0 where the frame is untouched
+    detections: list[Any]
+
+
+# generate(identity, aligned 512 crops (N, 512, 512, 3) uint8, seed) -> (N, S, S, 3) uint8 at the model's size S
+Generate = Callable[[Any, np.ndarray, int], np.ndarray]
+# embed(frame, keypoints list) -> (N, D) ArcFace embeddings
+Embed = Callable[[np.ndarray, Sequence[np.ndarray]], np.ndarray]
+
+
+def face_mask(size: int = ALIGN_SIZE) -> np.ndarray:
+    """The paste-back region in aligned-crop space: an ellipse from brow to chin and cheek to cheek (FFHQ)."""
+    mask = np.zeros((size, size), np.float32)
+    centre = (int(round(0.5 * size)), int(round(0.55 * size)))
+    axes = (int(round(0.34 * size)), int(round(0.42 * size)))
+    cv2.ellipse(mask, centre, axes, 0, 0, 360, 1.0, thickness=-1)
+    return mask
+
+
+class FaceSwapper:
+    """Photos and frames in, swapped frames out; model calls go through ``generate`` (see ``load_swapper``)."""
+
+    def __init__(self, generate: Generate, config: SwapConfig, *, image_size: int = ALIGN_SIZE,
+                 embed: Embed | None = None, detect: Callable[[np.ndarray], list[Any]] | None = None) -> None:
+        from appleswap.faces.detect import detect_faces
+
+        self.generate = generate
+        self.config = config.check()
+        self.image_size = image_size
+        self.embed = embed
+        self.detect = detect or detect_faces
+        self.mask = face_mask(ALIGN_SIZE)
+        self.reference: np.ndarray | None = None
+
+    def set_reference(self, image: np.ndarray, name: str = "--reference-face") -> None:
+        """Remember the ArcFace embedding of the person to replace."""
+        if self.embed is None:
+            raise ValueError("reference face selection needs the ArcFace model (antelopev2)")
+        faces = self.detect(image)
+        position = self.config.reference_face_position
+        if not faces:
+            raise ValueError(f"{name}: no face found in the reference photo")
+        if position >= len(faces):
+            raise ValueError(f"{name}: --reference-face-position {position} but only {len(faces)} face(s) found")
+        self.reference = self.embed(image, [faces[position].keypoints])[0]
+
+    def choose(self, frame: np.ndarray, faces: list[Any]) -> list[int]:
+        """Indices of ``faces`` to swap under the configured selector (small faces are never chosen)."""
+        big = [i for i, f in enumerate(faces) if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= self.config.min_face_size]
+        if len(big) < len(faces):
+            log.warning("%d face(s) smaller than --min-face-size %d px skipped", len(faces) - len(big),
+                        self.config.min_face_size)
+        candidates = [faces[i] for i in big]
+        embeddings = None
+        if self.config.face_selector == "reference":
+            if self.reference is None:
+                raise ValueError("--face-selector reference: call set_reference first (--reference-face)")
+            embeddings = self.embed(frame, [f.keypoints for f in candidates]) if candidates else np.zeros((0, 1))
+        chosen = select_faces(candidates, self.config.face_selector, order=self.config.face_selector_order,
+                              position=self.config.face_position, embeddings=embeddings, reference=self.reference,
+                              distance=self.config.reference_face_distance)
+        return [big[i] for i in chosen]
+
+    def swap_frame(self, frame: np.ndarray, identity: Any, *, faces: list[Any] | None = None,
+                   chosen: list[int] | None = None, keypoints: list[np.ndarray] | None = None,
+                   seed: int | None = None) -> SwapOutcome:
+        """Swap the chosen faces of ``frame``; ``keypoints`` override the detections' (smoothed video tracks)."""
+        from appleswap.faces.align import align_face, paste_back
+
+        faces = self.detect(frame) if faces is None else faces
+        chosen = self.choose(frame, faces) if chosen is None else chosen
+        points = keypoints if keypoints is not None else [faces[i].keypoints for i in chosen]
+        aligned = [align_face(frame, kps, ALIGN_SIZE) for kps in points]
+        result, alpha = frame, np.zeros(frame.shape[:2], np.float32)
+        if aligned:
+            crops = np.stack([a.image for a in aligned])
+            generated = self.generate(identity, crops, self.config.seed if seed is None else seed)
+            for crop, face in zip(generated, aligned):
+                result = paste_back(result, self._from_model(crop), face.matrix, mask=self.mask,
+                                    feather=self.config.face_mask_blur)
+                alpha = np.maximum(alpha, self._alpha(face.matrix, frame.shape))
+        swapped = [SwappedFace(faces[i].box, p, i) for i, p in zip(chosen, points)]
+        return SwapOutcome(result, swapped, alpha, faces)
+
+    def _from_model(self, crop: np.ndarray) -> np.ndarray:
+        crop = np.asarray(crop, dtype=np.uint8)
+        if crop.shape[0] == ALIGN_SIZE:
+            return crop
+        return cv2.resize(crop, (ALIGN_SIZE, ALIGN_SIZE), interpolation=cv2.INTER_CUBIC)
+
+    def _alpha(self, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Where paste-back may have written (the mask warped back, before feathering shrinks it)."""
+        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+        return cv2.warpAffine(self.mask, matrix, (shape[1], shape[0]), flags=flags, borderValue=0)
