@@ -10,7 +10,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from appleswap.faces.tddfa import Bfm68, convert_face_model, load_face_model, safe_load_npy
-from appleswap.faces.tddfa.align import align_face, crop_to_image, five_from_68, fit_scale_translation, image_to_crop
+from appleswap.faces.tddfa.align import align_face, crop_to_image, fit_scale_translation, five_from_68, image_to_crop
 from appleswap.faces.tddfa.bfm import project, rotation_matrix, split_coefficients
 from appleswap.faces.tddfa.landmark106 import soft_argmax
 from appleswap.faces.tddfa.retinaface import decode_boxes, prior_boxes

@@ -84,7 +84,7 @@ def load_face_model(path: str | Path) -> dict[str, np.ndarray]:
     else:
         model = safe_load_npy(path)
     if not isinstance(model, dict):
-        raise ValueError(f"{path}: expected a dict of arrays, found {type(model).__name__}")
+        raise ValueError(f"{path}: expected a dict of arrays, found {type(model).__name__}")  # noqa: TRY004
     missing = [k for k in REQUIRED_KEYS if k not in model]
     if missing:
         raise ValueError(f"{path}: face model lacks keys {missing} (found {sorted(model)[:12]})")
@@ -102,9 +102,8 @@ def convert_face_model(src: str | Path, dst: str | Path) -> Path:
 
     model = load_face_model(src)
     dst = Path(dst)
-    with atomic_path(dst) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **model)
+    with atomic_path(dst) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **model)
     return dst
 
 
@@ -147,7 +146,7 @@ class Bfm68(torch.nn.Module):
         self.register_buffer("exp_basis", torch.tensor(np.asarray(exp_basis)[rows], dtype=torch.float32))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Bfm68":
+    def from_file(cls, path: str | Path) -> Bfm68:
         model = load_face_model(path)
         return cls(model["u"], model["id"], model["exp"], model["ldm68"])
 

@@ -33,7 +33,7 @@ def load_checkpoint(path: str | Path, key: str | None = None) -> dict[str, torch
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Drop a wrapper prefix such as DataParallel's ``module.`` from every key that has it."""
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+    return {(k.removeprefix(prefix)): v for k, v in state.items()}
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -69,7 +69,7 @@ class LargeBaseLmksNet(nn.Module):
         return soft_argmax(x)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "LargeBaseLmksNet":
+    def from_file(cls, path: str | Path) -> LargeBaseLmksNet:
         """Load ``large_base_net.pth`` (a dict whose ``state_dict`` has DataParallel ``module.`` keys)."""
         state = strip_prefix(load_checkpoint(path, key="state_dict"), "module.")
         if "block1.0.weight" not in state:

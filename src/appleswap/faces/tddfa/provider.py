@@ -20,7 +20,7 @@ import torch
 
 from appleswap.faces.tddfa.align import FIVE_FROM_106, align_face, crop_to_image, load_lm3d
 from appleswap.faces.tddfa.bfm import Bfm68, split_coefficients
-from appleswap.faces.tddfa.landmark106 import LargeBaseLmksNet, Landmark106
+from appleswap.faces.tddfa.landmark106 import Landmark106, LargeBaseLmksNet
 from appleswap.faces.tddfa.recon import ReconNet
 from appleswap.faces.tddfa.retinaface import RetinaFaceDetector
 
@@ -58,7 +58,7 @@ class Tddfa3Fit:
         return tensors
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Tddfa3Fit":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Tddfa3Fit:
         coeffs = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("coeff.")}
         missing = [k for k in ("id", "exp", "angle", "trans") if k not in coeffs]
         missing += [k for k in ("lm68", "lm68_crop", "lm106", "box", "trans_params") if k not in tensors]
@@ -85,7 +85,7 @@ def load_fit(path: str | Path) -> Tddfa3Fit:
     with safe_open(str(path), framework="pt") as handle:
         if (handle.metadata() or {}).get("format") != FIT_FORMAT:
             raise ValueError(f"{path}: not a 3DDFA-V3 fit file (format metadata != {FIT_FORMAT!r})")
-        return Tddfa3Fit.from_tensors({k: handle.get_tensor(k) for k in handle.keys()})
+        return Tddfa3Fit.from_tensors({k: handle.get_tensor(k) for k in handle.keys()})  # noqa: SIM118
 
 
 def landmarks_from_coeffs(bfm: Bfm68, coeffs: dict[str, torch.Tensor], trans_params: np.ndarray) -> np.ndarray:
@@ -119,7 +119,7 @@ class Tddfa3Landmarker:
 
     @classmethod
     def from_weights(cls, weights_dir: str | Path | None = None, device: str | torch.device | None = None,
-                     batch_size: int = 16) -> "Tddfa3Landmarker":
+                     batch_size: int = 16) -> Tddfa3Landmarker:
         """Load the five 3DDFA-V3 assets through the weights registry (``MissingWeightError`` names any absent)."""
         from appleswap.weights import locate
 

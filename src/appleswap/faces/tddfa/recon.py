@@ -38,7 +38,7 @@ class ReconNet(nn.Module):
         return torch.flatten(torch.cat([layer(feat) for layer in self.final_layers], dim=1), 1)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ReconNet":
+    def from_file(cls, path: str | Path) -> ReconNet:
         """Load ``net_recon.pth`` (a dict with the state dict under ``net_recon``)."""
         state = strip_prefix(load_checkpoint(path, key="net_recon"), "module.")
         if "final_layers.0.weight" not in state:

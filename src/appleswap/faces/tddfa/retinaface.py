@@ -102,7 +102,7 @@ class RetinaFaceNet(nn.Module):
         return boxes, logits, points
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], source: str | Path = "state dict") -> "RetinaFaceNet":
+    def from_state_dict(cls, state: dict[str, torch.Tensor], source: str | Path = "state dict") -> RetinaFaceNet:
         """Build with the widths stored in ``state`` (the real file: width 64, 256 FPN channels) and load it."""
         width, blocks = trunk_shape(state, "body.")
         if "fpn.output1.0.weight" not in state or "ClassHead.0.conv1x1.weight" not in state:
@@ -146,7 +146,7 @@ def prepare(image: np.ndarray) -> _Prepared:
     height, width = image.shape[:2]
     scale = MAX_SIZE / float(max(height, width))
     if scale != 1.0:
-        size = (int(round(width * scale)), int(round(height * scale)))
+        size = (round(width * scale), round(height * scale))
         image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
     normed = (image.astype(np.float32) - MEAN) * (1.0 / STD)
     pad_y, pad_x = MAX_SIZE - normed.shape[0], MAX_SIZE - normed.shape[1]
@@ -167,7 +167,7 @@ class RetinaFaceDetector:
         self.confidence, self.nms_threshold = confidence, nms_threshold
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> "RetinaFaceDetector":
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> RetinaFaceDetector:
         return cls(RetinaFaceNet.from_state_dict(load_checkpoint(path), path), device)
 
     @torch.inference_mode()
