@@ -19,12 +19,17 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def parser(checkpoint):
-    return FaceParser.from_file(checkpoint, device="cpu")
+    return FaceParser.from_file(checkpoint, device="cpu", input_size=256)  # 512 in production; smaller = faster
 
 
 @pytest.fixture(scope="module")
 def photo(faces_dir):
     return load_image(faces_dir / "obama.jpg")
+
+
+@pytest.fixture(scope="module")
+def photo_classes(parser, photo):
+    return parser.parse(photo)
 
 
 def test_reference_key_names_and_shapes_match():
@@ -34,33 +39,38 @@ def test_reference_key_names_and_shapes_match():
     assert ours == dict(bisenet_shapes())
 
 
-def test_parse_real_photo_shape_dtype_and_valid_ids(parser, photo):
-    classes = parser.parse(photo)
+def test_parse_real_photo_shape_dtype_and_valid_ids(parser, photo, photo_classes):
+    classes = photo_classes
     assert classes.shape == photo.shape[:2] and classes.dtype == np.uint8
     assert classes.max() < len(segmap.CLASS_NAMES)
     assert len(np.unique(classes)) > 1  # random weights still give a varied map, not a constant
     np.testing.assert_array_equal(classes, parser.parse(photo))  # deterministic
 
 
-def test_parse_batch_matches_single(parser, faces_dir, photo):
+def test_parse_batch_matches_single(parser, faces_dir, photo, photo_classes):
     other = load_image(faces_dir / "biden2.jpg")
     batch = parser.parse_batch([photo, other])
     assert [m.shape for m in batch] == [photo.shape[:2], other.shape[:2]]
-    np.testing.assert_array_equal(batch[1], parser.parse(other))
+    np.testing.assert_array_equal(batch[0], photo_classes)
     assert parser.parse_batch([]) == []
 
 
-def test_512_input_is_not_resized_and_logits_match_argmax(parser, photo):
+def test_512_input_is_not_resized_and_logits_match_argmax(checkpoint, photo):
+    full = FaceParser.from_file(checkpoint, device="cpu")
+    assert full.input_size == 512 and not full.parity_double_norm  # the correct behaviour is the default
     crop = np.ascontiguousarray(photo[:512, :512])
-    logits = parser.logits_batch([crop])
+    x = full.preprocess([crop])
+    assert x.shape == (1, 3, 512, 512)
+    with torch.inference_mode():
+        logits = full.net(x)
     assert logits.shape == (1, 19, 512, 512)
-    np.testing.assert_array_equal(parser.parse(crop), logits[0].argmax(0).numpy().astype(np.uint8))
+    np.testing.assert_array_equal(full.parse(crop), logits[0].argmax(0).numpy().astype(np.uint8))
 
 
-def test_imagenet_normalisation_and_double_norm_parity(checkpoint, photo):
-    plain = FaceParser.from_file(checkpoint, device="cpu")
-    parity = FaceParser.from_file(checkpoint, device="cpu", parity_double_norm=True)
-    crop = np.ascontiguousarray(photo[:512, :512])
+def test_imagenet_normalisation_and_double_norm_parity(checkpoint, parser, photo):
+    plain = parser
+    parity = FaceParser.from_file(checkpoint, device="cpu", parity_double_norm=True, input_size=256)
+    crop = np.ascontiguousarray(photo[:256, :256])
     x = plain.preprocess([crop])
     expected = (torch.from_numpy(crop).permute(2, 0, 1).float() / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) \
         / torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -73,7 +83,7 @@ def test_imagenet_normalisation_and_double_norm_parity(checkpoint, photo):
 def test_checkpoint_containers_load_to_the_same_model(tmp_path, parser, photo, container):
     suffix = ".safetensors" if container == "safetensors" else ".pth"
     path = write_bisenet(tmp_path / f"parser{suffix}", seed=0, container=container)
-    other = FaceParser.from_file(path, device="cpu")
+    other = FaceParser.from_file(path, device="cpu", input_size=256)
     for (k, a), b in zip(parser.net.state_dict().items(), other.net.state_dict().values()):
         if not k.endswith("num_batches_tracked"):
             assert torch.equal(a, b), k

@@ -227,19 +227,24 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
 class FaceParser:
     """19-class face parsing of RGB uint8 images; class ids follow :mod:`appleswap.faces.segmap`."""
 
-    def __init__(self, net: BiSeNet, device: torch.device, parity_double_norm: bool = False) -> None:
+    def __init__(self, net: BiSeNet, device: torch.device, parity_double_norm: bool = False,
+                 input_size: int = INPUT_SIZE) -> None:
+        if input_size % 32:
+            raise ValueError(f"input_size must be a multiple of 32, got {input_size}")
         self.net = net.eval().to(device)
         self.device = device
         self.parity_double_norm = parity_double_norm
+        self.input_size = input_size
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device | None = None,
-                  parity_double_norm: bool | None = None) -> FaceParser:
+                  parity_double_norm: bool | None = None, input_size: int = INPUT_SIZE) -> FaceParser:
         """Load ``FaceParser.pth`` / ``79999_iter.pth`` / facexlib ``parsing_bisenet.pth`` (or a safetensors copy).
 
         ``parity_double_norm=None`` means the correct default (single ImageNet normalisation); see the module doc.
+        ``input_size`` is the square network resolution (512 as trained and in the reference).
         """
         path = Path(path)
         state = read_state_dict(path)
@@ -251,15 +256,15 @@ class FaceParser:
         load_strict(net, state, path, "BiSeNet 19-class face-parsing")
         device = torch.device(device) if device is not None else _default_device()
         logger.info("face parser %s loaded on %s (double norm: %s)", path.name, device, bool(parity_double_norm))
-        return cls(net, device, parity_double_norm=bool(parity_double_norm))
+        return cls(net, device, parity_double_norm=bool(parity_double_norm), input_size=input_size)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 images -> (B, 3, 512, 512) network input (PIL bilinear resize, as the reference's Resize)."""
+        """RGB uint8 images -> (B, 3, S, S) network input, S = input_size (PIL bilinear, as the reference)."""
         batch = []
         for index, image in enumerate(images):
             _check_rgb(image, f"images[{index}]")
-            if image.shape[:2] != (INPUT_SIZE, INPUT_SIZE):
-                image = np.array(Image.fromarray(image).resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR))
+            if image.shape[:2] != (self.input_size, self.input_size):
+                image = np.array(Image.fromarray(image).resize((self.input_size,) * 2, Image.BILINEAR))
             batch.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         x = torch.stack(batch).to(self.device, torch.float32) / 255.0
         x = (x - self._mean) / self._std
@@ -269,7 +274,7 @@ class FaceParser:
 
     @torch.inference_mode()
     def logits_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """(B, 19, 512, 512) float logits of the main head."""
+        """(B, 19, S, S) float logits of the main head."""
         return self.net(self.preprocess(images))
 
     @torch.inference_mode()
