@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from tests.fixtures.tiny_identity import make_tiny_identity_weights
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core box: one torch thread avoids oversubscription stalls."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def test_prepare_resumes_after_sigkill(tmp_path, tiny_weights, photos, encoder):
     ds = _dataset(tmp_path / "ds", photos, copies=3)
     cache = tmp_path / "cache"
     cmd = _cli(ds, cache, tiny_weights, "--kinds", "raw")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "appleswap.cli", *cmd], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 90
