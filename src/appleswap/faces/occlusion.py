@@ -16,7 +16,11 @@ Test-time pipeline (class 1 = visible face): keep-ratio resize into 512x512 (cv2
 of 32, mean (123.675, 116.28, 103.53) / std (58.395, 57.12, 57.375) on RGB, logits resized bilinearly
 (align_corners=False) to the input and then to the original size, argmax. ``flip``: ``"none"`` (default, one plain
 view), ``"average"`` (plain + mirrored view, softmax averaged) or ``"only"`` (parity: the release's patched mmcv keeps
-only the last augmented view, a horizontally flipped image whose logits are flipped back).
+only the last augmented view, a horizontally flipped image whose logits are flipped back). The reference then
+scales the {0, 1} prediction to {0, 255} and resizes it bilinearly to H x H before thresholding at > 0: for the
+square 512 dataset images that is the identity, so the mask here is returned at the input's own (H, W) instead
+(the H x H squash would distort non-square photos). Differences left: the reference decodes JPEGs with OpenCV,
+appleswap with PIL (a few grey levels on some pixels).
 """
 
 from __future__ import annotations
