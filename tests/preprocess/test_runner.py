@@ -200,10 +200,13 @@ def test_identity_tree_and_largest_face(faces_dir, tmp_path):
 def test_cli(faces_dir, tmp_path):
     from appleswap.cli import main
 
-    src = tmp_path / "one"
+    src = tmp_path / "two"
     src.mkdir()
     shutil.copy(faces_dir / "biden2.jpg", src / "biden2.jpg")
-    assert main(["preprocess", str(src), str(tmp_path / "o"), "--no-progress", "--workers", "1"]) == 0
-    assert (tmp_path / "o" / "condition_blended_image_blurdownsample8_segGlass_landmark_iris" / "biden2.png").is_file()
+    shutil.copy(faces_dir / "obama1.jpg", src / "obama1.jpg")
+    assert main(["preprocess", str(src), str(tmp_path / "o"), "--no-progress", "--workers", "2"]) == 0  # spawn pool
+    for name in ("biden2", "obama1"):
+        assert (tmp_path / "o" / "condition_blended_image_blurdownsample8_segGlass_landmark_iris" / f"{name}.png").is_file()
+        assert (tmp_path / "o" / "manifest" / f"{name}.json").is_file()
     assert main(["preprocess", str(tmp_path / "nope"), str(tmp_path / "o2"), "--no-progress"]) == 2
     assert main(["preprocess", str(src), str(tmp_path / "o3"), "--landmarks", "reference", "--no-progress"]) == 2

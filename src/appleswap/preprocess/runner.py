@@ -153,6 +153,9 @@ def _run_items(items: list[InputItem], config: PreprocessConfig, output_root: Pa
                 running |= {pool.submit(_process, item) for item in _take(queue, len(finished))}
                 for future in finished:
                     yield _tick(bar, future.result())
+    except futures.process.BrokenProcessPool as error:
+        raise RuntimeError("a preprocessing worker died (out of memory or a crash in a native library); finished "
+                           "inputs are kept: run the same command again to resume") from error
     finally:
         bar.close()
 

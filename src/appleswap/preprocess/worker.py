@@ -26,6 +26,7 @@ from appleswap.preprocess.condition import (
 from appleswap.preprocess.layout import FacePaths, InputItem, face_name
 
 log = logging.getLogger(__name__)
+PNG_LEVEL = 1
 
 
 class FaceWorker:
@@ -148,7 +149,7 @@ class FaceWorker:
             outputs[paths.png(fill)] = build_condition(image, inter, lm_canvas, iris_canvas, fill=fill)
         for path, array in outputs.items():
             if array is not None:
-                save_image(path, array)
+                save_png(path, array)
         face["outputs"] = [paths.relative(paths.image)] + [paths.relative(p) for p, a in outputs.items() if a is not None]
         face["mask_fraction"] = round(float(face_mask(inter).mean()), 6)
         return face
@@ -164,6 +165,16 @@ class FaceWorker:
             return image
         save_image(target, image, quality=self.config.jpeg_quality)
         return load_image(target, min_side=1)
+
+
+def save_png(path: Path, array: np.ndarray, level: int = PNG_LEVEL) -> Path:
+    """Atomic PNG with a fast zlib level: photo-like PNGs (conditions) encode ~5x faster than at PIL's default 6
+    for ~7 % more bytes; the mostly black drawings and masks stay tiny either way."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG", compress_level=level)
+    return path
 
 
 def _same_pixels(path: Path, image: np.ndarray) -> bool:
