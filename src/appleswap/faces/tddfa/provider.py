@@ -116,6 +116,7 @@ class Tddfa3Landmarker:
         self.detector, self.landmark106 = detector, landmark106
         self.recon, self.bfm = recon.to(self.device).eval(), bfm.to(self.device)
         self.lm3d, self.batch_size = lm3d, batch_size
+        self.last_fit: Tddfa3Fit | None = None  # the fit behind the latest __call__, for callers that save it
 
     @classmethod
     def from_weights(cls, weights_dir: str | Path | None = None, device: str | torch.device | None = None,
@@ -148,7 +149,7 @@ class Tddfa3Landmarker:
         """``FaceLandmarks`` (lm68 only) for the preprocess runner; ValueError when no face is found."""
         from appleswap.faces.landmarks import FaceLandmarks
 
-        fit = self.fit(image)
+        fit = self.last_fit = self.fit(image)
         if fit is None:
             raise ValueError(f"no face found by 3DDFA-V3 RetinaFace{f' in {key}' if key else ''}")
         return FaceLandmarks(lm68=fit.lm68.copy(), iris=None, mesh=None, segmap=None)
