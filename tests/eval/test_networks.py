@@ -101,6 +101,14 @@ def test_frechet_and_kid_numbers():
     expected = calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert fid.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
     assert fid.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # fewer samples than dimensions (1,000 swaps vs 2,048 features): the n x n route equals the d x d route
+    x, y = rng.normal(size=(20, 64)), rng.normal(0.3, 1.1, size=(30, 64))
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    from scipy.linalg import sqrtm
+
+    direct = np.trace(np.real(sqrtm(np.cov(x, rowvar=False) @ np.cov(y, rowvar=False))))
+    assert fid._trace_sqrt_product(xc, yc) == pytest.approx(direct, rel=1e-4)
+    assert fid.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
     same = fid.kernel_inception_distance(a[:100], a[100:], subsets=10, subset_size=100)
     shifted = fid.kernel_inception_distance(a, b, subsets=10, subset_size=100)
     assert abs(same) < 0.05 < shifted

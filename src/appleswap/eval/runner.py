@@ -126,6 +126,7 @@ def evaluate(config: EvalConfig, paths: WeightPaths, device: str = "cpu") -> dic
             "config": config_to_dict(config), "device": device, "pairs": len(pairs),
             "swaps_found": sum(p.swap is not None for p in pairs), "networks": networks,
             "fallbacks": sorted(x.name for x in recognisers + [pose_x, expr_x] if x.fallback),
+            "cache": {"folder": str(cache.root), "hits": cache.hits, "computed": cache.misses},
             "metrics": summary, "per_pair": rows}
 
 

@@ -1,0 +1,76 @@
+"""End to end: `appleswap eval` on real photos (fallbacks, then tiny weights), cache reuse, HTML, compare."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from appleswap.cli import main
+
+PAIRS = (("p0", "obama.jpg", "obama1.jpg"), ("p1", "biden.jpg", "biden2.jpg"))
+
+
+@pytest.fixture()
+def layout(tmp_path, faces_dir):
+    """Sources/targets/swaps where each swap is a copy of its target (a perfect attribute match)."""
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    lines = ["id,source,target"]
+    for pair_id, source, target in PAIRS:
+        shutil.copy(faces_dir / target, swapped / f"{pair_id}.jpg")
+        lines.append(f"{pair_id},{source},{target}")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path, swapped
+
+
+def _run(tmp_path, faces_dir, swapped, out, *extra):
+    argv = ["eval", "--pairs", str(tmp_path / "pairs.csv"), "--sources", str(faces_dir), "--targets",
+            str(faces_dir), "--swapped", str(swapped), "--out", str(out), "--cache", str(tmp_path / "cache"),
+            "--bootstrap", "200", "--set-resamples", "3", "--log-level", "warning", *extra]
+    assert main(argv) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_fallback_run_cache_reuse_html_and_compare(layout, faces_dir, capsys):
+    tmp_path, swapped = layout
+    report = _run(tmp_path, faces_dir, swapped, tmp_path / "a", "--weights-dir", str(tmp_path / "none"))
+    metrics = report["metrics"]
+    assert set(report["fallbacks"]) == {"dlib", "pose_pnp", "mesh_expression"}
+    assert metrics["id_top1/dlib"]["mean"] == 1.0  # each swap shows its source's person
+    for name in ("pose", "expression", "gaze", "skin", "lighting"):
+        assert metrics[name]["mean"] == pytest.approx(0.0, abs=1e-6), name
+    assert metrics["fid"]["mean"] is None and "not computed" in metrics["fid"]["note"]
+    assert report["cache"]["hits"] == 0
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert "id_sim/dlib" in page and page.count("data:image/jpeg;base64") == 6 and "http" not in page.lower()
+
+    # a second swap folder: only the swaps are computed, sources and targets come from the cache
+    other = tmp_path / "swapped2"
+    other.mkdir()
+    shutil.copy(faces_dir / "biden2.jpg", other / "p0.jpg")  # wrong person, wrong pose for pair p0
+    shutil.copy(faces_dir / "biden2.jpg", other / "p1.jpg")
+    second = _run(tmp_path, faces_dir, other, tmp_path / "b", "--weights-dir", str(tmp_path / "none"))
+    per_metric_images = 4  # face, dlib, pose, expression, gaze: each has 4 cached sources/targets
+    assert second["cache"]["hits"] >= 5 * per_metric_images
+    assert second["per_pair"][0]["id_top1/dlib"] == 0.0 and second["per_pair"][0]["pose"] > 1.0
+    capsys.readouterr()
+    assert main(["eval", "compare", str(tmp_path / "a" / "report.json"), str(tmp_path / "b" / "report.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "id_sim/dlib" in printed and "pose" in printed and "significant" in printed
+
+
+def test_all_networks_from_tiny_weights(layout, faces_dir, eval_weights):
+    tmp_path, swapped = layout
+    report = _run(tmp_path, faces_dir, swapped, tmp_path / "full", "--weights-dir", str(eval_weights),
+                  "--reference", str(faces_dir), "--reference-limit", "4", "--expression-mode", "aligned")
+    metrics = report["metrics"]
+    assert report["fallbacks"] == []
+    assert {"id_sim/arcface_irse50", "id_top5/glintr100", "fid", "kid"} <= set(metrics)
+    assert "HopeNet" in report["networks"]["pose"] and "Deep3DFaceRecon" in report["networks"]["expression"]
+    assert metrics["pose"]["mean"] == pytest.approx(0.0, abs=1e-4)  # HopeNet on identical pixels
+    assert metrics["expression"]["mean"] == pytest.approx(0.0, abs=1e-4)
+    assert np.isfinite(metrics["fid"]["mean"]) and metrics["fid"]["reference"] == 4
+    assert -1.0 <= metrics["id_sim/arcface_irse50"]["mean"] <= 1.0
