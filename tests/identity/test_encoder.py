@@ -93,3 +93,26 @@ def test_missing_weights_message(tmp_path):
 
     with pytest.raises(MissingWeightError, match="antelopev2"):
         IdentityEncoder.from_pretrained(tmp_path, device="cpu")
+
+
+def test_bisenet_parser_path_is_used(tmp_path, tiny_weights, photos):
+    """A BiSeNet checkpoint given as parser_path draws the grey face (recorded as 'bisenet')."""
+    from safetensors.torch import save_file
+
+    from appleswap.faces.parsing import BiSeNet
+    from appleswap.identity.encoder import IdentityEncoder
+
+    torch.manual_seed(0)
+    parser_file = tmp_path / "parsing_bisenet.safetensors"
+    save_file({k: v.contiguous() for k, v in BiSeNet().state_dict().items()}, str(parser_file))
+    encoder = IdentityEncoder.from_pretrained(tiny_weights, device="cpu", parser_path=parser_file)
+    feats = encoder.features([photos["obama.jpg"]])
+    assert feats.mask_sources == ["bisenet"]
+    assert encoder.metadata(masked=False, mask_source="bisenet")["model.parser"].startswith("parsing_bisenet")
+
+
+def test_arcface_normalisation_probe(tiny_weights):
+    from appleswap.identity.arcface import ArcFaceONNX
+
+    model = ArcFaceONNX(tiny_weights / "antelopev2" / "glintr100.onnx")
+    assert (model.mean, model.std) == (127.5, 127.5)  # no Sub/Mul prologue in the graph: normalise outside

@@ -36,7 +36,7 @@ def _reference_eva(sd: dict, pixels: torch.Tensor, cfg: dict) -> tuple[torch.Ten
     p = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     w, heads = cfg["width"], cfg["heads"]
     hd, grid = w // heads, cfg["image_size"] // cfg["patch_size"]
-    ln = lambda x, n: F.layer_norm(x, (x.shape[-1],), p[n + ".weight"], p[n + ".bias"], eps=1e-6)  # noqa: E731
+    ln = lambda x, n: F.layer_norm(x, (x.shape[-1],), p[n + ".weight"], p[n + ".bias"], eps=1e-6)
     x = F.conv2d(pixels, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"], stride=cfg["patch_size"])
     x = torch.cat([p["cls_token"].expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], 1) + p["pos_embed"]
     cos, sin = _rope_tables(grid, hd)

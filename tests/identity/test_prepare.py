@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from appleswap.cli import main
+from appleswap.identity.cli import main
 from appleswap.files import save_image
 from appleswap.identity.prepare import list_dataset, resolve_shard, run_prepare_ids
 from appleswap.identity.store import load_identity
@@ -73,7 +73,7 @@ def test_prepare_resumes_after_sigkill(tmp_path, tiny_weights, photos, encoder):
     cache = tmp_path / "cache"
     cmd = _cli(ds, cache, tiny_weights, "--kinds", "raw")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "appleswap.cli", *cmd], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "appleswap.identity.cli", *cmd], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 90
     while time.time() < deadline and not list(cache.rglob("*.safetensors")):

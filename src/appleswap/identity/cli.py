@@ -8,7 +8,7 @@ from appleswap.cli_common import HelpFormatter, common_parser
 
 PREPARE_EXAMPLES = """examples:
   appleswap prepare-ids data/vgg512 --cache cache/vgg512_ids
-  torchrun --nproc_per_node=4 -m appleswap.cli prepare-ids data/vgg512 --cache cache/vgg512_ids
+  torchrun --nproc_per_node=4 -m appleswap.identity.cli prepare-ids data/vgg512 --cache cache/vgg512_ids
   appleswap prepare-ids data/vgg512 --cache ids --shard-index 1 --num-shards 8 --kinds masked
 
 Killed runs resume: run the same command again. Released pulid_id/ and masked_pulid_id/ .npy files are
@@ -98,3 +98,24 @@ def run_identity(args: argparse.Namespace) -> int:
     save_identity(args.output, tokens, meta)
     print(f"identity: {args.output} from {len(images)} photo(s), tokens {tuple(tokens.shape)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run just these two commands (``python -m appleswap.identity.cli prepare-ids ...``, handy under torchrun)."""
+    import sys
+
+    from appleswap.cli_common import setup_logging
+
+    parser = argparse.ArgumentParser(prog="appleswap-identity", formatter_class=HelpFormatter)
+    add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"appleswap {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,9 +15,9 @@ them wherever photos disagree. All aligned crops share one template, so their hi
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -44,7 +44,7 @@ class IdFeatures:
     hidden: list[torch.Tensor]
     mask_sources: list[str] = field(default_factory=list)
 
-    def mean(self, arcface_dim: int) -> "IdFeatures":
+    def mean(self, arcface_dim: int) -> IdFeatures:
         """One averaged identity: raw ArcFace mean, CLS mean re-normalised to unit length, hidden-state mean."""
         arc = self.id_cond[:, :arcface_dim].mean(0, keepdim=True)
         cls = torch.nn.functional.normalize(self.id_cond[:, arcface_dim:].mean(0, keepdim=True), dim=-1)
@@ -90,7 +90,7 @@ class IdentityEncoder:
     @classmethod
     def from_pretrained(cls, weights_dir: str | Path | None = None, *, device: str | None = None,
                         dtype: torch.dtype = torch.float32, parser_path: str | Path | None = None,
-                        det_size: int = 640) -> "IdentityEncoder":
+                        det_size: int = 640) -> IdentityEncoder:
         """Load every part through the weights registry (``MissingWeightError`` says what to fetch and where).
 
         ``parser_path`` (a BiSeNet ``parsing_bisenet.pth`` / ``FaceParser.pth``) wins over the registry's

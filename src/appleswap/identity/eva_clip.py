@@ -48,7 +48,7 @@ class EvaConfig:
     embed_dim: int = 768
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "EvaConfig":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> EvaConfig:
         """Read the shape off a converted (timm-layout) state dict, so tiny test files load the same way."""
         try:
             width = sd["cls_token"].shape[-1]
@@ -75,8 +75,8 @@ def unwrap_checkpoint(obj: object) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise ValueError("EVA-CLIP checkpoint is not a state dict")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items() if torch.is_tensor(v)}
+        raise ValueError("EVA-CLIP checkpoint is not a state dict")  # noqa: TRY004 (a bad file, not a bad call)
+    return {k.removeprefix("module."): v for k, v in obj.items() if torch.is_tensor(v)}
 
 
 def convert_eva_clip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -123,7 +123,7 @@ class EvaClipVision(torch.nn.Module):
 
     @classmethod
     def from_file(cls, path: str | Path, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32) -> "EvaClipVision":
+                  dtype: torch.dtype = torch.float32) -> EvaClipVision:
         """Load the original EVA-CLIP ``.pt`` (``torch.load(weights_only=True)``) through the key conversion."""
         path = Path(path)
         if not path.is_file():

@@ -34,7 +34,7 @@ class IDFormerConfig:
     mlp_dim: int = 1024  # hidden width of the mapping MLPs
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "IDFormerConfig":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> IDFormerConfig:
         """Read the shape off an IDFormer state dict (keys without the ``pulid_encoder.`` prefix)."""
         try:
             _, queries, dim = sd["latents"].shape
@@ -132,7 +132,7 @@ class IDFormer(nn.Module):
 
     @classmethod
     def from_file(cls, path: str | Path, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, expect: IDFormerConfig | None = None) -> "IDFormer":
+                  dtype: torch.dtype = torch.float32, expect: IDFormerConfig | None = None) -> IDFormer:
         """Load ``pulid_encoder.*`` from a PuLID-FLUX safetensors file, strictly, with shape checks."""
         from safetensors.torch import load_file
 

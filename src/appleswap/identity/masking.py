@@ -57,8 +57,8 @@ def template_ellipse_classes(shape: tuple[int, int]) -> np.ndarray:
     """A skin ellipse where the 5-point template puts the face in an aligned crop (last-resort mask)."""
     height, width = shape
     classes = np.zeros((height, width), dtype=np.uint8)
-    center = (int(round(width * 0.5)), int(round(height * 0.56)))
-    axes = (int(round(width * 0.28)), int(round(height * 0.36)))
+    center = (round(width * 0.5), round(height * 0.56))
+    axes = (round(width * 0.28), round(height * 0.36))
     cv2.ellipse(classes, center, axes, 0, 0, 360, int(CLASS_IDS["skin"]), -1)
     return classes
 

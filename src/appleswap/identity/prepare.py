@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -78,8 +78,8 @@ def list_dataset(root: str | Path) -> list[Entry]:
 
 def resolve_shard(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
     """Explicit values, else torchrun's RANK / WORLD_SIZE, else (0, 1); validated."""
-    index = shard_index if shard_index is not None else int(os.environ.get("RANK", 0))
-    count = num_shards if num_shards is not None else int(os.environ.get("WORLD_SIZE", 1))
+    index = shard_index if shard_index is not None else int(os.environ.get("RANK", "0"))
+    count = num_shards if num_shards is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"--shard-index {index} must be in [0, --num-shards {count})")
     return index, count

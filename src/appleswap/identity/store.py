@@ -47,7 +47,7 @@ def load_identity(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
         raise FileNotFoundError(f"identity file {path} not found (make one with `appleswap identity -s PHOTO -o ...`)")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            if TOKENS_KEY not in handle.keys():
+            if TOKENS_KEY not in set(handle.keys()):
                 raise ValueError(f"{path}: no '{TOKENS_KEY}' tensor; not an appleswap identity file")
             tokens = handle.get_tensor(TOKENS_KEY)
             metadata = dict(handle.metadata() or {})
