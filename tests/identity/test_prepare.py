@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from appleswap.identity.cli import main
 from appleswap.files import save_image
+from appleswap.identity.cli import main
 from appleswap.identity.prepare import list_dataset, resolve_shard, run_prepare_ids
 from appleswap.identity.store import load_identity
 
