@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from appleswap.faces.tddfa import Tddfa3Landmarker, landmarks_from_coeffs, load_fit, save_fit
+from appleswap.faces.tddfa import Tddfa3Landmarker, coefficient_distances, landmarks_from_coeffs, load_fit, save_fit
 from appleswap.faces.tddfa.checkpoints import load_checkpoint
 from appleswap.files import load_image
 from appleswap.weights import MissingWeightError
@@ -99,6 +99,12 @@ def test_coefficients_are_saved_and_can_be_mixed(tmp_path, landmarker, fits):
     target, source = fits[0], fits[1]
     mixed = landmarks_from_coeffs(landmarker.bfm, {**target.coeffs, "id": source.coeffs["id"]}, target.trans_params)
     assert mixed.shape == (68, 2) and not np.allclose(mixed, target.lm68, atol=1e-3)
+    record = target.to_record()
+    assert [len(record[k]) for k in ("id", "exp", "angle", "trans", "trans_params", "box")] == [80, 64, 3, 3, 5, 4]
+    assert coefficient_distances(target, target) == {"id_l2": 0.0, "exp_l2": 0.0, "pose_deg": 0.0, "trans_l2": 0.0}
+    dist = coefficient_distances(target, source)
+    expected_exp = float(np.linalg.norm((target.coeffs["exp"] - source.coeffs["exp"]).double().numpy()))
+    assert dist["exp_l2"] == pytest.approx(expected_exp) and dist["pose_deg"] > 0
     with pytest.raises(ValueError, match="not a 3DDFA-V3 fit"):
         from appleswap.files import save_tensors
 

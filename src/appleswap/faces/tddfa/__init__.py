@@ -8,6 +8,7 @@ from appleswap.faces.tddfa.bfm import Bfm68, convert_face_model, load_face_model
 from appleswap.faces.tddfa.provider import (
     Tddfa3Fit,
     Tddfa3Landmarker,
+    coefficient_distances,
     landmarks_from_coeffs,
     load_fit,
     save_fit,
@@ -17,6 +18,7 @@ __all__ = [
     "Bfm68",
     "Tddfa3Fit",
     "Tddfa3Landmarker",
+    "coefficient_distances",
     "convert_face_model",
     "landmarks_from_coeffs",
     "load_face_model",

@@ -57,6 +57,14 @@ class Tddfa3Fit:
                        trans_params=torch.from_numpy(np.asarray(self.trans_params, np.float64)))
         return tensors
 
+    def to_record(self, digits: int = 6) -> dict[str, list]:
+        """JSON-ready coefficients and crop mapping, for a manifest entry."""
+        record = {k: np.round(self.coeffs[k].detach().cpu().double().numpy(), digits).tolist()
+                  for k in ("id", "exp", "angle", "trans")}
+        record["trans_params"] = np.round(np.asarray(self.trans_params, np.float64), digits).tolist()
+        record["box"] = np.asarray(self.box, np.int64).tolist()
+        return record
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Tddfa3Fit:
         coeffs = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("coeff.")}
@@ -95,6 +103,16 @@ def landmarks_from_coeffs(bfm: Bfm68, coeffs: dict[str, torch.Tensor], trans_par
     with torch.inference_mode():
         crop = bfm.landmarks(batch)[0].cpu().numpy().astype(np.float32)
     return crop_to_image(crop, trans_params).astype(np.float32)
+
+
+def coefficient_distances(a: Tddfa3Fit, b: Tddfa3Fit) -> dict[str, float]:
+    """3DMM distances between two fits: L2 of identity / expression coefficients, pose angle (degrees, the
+    largest of yaw, pitch, roll differences) and translation L2."""
+    def diff(key: str) -> np.ndarray:
+        return (a.coeffs[key].detach().cpu().double() - b.coeffs[key].detach().cpu().double()).numpy()
+
+    return {"id_l2": float(np.linalg.norm(diff("id"))), "exp_l2": float(np.linalg.norm(diff("exp"))),
+            "pose_deg": float(np.degrees(np.abs(diff("angle")).max())), "trans_l2": float(np.linalg.norm(diff("trans")))}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
