@@ -69,13 +69,19 @@ def _encode_outputs(crop, classes, lm_canvas, iris_canvas, condition) -> int:
     return _encode(crop, "JPEG") + _encode(condition, "PNG") + sum(_encode(d, "PNG") for d in drawings)
 
 
+def _draw(shape, marks):
+    from appleswap.preprocess.condition import draw_iris, draw_landmarks
+
+    return draw_landmarks(shape, marks.lm68), draw_iris(shape, marks.iris)
+
+
 def bench_stages(photos: list[Path], repeat: int) -> Timer:
     from appleswap.faces.align import align_face, invert_matrix
     from appleswap.faces.detect import detect_faces
     from appleswap.faces.landmarks import get_landmark_provider
     from appleswap.faces.mesh_mask import mesh_classes
     from appleswap.files import load_image
-    from appleswap.preprocess.condition import build_condition, draw_iris, draw_landmarks
+    from appleswap.preprocess.condition import build_condition
 
     landmarker = get_landmark_provider("mediapipe")
     timer = Timer()
@@ -90,8 +96,7 @@ def bench_stages(photos: list[Path], repeat: int) -> Timer:
             crop = timer.run("align (final, 68 points)", align_face, image, found.lm68).image
             marks = timer.run("landmarks + iris (mesh on 512)", landmarker, crop)
             classes = timer.run("mask (mesh classes)", mesh_classes, marks.mesh, crop.shape)
-            lm = timer.run("draw landmarks + iris", lambda: (draw_landmarks(crop.shape, marks.lm68),
-                                                            draw_iris(crop.shape, marks.iris)))
+            lm = timer.run("draw landmarks + iris", _draw, crop.shape, marks)
             condition = timer.run("condition (8x8 Lanczos + compose)", build_condition, crop, classes, *lm)
             timer.run("encode outputs (JPEG + 7 PNGs)", _encode_outputs, crop, classes, *lm, condition)
     return timer

@@ -11,7 +11,11 @@ import pytest
 from appleswap.faces.align import align_face, invert_matrix
 from appleswap.faces.detect import detect_faces
 from appleswap.faces.landmarks import (
-    MESH_TO_IBUG68, FaceLandmarks, ReferenceLandmarks, blob_centroids, get_landmark_provider,
+    MESH_TO_IBUG68,
+    FaceLandmarks,
+    ReferenceLandmarks,
+    blob_centroids,
+    get_landmark_provider,
 )
 from appleswap.faces.mesh_mask import landmark_classes, mesh_classes
 from appleswap.faces.segmap import CLASS_IDS, colorize, face_mask

@@ -14,7 +14,12 @@ from appleswap.faces.mesh_mask import mesh_classes
 from appleswap.faces.segmap import CLASS_IDS, GLASSES, face_mask
 from appleswap.files import load_image
 from appleswap.preprocess.condition import (
-    build_condition, draw_iris, draw_landmarks, intersect_classes, landmark_radius, lowfreq_copy,
+    build_condition,
+    draw_iris,
+    draw_landmarks,
+    intersect_classes,
+    landmark_radius,
+    lowfreq_copy,
 )
 
 
@@ -71,7 +76,7 @@ def test_condition_is_target_outside_and_blur_inside(face):
 
 
 def test_glasses_tint_and_inpainting_fill(face):
-    image, found, classes = face
+    image, _, classes = face
     classes = classes.copy()
     glasses = np.zeros_like(classes, dtype=bool)
     glasses[200:230, 150:360] = True

@@ -21,7 +21,8 @@ from appleswap.preprocess.runner import PreprocessConfig, run_preprocess
 NEEDED = ("appleswap.faces.parsing", "appleswap.faces.occlusion", "appleswap.preprocess.aesthetic")
 pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in NEEDED),
                                 reason="segmenter modules not installed")
-TINY_DEEPLAB = dict(stage_blocks=(1, 1, 1, 1), stem_channels=16, base_channels=8, channels=16, c1_channels=8)
+TINY_DEEPLAB = {"stage_blocks": (1, 1, 1, 1), "stem_channels": 16, "base_channels": 8, "channels": 16,
+                "c1_channels": 8}
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def _prescale(image: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.nda
         return image, np.array([[1.0, 0, 0], [0, 1.0, 0]])
     shrink = 1.0 / (2 * scale)  # keep twice the output resolution for the cubic warp
     height, width = image.shape[:2]
-    new_w, new_h = max(int(round(width * shrink)), 1), max(int(round(height * shrink)), 1)
+    new_w, new_h = max(round(width * shrink), 1), max(round(height * shrink), 1)
     small = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
     sx, sy = new_w / width, new_h / height
     return small, np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5]])
@@ -135,7 +135,7 @@ def paste_back(
     alpha = np.ones((size, size), np.float32) if mask is None else np.asarray(mask, dtype=np.float32)
     if alpha.shape != (size, size):
         raise ValueError(f"paste_back: mask shape {alpha.shape} does not match the face ({size}, {size})")
-    radius = max(int(round(feather * size)), 0)
+    radius = max(round(feather * size), 0)
     if radius > 0:
         alpha = alpha.copy()
         alpha[[0, -1], :] = 0

@@ -31,7 +31,8 @@ class FaceDetection:
 def _detector(model_selection: int, min_score: float):
     import mediapipe as mp
 
-    return mp.solutions.face_detection.FaceDetection(model_selection=model_selection, min_detection_confidence=min_score)
+    detection = mp.solutions.face_detection
+    return detection.FaceDetection(model_selection=model_selection, min_detection_confidence=min_score)
 
 
 def detect_faces(image: np.ndarray, min_score: float = 0.5, min_size: float = 16.0) -> list[FaceDetection]:

@@ -50,7 +50,7 @@ class FaceLandmarks:
     lm68_canvas: np.ndarray | None = None
     iris_canvas: np.ndarray | None = None
 
-    def transformed(self, matrix: np.ndarray) -> "FaceLandmarks":
+    def transformed(self, matrix: np.ndarray) -> FaceLandmarks:
         """The same points mapped through a 2x3 affine ``matrix`` (canvases and segmap are dropped)."""
 
         def apply(points: np.ndarray | None) -> np.ndarray | None:

@@ -7,14 +7,16 @@ through ``files.atomic_path``, so no half-written file is ever visible.
 
 from __future__ import annotations
 
-import concurrent.futures as futures
 import dataclasses
 import json
 import logging
 import multiprocessing
 import time
+from collections.abc import Iterator
+from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from appleswap.config import option
 from appleswap.files import save_json
@@ -153,7 +155,7 @@ def _run_items(items: list[InputItem], config: PreprocessConfig, output_root: Pa
                 running |= {pool.submit(_process, item) for item in _take(queue, len(finished))}
                 for future in finished:
                     yield _tick(bar, future.result())
-    except futures.process.BrokenProcessPool as error:
+    except BrokenProcessPool as error:
         raise RuntimeError("a preprocessing worker died (out of memory or a crash in a native library); finished "
                            "inputs are kept: run the same command again to resume") from error
     finally:

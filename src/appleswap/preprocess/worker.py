@@ -21,7 +21,13 @@ from appleswap.faces.mesh_mask import landmark_classes, mesh_classes
 from appleswap.faces.segmap import colorize, face_mask
 from appleswap.files import ImageLoadError, atomic_path, load_image, save_image
 from appleswap.preprocess.condition import (
-    IRIS_COLOR, LANDMARK_COLOR, build_condition, canvas_to_rgb, draw_iris, draw_landmarks, intersect_classes,
+    IRIS_COLOR,
+    LANDMARK_COLOR,
+    build_condition,
+    canvas_to_rgb,
+    draw_iris,
+    draw_landmarks,
+    intersect_classes,
 )
 from appleswap.preprocess.layout import FacePaths, InputItem, face_name
 
@@ -51,7 +57,7 @@ class FaceWorker:
             return {**record, "status": "error", "error": str(error)}
         except ValueError as error:
             return {**record, "status": "error", "error": f"{item.path}: {error}"}
-        except Exception as error:  # noqa: BLE001 - one bad file must never stop the batch
+        except Exception as error:
             log.exception("unexpected failure on %s", item.path)
             return {**record, "status": "error", "error": f"{item.path}: {type(error).__name__}: {error}"}
         record["image_size"] = [int(image.shape[1]), int(image.shape[0])]
@@ -59,7 +65,7 @@ class FaceWorker:
             paths = FacePaths(self.output_root, item.folder, face_name(item.stem, index, len(crops)))
             try:
                 face = self._write_face(item, aligned, landmarks, paths)
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 log.exception("failure on face %d of %s", index, item.path)
                 face = {"name": paths.name, "status": "error", "error": f"{item.path}: face {index}: {error}"}
             face.update(detection)
@@ -150,7 +156,8 @@ class FaceWorker:
         for path, array in outputs.items():
             if array is not None:
                 save_png(path, array)
-        face["outputs"] = [paths.relative(paths.image)] + [paths.relative(p) for p, a in outputs.items() if a is not None]
+        written = [path for path, array in outputs.items() if array is not None]
+        face["outputs"] = [paths.relative(path) for path in [paths.image, *written]]
         face["mask_fraction"] = round(float(face_mask(inter).mean()), 6)
         return face
 
