@@ -65,12 +65,12 @@ def test_fallback_run_cache_reuse_html_and_compare(layout, faces_dir, capsys):
 def test_all_networks_from_tiny_weights(layout, faces_dir, eval_weights):
     tmp_path, swapped = layout
     report = _run(tmp_path, faces_dir, swapped, tmp_path / "full", "--weights-dir", str(eval_weights),
-                  "--reference", str(faces_dir), "--reference-limit", "4", "--expression-mode", "aligned")
+                  "--reference", str(faces_dir), "--reference-limit", "2", "--expression-mode", "aligned")
     metrics = report["metrics"]
     assert report["fallbacks"] == []
     assert {"id_sim/arcface_irse50", "id_top5/glintr100", "fid", "kid"} <= set(metrics)
     assert "HopeNet" in report["networks"]["pose"] and "Deep3DFaceRecon" in report["networks"]["expression"]
     assert metrics["pose"]["mean"] == pytest.approx(0.0, abs=1e-4)  # HopeNet on identical pixels
     assert metrics["expression"]["mean"] == pytest.approx(0.0, abs=1e-4)
-    assert np.isfinite(metrics["fid"]["mean"]) and metrics["fid"]["reference"] == 4
+    assert np.isfinite(metrics["fid"]["mean"]) and metrics["fid"]["reference"] == 2
     assert -1.0 <= metrics["id_sim/arcface_irse50"]["mean"] <= 1.0

@@ -97,3 +97,15 @@ def test_bootstrap_and_paired_difference():
     assert result["significant"] and result["p_value"] < 0.01 and result["diff"] == pytest.approx(-0.5, abs=0.05)
     noise = values + rng.normal(0, 0.1, 400)
     assert not stats.paired_difference(values, noise)["significant"]
+
+
+def test_helper_scorers_for_other_stages(faces_dir, tmp_path):
+    from appleswap.eval.helpers import ExpressionScorer, IdentityScorer, PoseScorer
+
+    images = [load_image(faces_dir / n) for n in ("obama.jpg", "obama1.jpg", "biden2.jpg")]
+    pose_scorer = PoseScorer(str(tmp_path))
+    assert pose_scorer.fallback and pose_scorer(images[:1]).shape == (1, 3)
+    assert ExpressionScorer(str(tmp_path))(images[:1]).shape == (1, 7)
+    identity = IdentityScorer(str(tmp_path))
+    same, cross = identity.similarity(images[:1] * 2, images[1:3])
+    assert same > cross
