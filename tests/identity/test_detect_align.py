@@ -48,3 +48,14 @@ def test_similarity_recovers_transform_and_crops():
     assert arcface_crop(image, kps).shape == (112, 112, 3)
     crop, matrix = face_crop_512(image, kps)
     assert crop.shape == (512, 512, 3) and matrix.shape == (2, 3)
+
+
+def test_similarity_matches_skimage_estimate():
+    """insightface's norm_crop uses skimage's SimilarityTransform; ours must give the same matrix."""
+    from skimage.transform import SimilarityTransform
+
+    rng = np.random.default_rng(1)
+    src = ARCFACE_TEMPLATE_112 * 3 + rng.normal(0, 4, (5, 2)) + 100
+    transform = SimilarityTransform()
+    transform.estimate(src, ARCFACE_TEMPLATE_112)
+    np.testing.assert_allclose(similarity_lstsq(src, ARCFACE_TEMPLATE_112), transform.params[:2], atol=1e-6)
