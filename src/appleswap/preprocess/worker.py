@@ -92,15 +92,23 @@ class FaceWorker:
         found = len(detections)
         if self.config.face_selector == "largest":
             detections = detections[:1]
-        crops = []
-        for detection in detections:
-            rough = align_face(image, detection.keypoints, size)
-            in_photo = self.landmarker(rough.image, key=item.key).transformed(invert_matrix(rough.matrix))
-            final = align_face(image, in_photo.lm68, size)
-            landmarks = self._with_iris(final.image, in_photo.transformed(final.matrix))
+        crops, errors = [], []
+        for index, detection in enumerate(detections):
+            try:  # with --face-selector all, one unusable face must not lose the others
+                rough = align_face(image, detection.keypoints, size)
+                in_photo = self.landmarker(rough.image, key=item.key).transformed(invert_matrix(rough.matrix))
+                final = align_face(image, in_photo.lm68, size)
+                landmarks = self._with_iris(final.image, in_photo.transformed(final.matrix))
+            except ValueError as error:
+                errors.append(f"face {index}: {error}")
+                continue
             info = {"box": detection.box.round(2).tolist(), "det_score": round(detection.score, 4),
                     "n_faces_detected": found}
             crops.append((final, landmarks, info))
+        if not crops:
+            raise ValueError("; ".join(errors))
+        if errors:
+            log.warning("%s: skipped %s", item.path, "; ".join(errors))
         return crops
 
     def _with_iris(self, aligned: np.ndarray, landmarks: FaceLandmarks) -> FaceLandmarks:
