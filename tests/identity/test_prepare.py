@@ -112,6 +112,19 @@ def test_failures_are_reported_and_retried(tmp_path, tiny_weights, photos):
     stats = run_prepare_ids(ds, tmp_path / "cache", lambda: _encoder(tiny_weights), kinds=("raw",), progress=False)
     assert stats.written == 2 and len(stats.failed) == 1 and "0001_01.jpg: no face" in stats.failed[0]
     assert not (tmp_path / "cache" / "raw" / "n000002" / "0001_01.safetensors").exists()
+    assert "0001_01.jpg" in (tmp_path / "cache" / "failures.shard0-of-1.json").read_text()
+
+
+def test_flat_layout_listing(tmp_path, photos):
+    save_image(tmp_path / "b.jpg", photos["obama.jpg"])
+    save_image(tmp_path / "a.png", photos["biden2.jpg"])
+    save_image(tmp_path / "mask_intersection" / "a.png", np.zeros((8, 8), np.uint8))
+    entries = list_dataset(tmp_path)
+    assert [e.rel for e in entries] == ["a", "b"]
+    assert entries[0].mask_path() == tmp_path / "mask_intersection" / "a.png"
+    assert entries[1].reference_npy("masked") == tmp_path / "masked_pulid_id" / "b.npy"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        list_dataset(tmp_path / "nowhere")
 
 
 def _encoder(weights):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from appleswap.files import is_image_path, load_image
+from appleswap.files import is_image_path, load_image, save_json
 from appleswap.identity.store import FORMAT, TOKENS_KEY, load_reference_npy
 
 log = logging.getLogger(__name__)
@@ -237,4 +237,9 @@ def run_prepare_ids(dataset: str | Path, cache: str | Path, encoder_factory: Cal
             _one(entry, kind, cache, lazy, import_npy, stats)
     if index == 0:
         stats.null = _null(dataset, cache, lazy, import_npy)
+    report = cache / f"failures.shard{index}-of-{count}.json"
+    if stats.failed:
+        save_json(report, stats.failed)  # what to look at; these images are retried on the next run
+    elif report.is_file():
+        report.unlink()
     return stats
