@@ -36,12 +36,12 @@ def test_mirror_flips_yaw_and_roll(frontal):
     image, mesh, mirror, mirror_mesh = frontal
     original = pose.pnp_angles(mesh, image.shape)
     flipped = pose.pnp_angles(mirror_mesh, mirror.shape)
-    assert abs(original[0]) > 1.0  # the photo is not perfectly frontal, so the flip is visible
-    assert flipped[0] == pytest.approx(-original[0], abs=1.5)
+    # MediaPipe's mesh is not exactly mirror-symmetric and the face is off-centre (perspective): a few degrees
+    assert abs(original[0]) > 5.0 and flipped[0] == pytest.approx(-original[0], abs=3.0)
     assert flipped[2] == pytest.approx(-original[2], abs=1.5)
     assert flipped[1] == pytest.approx(original[1], abs=2.0)
     expected = np.hypot(2 * original[0], 2 * original[2])
-    assert pose.pose_error(original, flipped) == pytest.approx(expected, abs=3.0)
+    assert pose.pose_error(original, flipped) == pytest.approx(expected, abs=4.0)
     # gaze mirrors horizontally too
     g, gm = gaze.gaze_vector(mesh), gaze.gaze_vector(mirror_mesh)
     assert gm[0] * g[0] < 0 and abs(gm[0] + g[0]) < 0.08 and gm[1] == pytest.approx(g[1], abs=0.05)

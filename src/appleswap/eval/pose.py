@@ -3,7 +3,7 @@
 HopeNet is a torchvision-layout ResNet-50 with three 66-bin heads (``fc_yaw``, ``fc_pitch``, ``fc_roll``; the
 vestigial ``fc_finetune`` is kept so the released state dict loads strictly). The angle is the expectation over
 the bins: sum(softmax * index) * 3 - 99. Input follows the FFHQ protocol: the whole image resized to 224,
-ImageNet normalisation. The fallback fits a generic 6-point 3D head to mesh points with ``cv2.solvePnP``.
+ImageNet normalisation. The fallback fits 11 BFM mean-face landmarks to mesh points with ``cv2.solvePnP``.
 """
 
 from __future__ import annotations
@@ -100,11 +100,15 @@ def hopenet_angles(model: HopeNet, images: list[np.ndarray]) -> np.ndarray:
     return torch.stack([bins_to_degrees(yaw), bins_to_degrees(pitch), bins_to_degrees(roll)], 1).cpu().numpy()
 
 
-# generic head (millimetres, x to the image right, y down, z away from the camera), nose tip at the origin
-_HEAD_3D = np.array([[0.0, 0.0, 0.0], [0.0, 330.0, 65.0], [-225.0, -170.0, 135.0], [225.0, -170.0, 135.0],
-                     [-150.0, 150.0, 125.0], [150.0, 150.0, 125.0]], dtype=np.float64)
-# matching mesh vertices: nose tip, chin, outer eye corners (image left, right), mouth corners (image left, right)
-_HEAD_MESH = (1, 152, 33, 263, 61, 291)
+# 3D reference: the BFM mean-face landmarks used by Deep3DFaceRecon (x to the subject's left = image right, y up,
+# z towards the viewer): eye corners (image left to right), nose tip, subnasale, mouth corners, lip centres, chin
+_HEAD_BFM = np.array([[-0.431, 0.292, 0.104], [-0.192, 0.2888, 0.1635], [0.1879, 0.2887, 0.1602],
+                      [0.4317, 0.2907, 0.1034], [0.0033, -0.0462, 0.5524], [0.0015, -0.1604, 0.3956],
+                      [-0.2522, -0.3813, 0.2241], [0.2485, -0.3813, 0.2224], [0.0013, -0.2947, 0.4022],
+                      [0.0017, -0.4507, 0.3696], [0.0027, -0.8249, 0.1967]], dtype=np.float64)
+_HEAD_3D = _HEAD_BFM * np.array([1.0, -1.0, -1.0])  # to camera axes: x right, y down, z away from the camera
+# the matching MediaPipe mesh vertices
+_HEAD_MESH = (33, 133, 362, 263, 4, 2, 61, 291, 0, 17, 152)
 
 
 def pnp_angles(mesh: np.ndarray, image_shape: tuple[int, int]) -> np.ndarray:
