@@ -125,7 +125,7 @@ def test_reference_layout_and_condition(full_run):
     assert (out / "preview.jpg").is_file() and (out / "manifest.json").is_file()
 
 
-def test_resume_redoes_nothing_and_finishes_the_rest(full_run, inputs, tmp_path):
+def test_resume_redoes_nothing_and_finishes_the_rest(full_run, inputs, tmp_path, caplog):
     out, _ = full_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
@@ -139,6 +139,9 @@ def test_resume_redoes_nothing_and_finishes_the_rest(full_run, inputs, tmp_path)
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
     again = run_preprocess(inputs, copy, CONFIG, progress=False)
     assert again["processed_now"] == 0 and _tree(copy) == before
+    assert "settings differ" not in caplog.text
+    changed = run_preprocess(inputs, copy, PreprocessConfig(face_selector="largest"), progress=False)
+    assert changed["processed_now"] == 0 and "settings differ" in caplog.text and "face_selector" in caplog.text
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(full_run, inputs, tmp_path):

@@ -91,6 +91,7 @@ def run_preprocess(input_dir: str | Path, output_dir: str | Path, config: Prepro
     if not items:
         raise FileNotFoundError(f"no image files in {input_root} (nor in its identity sub-folders)")
     _remove_stale_temporaries(output_root)
+    _warn_on_changed_config(output_root, config)
     todo = pending_items(items, output_root)
     log.info("%d inputs, %d already done, %d to do", len(items), len(items) - len(todo), len(todo))
     start = time.perf_counter()
@@ -112,6 +113,25 @@ def _remove_stale_temporaries(output_root: Path) -> None:
         if path.is_file():
             path.unlink(missing_ok=True)
             log.debug("removed stale temporary %s", path)
+
+
+RUN_ONLY_FIELDS = frozenset({"workers", "preview", "limit"})  # do not change what a finished input contains
+
+
+def _warn_on_changed_config(output_root: Path, config: PreprocessConfig) -> None:
+    """Finished inputs are never redone; say so when this run asks for different outputs than the last one."""
+    manifest = output_root / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        previous = json.loads(manifest.read_text()).get("config", {})
+    except (OSError, ValueError):
+        return
+    current = dataclasses.asdict(config)
+    changed = sorted(k for k in current if k not in RUN_ONLY_FIELDS and k in previous and previous[k] != current[k])
+    if changed:
+        log.warning("settings differ from the run that wrote %s (%s); finished inputs keep their old outputs: "
+                    "delete %s to redo them", output_root, ", ".join(changed), output_root / "manifest")
 
 
 def _check_config(config: PreprocessConfig, input_root: Path, output_root: Path) -> None:
