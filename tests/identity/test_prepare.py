@@ -146,3 +146,15 @@ def test_identity_command(tmp_path, tiny_weights, photos, faces_dir, encoder):
 
     want = encoder.encode_identity([load_image(tmp_path / "a.jpg"), load_image(tmp_path / "b.jpg")])
     torch.testing.assert_close(tokens, want, atol=1e-5, rtol=1e-5)
+
+
+def test_config_file_section_and_flag_precedence(tmp_path, tiny_weights, photos):
+    ds = tmp_path / "ds"
+    save_image(ds / "n000001" / "0000_01.jpg", photos["obama.jpg"])
+    config = tmp_path / "ids.toml"
+    config.write_text('[prepare_ids]\nkinds = ["masked"]\ndet_size = 320\n[other_stage]\nsteps = 3\n')
+    cache = tmp_path / "cache"
+    assert main(_cli(ds, cache, tiny_weights, "--config", str(config), "--kinds", "raw")) == 0
+    assert _files(cache) == ["null.safetensors", "raw/n000001/0000_01.safetensors"]  # the flag beats the file
+    config.write_text('[prepare_ids]\nkinds = ["mixed"]\n')
+    assert main(_cli(ds, cache, tiny_weights, "--config", str(config))) == 2  # unknown kind: clear error

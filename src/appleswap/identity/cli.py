@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Literal
 
 from appleswap.cli_common import HelpFormatter, common_parser
+from appleswap.config import add_config_args, load_config_file, option, resolve_config
 
 PREPARE_EXAMPLES = """examples:
   appleswap prepare-ids data/vgg512 --cache cache/vgg512_ids
@@ -12,7 +15,8 @@ PREPARE_EXAMPLES = """examples:
   appleswap prepare-ids data/vgg512 --cache ids --shard-index 1 --num-shards 8 --kinds masked
 
 Killed runs resume: run the same command again. Released pulid_id/ and masked_pulid_id/ .npy files are
-imported instead of recomputed (--no-import-npy recomputes them).
+imported instead of recomputed (--no-import-npy recomputes them). Options can come from --config FILE
+(section [prepare_ids]); flags win.
 """
 
 IDENTITY_EXAMPLES = """examples:
@@ -21,33 +25,56 @@ IDENTITY_EXAMPLES = """examples:
 """
 
 
-def _encoder_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--parser", default=None, help="BiSeNet face-parsing checkpoint (parsing_bisenet.pth or "
-                        "FaceParser.pth); default: the registry's facexlib_parsing, else the MediaPipe mesh")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="EVA-CLIP / IDFormer precision")
+class _Formatter(HelpFormatter):
+    """Leaves out argparse's "(default: ...)" for config-backed flags, whose help already states the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if type(action.default) is object:  # config.py's "unset" sentinel
+            return action.help
+        return super()._get_help_string(action)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderOptions:
+    """How the identity encoder runs (config-file section ``[identity]`` or ``[prepare_ids]``, or flags)."""
+
+    parser: str | None = option(None, "BiSeNet face-parsing checkpoint (parsing_bisenet.pth or FaceParser.pth); "
+                                "default: the registry's facexlib_parsing, else the MediaPipe mesh")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "EVA-CLIP / IDFormer precision")
+    det_size: int = option(640, "SCRFD input size in pixels (square), as PuLID's det_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareIdsConfig(EncoderOptions):
+    kinds: tuple[str, ...] = option(("masked", "raw"), "token sets to write: masked and/or raw")
+    import_npy: bool = option(True, "import the dataset's pulid_id/ and masked_pulid_id/ .npy files instead of "
+                              "recomputing them")
+
+
+def _config(cls: type, args: argparse.Namespace, section: str):
+    file_data = load_config_file(args.config)
+    if isinstance(file_data.get(section), dict):
+        file_data = file_data[section]
+    return resolve_config(cls, args, file_data)
 
 
 def add_parser(subparsers) -> None:
     prep = subparsers.add_parser(
-        "prepare-ids", parents=[common_parser()], formatter_class=HelpFormatter, epilog=PREPARE_EXAMPLES,
+        "prepare-ids", parents=[common_parser()], formatter_class=_Formatter, epilog=PREPARE_EXAMPLES,
         help="PuLID ID tokens (masked, raw, null) for every image of a preprocessed dataset",
         description="Write <cache>/masked/<id>/<name>.safetensors, <cache>/raw/... and <cache>/null.safetensors "
         "for the dataset's images (identity tree <id>/<name>.jpg or flat).",
     )
     prep.add_argument("dataset", help="preprocessed dataset folder (read only)")
     prep.add_argument("--cache", required=True, help="output folder, outside the dataset")
-    prep.add_argument("--kinds", nargs="+", default=["masked", "raw"], choices=["masked", "raw"],
-                      help="which token sets to write")
     prep.add_argument("--shard-index", type=int, default=None, help="this process's shard (default: $RANK or 0)")
     prep.add_argument("--num-shards", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
-    prep.add_argument("--no-import-npy", action="store_true", help="recompute even where the dataset has .npy IDs")
     prep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    _encoder_args(prep)
+    add_config_args(prep.add_argument_group("prepare-ids"), PrepareIdsConfig)
     prep.set_defaults(func=run_prepare)
 
     ident = subparsers.add_parser(
-        "identity", parents=[common_parser()], formatter_class=HelpFormatter, epilog=IDENTITY_EXAMPLES,
+        "identity", parents=[common_parser()], formatter_class=_Formatter, epilog=IDENTITY_EXAMPLES,
         help="make one reusable identity file (averaged ID tokens) from source photos",
         description="Average one person's photos into a (1, 32, 2048) PuLID identity saved as safetensors.",
     )
@@ -55,26 +82,27 @@ def add_parser(subparsers) -> None:
     ident.add_argument("-o", "--output", required=True, help="identity file to write (.safetensors)")
     ident.add_argument("--masked", action="store_true", help="black out everything but the face first (as the "
                        "reference's training IDs); default: raw photos, as the reference's inference")
-    _encoder_args(ident)
+    add_config_args(ident.add_argument_group("encoder"), EncoderOptions)
     ident.set_defaults(func=run_identity)
 
 
-def _factory(args: argparse.Namespace):
+def _factory(args: argparse.Namespace, options: EncoderOptions):
     import torch
 
     from appleswap.identity.encoder import IdentityEncoder
 
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, options.dtype)
     return lambda: IdentityEncoder.from_pretrained(args.weights_dir, device=args.device, dtype=dtype,
-                                                   parser_path=args.parser)
+                                                   parser_path=options.parser, det_size=options.det_size)
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     from appleswap.identity.prepare import run_prepare_ids
 
-    stats = run_prepare_ids(args.dataset, args.cache, _factory(args), kinds=tuple(args.kinds),
+    config = _config(PrepareIdsConfig, args, "prepare_ids")
+    stats = run_prepare_ids(args.dataset, args.cache, _factory(args, config), kinds=tuple(config.kinds),
                             shard_index=args.shard_index, num_shards=args.num_shards,
-                            import_npy=not args.no_import_npy, progress=not args.no_progress)
+                            import_npy=config.import_npy, progress=not args.no_progress)
     print(f"prepare-ids: {stats.written} computed, {stats.imported} imported from .npy, {stats.skipped} already "
           f"done, {len(stats.failed)} failed; null ID: {stats.null}")
     for line in stats.failed[:20]:
@@ -89,7 +117,7 @@ def run_identity(args: argparse.Namespace) -> int:
     from appleswap.identity.store import save_identity
 
     images = [load_image(path) for path in args.source]
-    encoder = _factory(args)()
+    encoder = _factory(args, _config(EncoderOptions, args, "identity"))()
     feats = encoder.features(images, masked=args.masked, names=list(args.source))
     tokens = encoder.tokens_from_features(feats.mean(encoder.arcface_dim))
     meta = encoder.metadata(masked=args.masked, mask_source=",".join(sorted(set(feats.mask_sources))))
