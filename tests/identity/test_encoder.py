@@ -19,6 +19,9 @@ def test_encode_real_photos_deterministic(encoder, photos):
     assert not torch.allclose(tokens[0], tokens[1])  # different photos, different tokens
     torch.testing.assert_close(encoder.encode(images[::-1]), tokens.flip(0), atol=1e-5, rtol=1e-5)
     assert encoder.features(images[:1]).mask_sources[0] in ("mediapipe-mesh", "template-ellipse")
+    layer = torch.nn.Linear(TINY_ID_DIM, 1)  # tokens feed trainable modules (not inference-mode tensors)
+    layer(tokens).sum().backward()
+    assert layer.weight.grad is not None and not tokens.requires_grad
 
 
 def test_masked_differs_from_raw_and_masks_are_applied(encoder, photos):

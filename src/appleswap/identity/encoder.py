@@ -164,7 +164,7 @@ class IdentityEncoder:
             out.append(shrink_long_side(image))
         return out, names
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may feed the tokens to modules that train
     def features(self, images: Sequence[np.ndarray], masked: bool = False, *,
                  masks: Sequence[np.ndarray] | None = None, names: Sequence[str] | None = None) -> IdFeatures:
         """The IDFormer inputs for each photo. ``masks`` (uint8 0..255 or bool, per image) override ``masked``."""
@@ -177,7 +177,7 @@ class IdentityEncoder:
         return IdFeatures(id_cond, [h.to(self.dtype) for h in hidden], [p[2] for p in prepared])
 
     # ---- tokens
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may feed the tokens to modules that train
     def tokens_from_features(self, features: IdFeatures) -> torch.Tensor:
         return self.idformer(features.id_cond, features.hidden)
 
