@@ -29,6 +29,10 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: i
     """x * (1 + scale) + shift with per-branch parameters: shift/scale are (B, 1 or 2, D)."""
     if split is None:
         return x * (1 + scale[:, :1]) + shift[:, :1]
+    if not torch.is_grad_enabled():  # inference: modulate the fresh normalised tensor in place, no concat
+        x[:, :split].mul_(1 + scale[:, :1]).add_(shift[:, :1])
+        x[:, split:].mul_(1 + scale[:, 1:2]).add_(shift[:, 1:2])
+        return x
     main = x[:, :split] * (1 + scale[:, :1]) + shift[:, :1]
     cond = x[:, split:] * (1 + scale[:, 1:2]) + shift[:, 1:2]
     return torch.cat([main, cond], dim=1)
@@ -38,6 +42,10 @@ def gated(x: torch.Tensor, gate: torch.Tensor, split: int | None) -> torch.Tenso
     """gate * x with a per-branch gate (B, 1 or 2, D)."""
     if split is None:
         return x * gate[:, :1]
+    if not torch.is_grad_enabled():
+        x[:, :split].mul_(gate[:, :1])
+        x[:, split:].mul_(gate[:, 1:2])
+        return x
     return torch.cat([x[:, :split] * gate[:, :1], x[:, split:] * gate[:, 1:2]], dim=1)
 
 

@@ -75,6 +75,9 @@ def routed_linear(layer: nn.Module, x: torch.Tensor, cond_start: int | None) -> 
     delta = lora_delta(layer, x[:, cond_start:])
     if delta is None:
         return out
+    if not torch.is_grad_enabled():
+        out[:, cond_start:] += delta.to(out.dtype)  # inference: no copy of the whole output
+        return out
     head, tail = out[:, :cond_start], out[:, cond_start:] + delta.to(out.dtype)
     return torch.cat([head, tail], dim=1)
 

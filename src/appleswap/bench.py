@@ -1,0 +1,413 @@
+"""``appleswap bench``: one table of GPU speed and memory for APPLE on the full FLUX.1 architecture.
+
+Random weights, built directly on the device in bf16 (no downloads): the three-branch forward (512 text + 1024
+image + 1024 condition tokens, 20 ID cross-attentions, r64 LoRA), the plain diffusers forward over the same
+token count, student swap (28 passes), teacher swap with inversion (56 passes), batched images/s, one LoRA
+training step (gradient checkpointing) with peak memory, FLOPs per pass and the fraction of a bf16 matmul
+ceiling measured in the same run. ``--tiny --device cpu`` runs the same code on a tiny config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Literal
+
+from appleswap.cli_common import HelpFormatter, common_parser
+from appleswap.config import option
+
+logger = logging.getLogger(__name__)
+
+FULL_FLUX = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+TINY_FLUX = dict(num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+FULL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+TINY_VAE = dict(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    tiny: bool = option(False, "tiny config (CPU smoke test of the benchmark itself)")
+    steps: int = option(28, "sampling steps of a swap")
+    batch: int = option(4, "images per call for the batched images/s row")
+    repeats: int = option(5, "timed repeats per row (median reported)")
+    text_tokens: int = option(512, "T5 tokens (512 in APPLE)")
+    sdpa: Literal["auto", "flash", "efficient", "cudnn", "math", "fastest"] = option(
+        "fastest", "attention kernel for the swaps: a named backend, or the fastest in the per-pass rows")
+    compile: bool = option(False, "also time torch.compile of the three-branch forward")
+    train: bool = option(True, "time one LoRA training step (r64, gradient checkpointing)")
+    lora_rank: int = option(64, "LoRA rank")
+    output: Path | None = option(None, "also write the table as JSON here")
+
+
+def _sdpa_context(name: str, fallback: bool = False):
+    """Only backend ``name`` (``fallback``: preferred, others allowed, for e.g. the VAE's 512-wide heads)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    if name == "auto":
+        return contextlib.nullcontext()
+    if not fallback:
+        return sdpa_kernel([backends[name]])
+    order = [backends[name]] + [b for k, b in backends.items() if k != name]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` after ``warmup`` calls (device synchronised around each)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_ceiling(device, dtype, size: int) -> float:
+    """Measured FLOP/s of a size^3 matrix product on random data (the ceiling the fractions refer to)."""
+    import torch
+
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    seconds = time_call(lambda: a @ b, device, repeats=10, warmup=3)
+    return 2 * size**3 / seconds
+
+
+def init_random_(module, seed: int = 0) -> None:
+    """Random weights in place: fan-in scaled normals for matrices, ones for norm scales, small biases."""
+    import torch
+
+    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim >= 2:
+                fan_in = param[0].numel()
+                param.normal_(0.0, fan_in**-0.5, generator=generator)
+            elif "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+
+
+def build_models(cfg: BenchConfig, device, dtype):
+    """(plain FLUX, VAE) with random weights, created on ``meta`` and materialised on the device."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # materialise directly in bf16 (no fp32 copy of 12 B parameters)
+    try:
+        with torch.device("meta"):
+            flux = FluxTransformer2DModel(**(TINY_FLUX if cfg.tiny else FULL_FLUX))
+    finally:
+        torch.set_default_dtype(previous)
+    flux = flux.to_empty(device=device)
+    init_random_(flux)
+    vae_extra = TINY_VAE if cfg.tiny else FULL_VAE
+    blocks = len(vae_extra["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) *
+                        blocks, up_block_types=("UpDecoderBlock2D",) * blocks, scaling_factor=0.3611,
+                        shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, **vae_extra)
+    return flux.eval().requires_grad_(False), vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_apple(flux, cfg: BenchConfig, id_dim: int):
+    """The APPLE transformer around ``flux``: 20 ID cross-attentions (random) and a fresh rank-r LoRA."""
+    from appleswap.model.id_attention import build_id_attentions, id_attention_layout
+    from appleswap.model.transformer import AppleTransformer
+
+    doubles, singles = id_attention_layout(len(flux.transformer_blocks), len(flux.single_transformer_blocks))
+    heads, head_dim = (2, 16) if cfg.tiny else (16, 128)  # PuLID: 16 x 128 = 2048 inner
+    attentions = build_id_attentions(len(doubles) + len(singles), flux.inner_dim, id_dim, heads, head_dim)
+    attentions = attentions.to(device=flux.device, dtype=flux.dtype)
+    init_random_(attentions, seed=1)
+    model = AppleTransformer(flux, attentions)
+    model.add_lora(rank=cfg.lora_rank, init="gaussian")
+    model.flux.to(device=flux.device, dtype=flux.dtype)
+    return model.eval().requires_grad_(False)
+
+
+@dataclasses.dataclass
+class Rows:
+    """The table: (name, value, unit, note) rows, printed at the end."""
+
+    rows: list = dataclasses.field(default_factory=list)
+
+    def add(self, name: str, value: float, unit: str, note: str = "") -> None:
+        self.rows.append((name, value, unit, note))
+        logger.info("%s: %.4g %s %s", name, value, unit, note)
+
+    def table(self) -> str:
+        width = max(len(r[0]) for r in self.rows)
+        lines = [f"| {'measure'.ljust(width)} | value | unit | note |", f"|{'-' * (width + 2)}|---|---|---|"]
+        lines += [f"| {n.ljust(width)} | {v:.4g} | {u} | {note} |" for n, v, u, note in self.rows]
+        return "\n".join(lines)
+
+
+def make_inputs(cfg: BenchConfig, flux, batch: int, size: int):
+    """Random latents, condition, text and ID tokens for ``batch`` images of ``size`` pixels."""
+    import torch
+
+    from appleswap.model.latents import image_ids
+    from appleswap.model.transformer import TextEmbeddings
+
+    device, dtype = flux.device, flux.dtype
+    scale = 2 if cfg.tiny else 8
+    ids = image_ids(size, size, device=device, vae_scale=scale)
+    length = ids.shape[0]
+    text_len = 8 if cfg.tiny else cfg.text_tokens
+    text = TextEmbeddings(torch.randn(1, text_len, flux.config.joint_attention_dim, device=device, dtype=dtype),
+                          torch.randn(1, flux.config.pooled_projection_dim, device=device, dtype=dtype),
+                          torch.zeros(text_len, 3, device=device))
+    x, cond = (torch.randn(batch, length, 64, device=device, dtype=dtype) for _ in range(2))
+    id_tokens = torch.randn(batch, 32, 64 if cfg.tiny else 2048, device=device, dtype=dtype)
+    return dict(x=x, cond=cond, text=text, ids=ids, id_tokens=id_tokens,
+                t=torch.full((batch,), 0.7, device=device), g=torch.ones(batch, device=device))
+
+
+def apple_pass(model, inp):
+    return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
+                 id_tokens=inp["id_tokens"], guidance=inp["g"])
+
+
+def plain_pass(flux, inp):
+    """Stock diffusers forward over the same tokens: [image; condition] as one image sequence."""
+    import torch
+
+    x = torch.cat([inp["x"], inp["cond"]], dim=1)
+    return flux(hidden_states=x, encoder_hidden_states=inp["text"].prompt_embeds.expand(x.shape[0], -1, -1),
+                pooled_projections=inp["text"].pooled.expand(x.shape[0], -1), timestep=inp["t"],
+                img_ids=torch.cat([inp["ids"], inp["ids"]]), txt_ids=inp["text"].text_ids, guidance=inp["g"]).sample
+
+
+def count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def _backends(device) -> list[str]:
+    import torch
+
+    return ["auto", "flash", "efficient", "cudnn"] if torch.device(device).type == "cuda" else ["auto"]
+
+
+def _time_backends(fn, device, repeats: int) -> dict[str, float]:
+    times = {}
+    for name in _backends(device):
+        try:
+            with _sdpa_context(name):
+                times[name] = time_call(fn, device, repeats)
+        except RuntimeError as error:  # backend unavailable for these shapes / this build
+            logger.warning("SDPA %s unavailable: %s", name, str(error)[:100])
+    return times
+
+
+def bench_plain(cfg, flux, device, rows: Rows, ceiling: float, size: int) -> None:
+    """The stock diffusers forward (before any adapter is attached) over the same token count."""
+    import torch
+
+    inp = make_inputs(cfg, flux, 1, size)
+    tokens = inp["x"].shape[1] * 2 + inp["text"].prompt_embeds.shape[1]
+    with torch.no_grad():
+        flops = count_flops(lambda: plain_pass(flux, inp))
+        times = _time_backends(lambda: plain_pass(flux, inp), device, cfg.repeats)
+    best = min(times, key=times.get)
+    rows.add("plain diffusers FLUX pass", times[best] * 1e3, "ms",
+             f"{tokens} tokens, SDPA {best}, {flops / times[best] / ceiling:.2f} of ceiling")
+
+
+def bench_passes(cfg, flux, model, device, rows: Rows, ceiling: float, size: int) -> str:
+    """Per-pass rows of the three-branch forward for each SDPA backend; returns the fastest backend's name."""
+    import torch
+
+    inp = make_inputs(cfg, flux, 1, size)
+    tokens = inp["x"].shape[1] * 2 + inp["text"].prompt_embeds.shape[1]
+    with torch.no_grad():
+        flops = count_flops(lambda: apple_pass(model, inp))
+        rows.add("FLOPs per APPLE pass", flops / 1e12, "TFLOP", f"{tokens} tokens, FlopCounterMode")
+        times = _time_backends(lambda: apple_pass(model, inp), device, cfg.repeats)
+        for name, seconds in times.items():
+            rows.add(f"APPLE pass, SDPA {name}", seconds * 1e3, "ms", f"{flops / seconds / ceiling:.2f} of ceiling")
+        best = min(times, key=times.get)
+        batch3 = make_inputs(cfg, flux, 3, size)
+        with _sdpa_context(best):
+            seconds = time_call(lambda: apple_pass(model, batch3), device, cfg.repeats)
+        rows.add("APPLE pass, batch 3 (both guidances batched)", seconds * 1e3, "ms",
+                 f"vs 3 separate passes {3 * times[best] * 1e3:.1f} ms; {3 * flops / seconds / ceiling:.2f} of ceiling")
+    return best
+
+
+def bench_swaps(cfg, model, vae, device, rows: Rows, size: int, backend: str) -> None:
+    """End-to-end swaps through SwapPipeline (VAE encode + sampling + decode)."""
+    import torch
+
+    from appleswap.pipeline import SwapPipeline
+
+    inp = make_inputs(cfg, model.flux, 1, size)
+    pipe = SwapPipeline(model, vae, inp["text"], "student", null_id=inp["id_tokens"][:1].clone())
+    target = torch.rand(1, 3, size, size, device=device)
+    ids = inp["id_tokens"][:1]
+    with _sdpa_context(backend, fallback=True):
+        seconds = time_call(lambda: pipe(ids, target, num_steps=cfg.steps, output_type="pt"), device,
+                            max(1, cfg.repeats // 2))
+        rows.add(f"student swap ({cfg.steps} passes)", seconds, "s", f"SDPA {backend}, incl. VAE")
+        pipe.mode = "teacher"
+        seconds = time_call(lambda: pipe(ids, target, condition=target, invert=True, num_steps=cfg.steps,
+                                         output_type="pt"), device, max(1, cfg.repeats // 2))
+        rows.add(f"teacher swap + inversion ({2 * cfg.steps} passes)", seconds, "s", f"SDPA {backend}")
+        pipe.mode = "student"
+        targets = target.expand(cfg.batch, -1, -1, -1)
+        seconds = time_call(lambda: pipe(ids, targets, num_steps=cfg.steps, output_type="pt"), device, 1)
+        rows.add(f"student swaps, batch {cfg.batch}", cfg.batch / seconds, "images/s", f"{seconds:.2f} s per batch")
+
+
+def bench_train(cfg, model, device, rows: Rows, size: int) -> None:
+    """One LoRA training step (flow-matching loss, gradient checkpointing, AdamW) and its peak memory."""
+    import torch
+
+    params = model.lora_parameters()
+    for param in params:
+        param.requires_grad_(True)
+    model.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    inp = make_inputs(cfg, model.flux, 1, size)
+    target = torch.randn_like(inp["x"])
+    backend = "flash" if torch.device(device).type == "cuda" else "auto"  # cuDNN backward trap (gpu_notes)
+
+    def step():
+        with _sdpa_context(backend):  # recomputation in backward must use the same kernel
+            loss = torch.nn.functional.mse_loss(apple_pass(model, inp).float(), target.float())
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = time_call(step, device, max(1, cfg.repeats // 2))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else float("nan")
+    trainable = sum(p.numel() for p in params)
+    rows.add(f"LoRA training step (r{cfg.lora_rank}, checkpointing)", seconds, "s",
+             f"{trainable / 1e6:.1f} M trainable, SDPA {backend}")
+    rows.add("training step peak memory", peak, "GiB", "max_memory_allocated")
+    model.gradient_checkpointing = False
+    for param in params:
+        param.requires_grad_(False)
+
+
+def bench_compile(cfg, model, device, rows: Rows, ceiling: float, size: int, backend: str) -> None:
+    """torch.compile of the three-branch forward: compile time and per-pass latency."""
+    import torch
+
+    inp = make_inputs(cfg, model.flux, 1, size)
+    with torch.no_grad():
+        flops = count_flops(lambda: apple_pass(model, inp))
+    compiled = torch.compile(model)
+    with torch.no_grad(), _sdpa_context(backend):
+        start = time.perf_counter()
+        apple_pass(compiled, inp)
+        _sync(device)
+        rows.add("torch.compile time", time.perf_counter() - start, "s", "first call")
+        seconds = time_call(lambda: apple_pass(compiled, inp), device, cfg.repeats, warmup=2)
+    rows.add("APPLE pass, torch.compile", seconds * 1e3, "ms", f"{flops / seconds / ceiling:.2f} of ceiling; "
+             f"student swap ~{cfg.steps * seconds:.2f} s of transformer time")
+
+
+def environment(device) -> str:
+    import diffusers
+    import peft
+    import torch
+
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    return f"{name}; torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}"
+
+
+def run_bench(cfg: BenchConfig, device: str) -> Rows:
+    """Every row of the table, in order; the GPU run fits in a few minutes (compile adds one or two)."""
+    import torch
+
+    dtype = torch.float32 if cfg.tiny else torch.bfloat16
+    size = 64 if cfg.tiny else 512
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows = Rows()
+    ceiling = matmul_ceiling(device, dtype, 256 if cfg.tiny else 8192)
+    rows.add("matmul ceiling", ceiling / 1e12, "TFLOP/s", f"{'256' if cfg.tiny else '8192'}^3 {dtype}, random data")
+    flux, vae = build_models(cfg, device, dtype)
+    rows.add("FLUX parameters", sum(p.numel() for p in flux.parameters()) / 1e9, "B", "random weights")
+    bench_plain(cfg, flux, device, rows, ceiling, size)
+    model = build_apple(flux, cfg, 64 if cfg.tiny else 2048)
+    if torch.device(device).type == "cuda":
+        rows.add("weights in memory", torch.cuda.memory_allocated(device) / 2**30, "GiB", "transformer + CA + LoRA + VAE")
+        torch.cuda.reset_peak_memory_stats(device)
+    backend = bench_passes(cfg, flux, model, device, rows, ceiling, size)
+    chosen = backend if cfg.sdpa == "fastest" else cfg.sdpa
+    bench_swaps(cfg, model, vae, device, rows, size, chosen)
+    if torch.device(device).type == "cuda":
+        rows.add("inference peak memory", torch.cuda.max_memory_allocated(device) / 2**30, "GiB",
+                 f"batch {cfg.batch} swaps included")
+    if cfg.train:
+        bench_train(cfg, model, device, rows, size)
+    if cfg.compile:
+        bench_compile(cfg, model, device, rows, ceiling, size, chosen)
+    return rows
+
+
+def add_parser(subparsers) -> None:
+    from appleswap.config import add_config_args
+
+    parser = subparsers.add_parser("bench", parents=[common_parser()], formatter_class=HelpFormatter,
+                                   help="GPU speed and memory table (random full-size weights)",
+                                   description=__doc__ + "\nExample:\n  appleswap bench --compile --output bench.json")
+    add_config_args(parser.add_argument_group("bench options"), BenchConfig)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from appleswap.cli_common import pick_device
+    from appleswap.config import load_config_file, resolve_config
+
+    cfg = resolve_config(BenchConfig, args, load_config_file(args.config))
+    device = pick_device(args.device)
+    rows = run_bench(cfg, device)
+    header = f"appleswap bench on {environment(device)} ({'tiny' if cfg.tiny else 'full FLUX.1'} config)"
+    print(header)
+    print(rows.table())
+    if cfg.output is not None:
+        from appleswap.files import save_json
+
+        save_json(cfg.output, {"environment": header, "rows": [list(r) for r in rows.rows]})
+    return 0
+
+
+if __name__ == "__main__":  # ``python -m appleswap.bench`` without importing the other subcommands
+    import sys
+
+    from appleswap.cli_common import setup_logging
+
+    _parser = argparse.ArgumentParser(prog="appleswap bench")
+    add_parser(_parser.add_subparsers())
+    _args = _parser.parse_args(["bench", *sys.argv[1:]])
+    setup_logging(_args.log_level)
+    sys.exit(run(_args))
