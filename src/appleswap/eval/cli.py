@@ -25,9 +25,10 @@ def add_parser(subparsers) -> None:
             "  appleswap eval --pairs ffhq --sources FFHQ/images512 --targets FFHQ/images512 --swapped out/ "
             "--reference FFHQ/images512\n  appleswap eval compare runA/report.json runB/report.json"),
     )
-    parser.add_argument("action", nargs="?", choices=["run", "compare"], default="run",
-                        help="run (default): score a swap folder; compare: test two report.json files")
-    parser.add_argument("reports", nargs="*", help="for compare: A.json B.json")
+    parser.add_argument("action", nargs="?", choices=["run", "compare", "flicker"], default="run",
+                        help="run (default): score a swap folder; compare: test two report.json files; "
+                             "flicker: temporal flicker of a swapped video (optionally against its target video)")
+    parser.add_argument("reports", nargs="*", help="compare: A.json B.json; flicker: SWAPPED.mp4 [TARGET.mp4]")
     add_config_args(parser, EvalConfig)
     parser.set_defaults(func=run)
 
@@ -35,6 +36,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "compare":
         return _compare(args)
+    if args.action == "flicker":
+        return _flicker(args)
     from appleswap.eval.networks import WeightPaths
     from appleswap.eval.report_html import render_html
     from appleswap.eval.runner import evaluate
@@ -79,4 +82,17 @@ def _compare(args: argparse.Namespace) -> int:
     a, b = (load_report(p) for p in args.reports)
     print(format_comparison(compare_reports(a, b), Path(args.reports[0]).parent.name or "A",
                             Path(args.reports[1]).parent.name or "B"))
+    return 0
+
+
+def _flicker(args: argparse.Namespace) -> int:
+    from appleswap.eval.flicker import video_flicker
+    from appleswap.eval.stats import bootstrap_mean
+
+    if len(args.reports) not in (1, 2):
+        raise SystemExit("appleswap eval flicker: give SWAPPED.mp4 and optionally TARGET.mp4")
+    scores = video_flicker(*args.reports)
+    summary = bootstrap_mean(scores)
+    print(f"flicker (L* per frame, face region): {summary['mean']:.4f} [{summary['ci_low']:.4f}, "
+          f"{summary['ci_high']:.4f}] over {summary['n']} transitions")
     return 0

@@ -8,9 +8,11 @@ target video the raw temporal change of the swap is reported.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from skimage.color import rgb2lab
+from tqdm import tqdm
 
 VERSION = "flicker-1"
 
@@ -40,3 +42,33 @@ def flicker_scores(swapped: Sequence[np.ndarray], target: Sequence[np.ndarray] |
         scores.append(float(np.abs(change[mask]).mean()) if mask.any() else float("nan"))
         previous_s = current_s
     return np.asarray(scores)
+
+
+def read_frames(path: str | Path, limit: int = 0) -> list[np.ndarray]:
+    """Decoded RGB frames of a video file (``limit`` > 0 keeps the first ``limit``)."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video {path} does not exist")
+    frames = []
+    for frame in iio.imiter(path):
+        frames.append(np.ascontiguousarray(frame[..., :3]))
+        if limit and len(frames) >= limit:
+            break
+    return frames
+
+
+def video_flicker(swapped: str | Path, target: str | Path | None = None, limit: int = 0) -> np.ndarray:
+    """Per-transition flicker of a swapped video, on the face (mesh of each target frame, else swap frame)."""
+    from appleswap.eval.mesh import face_mesh_points, mesh_face_mask
+
+    frames = read_frames(swapped, limit)
+    reference = read_frames(target, len(frames)) if target else None
+    if reference is not None and len(reference) != len(frames):
+        raise ValueError(f"{swapped} has {len(frames)} frames but {target} has {len(reference)}")
+    masks = []
+    for frame in tqdm(reference if reference is not None else frames, desc="face masks", unit="frame", leave=False):
+        mesh = face_mesh_points(frame)
+        masks.append(mesh_face_mask(mesh, frame.shape[:2]) if mesh is not None else np.ones(frame.shape[:2], bool))
+    return flicker_scores(frames, reference, masks)

@@ -149,3 +149,14 @@ def inception_extractor(paths: WeightPaths, device: str) -> Extractor | None:
     model = fid.load_fid_inception(inception_path, device)
     return Extractor("inception", fid.VERSION, "pytorch-fid InceptionV3 pool3",
                      lambda images, own, masks: [{"pool3": f} for f in fid.inception_features(model, images)])
+
+
+def parser_from_registry(paths: WeightPaths) -> str | None:
+    """The BiSeNet parser file when present in the weights folder (the faces stage's entries)."""
+    for name in ("face_parser", "facexlib_parsing"):
+        try:
+            return str(locate(name, paths.weights_dir))
+        except (MissingWeightError, KeyError):
+            continue
+    log.warning("no face-parser weights: identity/skin masks come from the MediaPipe mesh (fallback)")
+    return None

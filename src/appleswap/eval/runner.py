@@ -23,6 +23,7 @@ from appleswap.eval.networks import (
     gaze_extractor,
     identity_extractors,
     inception_extractor,
+    parser_from_registry,
     pose_extractor,
 )
 from appleswap.eval.pairs import Pair, load_pairs
@@ -100,7 +101,7 @@ def evaluate(config: EvalConfig, paths: WeightPaths, device: str = "cpu") -> dic
     """Score every pair and return the report dict (written by the caller)."""
     pairs = load_pairs(config.pairs, config.swapped, config.sources, config.targets)
     cache = FeatureCache(config.cache or Path(config.out) / "cache")
-    masker = FaceMasker(config.parser_weights, device)
+    masker = FaceMasker(config.parser_weights or parser_from_registry(paths), device)
     images = list(dict.fromkeys([p.source for p in pairs] + [p.target for p in pairs] +
                                 [p.swap for p in pairs if p.swap is not None]))
     faces = compute_faces(images, masker, cache)
