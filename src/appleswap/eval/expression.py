@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
@@ -94,7 +95,7 @@ def aligned_crop(image: np.ndarray, points: np.ndarray, size: int = 224, rescale
 def reconnet_input(images: list[np.ndarray], mode: str = "reface", points: list[np.ndarray] | None = None):
     """Batch for :class:`ReconNet` in the chosen mode (see the module docstring)."""
     if mode == "reface":
-        prepared = [cv2.resize(im, (512, 512), interpolation=cv2.INTER_CUBIC) for im in images]
+        prepared = [np.asarray(Image.fromarray(im).resize((512, 512), Image.BICUBIC)) for im in images]  # as REFace
     elif mode == "aligned":
         if points is None or len(points) != len(images):
             raise ValueError("reconnet_input: mode 'aligned' needs 5 keypoints per image")
