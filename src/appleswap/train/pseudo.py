@@ -1,0 +1,79 @@
+"""``appleswap pseudo``: pseudo-triplets from the teacher with attribute-aware inversion (spec §7, §8).
+
+The manifest ``pairs.json`` is drawn once with the seed; ranks take strided shards; finished files are skipped,
+so a killed job restarted with the same command ends with every pair exactly once. Several GPUs:
+``torchrun --nproc_per_node N -m appleswap.cli pseudo ...`` (RANK / WORLD_SIZE are read from the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from appleswap.cli_common import HelpFormatter, common_parser
+from appleswap.config import add_config_args, load_config_file, resolve_config
+from appleswap.train.config import PseudoConfig
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("pseudo", help="pseudo-triplets from the teacher (inversion + regeneration)",
+                                   description=__doc__, parents=[common_parser()], formatter_class=HelpFormatter)
+    add_config_args(parser, PseudoConfig)
+    parser.add_argument("--resolution", type=int, default=512, help="image size")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from appleswap.cli_common import pick_device
+    from appleswap.model.loading import load_apple_transformer, load_vae
+    from appleswap.model.text import load_text_embeddings
+    from appleswap.train.build import DTYPES
+    from appleswap.train.data import IdTokenStore
+    from appleswap.train.pairs import load_or_create_manifest, merge_scores, shard
+    from appleswap.train.pseudo_gen import PseudoGenerator, generate_pairs, pool_items
+    from appleswap.train.scores import build_scorer
+    from appleswap.weights import locate
+
+    config = resolve_config(PseudoConfig, args, load_config_file(args.config), prefix="pseudo")
+    if config.dataset_root is None or config.id_cache is None:
+        raise ValueError("`dataset_root` and `id_cache` are required (config file or --dataset-root/--id-cache)")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(pick_device(args.device) if world == 1 else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                          if torch.cuda.is_available() else "cpu")
+    root, out_dir = Path(config.dataset_root), Path(config.output_dir)
+    pairs = load_or_create_manifest(out_dir, pool_items(root, config.condition_folder, config.aes_threshold),
+                                    config.num_pairs, config.seed) if rank == 0 else None
+    pairs = pairs or _wait_for_manifest(out_dir, config)
+    dtype = DTYPES[config.mixed_precision]
+    flux = locate("flux", args.weights_dir, explicit=config.flux)
+    transformer = load_apple_transformer(flux, pulid_path=locate("pulid_flux", args.weights_dir, explicit=config.pulid),
+                                         lora_path=locate("apple_teacher", args.weights_dir, explicit=config.teacher),
+                                         dtype=dtype, device=device)
+    generator = PseudoGenerator(transformer, load_vae(flux, dtype=dtype, device=device),
+                                load_text_embeddings(flux, config.prompt, device=device, dtype=dtype),
+                                IdTokenStore(config.id_cache).null(), num_steps=config.num_steps,
+                                guidance=config.guidance)
+    scorer = build_scorer(config, args.weights_dir, root, device) if config.score else None
+    done = generate_pairs(generator, shard(pairs, rank, world), root=root, out_dir=out_dir,
+                          id_cache=Path(config.id_cache), condition_folder=config.condition_folder,
+                          resolution=args.resolution, scorer=scorer)
+    if config.score:
+        merge_scores(out_dir)
+    print(f"rank {rank}/{world}: generated {done}, shard of {len(shard(pairs, rank, world))}; output in {out_dir}")
+    return 0
+
+
+def _wait_for_manifest(out_dir: Path, config: PseudoConfig) -> list:
+    """Ranks > 0 wait for rank 0's manifest (drawn once) instead of drawing their own."""
+    import time
+
+    from appleswap.train.pairs import MANIFEST, load_or_create_manifest
+
+    for _ in range(600):
+        if (out_dir / MANIFEST).is_file():
+            return load_or_create_manifest(out_dir, {}, config.num_pairs, config.seed)
+        time.sleep(1)
+    raise FileNotFoundError(f"{out_dir / MANIFEST} did not appear (is rank 0 running?)")
