@@ -109,3 +109,30 @@ def test_helper_scorers_for_other_stages(faces_dir, tmp_path):
     identity = IdentityScorer(str(tmp_path))
     same, cross = identity.similarity(images[:1] * 2, images[1:3])
     assert same > cross
+
+
+def test_largest_face_is_scored(faces_dir):
+    image = load_image(faces_dir / "two_people.jpg")
+    mesh = face_mesh_points(image)
+    small = np.ascontiguousarray(image.copy())
+    x0, y0 = mesh[:, :2].min(axis=0).astype(int)
+    x1, y1 = mesh[:, :2].max(axis=0).astype(int)
+    small[y0:y1, x0:x1] = 128  # hide the chosen face: another (smaller) face must now be found
+    other = face_mesh_points(small)
+    assert other is not None and np.ptp(other[:, 0]) * np.ptp(other[:, 1]) <= np.ptp(mesh[:, 0]) * np.ptp(mesh[:, 1])
+
+
+def test_compare_reports_flags_paired_and_set_differences():
+    from appleswap.eval.compare import compare_reports, format_comparison
+
+    rng = np.random.default_rng(0)
+    pose_a = rng.normal(3.0, 1.0, 200)
+    rows_a = [{"id": str(i), "pose": float(v)} for i, v in enumerate(pose_a)]
+    rows_b = [{"id": str(i), "pose": float(v - 1.0)} for i, v in enumerate(pose_a)]
+    a = {"metrics": {"pose": {"mean": 3.0}, "fid": {"mean": 10.0, "ci_low": 9.0, "ci_high": 11.0}}, "per_pair": rows_a}
+    b = {"metrics": {"pose": {"mean": 2.0}, "fid": {"mean": 10.5, "ci_low": 9.5, "ci_high": 11.5}}, "per_pair": rows_b}
+    results = {row["metric"]: row for row in compare_reports(a, b, resamples=500)}
+    assert results["pose"]["significant"] and results["pose"]["better"] == "B"
+    assert results["pose"]["diff"] == pytest.approx(-1.0)
+    assert not results["fid"]["significant"] and results["fid"]["test"].startswith("interval overlap")
+    assert "significant, B better" in format_comparison(list(results.values()))

@@ -34,7 +34,7 @@ def _face_mesh():
     if _MESH is None:
         import mediapipe as mp
 
-        _MESH = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True,
+        _MESH = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=4, refine_landmarks=True,
                                                 min_detection_confidence=0.3)
     return _MESH
 
@@ -51,9 +51,9 @@ def face_mesh_points(image: np.ndarray) -> np.ndarray | None:
         result = _face_mesh().process(np.ascontiguousarray(image))
     if not result.multi_face_landmarks:
         return None
-    marks = result.multi_face_landmarks[0].landmark
-    points = np.array([(p.x * width, p.y * height, p.z * width) for p in marks], dtype=np.float32)
-    return points
+    faces = [np.array([(p.x * width, p.y * height, p.z * width) for p in face.landmark], dtype=np.float32)
+             for face in result.multi_face_landmarks]
+    return max(faces, key=lambda pts: float(np.ptp(pts[:, 0]) * np.ptp(pts[:, 1])))
 
 
 def five_points(mesh: np.ndarray) -> np.ndarray:
