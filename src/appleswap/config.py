@@ -88,7 +88,7 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
         )
         help_text = field.metadata.get("help", "")
         help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
-        kwargs: dict[str, Any] = {"dest": _dest(prefix, field.name), "default": _UNSET, "help": help_text}
+        kwargs: dict[str, Any] = {"dest": _dest(prefix, field.name), "default": argparse.SUPPRESS, "help": help_text}
         origin = get_origin(tp)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

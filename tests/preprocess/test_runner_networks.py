@@ -137,6 +137,15 @@ def test_min_aesthetic_filters_faces(weights, aligned_dir, tmp_path):
     assert json.loads((out / "score.json").read_text()).keys() == scores.keys()  # filtered faces keep their score
 
 
+def test_parity_option_reaches_the_segmenters(weights, tiny_occlusion):
+    from appleswap.preprocess.worker import load_segmenters
+
+    for parity, flip in ((False, "none"), (True, "only")):
+        config = PreprocessConfig(aligned=True, parser="auto", occlusion="auto", parity=parity)
+        parser, occlusion, _ = load_segmenters(config, weights, "cpu")
+        assert parser.parity_double_norm is parity and occlusion.flip == flip
+
+
 def test_missing_weights_are_named(aligned_dir, tmp_path):
     from appleswap.weights import MissingWeightError
 
@@ -164,3 +173,6 @@ def test_tddfa_landmarks_get_mediapipe_iris(aligned_dir, tmp_path):
     face = record["faces"][0]
     assert len(face["lm68"]) == 68 and len(face["iris"]) == 10
     assert FacePaths(out, "n000001", "biden2").png("blur").is_file()
+    # the fitted 3DMM coefficients are kept (the reference throws them away)
+    assert len(face["tddfa"]["exp"]) == 64 and len(face["tddfa"]["id"]) == 80
+    assert (out / face["tddfa"]["coeffs"]).is_file()

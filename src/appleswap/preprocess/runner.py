@@ -42,6 +42,8 @@ class PreprocessConfig:
     clip_dir: str | None = option(None, "CLIP ViT-L/14 folder for the aesthetic score (default: registry)")
     aesthetic_head: str | None = option(None, "LAION aesthetic MLP head file (default: registry)")
     min_aesthetic: float | None = option(None, "skip faces scoring below this (implies --aesthetic)")
+    parity: bool = option(False, "reproduce the reference's segmentation quirks (parser input normalised twice, "
+                                 "flip-only occlusion inference) so conditions match what the released teacher saw")
     inpainting: bool = option(False, "also write the inpainting-baseline condition (black face region)")
     preview: bool = option(False, "write preview.jpg: photo | landmarks | mask | condition per face")
     workers: int = option(1, "worker processes (0: one per CPU core)")

@@ -63,8 +63,11 @@ class FaceWorker:
         record["image_size"] = [int(image.shape[1]), int(image.shape[0])]
         for index, (aligned, landmarks, detection) in enumerate(crops):
             paths = FacePaths(self.output_root, item.folder, face_name(item.stem, index, len(crops)))
+            fit = detection.pop("_fit", None)
             try:
                 face = self._write_face(item, aligned, landmarks, paths)
+                if fit is not None and face["status"] == "ok":
+                    face["tddfa"] = _save_fit(paths, fit)
             except Exception as error:
                 log.exception("failure on face %d of %s", index, item.path)
                 face = {"name": paths.name, "status": "error", "error": f"{item.path}: face {index}: {error}"}
@@ -83,7 +86,7 @@ class FaceWorker:
         if self.config.aligned:
             aligned = _as_aligned(image, size)
             landmarks = self.landmarker(aligned.image, key=item.key)
-            return [(aligned, self._with_iris(aligned.image, landmarks), {})]
+            return [(aligned, self._with_iris(aligned.image, landmarks), {"_fit": self._last_fit()})]
         from appleswap.faces.detect import detect_faces
 
         detections = detect_faces(image, min_score=self.config.min_face_score, min_size=self.config.min_face_size)
@@ -103,13 +106,18 @@ class FaceWorker:
                 errors.append(f"face {index}: {error}")
                 continue
             info = {"box": detection.box.round(2).tolist(), "det_score": round(detection.score, 4),
-                    "n_faces_detected": found}
+                    "n_faces_detected": found, "_fit": self._last_fit()}
             crops.append((final, landmarks, info))
         if not crops:
             raise ValueError("; ".join(errors))
         if errors:
             log.warning("%s: skipped %s", item.path, "; ".join(errors))
         return crops
+
+    def _last_fit(self):
+        """The 3DDFA-V3 fit behind the latest landmark call (None for other providers). On photos it belongs to
+        the rough crop: identity and expression are the same, the pose is relative to that crop."""
+        return getattr(self.landmarker, "last_fit", None)
 
     def _with_iris(self, aligned: np.ndarray, landmarks: FaceLandmarks) -> FaceLandmarks:
         """Providers without iris (3DDFA-V3) get MediaPipe's iris points on the same crop."""
@@ -182,6 +190,15 @@ class FaceWorker:
         return load_image(target, min_side=1)
 
 
+def _save_fit(paths: FacePaths, fit: Any) -> dict[str, Any]:
+    """Write the fitted 3DMM coefficients next to the 68-point drawing; the record names the file."""
+    from appleswap.faces.tddfa.provider import save_fit
+
+    target = paths.lm68.parent / f"{paths.name}_coeffs.safetensors"
+    save_fit(target, fit)
+    return {"coeffs": paths.relative(target), **fit.to_record()}
+
+
 def save_png(path: Path, array: np.ndarray, level: int = PNG_LEVEL) -> Path:
     """Atomic PNG with a fast zlib level: photo-like PNGs (conditions) encode ~5x faster than at PIL's default 6
     for ~7 % more bytes; the mostly black drawings and masks stay tiny either way."""
@@ -245,11 +262,12 @@ def load_segmenters(config: Any, weights_dir: str | None = None, device: str | N
     if (path := resolve(config.parser, "face_parser")) is not None:
         from appleswap.faces.parsing import FaceParser
 
-        parser = FaceParser.from_file(path, device=device)
+        parser = FaceParser.from_file(path, device=device, parity_double_norm=bool(getattr(config, "parity", False)))
     if (path := resolve(config.occlusion, "occlusion_deeplabv3")) is not None:
         from appleswap.faces.occlusion import OcclusionSegmenter
 
-        occlusion = OcclusionSegmenter.from_file(path, device=device)
+        occlusion = OcclusionSegmenter.from_file(path, device=device,
+                                                 flip="only" if getattr(config, "parity", False) else "none")
     if config.aesthetic or config.min_aesthetic is not None:
         from appleswap.preprocess.aesthetic import AestheticScorer
 
