@@ -14,7 +14,8 @@ from tests.eval import tiny_weights
 def test_irse50_has_the_psp_checkpoint_layout():
     state = arcface.IRSE50().state_dict()
     for key, shape in {"input_layer.0.weight": (64, 3, 3, 3), "body.0.shortcut_layer": None,
-                       "body.2.res_layer.5.fc1.weight": (4, 64, 1, 1), "body.3.shortcut_layer.0.weight": (128, 64, 1, 1),
+                       "body.2.res_layer.5.fc1.weight": (4, 64, 1, 1),
+                       "body.3.shortcut_layer.0.weight": (128, 64, 1, 1),
                        "body.23.res_layer.3.weight": (512, 512, 3, 3), "output_layer.3.weight": (512, 25088),
                        "output_layer.4.running_var": (512,)}.items():
         if shape is None:

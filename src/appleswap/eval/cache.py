@@ -27,7 +27,7 @@ def file_stamp(path: str | Path) -> str:
 
 
 class FeatureCache:
-    """``get``/``put`` numpy feature dicts under ``root/<metric>/<key[:2]>/<key>.safetensors``; ``root=None`` disables."""
+    """``get``/``put`` feature dicts at ``root/<metric>/<key[:2]>/<key>.safetensors``; ``root=None`` disables it."""
 
     def __init__(self, root: str | Path | None) -> None:
         self.root = Path(root) if root else None

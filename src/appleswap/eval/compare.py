@@ -66,7 +66,7 @@ def format_comparison(results: list[dict], name_a: str = "A", name_b: str = "B")
     lines = [f"{'metric':<26} {name_a[:12]:>12} {name_b[:12]:>12} {'B-A':>9} {'95% CI':>21} {'p':>7}  verdict"]
     for row in results:
         def num(value, width=12):
-            return f"{value:>{width}.4f}" if isinstance(value, (int, float)) and value is not None else f"{'-':>{width}}"
+            return f"{value:>{width}.4f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
 
         interval = (f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]" if row.get("ci_low") is not None else "-")
         p_value = f"{row['p_value']:.4f}" if row.get("p_value") is not None else "-"

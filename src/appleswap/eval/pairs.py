@@ -79,7 +79,8 @@ def load_pairs(pairs: str | Path, swapped: str | Path | None, sources: str | Pat
         source = find_image(row["source"], source_dir) or find_image(row["id"], source_dir)
         target = find_image(row["target"], target_dir) or find_image(row["id"], target_dir)
         if source is None or target is None:
-            errors.append(f"pair {row['id']}: {'source ' + row['source'] if source is None else 'target ' + row['target']}")
+            missing_name = f"source {row['source']}" if source is None else f"target {row['target']}"
+            errors.append(f"pair {row['id']}: {missing_name}")
             continue
         swap = None
         if row.get("swap"):

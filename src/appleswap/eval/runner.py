@@ -69,7 +69,8 @@ def _per_pair_basic(pairs: list[Pair], faces: dict, pose_f, expr_f, gaze_f) -> d
             continue
         swap_pose, target_pose = pose_f(None, pair)["angles"], pose_f(pair.target)["angles"]
         values["pose"][i] = pose_error(swap_pose, target_pose)
-        values["expression"][i] = np.linalg.norm(expr_f(None, pair)["coefficients"] - expr_f(pair.target)["coefficients"])
+        expression = expr_f(None, pair)["coefficients"] - expr_f(pair.target)["coefficients"]
+        values["expression"][i] = np.linalg.norm(expression)
         values["gaze"][i] = gaze_error(gaze_f(None, pair)["vector"], gaze_f(pair.target)["vector"])[0]
         target_face, swap_face = faces[pair.target], faces[pair.swap]
         skin = select(target_face["classes"], SKIN_CLASSES)
@@ -78,20 +79,22 @@ def _per_pair_basic(pairs: list[Pair], faces: dict, pose_f, expr_f, gaze_f) -> d
     return values
 
 
-def _set_metrics(pairs, inception, faces_cache, config, cache) -> dict[str, dict]:
+def _set_metrics(pairs: list[Pair], inception: Extractor | None, config: EvalConfig,
+                 cache: FeatureCache) -> dict[str, dict]:
     """FID and KID of the swaps against the reference folder, with few-resample bootstrap intervals."""
     reference = _reference_images(config.reference, config.reference_limit)
     swaps = [p.swap for p in pairs if p.swap is not None]
     if inception is None or not reference or len(swaps) < 2:
         reason = "no Inception weights" if inception is None else "no --reference folder or < 2 swaps"
-        return {"fid": {"mean": None, "note": f"not computed: {reason}"}, "kid": {"mean": None, "note": f"not computed: {reason}"}}
+        return {name: {"mean": None, "note": f"not computed: {reason}"} for name in ("fid", "kid")}
     found = extract_all(inception, [Job(p) for p in swaps + reference], cache, {}, config.batch_size)
     a = np.stack([found[Job(p)]["pool3"] for p in swaps]).astype(np.float64)
     b = np.stack([found[Job(p)]["pool3"] for p in reference]).astype(np.float64)
     out = {}
     for name, function in (("fid", fid_metric.frechet_distance), ("kid", fid_metric.kernel_inception_distance)):
         value = function(a, b)
-        low, high = stats.bootstrap_statistic(len(a), lambda idx, fn=function: fn(a[idx], b), resamples=config.set_resamples)
+        low, high = stats.bootstrap_statistic(len(a), lambda idx, fn=function: fn(a[idx], b),
+                                              resamples=config.set_resamples)
         out[name] = {"mean": value, "ci_low": low, "ci_high": high, "n": len(a), "reference": len(b),
                      "resamples": config.set_resamples}
     return out
@@ -106,9 +109,10 @@ def evaluate(config: EvalConfig, paths: WeightPaths, device: str = "cpu") -> dic
                                 [p.swap for p in pairs if p.swap is not None]))
     faces = compute_faces(images, masker, cache)
     recognisers = identity_extractors(paths, device, config.id_mask_from)
-    pose_x, expr_x, gaze_x = pose_extractor(paths, device), expression_extractor(paths, device, config.expression_mode), gaze_extractor()
+    pose_x, gaze_x = pose_extractor(paths, device), gaze_extractor()
+    expr_x = expression_extractor(paths, device, config.expression_mode)
     per_pair: dict[str, np.ndarray] = {}
-    networks = {"mask": masker.source}
+    networks = {"mask": "BiSeNet face parser" if masker.source == "parser" else "MediaPipe mesh (embedded fallback)"}
     for recogniser in recognisers:
         lookup = _features(recogniser, pairs, faces, cache, config)
         per_pair.update(identity_scores(recogniser.name, pairs, lookup))
@@ -119,14 +123,15 @@ def evaluate(config: EvalConfig, paths: WeightPaths, device: str = "cpu") -> dic
     inception = inception_extractor(paths, device)
     networks["fid"] = inception.label if inception else "missing weights"
     summary = {name: stats.bootstrap_mean(values, resamples=config.bootstrap) for name, values in per_pair.items()}
-    summary.update(_set_metrics(pairs, inception, faces, config, cache))
+    summary.update(_set_metrics(pairs, inception, config, cache))
     rows = [{"id": p.id, "source": str(p.source), "target": str(p.target), "swap": str(p.swap) if p.swap else None,
              **{name: _finite(values[i]) for name, values in per_pair.items()}} for i, p in enumerate(pairs)]
     log.info("feature cache: %d hits, %d computed", cache.hits, cache.misses)
     return {"report_version": REPORT_VERSION, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "config": config_to_dict(config), "device": device, "pairs": len(pairs),
             "swaps_found": sum(p.swap is not None for p in pairs), "networks": networks,
-            "fallbacks": sorted(x.name for x in recognisers + [pose_x, expr_x] if x.fallback),
+            "fallbacks": sorted([x.name for x in [*recognisers, pose_x, expr_x] if x.fallback] +
+                                (["mask_mesh"] if masker.source == "mesh" else [])),
             "cache": {"folder": str(cache.root), "hits": cache.hits, "computed": cache.misses},
             "metrics": summary, "per_pair": rows}
 

@@ -24,8 +24,10 @@ class EvalConfig:
     hopenet: str | None = option(None, "hopenet_robust_alpha1.pkl (default: registry 'hopenet_robust')")
     deep3d: str | None = option(None, "Deep3DFaceRecon epoch_20.pth (default: registry 'deep3d_recon')")
     inception: str | None = option(None, "pt_inception-2015-12-05-6726825d.pth (default: registry 'fid_inception')")
-    expression_mode: Literal["reface", "aligned"] = option("reface", "Deep3DFaceRecon input: REFace full image or 5-point aligned 224")
-    id_mask_from: Literal["target", "swap"] = option("target", "mask of the swap for ID: the target's (REFace) or its own")
+    expression_mode: Literal["reface", "aligned"] = option(
+        "reface", "Deep3DFaceRecon input: REFace's whole image at 512, or 5-point aligned 224 crops")
+    id_mask_from: Literal["target", "swap"] = option(
+        "target", "face mask applied to a swap before IR-SE50: its target's (as REFace) or its own")
     bootstrap: int = option(1000, "bootstrap resamples for per-pair metrics")
     set_resamples: int = option(20, "bootstrap resamples for FID/KID (each costs one FID)")
     reference_limit: int = option(0, "use at most this many reference images for FID (0: all)")
