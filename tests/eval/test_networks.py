@@ -108,7 +108,8 @@ def test_frechet_and_kid_numbers():
     from scipy.linalg import sqrtm
 
     direct = np.trace(np.real(sqrtm(np.cov(x, rowvar=False) @ np.cov(y, rowvar=False))))
-    assert fid._trace_sqrt_product(xc, yc) == pytest.approx(direct, rel=1e-4)
+    assert fid._trace_sqrt_product(xc, np.cov(y, rowvar=False)) == pytest.approx(direct, rel=1e-4)
+    assert fid._trace_sqrt_product(yc, np.cov(x, rowvar=False)) == pytest.approx(direct, rel=1e-4)
     assert fid.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
     same = fid.kernel_inception_distance(a[:100], a[100:], subsets=10, subset_size=100)
     shifted = fid.kernel_inception_distance(a, b, subsets=10, subset_size=100)

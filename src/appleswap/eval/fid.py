@@ -66,45 +66,53 @@ def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> 
 
 @torch.no_grad()
 def inception_features(model: FIDInception, images: list[np.ndarray]) -> np.ndarray:
-    """(B, 2048) float64 pool3 features of uint8 RGB images (each image resized on its own, like pytorch-fid)."""
+    """(B, 2048) float32 pool3 features of uint8 RGB images (each image resized on its own, like pytorch-fid)."""
     device = next(model.parameters()).device
     batch = torch.cat([F.interpolate(torch.from_numpy(im).permute(2, 0, 1).float()[None] / 255.0, size=(299, 299),
                                      mode="bilinear", align_corners=False) for im in images])
-    return model(batch.to(device)).double().cpu().numpy()
+    return model(batch.to(device)).float().cpu().numpy()
 
 
-def _trace_sqrt_product(centred_a: np.ndarray, centred_b: np.ndarray) -> float:
-    """Tr((S_a S_b)^(1/2)) for sample covariances S = X^T X / (n - 1) of centred features, without sqrtm.
+def reference_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of a reference set, computed once and reused across bootstrap resamples."""
+    features = np.asarray(features, np.float64)
+    if len(features) < 2:
+        raise ValueError(f"FID needs at least 2 reference images, got {len(features)}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
 
-    The eigenvalues of S_a S_b are those of (X_a X_b^T)(X_a X_b^T)^T / ((n_a - 1)(n_b - 1)), so the trace is the
-    nuclear norm of X_a X_b^T over sqrt((n_a - 1)(n_b - 1)): an n x n problem when n < d (1,000 swaps vs 2,048
-    features), else the d x d symmetric route. Both are exact, and far faster than scipy's general sqrtm.
+
+def _trace_sqrt_product(centred_a: np.ndarray, sigma_b: np.ndarray) -> float:
+    """Tr((S_a S_b)^(1/2)) with S_a = X_a^T X_a / (n_a - 1), without a general matrix square root.
+
+    S_a S_b has the non-zero eigenvalues of X_a S_b X_a^T / (n_a - 1), an n_a x n_a symmetric problem when the set
+    is smaller than the feature dimension (1,000 swaps vs 2,048); otherwise the d x d route through S_a^(1/2).
+    Both are exact and much faster than scipy's sqrtm.
     """
-    n_a, n_b, dim = len(centred_a), len(centred_b), centred_a.shape[1]
-    if min(n_a, n_b) < dim:
-        small, large = (centred_a, centred_b) if n_a <= n_b else (centred_b, centred_a)
-        cross = small @ large.T
-        eigenvalues = np.linalg.eigvalsh(cross @ cross.T)
-        return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum() / np.sqrt((n_a - 1) * (n_b - 1)))
-    sigma_a = centred_a.T @ centred_a / (n_a - 1)
-    sigma_b = centred_b.T @ centred_b / (n_b - 1)
-    values, vectors = np.linalg.eigh(sigma_a)
-    root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-    eigenvalues = np.linalg.eigvalsh(root_a @ sigma_b @ root_a)
+    n_a, dim = centred_a.shape
+    if n_a - 1 < dim:
+        eigenvalues = np.linalg.eigvalsh(centred_a @ sigma_b @ centred_a.T / (n_a - 1))
+    else:
+        values, vectors = np.linalg.eigh(centred_a.T @ centred_a / (n_a - 1))
+        root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+        eigenvalues = np.linalg.eigvalsh(root_a @ sigma_b @ root_a)
     return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
 
 
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """FID between two feature sets: |mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^(1/2))."""
-    if len(features_a) < 2 or len(features_b) < 2:
-        raise ValueError(f"FID needs at least 2 images per set, got {len(features_a)} and {len(features_b)}")
-    features_a, features_b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    mu_a, mu_b = features_a.mean(axis=0), features_b.mean(axis=0)
-    centred_a, centred_b = features_a - mu_a, features_b - mu_b
+def frechet_from_statistics(features_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray) -> float:
+    """FID of a feature set against reference statistics: |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))."""
+    features_a = np.asarray(features_a, np.float64)
+    if len(features_a) < 2:
+        raise ValueError(f"FID needs at least 2 images, got {len(features_a)}")
+    mu_a = features_a.mean(axis=0)
+    centred_a = features_a - mu_a
     trace_a = float((centred_a**2).sum() / (len(features_a) - 1))
-    trace_b = float((centred_b**2).sum() / (len(features_b) - 1))
     diff = mu_a - mu_b
-    return float(diff @ diff + trace_a + trace_b - 2.0 * _trace_sqrt_product(centred_a, centred_b))
+    return float(diff @ diff + trace_a + np.trace(sigma_b) - 2.0 * _trace_sqrt_product(centred_a, sigma_b))
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """FID between two feature sets (pytorch-fid's formula, without its sqrtm)."""
+    return frechet_from_statistics(features_a, *reference_statistics(features_b))
 
 
 def kernel_inception_distance(features_a: np.ndarray, features_b: np.ndarray, *, subsets: int = 100,

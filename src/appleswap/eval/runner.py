@@ -90,12 +90,14 @@ def _set_metrics(pairs: list[Pair], inception: Extractor | None, config: EvalCon
     found = extract_all(inception, [Job(p) for p in swaps + reference], cache, {}, config.batch_size)
     a = np.stack([found[Job(p)]["pool3"] for p in swaps]).astype(np.float64)
     b = np.stack([found[Job(p)]["pool3"] for p in reference]).astype(np.float64)
+    mu_b, sigma_b = fid_metric.reference_statistics(b)
+    functions = {"fid": lambda x: fid_metric.frechet_from_statistics(x, mu_b, sigma_b),
+                 "kid": lambda x: fid_metric.kernel_inception_distance(x, b)}
     out = {}
-    for name, function in (("fid", fid_metric.frechet_distance), ("kid", fid_metric.kernel_inception_distance)):
-        value = function(a, b)
-        low, high = stats.bootstrap_statistic(len(a), lambda idx, fn=function: fn(a[idx], b),
+    for name, function in functions.items():
+        low, high = stats.bootstrap_statistic(len(a), lambda idx, fn=function: fn(a[idx]),
                                               resamples=config.set_resamples)
-        out[name] = {"mean": value, "ci_low": low, "ci_high": high, "n": len(a), "reference": len(b),
+        out[name] = {"mean": function(a), "ci_low": low, "ci_high": high, "n": len(a), "reference": len(b),
                      "resamples": config.set_resamples}
     return out
 
