@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from appleswap.train import build
     from appleswap.train.trainer import make_accelerator, train
 
-    config = resolve_config(args.config_class, args, load_config_file(args.config), prefix=args.stage)
+    data = load_config_file(args.config)
+    data = data[args.stage] if isinstance(data.get(args.stage), dict) else data  # sectioned or flat file
+    config = resolve_config(args.config_class, args, data)
     cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
     accelerator = make_accelerator(config, cpu=cpu)
     torch.manual_seed(config.seed)

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from appleswap.train.scores import build_scorer
     from appleswap.weights import locate
 
-    config = resolve_config(PseudoConfig, args, load_config_file(args.config), prefix="pseudo")
+    data = load_config_file(args.config)
+    config = resolve_config(PseudoConfig, args, data["pseudo"] if isinstance(data.get("pseudo"), dict) else data)
     if config.dataset_root is None or config.id_cache is None:
         raise ValueError("`dataset_root` and `id_cache` are required (config file or --dataset-root/--id-cache)")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
