@@ -102,11 +102,11 @@ class SwapEngine:
             self.model_name, watermarked=cfg.watermark, source=[Path(s).name for s in sources],
             target=Path(target).name, steps=cfg.steps, seed=cfg.seed, id_guidance_scale=cfg.id_guidance_scale, **extra)
 
-    def _mark(self, image: np.ndarray) -> np.ndarray:
+    def _mark(self, image: np.ndarray, strength: float = wm.DEFAULT_STRENGTH) -> np.ndarray:
         if not self.config.watermark:
             return image
-        return wm.embed_watermark(image, self.config.watermark_key if self.config.watermark_key is not None
-                                  else wm.DEFAULT_KEY)
+        key = self.config.watermark_key if self.config.watermark_key is not None else wm.DEFAULT_KEY
+        return wm.embed_watermark(image, key, strength)
 
     def swap_image(self, identity: Any, target: np.ndarray, name: str = "target"):
         """Swap one decoded photo; ValueError (naming ``name``) when no face qualifies."""
@@ -166,12 +166,12 @@ class VideoSwapProcessor:
             self.targets |= {ids[i] for i in swapper.choose(frame, faces)}  # "one" keeps its first choice
         chosen = [i for i, track in enumerate(ids) if track in self.targets]
         if not chosen:
-            return self.engine._mark(frame)
+            return self.engine._mark(frame, wm.VIDEO_STRENGTH)
         keypoints = [self.tracker.keypoints(ids[i]) for i in chosen]
         seed = cfg.seed if cfg.shared_noise else cfg.seed + index
         outcome = swapper.swap_frame(frame, self.identity, faces=faces, chosen=chosen, keypoints=keypoints, seed=seed)
         self.frames_swapped += 1
-        return self.engine._mark(outcome.image)
+        return self.engine._mark(outcome.image, wm.VIDEO_STRENGTH)
 
     def state(self) -> dict[str, Any]:
         return {"tracker": self.tracker.state(), "targets": sorted(self.targets), "frames_swapped": self.frames_swapped}

@@ -95,10 +95,10 @@ def run_jobs(engine, identity, sources: list[str], jobs: list[tuple[Path, Path]]
 
 def run(args: argparse.Namespace) -> int:
     from appleswap.app.engine import SwapEngine
-    from appleswap.app.swapper import SwapConfig
+    from appleswap.app.swapper import SwapConfig, swap_section
     from appleswap.config import load_config_file, resolve_config
 
-    config = resolve_config(SwapConfig, args, load_config_file(args.config), prefix="swap").check()
+    config = resolve_config(SwapConfig, args, swap_section(load_config_file(args.config))).check()
     if config.face_selector == "reference" and not config.reference_face:
         raise ValueError("--face-selector reference needs --reference-face PHOTO")
     check_sources(args.source)

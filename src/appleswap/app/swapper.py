@@ -79,6 +79,14 @@ class SwapConfig:
         return self
 
 
+def swap_section(file_data: dict[str, Any]) -> dict[str, Any]:
+    """The ``[swap]`` section of a config file, or the whole file when it is flat."""
+    section = file_data.get("swap", file_data)
+    if not isinstance(section, dict):
+        raise ValueError("config file: [swap] must be a table of swap options")
+    return section
+
+
 @dataclasses.dataclass
 class SwappedFace:
     box: np.ndarray

@@ -19,6 +19,7 @@ from scipy.fft import dctn, idctn
 BLOCK = 8
 DEFAULT_KEY = int.from_bytes(hashlib.sha256(b"appleswap-watermark-v1").digest()[:4], "little")
 DEFAULT_STRENGTH = 2.0  # DCT units (0-255 scale); about 0.9 grey levels RMS, PSNR ~ 45 dB
+VIDEO_STRENGTH = 4.0  # H.264 predicts P-frames from moved content and drops much of a weak static mark
 DETECT_THRESHOLD = 6.0
 VIDEO_THRESHOLD = 5.0  # on the mean per-frame score; H.264 weakens the mark more than JPEG
 # zig-zag positions 6..20 of an 8x8 block: mid frequencies JPEG keeps at quality 90

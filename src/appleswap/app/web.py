@@ -267,10 +267,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from appleswap.app.swapper import SwapConfig
+    from appleswap.app.swapper import SwapConfig, swap_section
     from appleswap.config import load_config_file, resolve_config
 
-    defaults = resolve_config(SwapConfig, None, load_config_file(args.config), prefix="swap")
+    defaults = resolve_config(SwapConfig, None, swap_section(load_config_file(args.config)))
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="appleswap-app-"))
     app = WebApp(engine_cache(args.weights_dir, args.device), work_dir, defaults)
     server = make_server(app, args.host, args.port)
