@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 LOWER_IS_BETTER = ("pose", "expression", "gaze", "skin", "lighting", "fid", "kid")
 DESCRIPTIONS = {
     "id_sim": "cosine to the paired source (higher is better)",
-    "id_top1": "source retrieved first among all sources (%)",
-    "id_top5": "source among the 5 nearest (%)",
+    "id_top1": "source retrieved first among all sources (% in the page, fraction in the JSON)",
+    "id_top5": "source among the 5 nearest (% in the page, fraction in the JSON)",
     "pose": "L2 of yaw/pitch/roll difference to the target, degrees",
     "expression": "L2 of expression coefficients to the target",
     "gaze": "angle between swap and target gaze, degrees",
@@ -69,7 +69,7 @@ def _metric_rows(report: dict) -> str:
         percent = base in ("id_top1", "id_top5")
         interval = (f"[{_fmt(entry.get('ci_low'), percent)}, {_fmt(entry.get('ci_high'), percent)}]"
                     if entry.get("ci_low") is not None else "-")
-        note = entry.get("note") or DESCRIPTIONS.get(base, "")
+        note = entry.get("note") or entry.get("what") or DESCRIPTIONS.get(base, "")
         counts = f"{entry.get('n', '-')}" + (f" ({entry['missing']} missing)" if entry.get("missing") else "")
         arrow = "&darr;" if base in LOWER_IS_BETTER else "&uarr;"
         rows.append(f"<tr><td class=l>{html.escape(name)} {arrow}</td><td>{_fmt(entry.get('mean'), percent)}</td>"

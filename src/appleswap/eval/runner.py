@@ -28,6 +28,7 @@ from appleswap.eval.networks import (
 )
 from appleswap.eval.pairs import Pair, load_pairs
 from appleswap.eval.pose import pose_error
+from appleswap.eval.report_html import DESCRIPTIONS, LOWER_IS_BETTER
 from appleswap.eval.settings import EvalConfig
 from appleswap.eval.skin import skin_tone_difference
 from appleswap.files import is_image_path
@@ -127,6 +128,11 @@ def evaluate(config: EvalConfig, paths: WeightPaths, device: str = "cpu") -> dic
     networks["fid"] = inception.label if inception else "missing weights"
     summary = {name: stats.bootstrap_mean(values, resamples=config.bootstrap) for name, values in per_pair.items()}
     summary.update(_set_metrics(pairs, inception, config, cache))
+    for name, entry in summary.items():
+        base = name.split("/")[0]
+        entry.setdefault("higher_is_better", base not in LOWER_IS_BETTER)
+        entry.setdefault("what", DESCRIPTIONS.get(base, "") + (" (fallback: mesh ratios, other units)"
+                                                               if base == "expression" and expr_x.fallback else ""))
     rows = [{"id": p.id, "source": str(p.source), "target": str(p.target), "swap": str(p.swap) if p.swap else None,
              **{name: _finite(values[i]) for name, values in per_pair.items()}} for i, p in enumerate(pairs)]
     log.info("feature cache: %d hits, %d computed", cache.hits, cache.misses)
