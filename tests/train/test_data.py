@@ -72,7 +72,8 @@ def test_dropout_rates_and_replacements(dataset):
 
 
 def _pseudo_folder(tmp_path, root):
-    pairs = [Pair(Item("biden", "biden"), Item("obama", "obama")), Pair(Item("obama", "obama1"), Item("biden", "biden2"))]
+    pairs = [Pair(Item("biden", "biden"), Item("obama", "obama")),
+             Pair(Item("obama", "obama1"), Item("biden", "biden2"))]
     out = tmp_path / "pseudo"
     save_json(out / "pairs.json", {"seed": 0, "num_pairs_requested": 2, "pairs": [p.to_json() for p in pairs]})
     for n, pair in enumerate(pairs):

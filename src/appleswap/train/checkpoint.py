@@ -119,8 +119,9 @@ def restore_lora(transformer: Any, path: Path) -> None:
     params = {name.removeprefix("flux."): p for name, p in transformer.named_parameters() if ".lora_" in name}
     wanted = {key.replace(".weight", ".default.weight"): value for key, value in state.items()}
     if set(wanted) != set(params):
-        raise ValueError(f"resume: {path} does not match the model's LoRA (e.g. missing "
-                         f"{sorted(set(params) - set(wanted))[:2]}, unexpected {sorted(set(wanted) - set(params))[:2]})")
+        missing, unexpected = sorted(set(params) - set(wanted))[:2], sorted(set(wanted) - set(params))[:2]
+        raise ValueError(f"resume: {path} does not match the model's LoRA (missing {missing}, "
+                         f"unexpected {unexpected})")
     with torch.no_grad():
         for name, value in wanted.items():
             params[name].copy_(value)

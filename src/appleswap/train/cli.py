@@ -2,7 +2,8 @@
 
 Launch on one GPU as is; on several GPUs or nodes through accelerate (docs/training.md)::
 
-    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m appleswap train teacher --config configs/teacher.yaml
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m appleswap.cli \
+        train teacher --config configs/teacher.yaml
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     conv = stages.add_parser("convert-arcface", help="SimSwap arcface_checkpoint.tar -> safetensors (no pickled "
                              "code runs)", parents=[common_parser()], formatter_class=HelpFormatter)
     conv.add_argument("source", help="arcface_checkpoint.tar")
-    conv.add_argument("output", help="destination .safetensors (registry: <weights>/arcface/arcface_simswap.safetensors)")
+    conv.add_argument("output", help="destination .safetensors "
+                      "(registry: <weights>/arcface/arcface_simswap.safetensors)")
     conv.set_defaults(func=run_convert)
 
 

@@ -122,7 +122,8 @@ FILTERS = (("aes", "min_aes", True), ("id_similarity", "min_id_similarity", True
            ("pose_error", "max_pose_error", False), ("expression_error", "max_expression_error", False))
 
 
-def filter_pairs(pairs: list[Pair], scores: dict[str, dict[str, Any]], thresholds: dict[str, float | None]) -> list[Pair]:
+def filter_pairs(pairs: list[Pair], scores: dict[str, dict[str, Any]],
+                 thresholds: dict[str, float | None]) -> list[Pair]:
     """Keep pairs whose scores pass every threshold that is set. A set threshold whose score is missing for a
     triplet drops that triplet (counted in the log), so an unscored set never passes a filter by accident."""
     active = [(key, thresholds[name], keep_high) for key, name, keep_high in FILTERS

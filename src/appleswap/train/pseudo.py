@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     pairs = pairs or _wait_for_manifest(out_dir, config)
     dtype = DTYPES[config.mixed_precision]
     flux = locate("flux", args.weights_dir, explicit=config.flux)
-    transformer = load_apple_transformer(flux, pulid_path=locate("pulid_flux", args.weights_dir, explicit=config.pulid),
+    pulid = locate("pulid_flux", args.weights_dir, explicit=config.pulid)
+    transformer = load_apple_transformer(flux, pulid_path=pulid,
                                          lora_path=locate("apple_teacher", args.weights_dir, explicit=config.teacher),
                                          dtype=dtype, device=device)
     generator = PseudoGenerator(transformer, load_vae(flux, dtype=dtype, device=device),

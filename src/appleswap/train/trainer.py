@@ -64,7 +64,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def sample_swaps(parts: TrainParts, batch: dict[str, Any], *, steps: int, guidance: float, seed: int = 0) -> torch.Tensor:
+def sample_swaps(parts: TrainParts, batch: dict[str, Any], *, steps: int, guidance: float,
+                 seed: int = 0) -> torch.Tensor:
     """Euler sampling over FLUX's shifted schedule from seeded noise: (B, 3, H, W) in [0, 1] (previews, tests)."""
     from appleswap.model.latents import decode_tokens
     from appleswap.sampling.samplers import sample_euler
