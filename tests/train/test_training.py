@@ -112,3 +112,26 @@ def test_two_processes_match_one(base, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=5e-5)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.02 * max(a[k].abs().max().item() for k in a
                                                                           if ".lora_B." in k)
+
+
+def test_train_teacher_cli_with_shipped_config(base, tmp_path):
+    """`appleswap train teacher --config configs/teacher.yaml` + flag overrides: checkpoint, preview, logs."""
+    from tests.train.test_pseudo import CLI
+
+    repo = Path(__file__).resolve().parents[2]
+    run = tmp_path / "cli"
+    args = ["train", "teacher", "--config", str(repo / "configs" / "teacher.yaml"), "--dataset-root",
+            str(base / "data"), "--id-cache", str(base / "ids"), "--output-dir", str(run), "--resolution", "64",
+            "--lora-rank", "4", "--lora-alpha", "4", "--batch-size", "2", "--gradient-accumulation", "2",
+            "--max-steps", "2", "--mixed-precision", "no", "--id-loss", "none", "--lpips-weight", "0",
+            "--num-validation", "2", "--save-every", "1", "--validate-every", "2", "--validation-steps", "2",
+            "--log-every", "1", "--num-workers", "0", "--no-gradient-checkpointing", "--weights-dir", str(base / "w"),
+            "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    result = subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step0000001", "step0000002"]
+    assert (run / "previews" / "step0000002.png").is_file()
+    assert list((run / "logs").rglob("events.out.tfevents.*"))
+    config = __import__("json").loads((run / "config.json").read_text())
+    assert config["lora_rank"] == 4 and config["aes_threshold"] == 5.1  # flag over file, file over default
