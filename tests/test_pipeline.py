@@ -108,3 +108,16 @@ def test_missing_weights_name_the_file(tmp_path):
         SwapPipeline.from_pretrained(tmp_path, "student", device="cpu")
     with pytest.raises(ValueError, match="mode"):
         SwapPipeline.from_pretrained(tmp_path, "pupil", device="cpu")
+
+
+def test_kv_cache_mode_matches_independent_condition(student, faces):
+    target = torch.from_numpy(faces[:1]).permute(0, 3, 1, 2) / 255.0
+    cond = student.encode_latents(target, True, [0])
+    pos, ids = image_ids(64, 64, vae_scale=2), tiny_id_tokens(1)
+    x, sigma = torch.randn(1, 256, 64), torch.tensor([0.4])
+    cached = student.denoiser(cond, ids, pos, kv_cache=True)(x, sigma)
+    masked = student.transformer(x, sigma, text=student.text, img_ids=pos, condition=cond, id_tokens=ids,
+                                 guidance=torch.ones(1), independent_condition=True)
+    torch.testing.assert_close(cached, masked, rtol=1e-5, atol=1e-5)
+    swapped = student(ids, faces[0], num_steps=2, kv_cache=True)
+    assert swapped.shape == (1, 64, 64, 3) and not np.array_equal(swapped, student(ids, faces[0], num_steps=2))

@@ -165,8 +165,12 @@ class SwapPipeline:
     # ---- the denoiser
     def denoiser(self, condition: torch.Tensor | None, id_tokens: torch.Tensor | None, positions: torch.Tensor,
                  *, guidance_scale: float = 1.0, image_guidance_scale: float = 1.0, id_guidance_scale: float = 1.0,
-                 black: torch.Tensor | None = None, id_weight: float = 1.0):
-        """``model(x, sigma) -> velocity`` with conditions bound; guidance passes stacked into one batch."""
+                 black: torch.Tensor | None = None, id_weight: float = 1.0, kv_cache: bool = False):
+        """``model(x, sigma) -> velocity`` with conditions bound; guidance passes stacked into one batch.
+
+        ``kv_cache``: independent-condition mode (condition tokens attend to themselves only), their keys and
+        values computed once here and reused at every step. Not the released model's setting.
+        """
         variants = [(condition, id_tokens)]
         if image_guidance_scale != 1.0:
             if condition is None or black is None:
@@ -177,14 +181,20 @@ class SwapPipeline:
                 raise ValueError("id_guidance_scale != 1 needs ID tokens and the null ID")
             variants.append((condition, self.null_id.to(id_tokens).expand_as(id_tokens)))
 
+        conds = None if condition is None else torch.cat([c for c, _ in variants])
+        cache = None
+        if kv_cache and conds is not None:
+            cache = self.transformer.build_condition_cache(conds, self.text, positions)
+            conds = None
+
         def multi(x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
             n, batch = len(variants), x.shape[0]
-            conds = None if condition is None else torch.cat([c for c, _ in variants])
             ids = None if id_tokens is None else torch.cat([i.expand(batch, -1, -1) for _, i in variants])
             timestep = sigma.to(x.dtype).repeat(n)
             guidance = torch.full_like(timestep, guidance_scale)
             velocity = self.transformer(x.repeat(n, 1, 1), timestep, text=self.text, img_ids=positions,
-                                        condition=conds, id_tokens=ids, guidance=guidance, id_weight=id_weight)
+                                        condition=conds, id_tokens=ids, guidance=guidance, id_weight=id_weight,
+                                        condition_cache=cache)
             return list(velocity.chunk(n))
 
         return with_batched_guidance(multi, image_guidance_scale, id_guidance_scale)
@@ -200,7 +210,7 @@ class SwapPipeline:
                  num_steps: int = 28, inverse_steps: int | None = None, inverse_cond: InverseCond = "noID_trgCond",
                  inversion_order: int = 1, parity_wrong_midpoint: bool = False, sampler_order: int = 1,
                  guidance_scale: float = 1.0, image_guidance_scale: float = 1.0, id_guidance_scale: float = 1.0,
-                 seed: int | Sequence[int] = 0, id_weight: float = 1.0, target_id: Any = None,
+                 seed: int | Sequence[int] = 0, id_weight: float = 1.0, target_id: Any = None, kv_cache: bool = False,
                  progress: bool = False, output_type: Literal["np", "pt"] = "np"):
         """Swap ``source``'s identity into ``target``.
 
@@ -217,6 +227,7 @@ class SwapPipeline:
             image_guidance_scale / id_guidance_scale: guidance against a black condition / the null ID.
             seed: noise seed, one for all images or one per image (the reference uses 0 for every image).
             target_id: the target's ID (tokens, file or photos) for ``trgID_*`` inversion (default: from target).
+            kv_cache: independent-condition mode with cached condition keys/values (faster; not the paper's model).
         Returns:
             uint8 (B, H, W, 3) array (``np``) or float (B, 3, H, W) tensor in [0, 1] (``pt``).
         """
@@ -242,15 +253,15 @@ class SwapPipeline:
         sigmas = self.schedule(num_steps, positions.shape[0])
         if invert:
             sigmas = inversion_sigmas(sigmas, inverse_steps or num_steps)
-            x = self._invert(targets, cond_tokens, positions, sigmas, inverse_cond, target_id, inversion_order,
-                             parity_wrong_midpoint, progress)
+            x = self._invert(targets, cond_tokens, positions, sigmas, inverse_cond, target_id,
+                             (inversion_order, parity_wrong_midpoint, kv_cache), progress)
         else:
             x = torch.cat([prepare_noise(1, height, width, generator=torch.Generator().manual_seed(s),
                                          vae_scale=vae_scale_factor(self.vae), dtype=dtype) for s in seeds])
             x = x.to(device)
         model = self.denoiser(cond_tokens, id_tokens, positions, guidance_scale=guidance_scale,
                               image_guidance_scale=image_guidance_scale, id_guidance_scale=id_guidance_scale,
-                              black=black, id_weight=id_weight)
+                              black=black, id_weight=id_weight, kv_cache=kv_cache)
         sampler = sample_euler if sampler_order == 1 else sample_midpoint
         tokens = sampler(model, x, sigmas.to(device), disable=not progress)
         images = decode_tokens(self.vae, tokens, height, width)
@@ -265,7 +276,7 @@ class SwapPipeline:
             raise ValueError(f"{name}: {tokens.shape[0]} identities for {batch} targets (give 1 or {batch})")
         return tokens.to(self.device, self.transformer.dtype).expand(batch, -1, -1)
 
-    def _invert(self, targets, cond_tokens, positions, sigmas, inverse_cond, target_id, order, parity, progress):
+    def _invert(self, targets, cond_tokens, positions, sigmas, inverse_cond, target_id, solver, progress):
         """Step A of §7: target latent (VAE mode) integrated from data to noise under ``inverse_cond``."""
         batch = targets.shape[0]
         if inverse_cond.startswith("noID"):
@@ -277,6 +288,7 @@ class SwapPipeline:
                                   "target_id")
         condition = cond_tokens if inverse_cond.endswith("trgCond") else None
         x0 = self.encode_latents(targets, sample=False, seeds=[0] * batch)
-        model = self.denoiser(condition, ids, positions)  # guidance all 1 during inversion, as the reference
+        order, parity, kv_cache = solver
+        model = self.denoiser(condition, ids, positions, kv_cache=kv_cache)  # guidance all 1, as the reference
         return invert(model, x0, sigmas.to(self.device), order=order, parity_wrong_midpoint=parity,
                       disable=not progress)

@@ -9,6 +9,8 @@ blocks see ``[text; image; condition]``. ``split`` is where the condition starts
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
@@ -53,15 +55,37 @@ def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
     return norm(x.unflatten(-1, (-1, attn.head_dim)))  # (B, N, H, Dh)
 
 
-def joint_attention(query, key, value, rotary) -> torch.Tensor:
+@dataclasses.dataclass
+class AttentionExtras:
+    """Options of the "independent condition" mode: a boolean mask (N, N) keeping condition rows on condition
+    columns, a list collecting each block's (key, value) after RoPE, or cached (key, value) appended to the keys."""
+
+    mask: torch.Tensor | None = None
+    record: list | None = None
+    cached: list | None = None  # per call, in block order: (key, value) of the condition tokens
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.cached.pop(0) if self.cached else None
+
+
+def joint_attention(query, key, value, rotary, extras: AttentionExtras | None = None) -> torch.Tensor:
     """RoPE, then SDPA over all tokens; (B, N, H, Dh) in, (B, N, H*Dh) out."""
     query = apply_rotary_emb(query, rotary, sequence_dim=1)
     key = apply_rotary_emb(key, rotary, sequence_dim=1)
-    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    mask = None
+    if extras is not None:
+        if extras.record is not None:
+            extras.record.append((key, value))
+        cached = extras.take()
+        if cached is not None:
+            key, value = torch.cat([key, cached[0]], dim=1), torch.cat([value, cached[1]], dim=1)
+        mask = extras.mask
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                         attn_mask=mask)
     return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
 
-def double_block(block, hidden, context, temb, temb_cond, rotary, split):
+def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=None):
     """One ``FluxTransformerBlock`` over text ``context`` (B, T, D) and ``hidden`` = [image; cond] (B, N, D)."""
     attn = block.attn
     mod = branch_modulation(block.norm1.linear, temb, temb_cond)  # (B, 1|2, 6D)
@@ -79,7 +103,7 @@ def double_block(block, hidden, context, temb, temb_cond, rotary, split):
     c_key = _heads(attn, base_linear(attn.add_k_proj, norm_context), attn.norm_added_k)
     c_value = _heads(attn, base_linear(attn.add_v_proj, norm_context), lambda x: x)
     out = joint_attention(torch.cat([c_query, query], 1), torch.cat([c_key, key], 1),
-                          torch.cat([c_value, value], 1), rotary)
+                          torch.cat([c_value, value], 1), rotary, extras)
     text_len = context.shape[1]
     context_out, hidden_out = out[:, :text_len], out[:, text_len:]
     hidden_out = attn.to_out[1](routed_linear(attn.to_out[0], hidden_out.contiguous(), split))
@@ -105,7 +129,7 @@ def _base_feed_forward(ff, x: torch.Tensor) -> torch.Tensor:
     return base_linear(net[2], net[1](x))
 
 
-def single_block(block, tokens, temb, temb_cond, rotary, split):
+def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None):
     """One ``FluxSingleTransformerBlock`` over ``tokens`` = [text; image; cond] (B, N, D)."""
     attn = block.attn
     mod = branch_modulation(block.norm.linear, temb, temb_cond)  # (B, 1|2, 3D)
@@ -115,7 +139,7 @@ def single_block(block, tokens, temb, temb_cond, rotary, split):
     query = _heads(attn, routed_linear(attn.to_q, normed, split), attn.norm_q)
     key = _heads(attn, routed_linear(attn.to_k, normed, split), attn.norm_k)
     value = _heads(attn, routed_linear(attn.to_v, normed, split), lambda x: x)
-    attn_out = joint_attention(query, key, value, rotary)
+    attn_out = joint_attention(query, key, value, rotary, extras)
     out = routed_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), split)
     tokens = tokens + gated(out, gate, split)
     if tokens.dtype == torch.float16:

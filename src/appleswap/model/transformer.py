@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from appleswap.model import lora as lora_lib
-from appleswap.model.blocks import double_block, single_block
+from appleswap.model.blocks import AttentionExtras, double_block, single_block
 from appleswap.model.id_attention import id_attention_layout
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,13 @@ class TextEmbeddings:
         if self.prompt_embeds.shape[0] != 1:
             raise ValueError(f"text embeddings have batch {self.prompt_embeds.shape[0]}, need 1 or {batch}")
         return TextEmbeddings(self.prompt_embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1), self.text_ids)
+
+
+@dataclasses.dataclass
+class ConditionCache:
+    """Per-block (key, value) of the condition tokens (independent-condition mode), double blocks first."""
+
+    keys_values: list
 
 
 class AppleTransformer(nn.Module):
@@ -99,7 +106,8 @@ class AppleTransformer(nn.Module):
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, *, text: TextEmbeddings,
                 img_ids: torch.Tensor, condition: torch.Tensor | None = None, id_tokens: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None, id_weight: float = 1.0) -> torch.Tensor:
+                guidance: torch.Tensor | None = None, id_weight: float = 1.0, independent_condition: bool = False,
+                condition_cache: "ConditionCache | None" = None) -> torch.Tensor:
         """Velocity (B, L, 64) for noisy ``latents`` (B, L, 64) at ``timestep`` (B,) in [0, 1].
 
         Args:
@@ -109,37 +117,85 @@ class AppleTransformer(nn.Module):
             id_tokens: PuLID ID tokens (B or 1, 32, D) or None (ID cross-attentions skipped).
             guidance: FLUX guidance (B,) for text and image (None: 1.0); the condition always gets 1.0.
             id_weight: weight of the ID cross-attention residuals.
+            independent_condition: OminiControl's independent mode: condition tokens attend to themselves only
+                (not APPLE's released setting, which is full joint attention).
+            condition_cache: from :meth:`build_condition_cache`: the independent mode with the condition's keys
+                and values computed once per swap (then ``condition`` must be None).
         """
-        flux = self.flux
         batch, length, _ = latents.shape
         text = text.expand(batch)
-        has_cond = condition is not None
-        if has_cond and condition.shape != latents.shape:
+        if condition is not None and condition.shape != latents.shape:
             raise ValueError(f"condition {tuple(condition.shape)} must match latents {tuple(latents.shape)}")
+        if condition_cache is not None and condition is not None:
+            raise ValueError("pass either condition or condition_cache, not both")
         if id_tokens is not None and id_tokens.shape[0] != batch:
             id_tokens = id_tokens.expand(batch, -1, -1)
-        tokens = torch.cat([latents, condition.to(latents.dtype)], 1) if has_cond else latents
-        hidden = lora_lib.routed_linear(flux.x_embedder, tokens, length if has_cond else None)
-        dtype = hidden.dtype
         timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
-        temb = self._time_embedding(timestep, guidance, text.pooled, dtype)
-        temb_cond = self._time_embedding(torch.zeros_like(timestep), None, text.pooled, dtype) if has_cond else None
-        context = flux.context_embedder(text.prompt_embeds.to(dtype))
-        ids = [text.text_ids, img_ids, img_ids] if has_cond else [text.text_ids, img_ids]
-        rotary = flux.pos_embed(torch.cat([i.to(latents.device) for i in ids], dim=0))
+        streams = self._embed(latents, condition, timestep, guidance, text, img_ids)
+        extras = None
+        if condition is not None and independent_condition:
+            extras = AttentionExtras(mask=self._independent_mask(text.prompt_embeds.shape[1], length, latents.device))
+        elif condition_cache is not None:
+            extras = AttentionExtras(cached=list(condition_cache.keys_values))
+        image = self._blocks(*streams, length, id_tokens, id_weight, extras)
+        return self.flux.proj_out(self.flux.norm_out(image, streams[2]))
 
+    def _embed(self, latents, condition, timestep, guidance, text, img_ids):
+        """Token embeddings, the two time embeddings and RoPE: (hidden, context, temb, temb_cond, rotary)."""
+        flux, length = self.flux, latents.shape[1]
+        tokens = torch.cat([latents, condition.to(latents.dtype)], 1) if condition is not None else latents
+        hidden = lora_lib.routed_linear(flux.x_embedder, tokens, length if condition is not None else None)
+        dtype = hidden.dtype
+        temb = self._time_embedding(timestep, guidance, text.pooled, dtype)
+        temb_cond = None
+        if condition is not None:
+            temb_cond = self._time_embedding(torch.zeros_like(timestep), None, text.pooled, dtype)
+        context = flux.context_embedder(text.prompt_embeds.to(dtype))
+        ids = [text.text_ids, img_ids, img_ids] if condition is not None else [text.text_ids, img_ids]
+        rotary = flux.pos_embed(torch.cat([i.to(latents.device) for i in ids], dim=0))
+        return hidden, context, temb, temb_cond, rotary
+
+    def _blocks(self, hidden, context, temb, temb_cond, rotary, length, id_tokens, id_weight, extras):
+        """Double then single blocks with the ID residuals; returns the image tokens (B, L, D)."""
+        has_cond = temb_cond is not None
         split = length if has_cond else None
-        for n, block in enumerate(flux.transformer_blocks):
-            context, hidden = self._run(double_block, block, hidden, context, temb, temb_cond, rotary, split)
+        for n, block in enumerate(self.flux.transformer_blocks):
+            context, hidden = self._run(double_block, block, hidden, context, temb, temb_cond, rotary, split, extras)
             hidden = self._add_id(self._ca_double.get(n), hidden, 0, length, id_tokens, id_weight)
         text_len = context.shape[1]
         tokens = torch.cat([context, hidden], dim=1)
         split = text_len + length if has_cond else None
-        for n, block in enumerate(flux.single_transformer_blocks):
-            tokens = self._run(single_block, block, tokens, temb, temb_cond, rotary, split)
+        for n, block in enumerate(self.flux.single_transformer_blocks):
+            tokens = self._run(single_block, block, tokens, temb, temb_cond, rotary, split, extras)
             tokens = self._add_id(self._ca_single.get(n), tokens, text_len, length, id_tokens, id_weight)
-        image = tokens[:, text_len:text_len + length]
-        return flux.proj_out(flux.norm_out(image, temb))
+        return tokens[:, text_len:text_len + length]
+
+    @staticmethod
+    def _independent_mask(text_len: int, length: int, device) -> torch.Tensor:
+        """(N, N) boolean: every row sees every column, except condition rows, which see condition columns only."""
+        total = text_len + 2 * length
+        mask = torch.ones(total, total, dtype=torch.bool, device=device)
+        mask[text_len + length:, :text_len + length] = False
+        return mask
+
+    @torch.no_grad()
+    def build_condition_cache(self, condition: torch.Tensor, text: TextEmbeddings,
+                              img_ids: torch.Tensor) -> "ConditionCache":
+        """Run the condition tokens alone (t = 0, guidance 1, LoRA on, attending to themselves) once and keep
+        each block's keys and values; later passes reuse them (independent-condition KV cache)."""
+        batch = condition.shape[0]
+        text = text.expand(batch)
+        timestep = torch.zeros(batch, device=condition.device)
+        temb_cond = self._time_embedding(timestep, None, text.pooled, self.dtype)
+        hidden = lora_lib.routed_linear(self.flux.x_embedder, condition.to(self.dtype), 0)
+        rotary = self.flux.pos_embed(img_ids.to(condition.device))
+        context = hidden.new_zeros(batch, 0, hidden.shape[-1])
+        extras = AttentionExtras(record=[])
+        for block in self.flux.transformer_blocks:
+            context, hidden = double_block(block, hidden, context, temb_cond, temb_cond, rotary, 0, extras)
+        for block in self.flux.single_transformer_blocks:
+            hidden = single_block(block, hidden, temb_cond, temb_cond, rotary, 0, extras)
+        return ConditionCache(extras.record)
 
     # ---- LoRA
     def has_lora(self) -> bool:
