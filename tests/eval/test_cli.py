@@ -72,5 +72,5 @@ def test_all_networks_from_tiny_weights(layout, faces_dir, eval_weights):
     assert "HopeNet" in report["networks"]["pose"] and "Deep3DFaceRecon" in report["networks"]["expression"]
     assert metrics["pose"]["mean"] == pytest.approx(0.0, abs=1e-4)  # HopeNet on identical pixels
     assert metrics["expression"]["mean"] == pytest.approx(0.0, abs=1e-4)
-    assert np.isfinite(metrics["fid"]["mean"]) and metrics["fid"]["reference"] == 2
+    assert metrics["fid"]["mean"] > 0 and metrics["fid"]["reference"] == 2  # swaps differ from the reference
     assert -1.0 <= metrics["id_sim/arcface_irse50"]["mean"] <= 1.0

@@ -89,9 +89,12 @@ def test_fid_inception_matches_pytorch_fid(eval_weights, monkeypatch):
     state = torch.load(path, weights_only=True)
     monkeypatch.setattr(reference, "load_state_dict_from_url", lambda *a, **k: state)
     theirs = reference.InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=True).eval()
-    batch = torch.rand(1, 3, 160, 160)
+    batch = torch.rand(2, 3, 160, 160)
     with torch.no_grad():
-        np.testing.assert_allclose(ours(batch).numpy(), theirs(batch)[0].flatten(1).numpy(), rtol=1e-4, atol=1e-5)
+        features = ours(batch).numpy()
+        np.testing.assert_allclose(features, theirs(batch)[0].flatten(1).numpy(), rtol=1e-4, atol=1e-5)
+    assert features.shape == (2, 2048) and np.abs(features[0] - features[1]).mean() > 1e-3 * np.abs(features).mean()
+    assert np.abs(features).mean() > 1e-3
 
 
 def test_frechet_and_kid_numbers():

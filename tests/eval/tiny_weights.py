@@ -56,6 +56,9 @@ def inception(path: Path, seed: int = 0) -> Path:
     """The FID Inception at real size (its blocks have fixed widths) with random weights."""
     torch.manual_seed(seed)
     model = FIDInception()
+    for module in model.modules():  # He init keeps activations alive through 40+ layers (default init fades out)
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.net.state_dict(), path)
     return path
