@@ -136,3 +136,19 @@ def test_compare_reports_flags_paired_and_set_differences():
     assert results["pose"]["diff"] == pytest.approx(-1.0)
     assert not results["fid"]["significant"] and results["fid"]["test"].startswith("interval overlap")
     assert "significant, B better" in format_comparison(list(results.values()))
+
+
+def test_alignment_crops_put_the_face_where_the_networks_expect_it(frontal):
+    from appleswap.eval.glint import ARCFACE_TEMPLATE, arcface_crop
+    from appleswap.eval.mesh import five_points
+
+    image, mesh, _, _ = frontal
+    points = five_points(mesh)
+    crop = arcface_crop(image, points, size=224)  # 2x the ArcFace template, large enough for the mesh
+    found = five_points(face_mesh_points(crop))
+    assert np.abs(found[:2] - ARCFACE_TEMPLATE[:2] * 2).max() < 8  # the eyes land on the template
+    aligned = expression.aligned_crop(image, points)
+    eyes = five_points(face_mesh_points(aligned))[:2]
+    # BFM eye centres are 0.62 apart and rescale is 102: ~63 px apart, centred horizontally in the 224 crop
+    assert np.linalg.norm(eyes[1] - eyes[0]) == pytest.approx(0.621 * 102, abs=8)
+    assert eyes[:, 0].mean() == pytest.approx(112, abs=8)
