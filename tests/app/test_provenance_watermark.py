@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appleswap.app.provenance import (LABEL, provenance_record, read_image_provenance, read_video_provenance,
-                                      save_labelled_image, video_tags)
+from appleswap.app.provenance import (
+    LABEL,
+    provenance_record,
+    read_image_provenance,
+    read_video_provenance,
+    save_labelled_image,
+    video_tags,
+)
 from appleswap.app.video import write_video
 from appleswap.app.watermark import DEFAULT_KEY, combine_scores, detect_watermark, embed_watermark
 from appleswap.files import load_image

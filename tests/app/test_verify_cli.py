@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
 
-import numpy as np
 from PIL import Image
 
 from appleswap.app.provenance import provenance_record, save_labelled_image

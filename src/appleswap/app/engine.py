@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ class SwapEngine:
         self.model_name = model_name
 
     @classmethod
-    def load(cls, config: SwapConfig, weights_dir: str | Path | None = None, device: str | None = None) -> "SwapEngine":
+    def load(cls, config: SwapConfig, weights_dir: str | Path | None = None, device: str | None = None) -> SwapEngine:
         """Load every model through the registry (``MissingWeightError`` names what is missing and where)."""
         from appleswap.app.generation import load_generator
         from appleswap.identity.align import arcface_crop
@@ -62,7 +63,7 @@ class SwapEngine:
             engine.set_reference(config.reference_face)
         return engine
 
-    def with_config(self, config: SwapConfig) -> "SwapEngine":
+    def with_config(self, config: SwapConfig) -> SwapEngine:
         """The same loaded models under other knobs (the web UI's per-request settings)."""
         old = self.swapper
         if config.model != self.config.model:

@@ -22,8 +22,14 @@ log = logging.getLogger(__name__)
 def teacher_condition(crop: np.ndarray, landmarker: Any) -> np.ndarray:
     """The teacher's condition image for an aligned crop; ValueError when the mesh finds no face in it."""
     from appleswap.faces.mesh_mask import landmark_classes, mesh_classes
-    from appleswap.preprocess.condition import (IRIS_COLOR, LANDMARK_COLOR, build_condition, canvas_to_rgb,
-                                                draw_iris, draw_landmarks)
+    from appleswap.preprocess.condition import (
+        IRIS_COLOR,
+        LANDMARK_COLOR,
+        build_condition,
+        canvas_to_rgb,
+        draw_iris,
+        draw_landmarks,
+    )
 
     landmarks = landmarker(crop)
     shape = crop.shape

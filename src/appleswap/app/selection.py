@@ -8,7 +8,8 @@ faces whose ArcFace cosine distance to a reference face is below ``distance`` (F
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -20,8 +21,6 @@ from appleswap.config import option
 
 log = logging.getLogger(__name__)
 ALIGN_SIZE = 512  # faces are aligned and pasted at 512; a model of another size resizes the crops itself
-Order = Literal["large-small", "small-large", "left-right", "right-left", "top-bottom", "bottom-top", "best-worst",
-                "worst-best"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +32,8 @@ class SwapConfig:
     face_selector: Literal["one", "many", "reference"] = option(
         "one", "which target faces to swap: one (by --face-position in --face-selector-order), many (all), "
         "reference (those like --reference-face)")
-    face_selector_order: Order = option("large-small", "face order for --face-selector one / many")
+    face_selector_order: Literal["large-small", "small-large", "left-right", "right-left", "top-bottom", "bottom-top",
+                                 "best-worst", "worst-best"] = option("large-small", "face order for --face-selector one / many")
     face_position: int = option(0, "index of the face to swap in that order (--face-selector one)")
     reference_face: str | None = option(None, "photo of the person to replace (--face-selector reference)")
     reference_face_position: int = option(0, "which face of the reference photo (largest first)")
@@ -56,7 +56,7 @@ class SwapConfig:
     shared_noise: bool = option(True, "video: the same initial noise for every frame (less flicker)")
     dtype: Literal["bfloat16", "float16", "float32"] = option("bfloat16", "model precision on GPU (CPU: float32)")
 
-    def check(self) -> "SwapConfig":
+    def check(self) -> SwapConfig:
         """Validate combinations and values (the web UI builds configs without argparse's choices)."""
         from appleswap.app.selection import ORDERS, SELECTOR_MODES
 
@@ -83,7 +83,7 @@ def swap_section(file_data: dict[str, Any]) -> dict[str, Any]:
     """The ``[swap]`` section of a config file, or the whole file when it is flat."""
     section = file_data.get("swap", file_data)
     if not isinstance(section, dict):
-        raise ValueError("config file: [swap] must be a table of swap options")
+        raise ValueError("config file: [swap] must be a table of swap options")  # noqa: TRY004 - CLI reports it
     return section
 
 
@@ -111,8 +111,8 @@ Embed = Callable[[np.ndarray, Sequence[np.ndarray]], np.ndarray]
 def face_mask(size: int = ALIGN_SIZE) -> np.ndarray:
     """The paste-back region in aligned-crop space: an ellipse from brow to chin and cheek to cheek (FFHQ)."""
     mask = np.zeros((size, size), np.float32)
-    centre = (int(round(0.5 * size)), int(round(0.55 * size)))
-    axes = (int(round(0.34 * size)), int(round(0.42 * size)))
+    centre = (round(0.5 * size), round(0.55 * size))
+    axes = (round(0.34 * size), round(0.42 * size))
     cv2.ellipse(mask, centre, axes, 0, 0, 360, 1.0, thickness=-1)
     return mask
 

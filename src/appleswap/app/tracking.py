@@ -9,7 +9,8 @@ fast move (a cut or a turn), so it never lags behind real motion by more than a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment

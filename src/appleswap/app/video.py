@@ -12,9 +12,10 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -104,14 +105,13 @@ def _write_chunk(path: Path, frames: list[np.ndarray], fps: Fraction) -> None:
     """Lossless FFV1 chunk, so the final encode is the only lossy step."""
     import av
 
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), "w", format="matroska") as out:
-            stream = out.add_stream("ffv1", rate=fps)
-            stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
-            stream.pix_fmt = "bgr0"
-            for frame in frames:
-                out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            out.mux(stream.encode(None))
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="matroska") as out:
+        stream = out.add_stream("ffv1", rate=fps)
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+        stream.pix_fmt = "bgr0"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode(None))
 
 
 @dataclasses.dataclass
@@ -205,22 +205,22 @@ def assemble(chunks: list[Path], output: Path, info: VideoInfo, *, tags: dict[st
     """Encode the chunk frames into ``output`` (H.264) and copy the source's audio; written atomically."""
     import av
 
-    with atomic_path(output) as tmp:
-        with av.open(str(tmp), "w", format="mp4", options={"movflags": "use_metadata_tags+faststart"}) as out:
-            out.metadata.update(tags or {})
-            even = info.width % 2 == 0 and info.height % 2 == 0
-            stream = out.add_stream("libx264", rate=info.fps, options={"crf": str(crf)})
-            stream.width, stream.height = info.width, info.height
-            stream.pix_fmt = "yuv420p" if even else "yuv444p"
-            audio = _add_audio(out, info.path) if keep_audio else (None, None, None)
-            for path in chunks:
-                with av.open(str(path)) as chunk:
-                    for frame in chunk.decode(video=0):
-                        image = frame.to_ndarray(format="rgb24")
-                        out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-            out.mux(stream.encode(None))
-            if audio[0] is not None:
-                _mux_audio(out, *audio)
+    options = {"movflags": "use_metadata_tags+faststart"}
+    with atomic_path(output) as tmp, av.open(str(tmp), "w", format="mp4", options=options) as out:
+        out.metadata.update(tags or {})
+        even = info.width % 2 == 0 and info.height % 2 == 0
+        stream = out.add_stream("libx264", rate=info.fps, options={"crf": str(crf)})
+        stream.width, stream.height = info.width, info.height
+        stream.pix_fmt = "yuv420p" if even else "yuv444p"
+        audio = _add_audio(out, info.path) if keep_audio else (None, None, None)
+        for path in chunks:
+            with av.open(str(path)) as chunk:
+                for frame in chunk.decode(video=0):
+                    image = frame.to_ndarray(format="rgb24")
+                    out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode(None))
+        if audio[0] is not None:
+            _mux_audio(out, *audio)
 
 
 def _mux_audio(out, container, audio_in, audio_out) -> None:
@@ -247,21 +247,20 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: Fraction | int,
 
     path = Path(path)
     fps = Fraction(fps)
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), "w", format="mp4") as out:
-            stream = out.add_stream("libx264", rate=fps)
-            stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
-            stream.pix_fmt = "yuv420p"
-            audio = out.add_stream("aac", rate=sample_rate) if tone_hz else None
-            for frame in frames:
-                out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            out.mux(stream.encode(None))
-            if audio is not None:
-                samples = int(len(frames) / fps * sample_rate)
-                wave = (0.3 * np.sin(2 * np.pi * tone_hz * np.arange(samples) / sample_rate)).astype(np.float32)
-                for start in range(0, samples, 1024):
-                    block = av.AudioFrame.from_ndarray(wave[None, start:start + 1024], format="fltp", layout="mono")
-                    block.sample_rate = sample_rate
-                    out.mux(audio.encode(block))
-                out.mux(audio.encode(None))
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+        stream.pix_fmt = "yuv420p"
+        audio = out.add_stream("aac", rate=sample_rate) if tone_hz else None
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode(None))
+        if audio is not None:
+            samples = int(len(frames) / fps * sample_rate)
+            wave = (0.3 * np.sin(2 * np.pi * tone_hz * np.arange(samples) / sample_rate)).astype(np.float32)
+            for start in range(0, samples, 1024):
+                block = av.AudioFrame.from_ndarray(wave[None, start:start + 1024], format="fltp", layout="mono")
+                block.sample_rate = sample_rate
+                out.mux(audio.encode(block))
+            out.mux(audio.encode(None))
     return path

@@ -18,13 +18,14 @@ import re
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from email.parser import BytesParser
 from email.policy import HTTP
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from appleswap.cli_common import HelpFormatter, common_parser
 
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD = 512 * 1024 * 1024
 FORM_FIELDS = {"model": str, "face_selector": str, "face_selector_order": str, "face_position": int,
                "reference_face_distance": float, "steps": int, "seed": int, "id_guidance_scale": float}
+
+
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+                 ".mp4": "video/mp4"}
 
 
 class UserError(ValueError):
@@ -164,6 +169,24 @@ class WebApp:
         return {"ok": True, "output": url, "download": url + "?download=1", "video": video, "name": output.name,
                 "faces": len(result.get("faces", [])), "message": f"done: {output.name} (labelled AI-generated)"}
 
+    def post(self, path: str, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON reply) for a POST; every failure becomes a message for the page."""
+        try:
+            fields, files = parse_multipart(content_type, body)
+            if path == "/api/swap":
+                return HTTPStatus.OK, self.swap(files, fields)
+            if path == "/api/faces":
+                return HTTPStatus.OK, self.faces(files, fields)
+            return HTTPStatus.NOT_FOUND, {"ok": False, "error": "not found"}
+        except UserError as error:
+            return HTTPStatus.BAD_REQUEST, {"ok": False, "error": str(error)}
+        except FileNotFoundError as error:  # missing weights: the message says which file and where
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "error": str(error)}
+        except Exception as error:  # the page must show something; the server lives on
+            log.exception("request %s failed", path)
+            return HTTPStatus.INTERNAL_SERVER_ERROR, {"ok": False,
+                                                      "error": f"internal error: {type(error).__name__}: {error}"}
+
     def _job(self) -> Path:
         job = self.work_dir / uuid.uuid4().hex
         job.mkdir(parents=True)
@@ -182,7 +205,7 @@ def _handler(app: WebApp) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "appleswap"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s " + format, self.address_string(), *args)
 
         def _send(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
@@ -197,7 +220,7 @@ def _handler(app: WebApp) -> type[BaseHTTPRequestHandler]:
         def _json(self, status: int, data: dict[str, Any]) -> None:
             self._send(status, json.dumps(data).encode(), "application/json")
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        def do_GET(self) -> None:
             path, _, query = self.path.partition("?")
             if path in ("/", "/index.html"):
                 return self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
@@ -205,31 +228,16 @@ def _handler(app: WebApp) -> type[BaseHTTPRequestHandler]:
             found = app.file(*match.groups()) if match else None
             if found is None:
                 return self._json(HTTPStatus.NOT_FOUND, {"ok": False, "error": "not found"})
-            kind = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
-                    ".mp4": "video/mp4"}.get(found.suffix.lower(), "application/octet-stream")
+            kind = CONTENT_TYPES.get(found.suffix.lower(), "application/octet-stream")
             extra = {"Content-Disposition": f'attachment; filename="{found.name}"'} if "download=1" in query else {}
             self._send(HTTPStatus.OK, found.read_bytes(), kind, extra)
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_UPLOAD:
                 return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"ok": False, "error": "upload too large"})
-            body = self.rfile.read(length)
-            try:
-                fields, files = parse_multipart(self.headers.get("Content-Type", ""), body)
-                if self.path == "/api/swap":
-                    return self._json(HTTPStatus.OK, app.swap(files, fields))
-                if self.path == "/api/faces":
-                    return self._json(HTTPStatus.OK, app.faces(files, fields))
-                return self._json(HTTPStatus.NOT_FOUND, {"ok": False, "error": "not found"})
-            except UserError as error:
-                return self._json(HTTPStatus.BAD_REQUEST, {"ok": False, "error": str(error)})
-            except FileNotFoundError as error:  # missing weights: the message says which file and where
-                return self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"ok": False, "error": str(error)})
-            except Exception as error:  # noqa: BLE001 - the page must show something, the server must live on
-                log.exception("request %s failed", self.path)
-                return self._json(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                  {"ok": False, "error": f"internal error: {type(error).__name__}: {error}"})
+            status, data = app.post(self.path, self.headers.get("Content-Type", ""), self.rfile.read(length))
+            return self._json(status, data)
 
     return Handler
 
