@@ -10,15 +10,14 @@ ceiling measured in the same run. ``--tiny --device cpu`` runs the same code on 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
 import logging
-import statistics
 import time
 from pathlib import Path
 from typing import Literal
 
+from appleswap.bench_utils import (Rows, sdpa_context, sync, time_backends, count_flops, init_random_,
+                                   matmul_ceiling, time_call)
 from appleswap.cli_common import HelpFormatter, common_parser
 from appleswap.config import option
 
@@ -41,70 +40,12 @@ class BenchConfig:
     text_tokens: int = option(512, "T5 tokens (512 in APPLE)")
     sdpa: Literal["auto", "flash", "efficient", "cudnn", "math", "fastest"] = option(
         "fastest", "attention kernel for the swaps: a named backend, or the fastest in the per-pass rows")
-    compile: bool = option(False, "also time torch.compile of the three-branch forward")
+    compile: bool = option(False, "also time torch.compile of the three-branch forward and a compiled swap")
+    compile_mode: str = option("default", "torch.compile mode (default, reduce-overhead, max-autotune-no-cudagraphs)")
+    kv_cache: bool = option(True, "also time the independent-condition mode with its once-per-swap KV cache")
     train: bool = option(True, "time one LoRA training step (r64, gradient checkpointing)")
     lora_rank: int = option(64, "LoRA rank")
     output: Path | None = option(None, "also write the table as JSON here")
-
-
-def _sdpa_context(name: str, fallback: bool = False):
-    """Only backend ``name`` (``fallback``: preferred, others allowed, for e.g. the VAE's 512-wide heads)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    if name == "auto":
-        return contextlib.nullcontext()
-    if not fallback:
-        return sdpa_kernel([backends[name]])
-    order = [backends[name]] + [b for k, b in backends.items() if k != name]
-    return sdpa_kernel(order, set_priority=True)
-
-
-def _sync(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn, device, repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn()`` after ``warmup`` calls (device synchronised around each)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_ceiling(device, dtype, size: int) -> float:
-    """Measured FLOP/s of a size^3 matrix product on random data (the ceiling the fractions refer to)."""
-    import torch
-
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    seconds = time_call(lambda: a @ b, device, repeats=10, warmup=3)
-    return 2 * size**3 / seconds
-
-
-def init_random_(module, seed: int = 0) -> None:
-    """Random weights in place: fan-in scaled normals for matrices, ones for norm scales, small biases."""
-    import torch
-
-    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim >= 2:
-                fan_in = param[0].numel()
-                param.normal_(0.0, fan_in**-0.5, generator=generator)
-            elif "norm" in name and name.endswith("weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
 
 
 def build_models(cfg: BenchConfig, device, dtype):
@@ -145,23 +86,6 @@ def build_apple(flux, cfg: BenchConfig, id_dim: int):
     return model.eval().requires_grad_(False)
 
 
-@dataclasses.dataclass
-class Rows:
-    """The table: (name, value, unit, note) rows, printed at the end."""
-
-    rows: list = dataclasses.field(default_factory=list)
-
-    def add(self, name: str, value: float, unit: str, note: str = "") -> None:
-        self.rows.append((name, value, unit, note))
-        logger.info("%s: %.4g %s %s", name, value, unit, note)
-
-    def table(self) -> str:
-        width = max(len(r[0]) for r in self.rows)
-        lines = [f"| {'measure'.ljust(width)} | value | unit | note |", f"|{'-' * (width + 2)}|---|---|---|"]
-        lines += [f"| {n.ljust(width)} | {v:.4g} | {u} | {note} |" for n, v, u, note in self.rows]
-        return "\n".join(lines)
-
-
 def make_inputs(cfg: BenchConfig, flux, batch: int, size: int):
     """Random latents, condition, text and ID tokens for ``batch`` images of ``size`` pixels."""
     import torch
@@ -198,32 +122,6 @@ def plain_pass(flux, inp):
                 img_ids=torch.cat([inp["ids"], inp["ids"]]), txt_ids=inp["text"].text_ids, guidance=inp["g"]).sample
 
 
-def count_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
-def _backends(device) -> list[str]:
-    import torch
-
-    return ["auto", "flash", "efficient", "cudnn"] if torch.device(device).type == "cuda" else ["auto"]
-
-
-def _time_backends(fn, device, repeats: int) -> dict[str, float]:
-    times = {}
-    for name in _backends(device):
-        try:
-            with _sdpa_context(name):
-                times[name] = time_call(fn, device, repeats)
-        except RuntimeError as error:  # backend unavailable for these shapes / this build
-            logger.warning("SDPA %s unavailable: %s", name, str(error)[:100])
-    return times
-
-
 def bench_plain(cfg, flux, device, rows: Rows, ceiling: float, size: int) -> None:
     """The stock diffusers forward (before any adapter is attached) over the same token count."""
     import torch
@@ -232,7 +130,7 @@ def bench_plain(cfg, flux, device, rows: Rows, ceiling: float, size: int) -> Non
     tokens = inp["x"].shape[1] * 2 + inp["text"].prompt_embeds.shape[1]
     with torch.no_grad():
         flops = count_flops(lambda: plain_pass(flux, inp))
-        times = _time_backends(lambda: plain_pass(flux, inp), device, cfg.repeats)
+        times = time_backends(lambda: plain_pass(flux, inp), device, cfg.repeats)
     best = min(times, key=times.get)
     rows.add("plain diffusers FLUX pass", times[best] * 1e3, "ms",
              f"{tokens} tokens, SDPA {best}, {flops / times[best] / ceiling:.2f} of ceiling")
@@ -247,32 +145,46 @@ def bench_passes(cfg, flux, model, device, rows: Rows, ceiling: float, size: int
     with torch.no_grad():
         flops = count_flops(lambda: apple_pass(model, inp))
         rows.add("FLOPs per APPLE pass", flops / 1e12, "TFLOP", f"{tokens} tokens, FlopCounterMode")
-        times = _time_backends(lambda: apple_pass(model, inp), device, cfg.repeats)
+        times = time_backends(lambda: apple_pass(model, inp), device, cfg.repeats)
         for name, seconds in times.items():
             rows.add(f"APPLE pass, SDPA {name}", seconds * 1e3, "ms", f"{flops / seconds / ceiling:.2f} of ceiling")
         best = min(times, key=times.get)
         batch3 = make_inputs(cfg, flux, 3, size)
-        with _sdpa_context(best):
+        with sdpa_context(best):
             seconds = time_call(lambda: apple_pass(model, batch3), device, cfg.repeats)
         rows.add("APPLE pass, batch 3 (both guidances batched)", seconds * 1e3, "ms",
                  f"vs 3 separate passes {3 * times[best] * 1e3:.1f} ms; {3 * flops / seconds / ceiling:.2f} of ceiling")
     return best
 
 
+def _pipe(model, vae, inp):
+    from appleswap.pipeline import SwapPipeline
+
+    return SwapPipeline(model, vae, inp["text"], "student", null_id=inp["id_tokens"][:1].clone())
+
+
+def bench_student(cfg, model, vae, device, rows: Rows, size: int, backend: str, label: str, **kwargs) -> None:
+    """One student swap end to end (VAE encode + sampling + decode), e.g. compiled or in KV-cache mode."""
+    import torch
+
+    inp = make_inputs(cfg, model.flux if hasattr(model, "flux") else model._orig_mod.flux, 1, size)
+    pipe, target = _pipe(model, vae, inp), torch.rand(1, 3, size, size, device=device)
+    with sdpa_context(backend, fallback=True):
+        seconds = time_call(lambda: pipe(inp["id_tokens"], target, num_steps=cfg.steps, output_type="pt",
+                                         **kwargs), device, max(1, cfg.repeats // 2))
+    rows.add(f"student swap ({cfg.steps} passes), {label}", seconds, "s", f"SDPA {backend}, incl. VAE")
+
+
 def bench_swaps(cfg, model, vae, device, rows: Rows, size: int, backend: str) -> None:
     """End-to-end swaps through SwapPipeline (VAE encode + sampling + decode)."""
     import torch
 
-    from appleswap.pipeline import SwapPipeline
-
     inp = make_inputs(cfg, model.flux, 1, size)
-    pipe = SwapPipeline(model, vae, inp["text"], "student", null_id=inp["id_tokens"][:1].clone())
+    pipe = _pipe(model, vae, inp)
     target = torch.rand(1, 3, size, size, device=device)
     ids = inp["id_tokens"][:1]
-    with _sdpa_context(backend, fallback=True):
-        seconds = time_call(lambda: pipe(ids, target, num_steps=cfg.steps, output_type="pt"), device,
-                            max(1, cfg.repeats // 2))
-        rows.add(f"student swap ({cfg.steps} passes)", seconds, "s", f"SDPA {backend}, incl. VAE")
+    bench_student(cfg, model, vae, device, rows, size, backend, "eager")
+    with sdpa_context(backend, fallback=True):
         pipe.mode = "teacher"
         seconds = time_call(lambda: pipe(ids, target, condition=target, invert=True, num_steps=cfg.steps,
                                          output_type="pt"), device, max(1, cfg.repeats // 2))
@@ -297,7 +209,7 @@ def bench_train(cfg, model, device, rows: Rows, size: int) -> None:
     backend = "flash" if torch.device(device).type == "cuda" else "auto"  # cuDNN backward trap (gpu_notes)
 
     def step():
-        with _sdpa_context(backend):  # recomputation in backward must use the same kernel
+        with sdpa_context(backend):  # recomputation in backward must use the same kernel
             loss = torch.nn.functional.mse_loss(apple_pass(model, inp).float(), target.float())
             loss.backward()
         optimizer.step()
@@ -323,15 +235,33 @@ def bench_compile(cfg, model, device, rows: Rows, ceiling: float, size: int, bac
     inp = make_inputs(cfg, model.flux, 1, size)
     with torch.no_grad():
         flops = count_flops(lambda: apple_pass(model, inp))
-    compiled = torch.compile(model)
-    with torch.no_grad(), _sdpa_context(backend):
+    compiled = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    with torch.no_grad(), sdpa_context(backend):
         start = time.perf_counter()
         apple_pass(compiled, inp)
-        _sync(device)
-        rows.add("torch.compile time", time.perf_counter() - start, "s", "first call")
+        sync(device)
+        rows.add(f"torch.compile time ({cfg.compile_mode})", time.perf_counter() - start, "s", "first call")
         seconds = time_call(lambda: apple_pass(compiled, inp), device, cfg.repeats, warmup=2)
-    rows.add("APPLE pass, torch.compile", seconds * 1e3, "ms", f"{flops / seconds / ceiling:.2f} of ceiling; "
-             f"student swap ~{cfg.steps * seconds:.2f} s of transformer time")
+    rows.add("APPLE pass, torch.compile", seconds * 1e3, "ms", f"{flops / seconds / ceiling:.2f} of ceiling")
+    return compiled
+
+
+def bench_kv_cache(cfg, model, device, rows: Rows, ceiling: float, size: int, backend: str) -> None:
+    """Independent-condition mode: condition keys/values once per swap, then 1536-token passes."""
+    import torch
+
+    inp = make_inputs(cfg, model.flux, 1, size)
+    with torch.no_grad(), sdpa_context(backend):
+        build = time_call(lambda: model.build_condition_cache(inp["cond"], inp["text"], inp["ids"]), device,
+                          cfg.repeats)
+        cache = model.build_condition_cache(inp["cond"], inp["text"], inp["ids"])
+        run = lambda: model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"],  # noqa: E731
+                            id_tokens=inp["id_tokens"], guidance=inp["g"], condition_cache=cache)
+        flops = count_flops(run)
+        seconds = time_call(run, device, cfg.repeats)
+    rows.add("KV-cache mode: condition pass (once per swap)", build * 1e3, "ms", "independent condition")
+    rows.add("KV-cache mode: APPLE pass", seconds * 1e3, "ms",
+             f"{flops / 1e12:.1f} TFLOP, {flops / seconds / ceiling:.2f} of ceiling (not the paper's model)")
 
 
 def environment(device) -> str:
@@ -369,8 +299,12 @@ def run_bench(cfg: BenchConfig, device: str) -> Rows:
                  f"batch {cfg.batch} swaps included")
     if cfg.train:
         bench_train(cfg, model, device, rows, size)
+    if cfg.kv_cache:
+        bench_kv_cache(cfg, model, device, rows, ceiling, size, chosen)
+        bench_student(cfg, model, vae, device, rows, size, chosen, "KV-cache mode", kv_cache=True)
     if cfg.compile:
-        bench_compile(cfg, model, device, rows, ceiling, size, chosen)
+        compiled = bench_compile(cfg, model, device, rows, ceiling, size, chosen)
+        bench_student(cfg, compiled, vae, device, rows, size, chosen, f"torch.compile {cfg.compile_mode}")
     return rows
 
 
