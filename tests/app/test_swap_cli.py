@@ -20,7 +20,9 @@ def test_missing_weights_message(tmp_path, faces_dir, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "appleswap swap: error:" in err and str(tmp_path / "empty") in err
-    assert "weights check" in err or "huggingface" in err.lower()
+    assert "5 weight(s) missing" in err and "weights check" in err
+    for name in ("flux", "pulid_flux", "apple_student", "antelopev2", "eva02_clip_l_336"):
+        assert f"missing weights '{name}'" in err
 
 
 def test_swap_folder_with_bad_files(tmp_path, faces_dir, app_weights, capsys):

@@ -38,11 +38,12 @@ class SwapEngine:
     @classmethod
     def load(cls, config: SwapConfig, weights_dir: str | Path | None = None, device: str | None = None) -> SwapEngine:
         """Load every model through the registry (``MissingWeightError`` names what is missing and where)."""
-        from appleswap.app.generation import load_generator
+        from appleswap.app.generation import check_weights, load_generator
         from appleswap.identity.align import arcface_crop
         from appleswap.identity.encoder import IdentityEncoder
 
         config = config.check()
+        check_weights(config.model, weights_dir)
         generator = load_generator(config, weights_dir, device)
         encoder = IdentityEncoder.from_pretrained(weights_dir, device=generator.device)
         generator.pipeline.identity_encoder = encoder  # one encoder for sources, references and the pipeline

@@ -75,6 +75,21 @@ class PipelineGenerator:
                              id_guidance_scale=cfg.id_guidance_scale, **kwargs)
 
 
+def check_weights(model: str, weights_dir: str | Path | None = None) -> None:
+    """Name every missing file at once (a new user should not discover them one run at a time)."""
+    from appleswap.weights import MissingWeightError, locate
+
+    missing = []
+    for name in ("flux", "pulid_flux", f"apple_{model}", "antelopev2", "eva02_clip_l_336"):
+        try:
+            locate(name, weights_dir)
+        except MissingWeightError as error:
+            missing.append(str(error))
+    if missing:
+        raise MissingWeightError(f"{len(missing)} weight(s) missing for --model {model} "
+                                 "(`appleswap weights check` lists them all):\n" + "\n".join(missing))
+
+
 def load_generator(config: SwapConfig, weights_dir: str | Path | None = None,
                    device: str | None = None) -> PipelineGenerator:
     """Build the pipeline through the weights registry (``MissingWeightError`` names any missing file)."""
