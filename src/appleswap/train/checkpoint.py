@@ -82,13 +82,22 @@ def restore_rng(tensors: dict[str, torch.Tensor], jsonable: dict[str, Any]) -> N
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(folder: Path, *, transformer: Any, optimizer: torch.optim.Optimizer, step: int,
-                    data_state: dict[str, int], config: dict[str, Any]) -> Path:
-    """Write a complete checkpoint; ``state.json`` is written last, so its presence means "complete"."""
+def save_checkpoint(folder: Path, *, transformer: Any, optimizer: torch.optim.Optimizer | None, step: int,
+                    data_state: dict[str, int], config: dict[str, Any],
+                    lora_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a complete checkpoint; ``state.json`` is written last, so its presence means "complete".
+
+    ``lora_state`` (reference keys) replaces ``transformer.save_lora`` when the LoRA was gathered elsewhere (FSDP);
+    ``optimizer=None`` writes no moments (a resume then starts them afresh).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    transformer.save_lora(folder / LORA_FILE)
-    tensors, meta = optimizer_tensors(optimizer)
-    save_tensors(folder / "optimizer.safetensors", tensors, metadata=meta)
+    if lora_state is not None:
+        save_tensors(folder / LORA_FILE, lora_state)
+    else:
+        transformer.save_lora(folder / LORA_FILE)
+    if optimizer is not None:
+        tensors, meta = optimizer_tensors(optimizer)
+        save_tensors(folder / "optimizer.safetensors", tensors, metadata=meta)
     rng_tensors, rng_json = rng_snapshot()
     save_tensors(folder / "rng.safetensors", rng_tensors)
     save_json(folder / STATE_FILE, {"step": step, "data": data_state, "rng": rng_json, "config": config})
@@ -105,7 +114,10 @@ def load_checkpoint(folder: Path, *, transformer: Any, optimizer: torch.optim.Op
         raise FileNotFoundError(f"resume: {state_path} not found (incomplete or not a training checkpoint)")
     state = json.loads(state_path.read_text())
     restore_lora(transformer, folder / LORA_FILE)
-    load_optimizer_tensors(optimizer, folder / "optimizer.safetensors")
+    if (folder / "optimizer.safetensors").is_file():
+        load_optimizer_tensors(optimizer, folder / "optimizer.safetensors")
+    else:
+        log.warning("resume: %s has no optimizer state; AdamW moments start afresh", folder)
     restore_rng(load_file(str(folder / "rng.safetensors")), state["rng"])
     log.info("resumed from %s (step %d)", folder, state["step"])
     return state

@@ -151,7 +151,7 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
                 continue
             step += 1
             progress.update(1)
-            _after_step(parts, val_set, config, accelerator, optimizer, step, epoch, position, logs)
+            _after_step(parts, val_set, config, accelerator, (model, optimizer), step, epoch, position, logs)
             if step >= config.max_steps:
                 break
         else:
@@ -162,18 +162,31 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
     return {"step": step, "logs": logs}
 
 
-def _after_step(parts: TrainParts, val_set: Any, config: Any, accelerator: Any, optimizer: Any, step: int,
+def fsdp_lora_state(accelerator: Any, model: Any) -> dict[str, torch.Tensor]:
+    """Under FSDP: gather the full state on the main process (a collective: every rank calls it) and keep the
+    LoRA under the reference keys."""
+    full = accelerator.get_state_dict(model)
+    return {"transformer." + k.removeprefix("flux.").replace(".default.weight", ".weight"): v
+            for k, v in (full or {}).items() if ".lora_" in k}
+
+
+def _after_step(parts: TrainParts, val_set: Any, config: Any, accelerator: Any, prepared: tuple, step: int,
                 epoch: int, position: int, logs: dict[str, float]) -> None:
     """Logging, checkpoints and previews at optimizer-step boundaries (main process writes)."""
+    from accelerate.utils import DistributedType
+
+    model, optimizer = prepared
     run_dir = Path(config.output_dir)
     if step % config.log_every == 0:
         accelerator.log(logs, step=step)
     if step % config.save_every == 0 or step == config.max_steps:
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        fsdp = accelerator.distributed_type == DistributedType.FSDP
+        lora_state = fsdp_lora_state(accelerator, model) if fsdp else None
+        if accelerator.is_main_process:  # FSDP shards the AdamW moments: not saved (resume restarts them)
             ckpt.save_checkpoint(run_dir / "checkpoints" / f"step{step:07d}", transformer=parts.transformer,
-                                 optimizer=optimizer, step=step, data_state={"epoch": epoch, "batch": position},
-                                 config=config_to_dict(config))
+                                 optimizer=None if fsdp else optimizer, step=step, lora_state=lora_state,
+                                 data_state={"epoch": epoch, "batch": position}, config=config_to_dict(config))
             ckpt.prune_checkpoints(run_dir, config.keep_checkpoints)
         accelerator.wait_for_everyone()
     if val_set is not None and config.validate_every and step % config.validate_every == 0 \
