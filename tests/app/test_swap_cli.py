@@ -70,3 +70,15 @@ def test_plan_jobs(tmp_path, faces_dir):
     with pytest.raises(FileNotFoundError, match="nothing"):
         plan_jobs(tmp_path / "nothing", tmp_path, ["me.png"], "{target}{ext}")
 
+
+
+def test_batch_goes_on_after_a_corrupt_video(engine, identity, tmp_path, faces_dir):
+    from appleswap.app.swap_cli import run_jobs
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(500))
+    jobs = [(bad, tmp_path / "out" / "bad.mp4"), (faces_dir / "biden2.jpg", tmp_path / "out" / "b.png")]
+    results = run_jobs(engine, identity, ["obama1.jpg"], jobs, progress=False)
+    assert results[0]["status"] == "error" and "bad.mp4" in results[0]["error"]
+    assert results[1]["status"] == "ok" and (tmp_path / "out" / "b.png").is_file()
+    assert not (tmp_path / "out" / "bad.mp4").exists()
