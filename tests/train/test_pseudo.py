@@ -38,33 +38,40 @@ def base(tmp_path_factory, faces_dir) -> Path:
     return root
 
 
-def _launch(base: Path, out: Path, rank: int) -> subprocess.Popen:
+def _launch(base: Path, out: Path, rank: int, steps: int = 3) -> subprocess.Popen:
     env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     args = ["pseudo", "--dataset-root", str(base / "data"), "--id-cache", str(base / "ids"), "--output-dir", str(out),
-            "--num-pairs", "6", "--num-steps", "3", "--no-score", "--mixed-precision", "no", "--resolution", "64",
-            "--weights-dir", str(base / "w"), "--device", "cpu"]
+            "--num-pairs", "6", "--num-steps", str(steps), "--no-score", "--mixed-precision", "no",
+            "--resolution", "64", "--weights-dir", str(base / "w"), "--device", "cpu"]
     return subprocess.Popen([sys.executable, "-c", CLI, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+
+
 def test_killed_and_restarted_generates_every_pair_once(base, tmp_path):
     out = tmp_path / "pseudo"
-    first = [_launch(base, out, 0), _launch(base, out, 1)]
-    deadline = time.time() + 300
-    while not list(out.glob("*.png")) and time.time() < deadline and first[0].poll() is None:
-        time.sleep(0.2)
-    first[0].send_signal(signal.SIGKILL)
-    first[1].wait(timeout=600)
-    first[0].wait(timeout=60)
+    first = [_launch(base, out, 0, steps=16), _launch(base, out, 1, steps=16)]
+    _wait_for(lambda: (out / "pairs.json").is_file(), first[0])
     manifest = json.loads((out / "pairs.json").read_text())
-    assert len(list(out.glob("*.png"))) < 6 or first[0].returncode == 0
-    second = [_launch(base, out, 0), _launch(base, out, 1)]
+    shard0 = [out / p["file"] for p in manifest["pairs"][0::2]]
+    _wait_for(lambda: any(p.is_file() for p in shard0), first[0])
+    first[0].send_signal(signal.SIGKILL)  # rank 0 dies in the middle of its shard
+    first[0].wait(timeout=60)
+    done = sum(p.is_file() for p in shard0)
+    assert 1 <= done < len(shard0), done
+    first[1].communicate(timeout=600)
+    second = [_launch(base, out, 0, steps=16), _launch(base, out, 1, steps=16)]
     for proc in second:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-2000:]
     assert json.loads((out / "pairs.json").read_text()) == manifest  # the same pairs, drawn once
     expected = sorted(p["file"] for p in manifest["pairs"])
-    assert sorted(p.name for p in out.glob("*.png")) == expected
+    assert sorted(p.name for p in out.glob("*.png")) == expected  # each pair exactly once, nothing else
     assert not list(out.glob(".*.tmp"))
     assert all(p["source"].split("/")[0] != p["target"].split("/")[0] for p in manifest["pairs"])
 
