@@ -45,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(pick_device(args.device) if world == 1 else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
                           if torch.cuda.is_available() else "cpu")
     root, out_dir = Path(config.dataset_root), Path(config.output_dir)
-    pairs = load_or_create_manifest(out_dir, pool_items(root, config.condition_folder, config.aes_threshold),
-                                    config.num_pairs, config.seed) if rank == 0 else None
+    pool = pool_items(root, config.condition_folder, config.aes_threshold, IdTokenStore(config.id_cache, "raw")) \
+        if rank == 0 else {}
+    pairs = load_or_create_manifest(out_dir, pool, config.num_pairs, config.seed) if rank == 0 else None
     pairs = pairs or _wait_for_manifest(out_dir, config)
     dtype = DTYPES[config.mixed_precision]
     flux = locate("flux", args.weights_dir, explicit=config.flux)

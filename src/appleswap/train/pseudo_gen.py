@@ -19,13 +19,15 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def pool_items(root: Path, condition_folder: str, aes_threshold: float) -> dict[str, list]:
-    """Images above the aesthetic threshold that have a condition image, grouped by identity."""
+def pool_items(root: Path, condition_folder: str, aes_threshold: float, ids: Any = None) -> dict[str, list]:
+    """Images above the aesthetic threshold that have a condition image (and, when ``ids`` is given, raw ID
+    tokens to serve as a source), grouped by identity."""
     from appleswap.train.data import index_targets
 
     groups: dict[str, list] = {}
     for item in index_targets(root, condition_folder, aes_threshold):
-        groups.setdefault(item.identity, []).append(item)
+        if ids is None or ids.has(item):
+            groups.setdefault(item.identity, []).append(item)
     return groups
 
 

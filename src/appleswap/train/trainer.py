@@ -134,7 +134,10 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
         state = ckpt.load_checkpoint(found, transformer=transformer, optimizer=optimizer)
         step, epoch, position = state["step"], state["data"]["epoch"], state["data"]["batch"]
     if accelerator.is_main_process:
-        accelerator.init_trackers("train", config={k: str(v) for k, v in config_to_dict(config).items()})
+        import os
+
+        accelerator.init_trackers(os.environ.get("WANDB_PROJECT") or "train",
+                                  config={k: str(v) for k, v in config_to_dict(config).items()})
     progress = tqdm(total=config.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc="train")
     logs: dict[str, float] = {}
