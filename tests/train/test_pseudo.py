@@ -89,8 +89,15 @@ def test_student_trains_on_pseudo_triplets(base, tmp_path):
             "--lora-alpha", "4", "--batch-size", "2", "--gradient-accumulation", "1", "--max-steps", "2",
             "--mixed-precision", "no", "--id-loss", "none", "--lpips-weight", "0", "--num-validation", "1",
             "--save-every", "2", "--validate-every", "2", "--validation-steps", "2", "--num-workers", "0",
-            "--proxy-recon-prob", "0.5", "--weights-dir", str(base / "w"), "--device", "cpu"]
+            "--proxy-recon-prob", "0.5", "--init-lora", str(base / "w" / "apple" / "teacher"),
+            "--weights-dir", str(base / "w"), "--device", "cpu"]
     result = subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (run / "checkpoints" / "step0000002" / "default.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    student = load_file(str(run / "checkpoints" / "step0000002" / "default.safetensors"))
+    teacher = load_file(str(base / "w" / "apple" / "teacher" / "default.safetensors"))
+    assert student.keys() == teacher.keys()  # initialised from the teacher, same modules and rank
+    gap = max((student[k].float() - teacher[k].float()).abs().max().item() for k in teacher)
+    assert 0 < gap < 1e-3  # two AdamW steps at lr 1e-4 away from the teacher
     assert (run / "previews" / "step0000002.png").is_file()
