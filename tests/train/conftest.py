@@ -1,49 +1,37 @@
-"""Tiny training datasets in the reference layout, built from the real test photos."""
+"""Tiny training datasets made by the real preprocessing (`run_preprocess`) from the real test photos."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from appleswap.files import load_image, save_image
-from appleswap.preprocess.condition import build_condition
-from appleswap.train.config import CONDITION_FOLDER
-
-SIZE = 64
 ID_DIM = 64  # tests/fixtures/tiny_flux.TINY_ID_DIM
 PHOTOS = {"obama": ["obama", "obama1", "obama2", "obama3"], "biden": ["biden", "biden2"]}
 AES = {"obama/obama3": 4.0}  # below the 5.1 threshold: never a target
 
 
-def face_classes(size: int) -> np.ndarray:
-    """A central ellipse labelled skin (class 1): the face region the condition blurs."""
-    yy, xx = np.mgrid[:size, :size]
-    inside = ((xx - size / 2) / (size * 0.3)) ** 2 + ((yy - size * 0.45) / (size * 0.38)) ** 2 <= 1
-    return inside.astype(np.uint8)
-
-
-def _crop(photo: np.ndarray) -> np.ndarray:
-    side = min(photo.shape[:2])
-    top, left = (photo.shape[0] - side) // 4, (photo.shape[1] - side) // 2
-    square = photo[top:top + side, left:left + side]
-    return np.asarray(Image.fromarray(square).resize((SIZE, SIZE), Image.BICUBIC))
-
-
 def write_dataset(root: Path, cache: Path, faces_dir: Path) -> None:
+    """`appleswap preprocess` on an identity tree of the photos (detection, alignment, mesh landmarks and masks,
+    condition images; no optional networks), then score.json (the aesthetic model needs CLIP weights, so the
+    scores are written here) and ID tokens in the prepare-ids cache format (tiny width, per-identity base)."""
     from appleswap.identity.store import save_identity
+    from appleswap.preprocess.runner import run_preprocess
 
-    scores, classes = {}, face_classes(SIZE)
+    photos = root.parent / f"{root.name}_photos"
+    for identity, names in PHOTOS.items():
+        (photos / identity).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copy(faces_dir / f"{name}.jpg", photos / identity / f"{name}.jpg")
+    summary = run_preprocess(photos, root, progress=False)
+    assert summary["status"] == {"ok": 6}, summary
+    scores = {}
     for identity, names in PHOTOS.items():
         base = torch.randn(1, 32, ID_DIM, generator=torch.Generator().manual_seed(len(identity)))
         for n, name in enumerate(names):
-            image = _crop(load_image(faces_dir / f"{name}.jpg"))
-            save_image(root / identity / f"{name}.jpg", image)
-            save_image(root / identity / CONDITION_FOLDER / f"{name}.png", build_condition(image, classes, None, None))
             scores[f"{identity}/{name}"] = {"aes": AES.get(f"{identity}/{name}", 6.0)}
             for kind in ("masked", "raw"):
                 save_identity(cache / kind / identity / f"{name}.safetensors", base + 0.1 * n)
