@@ -135,3 +135,20 @@ def test_train_teacher_cli_with_shipped_config(base, tmp_path):
     assert list((run / "logs").rglob("events.out.tfevents.*"))
     config = __import__("json").loads((run / "config.json").read_text())
     assert config["lora_rank"] == 4 and config["aes_threshold"] == 5.1  # flag over file, file over default
+
+
+def test_training_step_for_benchmarks(base, tmp_path):
+    """The bench entry point: one optimizer step without accelerate moves the LoRA and only the LoRA."""
+    from appleswap.train.teacher import example_batch, training_step
+
+    config = tiny_config(base, tmp_path / "bench", max_steps=0, id_loss_max_t=1.0)
+    parts = run_tiny(base, config)["parts"]
+    lora = [p for p in parts.transformer.parameters() if p.requires_grad]
+    assert lora and all(".lora_" in n for n, p in parts.transformer.named_parameters() if p.requires_grad)
+    frozen = {n: p.detach().clone() for n, p in parts.transformer.named_parameters() if not p.requires_grad}
+    before = [p.detach().clone() for p in lora]
+    optimizer = torch.optim.AdamW(lora, lr=1e-3, weight_decay=1e-3)
+    logs = training_step(parts, example_batch(2, 64, 64), config, optimizer)
+    assert logs["grad_norm"] > 0 and np.isfinite(logs["loss/total"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora))
+    assert all(torch.equal(p, frozen[n]) for n, p in parts.transformer.named_parameters() if n in frozen)

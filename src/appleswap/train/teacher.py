@@ -161,3 +161,12 @@ def training_step(parts: TrainParts, batch: dict[str, Any], settings: Any, optim
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return logs
+
+
+def example_batch(batch_size: int, resolution: int = 512, id_dim: int = 2048, seed: int = 0) -> dict[str, Any]:
+    """A batch with the training shapes (random images and ID tokens) for speed and memory benchmarks."""
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.rand(batch_size, 3, resolution, resolution, generator=generator) for _ in range(3)]
+    return {"target": images[0], "condition": images[1], "source": images[2],
+            "id_tokens": torch.randn(batch_size, 32, id_dim, generator=generator),
+            "drop_text": torch.zeros(batch_size, dtype=torch.bool), "index": torch.arange(batch_size)}
