@@ -121,3 +121,23 @@ def test_kv_cache_mode_matches_independent_condition(student, faces):
     torch.testing.assert_close(cached, masked, rtol=1e-5, atol=1e-5)
     swapped = student(ids, faces[0], num_steps=2, kv_cache=True)
     assert swapped.shape == (1, 64, 64, 3) and not np.array_equal(swapped, student(ids, faces[0], num_steps=2))
+
+
+def test_photo_source_goes_through_the_identity_encoder(tmp_path, faces_dir, faces):
+    import cv2
+
+    from appleswap.files import load_image
+    from tests.fixtures.tiny_identity import make_tiny_identity_weights
+
+    root = make_tiny_identity_weights(make_tiny_weights(tmp_path / "weights"))  # pulid_encoder.* merged in
+    pipe = SwapPipeline.from_pretrained(root, "student", dtype=torch.float32, device="cpu", vit_tokens=17)
+    photos = {}
+    for name in ("obama.jpg", "biden2.jpg"):
+        image = load_image(faces_dir / name)
+        scale = 320 / max(image.shape[:2])
+        photos[name] = cv2.resize(image, (int(image.shape[1] * scale), int(image.shape[0] * scale)))
+    obama = pipe(photos["obama.jpg"], faces[0], num_steps=2)
+    tokens = pipe.identity_encoder.encode_identity([photos["obama.jpg"]])
+    np.testing.assert_array_equal(pipe(tokens, faces[0], num_steps=2), obama)  # photo == its tokens
+    assert not np.array_equal(pipe(photos["biden2.jpg"], faces[0], num_steps=2), obama)
+    torch.testing.assert_close(pipe.null_id, pipe.identity_encoder.null_tokens().float())  # same uncond ID
