@@ -16,19 +16,27 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from appleswap.bench_utils import (Rows, sdpa_context, sync, time_backends, count_flops, init_random_,
-                                   matmul_ceiling, time_call)
+from appleswap.bench_utils import (
+    Rows,
+    count_flops,
+    init_random_,
+    matmul_ceiling,
+    sdpa_context,
+    sync,
+    time_backends,
+    time_call,
+)
 from appleswap.cli_common import HelpFormatter, common_parser
 from appleswap.config import option
 
 logger = logging.getLogger(__name__)
 
-FULL_FLUX = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-TINY_FLUX = dict(num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=2,
-                 joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
-FULL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
-TINY_VAE = dict(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
+FULL_FLUX = {"num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
+                 "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
+TINY_FLUX = {"num_layers": 2, "num_single_layers": 4, "attention_head_dim": 16, "num_attention_heads": 2,
+                 "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": (4, 4, 8)}
+FULL_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
+TINY_VAE = {"block_out_channels": (32, 32), "layers_per_block": 1, "norm_num_groups": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +111,8 @@ def make_inputs(cfg: BenchConfig, flux, batch: int, size: int):
                           torch.zeros(text_len, 3, device=device))
     x, cond = (torch.randn(batch, length, 64, device=device, dtype=dtype) for _ in range(2))
     id_tokens = torch.randn(batch, 32, 64 if cfg.tiny else 2048, device=device, dtype=dtype)
-    return dict(x=x, cond=cond, text=text, ids=ids, id_tokens=id_tokens,
-                t=torch.full((batch,), 0.7, device=device), g=torch.ones(batch, device=device))
+    return {"x": x, "cond": cond, "text": text, "ids": ids, "id_tokens": id_tokens,
+                "t": torch.full((batch,), 0.7, device=device), "g": torch.ones(batch, device=device)}
 
 
 def apple_pass(model, inp):
@@ -255,7 +263,7 @@ def bench_kv_cache(cfg, model, device, rows: Rows, ceiling: float, size: int, ba
         build = time_call(lambda: model.build_condition_cache(inp["cond"], inp["text"], inp["ids"]), device,
                           cfg.repeats)
         cache = model.build_condition_cache(inp["cond"], inp["text"], inp["ids"])
-        run = lambda: model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"],  # noqa: E731
+        run = lambda: model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"],
                             id_tokens=inp["id_tokens"], guidance=inp["g"], condition_cache=cache)
         flops = count_flops(run)
         seconds = time_call(run, device, cfg.repeats)

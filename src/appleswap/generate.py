@@ -49,6 +49,8 @@ class GenerateConfig:
     image_guidance_scale: float = option(1.0, "guidance against a black condition")
     id_guidance_scale: float = option(1.0, "guidance against the null ID")
     seed: int = option(0, "noise seed, the same for every image (as the reference)")
+    kv_cache: bool = option(False, "independent-condition mode with cached condition keys/values (faster, not the "
+                            "paper's model)")
     batch_size: int = option(1, "pairs per transformer call")
     size: int = option(512, "images are resized to size x size")
     dtype: Literal["bf16", "fp16", "fp32"] = option("bf16", "model precision")
@@ -122,7 +124,7 @@ def shard_of(shard: str | None) -> tuple[int, int]:
         except ValueError as error:
             raise ValueError(f"--shard must look like 'i/n', got {shard!r}") from error
     else:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if not 0 <= rank < world:
         raise ValueError(f"shard rank {rank} is not in 0..{world - 1}")
     return rank, world
@@ -196,7 +198,7 @@ def _swap_batch(pipe, batch: list[Pair], tokens: SourceTokens, cfg: GenerateConf
                 inverse_steps=cfg.inverse_steps, inverse_cond=cfg.inverse_cond, inversion_order=cfg.inversion_order,
                 parity_wrong_midpoint=cfg.parity_wrong_midpoint, guidance_scale=cfg.guidance_scale,
                 image_guidance_scale=cfg.image_guidance_scale, id_guidance_scale=cfg.id_guidance_scale,
-                seed=cfg.seed)
+                seed=cfg.seed, kv_cache=cfg.kv_cache)
 
 
 def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str | None = None,

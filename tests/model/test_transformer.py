@@ -10,11 +10,11 @@ from appleswap.model.id_attention import IDCrossAttention
 from appleswap.model.latents import image_ids
 from appleswap.model.loading import build_id_attentions_from_weights
 from appleswap.model.transformer import AppleTransformer
-from tests.fixtures.tiny_flux import (  # noqa: F401
+from tests.fixtures.tiny_flux import (
     build_tiny_transformer,
     id_attention_state,
     lora_state,
-    one_thread,
+    one_thread,  # noqa: F401
     tiny_id_tokens,
     tiny_text,
 )

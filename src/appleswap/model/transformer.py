@@ -107,7 +107,7 @@ class AppleTransformer(nn.Module):
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, *, text: TextEmbeddings,
                 img_ids: torch.Tensor, condition: torch.Tensor | None = None, id_tokens: torch.Tensor | None = None,
                 guidance: torch.Tensor | None = None, id_weight: float = 1.0, independent_condition: bool = False,
-                condition_cache: "ConditionCache | None" = None) -> torch.Tensor:
+                condition_cache: ConditionCache | None = None) -> torch.Tensor:
         """Velocity (B, L, 64) for noisy ``latents`` (B, L, 64) at ``timestep`` (B,) in [0, 1].
 
         Args:
@@ -180,7 +180,7 @@ class AppleTransformer(nn.Module):
 
     @torch.no_grad()
     def build_condition_cache(self, condition: torch.Tensor, text: TextEmbeddings,
-                              img_ids: torch.Tensor) -> "ConditionCache":
+                              img_ids: torch.Tensor) -> ConditionCache:
         """Run the condition tokens alone (t = 0, guidance 1, LoRA on, attending to themselves) once and keep
         each block's keys and values; later passes reuse them (independent-condition KV cache)."""
         batch = condition.shape[0]
