@@ -41,8 +41,9 @@ def test_lpips_from_local_vgg(tmp_path):
     save_tensors(tmp_path / "vgg.safetensors", {f"features.{k}": v for k, v in vgg.items()})
     model = losses.build_lpips(tmp_path / "vgg.safetensors")
     torch.testing.assert_close(getattr(model.net.slice3, "10").weight, vgg["10.weight"])
-    import lpips
     from pathlib import Path
+
+    import lpips
 
     heads = torch.load(Path(lpips.__file__).parent / "weights/v0.1/vgg.pth", map_location="cpu", weights_only=True)
     torch.testing.assert_close(model.lin0.model[1].weight, heads["lin0.model.1.weight"])  # package heads loaded

@@ -91,7 +91,8 @@ def test_student_trains_on_pseudo_triplets(base, tmp_path):
             "--save-every", "2", "--validate-every", "2", "--validation-steps", "2", "--num-workers", "0",
             "--proxy-recon-prob", "0.5", "--init-lora", str(base / "w" / "apple" / "teacher"),
             "--weights-dir", str(base / "w"), "--device", "cpu"]
-    result = subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True, timeout=600,
+                            check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     from safetensors.torch import load_file
 

@@ -117,7 +117,7 @@ def load_arcface(path: str | Path, device: str | torch.device = "cpu") -> ArcFac
 class _Inert(nn.Module):
     """Stands in for every class global of the pickle: holds the unpickled attributes, runs nothing."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:  # noqa: D401 - never called with data
+    def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__()
 
 
@@ -161,7 +161,7 @@ def convert_simswap_arcface(src: str | Path, dst: str | Path) -> Path:
     elif isinstance(obj, dict):
         state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     else:
-        raise ValueError(f"arcface {src}: unexpected content {type(obj).__name__}")
+        raise TypeError(f"arcface {src}: unexpected content {type(obj).__name__}")
     state = {k: v.detach().float().contiguous() for k, v in state.items() if k.split(".")[-1] != "num_batches_tracked"}
     model = ArcFaceResNet(layers_from_state_dict(state))
     model.load_state_dict(state, strict=False)

@@ -82,7 +82,7 @@ def build_teacher_data(config: TrainConfig) -> tuple[TeacherDataset, TeacherData
     train_items, val_items = split_validation(targets, config.num_validation, config.seed) \
         if config.num_validation else (targets, [])
     dropout = Dropout(config.drop_text, config.drop_condition, config.drop_id)
-    common = dict(condition_folder=config.condition_folder, resolution=config.resolution, seed=config.seed)
+    common = {"condition_folder": config.condition_folder, "resolution": config.resolution, "seed": config.seed}
     train_set = TeacherDataset(root, train_items, ids, dropout=dropout, **common)
     val_set = TeacherDataset(root, val_items, ids, validation=True, **common) if val_items else None
     log.info("teacher data: %d training targets, %d held out", len(train_items), len(val_items))
@@ -101,7 +101,7 @@ def build_student_data(config: StudentConfig) -> tuple[Any, Any]:
     pairs = index_triplets(pseudo_root, thresholds, config.train_size, config.seed)
     cut = len(pairs) - config.num_validation if config.num_validation < len(pairs) else len(pairs)
     dropout = Dropout(config.drop_text, config.drop_condition, config.drop_id)
-    common = dict(resolution=config.resolution, seed=config.seed)
+    common = {"resolution": config.resolution, "seed": config.seed}
     train_set = StudentDataset(root, pseudo_root, pairs[:cut], ids, dropout=dropout,
                                proxy_recon_prob=config.proxy_recon_prob, **common)
     val_set = StudentDataset(root, pseudo_root, pairs[cut:], ids, validation=True, **common) \

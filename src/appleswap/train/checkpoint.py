@@ -47,7 +47,7 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path) -> None
 
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)

@@ -120,7 +120,7 @@ def build_lpips(vgg16_path: Path, device: str | torch.device = "cpu") -> nn.Modu
     features = load_vgg16_features(vgg16_path)
     trunk = {}
     for name, _ in model.net.named_parameters():
-        slice_name, index, kind = name.split(".")
+        _, index, kind = name.split(".")
         trunk[name] = features[f"{index}.{kind}"]
     model.net.load_state_dict(trunk, strict=True)
     heads = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"

@@ -35,7 +35,7 @@ class Pair:
         return {"source": self.source.key, "target": self.target.key, "file": self.file_name}
 
     @staticmethod
-    def from_json(entry: dict[str, str]) -> "Pair":
+    def from_json(entry: dict[str, str]) -> Pair:
         src_id, src_name = entry["source"].split("/", 1)
         trg_id, trg_name = entry["target"].split("/", 1)
         return Pair(Item(src_id, src_name), Item(trg_id, trg_name))

@@ -41,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(PseudoConfig, args, data["pseudo"] if isinstance(data.get("pseudo"), dict) else data)
     if config.dataset_root is None or config.id_cache is None:
         raise ValueError("`dataset_root` and `id_cache` are required (config file or --dataset-root/--id-cache)")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(pick_device(args.device) if world == 1 else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(pick_device(args.device) if world == 1 else f"cuda:{local}"
                           if torch.cuda.is_available() else "cpu")
     root, out_dir = Path(config.dataset_root), Path(config.output_dir)
     pool = pool_items(root, config.condition_folder, config.aes_threshold, IdTokenStore(config.id_cache, "raw")) \

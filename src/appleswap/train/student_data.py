@@ -11,8 +11,16 @@ from typing import Any
 
 import torch
 
-from appleswap.train.data import Dropout, IdTokenStore, Item, _EpochDataset, apply_dropout, image_path, \
-    list_identities, load_rgb
+from appleswap.train.data import (
+    Dropout,
+    IdTokenStore,
+    Item,
+    _EpochDataset,
+    apply_dropout,
+    image_path,
+    list_identities,
+    load_rgb,
+)
 from appleswap.train.pairs import Pair, filter_pairs, read_manifest, read_scores
 
 log = logging.getLogger(__name__)

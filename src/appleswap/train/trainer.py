@@ -4,8 +4,9 @@ pickle-free checkpoints; TensorBoard scalars and real-swap previews at the guida
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,8 +16,14 @@ from appleswap.config import config_to_dict
 from appleswap.files import save_image
 from appleswap.model.latents import image_ids, prepare_noise, vae_scale_factor
 from appleswap.train import checkpoint as ckpt
-from appleswap.train.teacher import TrainParts, batch_text, compute_loss, encode_posterior, sample_generator, \
-    training_step
+from appleswap.train.teacher import (
+    TrainParts,
+    batch_text,
+    compute_loss,
+    encode_posterior,
+    sample_generator,
+    training_step,
+)
 
 log = logging.getLogger(__name__)
 
