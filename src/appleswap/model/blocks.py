@@ -30,25 +30,26 @@ def branch_modulation(linear, temb: torch.Tensor, temb_cond: torch.Tensor | None
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int | None) -> torch.Tensor:
     """x * (1 + scale) + shift with per-branch parameters: shift/scale are (B, 1 or 2, D)."""
     if split is None:
-        return x * (1 + scale[:, :1]) + shift[:, :1]
+        return torch.addcmul(shift[:, :1], x, 1 + scale[:, :1])
     if not torch.is_grad_enabled():  # inference: modulate the fresh normalised tensor in place, no concat
-        x[:, :split].mul_(1 + scale[:, :1]).add_(shift[:, :1])
-        x[:, split:].mul_(1 + scale[:, 1:2]).add_(shift[:, 1:2])
+        main, cond = x[:, :split], x[:, split:]
+        torch.addcmul(shift[:, :1], main, 1 + scale[:, :1], out=main)
+        torch.addcmul(shift[:, 1:2], cond, 1 + scale[:, 1:2], out=cond)
         return x
-    main = x[:, :split] * (1 + scale[:, :1]) + shift[:, :1]
-    cond = x[:, split:] * (1 + scale[:, 1:2]) + shift[:, 1:2]
+    main = torch.addcmul(shift[:, :1], x[:, :split], 1 + scale[:, :1])
+    cond = torch.addcmul(shift[:, 1:2], x[:, split:], 1 + scale[:, 1:2])
     return torch.cat([main, cond], dim=1)
 
 
-def gated(x: torch.Tensor, gate: torch.Tensor, split: int | None) -> torch.Tensor:
-    """gate * x with a per-branch gate (B, 1 or 2, D)."""
+def add_gated(residual: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, split: int | None) -> torch.Tensor:
+    """residual + gate * x with a per-branch gate (B, 1 or 2, D); in place on ``residual`` for inference."""
     if split is None:
-        return x * gate[:, :1]
+        return torch.addcmul(residual, x, gate[:, :1])
     if not torch.is_grad_enabled():
-        x[:, :split].mul_(gate[:, :1])
-        x[:, split:].mul_(gate[:, 1:2])
-        return x
-    return torch.cat([x[:, :split] * gate[:, :1], x[:, split:] * gate[:, 1:2]], dim=1)
+        residual[:, :split].addcmul_(x[:, :split], gate[:, :1])
+        residual[:, split:].addcmul_(x[:, split:], gate[:, 1:2])
+        return residual
+    return residual + torch.cat([x[:, :split] * gate[:, :1], x[:, split:] * gate[:, 1:2]], dim=1)
 
 
 def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
@@ -109,11 +110,11 @@ def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=
     hidden_out = attn.to_out[1](routed_linear(attn.to_out[0], hidden_out.contiguous(), split))
     context_out = base_linear(attn.to_add_out, context_out.contiguous())
 
-    hidden = hidden + gated(hidden_out, gate_msa, split)
+    hidden = add_gated(hidden, hidden_out, gate_msa, split)
     norm_hidden = modulate(block.norm2(hidden), shift_mlp, scale_mlp, split)
     ff = block.ff.net
     ff_hidden = ff[1](F.gelu(routed_linear(ff[0].proj, norm_hidden, split), approximate=ff[0].approximate))
-    hidden = hidden + gated(routed_linear(ff[2], ff_hidden, split), gate_mlp, split)
+    hidden = add_gated(hidden, routed_linear(ff[2], ff_hidden, split), gate_mlp, split)
 
     context = context + c_gate_msa * context_out
     norm_context = block.norm2_context(context) * (1 + c_scale_mlp) + c_shift_mlp
@@ -141,7 +142,7 @@ def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None):
     value = _heads(attn, routed_linear(attn.to_v, normed, split), lambda x: x)
     attn_out = joint_attention(query, key, value, rotary, extras)
     out = routed_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), split)
-    tokens = tokens + gated(out, gate, split)
+    tokens = add_gated(tokens, out, gate, split)
     if tokens.dtype == torch.float16:
         tokens = tokens.clip(-65504, 65504)
     return tokens
