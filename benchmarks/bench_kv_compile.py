@@ -66,6 +66,9 @@ def main() -> None:
     inp = make_inputs(cfg, flux, 1, size)
     print(profile_pass(model, inp, device), flush=True)
     with torch.no_grad():
+        eager = time_call(lambda: apple_pass(model, inp), device, cfg.repeats)
+    rows.add("APPLE pass, eager", eager * 1e3, "ms", "SDPA auto")
+    with torch.no_grad():
         cache = model.build_condition_cache(inp["cond"], inp["text"], inp["ids"])
         def run(m):
             return m(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], id_tokens=inp["id_tokens"],
