@@ -120,3 +120,16 @@ def test_latents_round_trip_and_packing(weights):
     assert decoded.shape == (2, 3, 64, 64) and decoded.min() >= 0 and decoded.max() <= 1
     with pytest.raises(ValueError, match="multiple of"):
         encode_images(vae, torch.rand(1, 3, 66, 64))
+
+
+def test_flux_path_forms(weights, tmp_path):
+    from appleswap.model.loading import load_flux_transformer
+
+    whole = load_flux_transformer(weights / FLUX_DIR, dtype=torch.float32)
+    alone = load_flux_transformer(weights / FLUX_DIR / "transformer", dtype=torch.float32)
+    torch.testing.assert_close(whole.x_embedder.weight, alone.x_embedder.weight)
+    assert not any(p.requires_grad for p in whole.parameters())
+    with pytest.raises(FileNotFoundError, match="flux_path"):
+        load_flux_transformer(tmp_path, dtype=torch.float32)
+    with pytest.raises(FileNotFoundError, match="vae"):
+        load_vae(tmp_path, dtype=torch.float32)
