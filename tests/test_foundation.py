@@ -62,10 +62,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path, faces_dir):
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.json"
-    with pytest.raises(RuntimeError):
-        with files.atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), files.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
     assert not target.exists() and list(tmp_path.iterdir()) == []
     files.save_json(target, {"a": np.float32(1.5)})
     assert target.read_text().strip().startswith("{")

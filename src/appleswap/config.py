@@ -49,7 +49,7 @@ def load_config_file(path: str | Path | None) -> dict[str, Any]:
     else:
         raise ValueError(f"config file {path}: unknown format {suffix!r} (use .yaml, .toml or .json)")
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+        raise ValueError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")  # noqa: TRY004
     return data
 
 
@@ -110,7 +110,7 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
 
 
 def _coerce(cls: type, field: dataclasses.Field, value: Any) -> Any:
-    tp, optional = _unwrap_optional(_resolve_type(cls, field))
+    tp, _ = _unwrap_optional(_resolve_type(cls, field))
     if value is None:
         return None
     origin = get_origin(tp)
@@ -151,10 +151,10 @@ def resolve_config(cls: type[T], args: argparse.Namespace | None = None, file_da
             raise ValueError(f"unknown config key {key!r} for {cls.__name__}; allowed: {sorted(names)}")
         values[name] = _coerce(cls, names[name], value)
     if args is not None:
-        for name in names:
+        for name, field in names.items():
             value = getattr(args, _dest(prefix, name), _UNSET)
             if value is not _UNSET:
-                values[name] = _coerce(cls, names[name], value)
+                values[name] = _coerce(cls, field, value)
     for name, value in overrides.items():
         if name not in names:
             raise ValueError(f"unknown option {name!r} for {cls.__name__}; allowed: {sorted(names)}")

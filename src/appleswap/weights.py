@@ -20,9 +20,10 @@ import dataclasses
 import functools
 import hashlib
 import os
-import tomllib
 from importlib import resources
 from pathlib import Path
+
+import tomllib
 
 from appleswap.cli_common import HelpFormatter, common_parser
 
