@@ -18,13 +18,25 @@ from diffusers.models.embeddings import apply_rotary_emb
 from appleswap.model.lora import base_linear, routed_linear
 
 
-def branch_modulation(linear, temb: torch.Tensor, temb_cond: torch.Tensor | None) -> torch.Tensor:
-    """AdaLN parameters for the main tokens and (LoRA on) for the condition: (B, 1 or 2, k * D)."""
+def branch_modulation(linear, temb: torch.Tensor, temb_cond: torch.Tensor | None,
+                      cond_mod: torch.Tensor | None = None) -> torch.Tensor:
+    """AdaLN parameters for the main tokens and (LoRA on) for the condition: (B, 1 or 2, k * D).
+
+    ``cond_mod``: the condition's row precomputed once per swap (:func:`condition_modulation`), (1 or B, 1, k * D).
+    """
     emb = F.silu(temb)[:, None]  # (B, 1, D)
     if temb_cond is None:
         return routed_linear(linear, emb, None)
+    if cond_mod is not None:
+        main = routed_linear(linear, emb, None)
+        return torch.cat([main, cond_mod.to(main.dtype).expand(main.shape[0], -1, -1)], dim=1)
     emb = torch.cat([emb, F.silu(temb_cond)[:, None]], dim=1)  # (B, 2, D)
     return routed_linear(linear, emb, 1)
+
+
+def condition_modulation(linear, temb_cond: torch.Tensor) -> torch.Tensor:
+    """The condition branch's AdaLN row (LoRA on): depends only on t = 0 and the pooled text, so once per swap."""
+    return routed_linear(linear, F.silu(temb_cond)[:, None], 0)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int | None) -> torch.Tensor:
@@ -86,10 +98,10 @@ def joint_attention(query, key, value, rotary, extras: AttentionExtras | None = 
     return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
 
-def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=None):
+def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=None, cond_mod=None):
     """One ``FluxTransformerBlock`` over text ``context`` (B, T, D) and ``hidden`` = [image; cond] (B, N, D)."""
     attn = block.attn
-    mod = branch_modulation(block.norm1.linear, temb, temb_cond)  # (B, 1|2, 6D)
+    mod = branch_modulation(block.norm1.linear, temb, temb_cond, cond_mod)  # (B, 1|2, 6D)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
     norm_hidden = modulate(block.norm1.norm(hidden), shift_msa, scale_msa, split)
     # text stream: the frozen *_context weights with the image timestep, as in stock FLUX
@@ -130,10 +142,10 @@ def _base_feed_forward(ff, x: torch.Tensor) -> torch.Tensor:
     return base_linear(net[2], net[1](x))
 
 
-def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None):
+def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None, cond_mod=None):
     """One ``FluxSingleTransformerBlock`` over ``tokens`` = [text; image; cond] (B, N, D)."""
     attn = block.attn
-    mod = branch_modulation(block.norm.linear, temb, temb_cond)  # (B, 1|2, 3D)
+    mod = branch_modulation(block.norm.linear, temb, temb_cond, cond_mod)  # (B, 1|2, 3D)
     shift, scale, gate = mod.chunk(3, dim=-1)
     normed = modulate(block.norm.norm(tokens), shift, scale, split)
     mlp = block.act_mlp(routed_linear(block.proj_mlp, normed, split))

@@ -9,6 +9,7 @@ With no condition and no ID the forward equals the stock diffusers forward.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from appleswap.model import lora as lora_lib
-from appleswap.model.blocks import AttentionExtras, double_block, single_block
+from appleswap.model.blocks import AttentionExtras, condition_modulation, double_block, single_block
 from appleswap.model.id_attention import id_attention_layout
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,15 @@ class ConditionCache:
     keys_values: list
 
 
+@dataclasses.dataclass
+class ConditionModulation:
+    """Once-per-swap constants of the condition branch (t = 0, guidance 1, fixed prompt): its time embedding
+    ``temb`` (1, D) and every block's AdaLN row ``rows`` (1, 1, k * D), double blocks first."""
+
+    temb: torch.Tensor
+    rows: list
+
+
 class AppleTransformer(nn.Module):
     """FLUX transformer (``flux``) + ID cross-attentions (``id_attentions``), three-branch forward.
 
@@ -71,6 +81,7 @@ class AppleTransformer(nn.Module):
         self._ca_double = {block: n for n, block in enumerate(doubles)}
         self._ca_single = {block: len(doubles) + n for n, block in enumerate(singles)}
         self.gradient_checkpointing = False
+        self.offloader = None  # BlockOffloader while sequential offload is on
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,13 +112,26 @@ class AppleTransformer(nn.Module):
         if index is None or id_tokens is None or not len(self.id_attentions):
             return hidden
         image = hidden[:, start:start + length]
-        image = image + id_weight * self._run(self.id_attentions[index], id_tokens, image)
+        residual = self._run(self.id_attentions[index], id_tokens, image)
+        if not torch.is_grad_enabled():  # inference: add into the image slice, no concatenation
+            image.add_(residual, alpha=id_weight)
+            return hidden
+        image = image + id_weight * residual
         return torch.cat([hidden[:, :start], image, hidden[:, start + length:]], dim=1)
+
+    def _block(self, index: int):
+        """Context manager giving block ``index`` (doubles first) on the device (sequential offload aware)."""
+        if self.offloader is not None:
+            return self.offloader.resident(index)
+        blocks = self.flux.transformer_blocks
+        block = blocks[index] if index < len(blocks) else self.flux.single_transformer_blocks[index - len(blocks)]
+        return contextlib.nullcontext(block)
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, *, text: TextEmbeddings,
                 img_ids: torch.Tensor, condition: torch.Tensor | None = None, id_tokens: torch.Tensor | None = None,
                 guidance: torch.Tensor | None = None, id_weight: float = 1.0, independent_condition: bool = False,
-                condition_cache: ConditionCache | None = None) -> torch.Tensor:
+                condition_cache: ConditionCache | None = None,
+                modulation: ConditionModulation | None = None) -> torch.Tensor:
         """Velocity (B, L, 64) for noisy ``latents`` (B, L, 64) at ``timestep`` (B,) in [0, 1].
 
         Args:
@@ -121,6 +145,8 @@ class AppleTransformer(nn.Module):
                 (not APPLE's released setting, which is full joint attention).
             condition_cache: from :meth:`build_condition_cache`: the independent mode with the condition's keys
                 and values computed once per swap (then ``condition`` must be None).
+            modulation: from :meth:`condition_modulation`: the condition's AdaLN rows computed once per swap
+                (same result as without it, fewer matmuls per pass).
         """
         batch, length, _ = latents.shape
         text = text.expand(batch)
@@ -131,16 +157,17 @@ class AppleTransformer(nn.Module):
         if id_tokens is not None and id_tokens.shape[0] != batch:
             id_tokens = id_tokens.expand(batch, -1, -1)
         timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
-        streams = self._embed(latents, condition, timestep, guidance, text, img_ids)
+        streams = self._embed(latents, condition, timestep, guidance, text, img_ids, modulation)
         extras = None
         if condition is not None and independent_condition:
             extras = AttentionExtras(mask=self._independent_mask(text.prompt_embeds.shape[1], length, latents.device))
         elif condition_cache is not None:
             extras = AttentionExtras(cached=list(condition_cache.keys_values))
-        image = self._blocks(*streams, length, id_tokens, id_weight, extras)
+        rows = modulation.rows if modulation is not None and condition is not None else None
+        image = self._blocks(*streams, length, id_tokens, id_weight, extras, rows)
         return self.flux.proj_out(self.flux.norm_out(image, streams[2]))
 
-    def _embed(self, latents, condition, timestep, guidance, text, img_ids):
+    def _embed(self, latents, condition, timestep, guidance, text, img_ids, modulation=None):
         """Token embeddings, the two time embeddings and RoPE: (hidden, context, temb, temb_cond, rotary)."""
         flux, length = self.flux, latents.shape[1]
         tokens = torch.cat([latents, condition.to(latents.dtype)], 1) if condition is not None else latents
@@ -148,25 +175,34 @@ class AppleTransformer(nn.Module):
         dtype = hidden.dtype
         temb = self._time_embedding(timestep, guidance, text.pooled, dtype)
         temb_cond = None
-        if condition is not None:
+        if condition is not None and modulation is not None:
+            temb_cond = modulation.temb.to(dtype).expand(latents.shape[0], -1)  # (1 or B, D) -> (B, D)
+        elif condition is not None:
             temb_cond = self._time_embedding(torch.zeros_like(timestep), None, text.pooled, dtype)
         context = flux.context_embedder(text.prompt_embeds.to(dtype))
         ids = [text.text_ids, img_ids, img_ids] if condition is not None else [text.text_ids, img_ids]
         rotary = flux.pos_embed(torch.cat([i.to(latents.device) for i in ids], dim=0))
         return hidden, context, temb, temb_cond, rotary
 
-    def _blocks(self, hidden, context, temb, temb_cond, rotary, length, id_tokens, id_weight, extras):
-        """Double then single blocks with the ID residuals; returns the image tokens (B, L, D)."""
+    def _blocks(self, hidden, context, temb, temb_cond, rotary, length, id_tokens, id_weight, extras, rows=None):
+        """Double then single blocks with the ID residuals; returns the image tokens (B, L, D).
+
+        ``rows``: precomputed condition AdaLN rows per block (doubles first), or None."""
         has_cond = temb_cond is not None
         split = length if has_cond else None
-        for n, block in enumerate(self.flux.transformer_blocks):
-            context, hidden = self._run(double_block, block, hidden, context, temb, temb_cond, rotary, split, extras)
+        num_double = len(self.flux.transformer_blocks)
+        for n in range(num_double):
+            with self._block(n) as block:
+                context, hidden = self._run(double_block, block, hidden, context, temb, temb_cond, rotary, split,
+                                            extras, None if rows is None else rows[n])
             hidden = self._add_id(self._ca_double.get(n), hidden, 0, length, id_tokens, id_weight)
         text_len = context.shape[1]
         tokens = torch.cat([context, hidden], dim=1)
         split = text_len + length if has_cond else None
-        for n, block in enumerate(self.flux.single_transformer_blocks):
-            tokens = self._run(single_block, block, tokens, temb, temb_cond, rotary, split, extras)
+        for n in range(len(self.flux.single_transformer_blocks)):
+            with self._block(num_double + n) as block:
+                tokens = self._run(single_block, block, tokens, temb, temb_cond, rotary, split, extras,
+                                   None if rows is None else rows[num_double + n])
             tokens = self._add_id(self._ca_single.get(n), tokens, text_len, length, id_tokens, id_weight)
         return tokens[:, text_len:text_len + length]
 
@@ -191,11 +227,53 @@ class AppleTransformer(nn.Module):
         rotary = self.flux.pos_embed(img_ids.to(condition.device))
         context = hidden.new_zeros(batch, 0, hidden.shape[-1])
         extras = AttentionExtras(record=[])
-        for block in self.flux.transformer_blocks:
-            context, hidden = double_block(block, hidden, context, temb_cond, temb_cond, rotary, 0, extras)
-        for block in self.flux.single_transformer_blocks:
-            hidden = single_block(block, hidden, temb_cond, temb_cond, rotary, 0, extras)
+        num_double = len(self.flux.transformer_blocks)
+        for n in range(num_double):
+            with self._block(n) as block:
+                context, hidden = double_block(block, hidden, context, temb_cond, temb_cond, rotary, 0, extras)
+        for n in range(len(self.flux.single_transformer_blocks)):
+            with self._block(num_double + n) as block:
+                hidden = single_block(block, hidden, temb_cond, temb_cond, rotary, 0, extras)
         return ConditionCache(extras.record)
+
+    @torch.no_grad()
+    def condition_modulation(self, text: TextEmbeddings) -> ConditionModulation:
+        """The condition branch's time embedding and per-block AdaLN rows (LoRA on), computed once per swap.
+
+        They depend only on t = 0, guidance 1 and the pooled prompt; pass the result as ``modulation=``."""
+        pooled = text.pooled
+        temb = self._time_embedding(torch.zeros(1, device=pooled.device), None, pooled, self.dtype)
+        rows = []
+        for n in range(len(self.flux.transformer_blocks) + len(self.flux.single_transformer_blocks)):
+            with self._block(n) as block:
+                linear = block.norm1.linear if hasattr(block, "norm1") else block.norm.linear
+                rows.append(condition_modulation(linear, temb))
+        return ConditionModulation(temb, rows)
+
+    # ---- memory / numerics options
+    def enable_sequential_offload(self, device: torch.device | str | None = None, prefetch: int = 1) -> None:
+        """Keep the blocks' weights in pinned host memory, each copied in just before it runs (next prefetched)."""
+        from appleswap.model.offload import BlockOffloader
+
+        if self.offloader is not None:
+            return
+        device = torch.device(device) if device is not None else self.device
+        blocks = list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks)
+        self.offloader = BlockOffloader(blocks, device, prefetch=prefetch)
+
+    def disable_sequential_offload(self) -> None:
+        if self.offloader is not None:
+            self.offloader.restore()
+            self.offloader = None
+
+    def quantize_fp8(self, include_modulation: bool = True) -> int:
+        """fp8 (e4m3, per-tensor scale) weights for every block linear; LoRA and ID attentions stay. Changes
+        numerics; irreversible (the bf16 weights are freed). Returns the number of quantised layers."""
+        from appleswap.model.fp8 import quantize_blocks_fp8
+
+        if self.offloader is not None:
+            raise ValueError("quantize_fp8: turn sequential offload off first (or quantise before enabling it)")
+        return quantize_blocks_fp8(self.flux, include_modulation)
 
     # ---- LoRA
     def has_lora(self) -> bool:

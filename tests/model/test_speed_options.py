@@ -1,0 +1,168 @@
+"""Speed and memory options of the generation core against the plain path (tiny fp32 models, CPU).
+
+Once-per-swap condition modulation and in-place ID residuals must not change the function; sequential block
+offload must be exact; fp8 weights change numerics by a bounded amount and their dequantised path is exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from appleswap.model import lora as lora_lib
+from appleswap.model.fp8 import FP8, Fp8Linear, dequantize_fp8, quantize_fp8, scaled_matmul
+from appleswap.model.latents import image_ids
+from appleswap.model.loading import build_id_attentions_from_weights
+from appleswap.model.offload import BlockOffloader, ModelOffloader, check_tier
+from appleswap.model.transformer import AppleTransformer
+from tests.fixtures.tiny_flux import (
+    build_tiny_transformer,
+    id_attention_state,
+    lora_state,
+    one_thread,  # noqa: F401
+    tiny_id_tokens,
+    tiny_text,
+)
+
+IDS = image_ids(64, 64, vae_scale=2)  # (256, 3)
+
+
+def _full_model() -> AppleTransformer:
+    """Tiny FLUX (2 double + 2 single blocks) with ID cross-attentions and a condition LoRA."""
+    from peft import set_peft_model_state_dict
+
+    flux = build_tiny_transformer(num_layers=2, num_single_layers=2)
+    modules = {}
+    for key, value in id_attention_state(flux).items():
+        _, index, name = key.split(".", 2)
+        modules.setdefault(int(index), {})[name] = value
+    model = AppleTransformer(flux, build_id_attentions_from_weights(modules, flux))
+    state = {k.removeprefix("transformer."): v for k, v in lora_state(flux).items()}
+    names, rank = lora_lib.lora_modules_and_rank(state)
+    lora_lib.add_condition_lora(flux, names, rank, init=False)
+    set_peft_model_state_dict(flux, state, adapter_name="default")
+    return model.eval()
+
+
+def _inputs(batch=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return dict(latents=torch.randn(batch, 256, 64, generator=generator),
+                condition=torch.randn(batch, 256, 64, generator=generator), text=tiny_text(1),
+                timestep=torch.tensor([0.7, 0.3][:batch]), guidance=torch.tensor([1.0, 3.5][:batch]),
+                id_tokens=tiny_id_tokens(1), img_ids=IDS)
+
+
+def _call(model, inp, **kwargs):
+    inp = dict(inp)
+    return model(inp.pop("latents"), inp.pop("timestep"), **inp, **kwargs)
+
+
+@torch.no_grad()
+def test_condition_modulation_cache_equals_plain_path():
+    model, inp = _full_model(), _inputs()
+    plain = _call(model, inp)
+    modulation = model.condition_modulation(inp["text"])
+    assert len(modulation.rows) == 4 and modulation.rows[0].shape == (1, 1, 6 * 32)
+    fast = _call(model, inp, modulation=modulation)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    # constant across steps: reuse it at another timestep and latent
+    other = dict(inp, latents=inp["latents"] * 0.5, timestep=inp["timestep"] * 0.2)
+    torch.testing.assert_close(_call(model, other, modulation=modulation), _call(model, other), rtol=1e-5, atol=1e-5)
+    # the rows carry the LoRA: scaling its B matrix changes them
+    model.flux.transformer_blocks[0].norm1.linear.lora_B["default"].weight.mul_(3)
+    assert not torch.allclose(model.condition_modulation(inp["text"]).rows[0], modulation.rows[0])
+
+
+def test_in_place_id_residual_equals_training_path():
+    model, inp = _full_model(), _inputs()
+    with torch.no_grad():
+        inference = _call(model, inp)
+    with torch.enable_grad():
+        training = _call(model, inp)
+    torch.testing.assert_close(inference, training.detach(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert (_call(model, inp, id_weight=0.0) - inference).abs().max() > 1e-4  # the ID path is active
+
+
+@torch.no_grad()
+def test_sequential_offload_is_exact_and_loads_in_order():
+    model, inp = _full_model(), _inputs()
+    plain = _call(model, inp)
+    model.enable_sequential_offload("cpu")
+    offloader = model.offloader
+    assert isinstance(offloader, BlockOffloader)
+    out = _call(model, inp, modulation=model.condition_modulation(inp["text"]))
+    assert offloader.loads[-4:] == [0, 1, 2, 3]  # one load per block per pass, doubles first
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    cache = model.build_condition_cache(inp["condition"], inp["text"], IDS)
+    assert len(cache.keys_values) == 4
+    model.disable_sequential_offload()
+    assert model.offloader is None
+    torch.testing.assert_close(_call(model, inp), plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="offload must be one of"):
+        check_tier("disk")
+
+
+def test_model_offloader_moves_module_only_while_used():
+    module = nn.Linear(4, 4).to("meta")
+    offloader = ModelOffloader("meta", home="meta")
+    with offloader.use(module) as inside:
+        assert inside is module and offloader.moves == ["in"]
+    assert offloader.moves == ["in", "out"]
+    layer = nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with ModelOffloader("cpu").use(layer):
+        inside = layer(x)
+    torch.testing.assert_close(layer(x), inside, rtol=0, atol=0)
+    assert layer.weight.device.type == "cpu"
+    with offloader.use(None) as nothing:
+        assert nothing is None
+
+
+def test_fp8_quantise_dequantise_numerics():
+    weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    quantized, scale = quantize_fp8(weight)
+    assert quantized.dtype == FP8 and scale.dtype == torch.float32
+    assert scale.item() == pytest.approx(weight.abs().max().item() / 448.0)
+    back = dequantize_fp8(quantized, scale, torch.float32)
+    relative = (back - weight).abs() / weight.abs().clamp(min=scale.item() * 2 ** -6)
+    assert relative.max() <= 2 ** -3 + 1e-6  # e4m3: 3 mantissa bits, half-ulp rounding <= 1/16 of normal values
+    assert (back - weight).abs().max() > 0  # it does round
+    assert back.abs().max().item() == pytest.approx(weight.abs().max().item(), rel=1e-6)  # amax maps to 448
+
+
+def test_scaled_matmul_matches_dequantised_product():
+    generator = torch.Generator().manual_seed(1)
+    linear = nn.Linear(64, 32).to(torch.bfloat16)
+    x = torch.randn(40, 64, generator=generator).to(torch.bfloat16)
+    layer = Fp8Linear.from_linear(linear)
+    try:
+        fast = scaled_matmul(x, layer.weight_fp8, layer.weight_scale, layer.bias)
+    except (RuntimeError, NotImplementedError) as error:  # a CPU build without fp8 GEMM
+        pytest.skip(f"torch._scaled_mm unavailable here: {error}")
+    xq, xs = quantize_fp8(x)
+    reference = dequantize_fp8(xq, xs, torch.float32) @ layer.dequantized_weight(torch.float32).t() + linear.bias.float()
+    torch.testing.assert_close(fast.float(), reference, rtol=2e-2, atol=2e-2)
+    exact = linear(x).float()
+    assert (fast.float() - exact).abs().max() < 0.1 * exact.abs().max()
+
+
+@torch.no_grad()
+def test_fp8_transformer_close_to_full_precision_and_keeps_lora():
+    model, inp = _full_model(), _inputs()
+    reference = _call(model, inp)
+    lora_before = [p.clone() for p in model.lora_parameters()]
+    count = model.quantize_fp8()
+    blocks = list(model.flux.transformer_blocks) + list(model.flux.single_transformer_blocks)
+    assert count == sum(isinstance(m, Fp8Linear) for b in blocks for m in b.modules()) > 0
+    q_layer = model.flux.transformer_blocks[0].attn.to_q
+    assert lora_lib.is_lora_layer(q_layer) and isinstance(q_layer.base_layer, Fp8Linear)
+    assert all(torch.equal(a, b) for a, b in zip(lora_before, model.lora_parameters()))
+    assert model.dtype == torch.float32  # embedders still report the model dtype
+    fp8 = _call(model, inp)
+    error = (fp8 - reference).norm() / reference.norm()
+    assert 0 < error < 0.1, error
+    # the dequantised weights in plain nn.Linear layers give the same function (weight-only fp8 on CPU)
+    torch.testing.assert_close(_call(model, inp, modulation=model.condition_modulation(inp["text"])), fp8,
+                               rtol=1e-5, atol=1e-5)
