@@ -141,3 +141,37 @@ def test_photo_source_goes_through_the_identity_encoder(tmp_path, faces_dir, fac
     np.testing.assert_array_equal(pipe(tokens, faces[0], num_steps=2), obama)  # photo == its tokens
     assert not np.array_equal(pipe(photos["biden2.jpg"], faces[0], num_steps=2), obama)
     torch.testing.assert_close(pipe.null_id, pipe.identity_encoder.null_tokens().float())  # same uncond ID
+
+
+def test_memory_tiers_give_the_same_swap(weights, student, faces):
+    """offload="model" / "sequential" move weights between host and device; the swap must not change."""
+    from appleswap.model.offload import BlockOffloader
+
+    ids = tiny_id_tokens(1)
+    reference = student(ids, faces[0], num_steps=2, output_type="pt")
+    for tier in ("model", "sequential"):
+        pipe = SwapPipeline.from_pretrained(weights, "student", dtype=torch.float32, device="cpu", offload=tier)
+        assert pipe.offload == tier and isinstance(pipe.transformer.offloader, BlockOffloader) == (tier == "sequential")
+        torch.testing.assert_close(pipe(ids, faces[0], num_steps=2, output_type="pt"), reference, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="offload must be one of"):
+        SwapPipeline.from_pretrained(weights, "student", device="cpu", offload="disk")
+
+
+def test_condition_modulation_is_computed_once_per_swap(student, faces, monkeypatch):
+    calls = []
+    original = student.transformer.condition_modulation
+    monkeypatch.setattr(student.transformer, "condition_modulation", lambda text: calls.append(1) or original(text))
+    student(tiny_id_tokens(1), faces[0], num_steps=3)
+    assert len(calls) == 1  # once for the swap, not once per step
+
+
+def test_fp8_pipeline_is_close_to_full_precision(weights, student, faces):
+    from appleswap.model.fp8 import Fp8Linear
+
+    ids = tiny_id_tokens(1)
+    reference = student(ids, faces[0], num_steps=2, output_type="pt")
+    pipe = SwapPipeline.from_pretrained(weights, "student", dtype=torch.float32, device="cpu", fp8=True)
+    assert isinstance(pipe.transformer.flux.single_transformer_blocks[0].proj_mlp.base_layer, Fp8Linear)
+    out = pipe(ids, faces[0], num_steps=2, output_type="pt")
+    difference = (out - reference).abs().mean().item()
+    assert 0 < difference < 0.05, difference  # fp8 changes numerics a little, not the picture

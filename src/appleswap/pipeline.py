@@ -62,6 +62,19 @@ def images_to_tensor(images: Any, name: str) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
+def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = False,
+                         offload: str = "none") -> AppleTransformer:
+    """fp8 block weights and/or sequential block offload for a transformer loaded on the CPU (or already on
+    ``device``): quantised block by block on ``device``, then everything resident placed there."""
+    if fp8:
+        transformer.quantize_fp8(device=device if offload != "sequential" else None)
+    if offload == "sequential":
+        transformer.enable_sequential_offload(device)
+    else:
+        transformer.place(device)
+    return transformer
+
+
 def _is_identity_file(value: Any) -> bool:
     return isinstance(value, (str, Path)) and str(value).endswith(".safetensors")
 
@@ -78,6 +91,8 @@ class SwapPipeline:
     scheduler_config: dict = dataclasses.field(default_factory=dict)
     weights_dir: Path | None = None
     identity_encoder: Any = None  # appleswap.identity.encoder.IdentityEncoder, loaded on first photo source
+    offload: str = "none"  # "none" | "model" (VAE on the host between uses) | "sequential" (+ transformer blocks)
+    compute_device: torch.device | None = None  # where the VAE runs when offloaded (default: the transformer's)
 
     @classmethod
     def from_pretrained(cls, weights_dir: str | Path | None = None, mode: Mode = "student", *,
@@ -86,7 +101,8 @@ class SwapPipeline:
                         dtype: torch.dtype = torch.bfloat16, prompt: str = DEFAULT_PROMPT,
                         text_cache_dir: str | Path | None = None, max_sequence_length: int = 512,
                         null_id: torch.Tensor | str | Path | None = None,
-                        vit_tokens: int = DEFAULT_VIT_TOKENS) -> SwapPipeline:
+                        vit_tokens: int = DEFAULT_VIT_TOKENS, fp8: bool = False,
+                        offload: str = "none") -> SwapPipeline:
         """Load FLUX, PuLID ID cross-attentions, the mode's LoRA and the cached prompt through the registry.
 
         Args:
@@ -94,27 +110,36 @@ class SwapPipeline:
             mode: ``student`` (clean target as condition) or ``teacher`` (condition image, usually with inversion).
             flux_path / pulid_path / lora_path: explicit files that win over the registry locations.
             null_id: null-ID tokens or an identity file; default: PuLID's IDFormer on zero inputs.
+            fp8: float8 (e4m3, per-tensor scaled) weights for the transformer blocks: half the memory, fp8 tensor
+                cores on Hopper/Ada; changes numerics slightly (benchmarks/RESULTS.md).
+            offload: ``none``; ``model``: the VAE waits in host memory between uses; ``sequential``: also the
+                transformer blocks, copied in one at a time with prefetch (slow, smallest GPU memory).
         """
         from appleswap.cli_common import pick_device
         from appleswap.model.loading import load_apple_transformer, load_vae
+        from appleswap.model.offload import check_tier
         from appleswap.weights import locate
         from appleswap.weights import weights_dir as resolve_weights_dir
 
         if mode not in ("student", "teacher"):
             raise ValueError(f"mode must be 'student' or 'teacher', got {mode!r}")
         device = pick_device(device)
+        check_tier(offload)
         root = resolve_weights_dir(weights_dir)
         flux = locate("flux", weights_dir, explicit=flux_path)
         pulid = locate("pulid_flux", weights_dir, explicit=pulid_path)
         lora = locate(f"apple_{mode}", weights_dir, explicit=lora_path)
-        transformer = load_apple_transformer(flux, pulid_path=pulid, lora_path=lora, dtype=dtype, device=device)
-        vae = load_vae(flux, dtype=dtype, device=device)
+        transformer = load_apple_transformer(flux, pulid_path=pulid, lora_path=lora, dtype=dtype,
+                                             device="cpu" if fp8 or offload == "sequential" else device)
+        apply_memory_options(transformer, device, fp8=fp8, offload=offload)
+        vae = load_vae(flux, dtype=dtype, device="cpu" if offload != "none" else device)
         cache = Path(text_cache_dir) if text_cache_dir else root / "cache" / "text_embeddings"
         text = load_text_embeddings(flux, prompt, cache, max_sequence_length=max_sequence_length, device=device,
                                     dtype=dtype)
         scheduler_file = Path(flux) / "scheduler" / "scheduler_config.json"
         scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
-        pipe = cls(transformer, vae, text, mode, None, scheduler_config, root)
+        pipe = cls(transformer, vae, text, mode, None, scheduler_config, root, offload=offload,
+                   compute_device=torch.device(device))
         pipe.null_id = pipe._load_null_id(null_id, pulid, vit_tokens)
         return pipe
 
@@ -135,7 +160,17 @@ class SwapPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return self.compute_device or self.transformer.device
+
+    def _vae(self):
+        """Context giving the VAE on the compute device (moved in and out with ``offload`` != none)."""
+        import contextlib
+
+        from appleswap.model.offload import ModelOffloader
+
+        if self.offload == "none":
+            return contextlib.nullcontext(self.vae)
+        return ModelOffloader(self.device).use(self.vae)
 
     # ---- inputs
     def encode_source(self, source: Any) -> torch.Tensor:
@@ -157,9 +192,10 @@ class SwapPipeline:
     def encode_latents(self, images: torch.Tensor, sample: bool, seeds: Sequence[int]) -> torch.Tensor:
         """VAE tokens (B, L, 64); ``sample`` draws from the posterior with a per-image seeded generator."""
         rows = []
-        for image, seed in zip(images, seeds):
-            generator = torch.Generator(self.vae.device).manual_seed(seed) if sample else None
-            rows.append(encode_images(self.vae, image[None], sample=sample, generator=generator))
+        with self._vae() as vae:
+            for image, seed in zip(images, seeds):
+                generator = torch.Generator(vae.device).manual_seed(seed) if sample else None
+                rows.append(encode_images(vae, image[None], sample=sample, generator=generator))
         return torch.cat(rows).to(self.transformer.dtype)
 
     # ---- the denoiser
@@ -182,10 +218,12 @@ class SwapPipeline:
             variants.append((condition, self.null_id.to(id_tokens).expand_as(id_tokens)))
 
         conds = None if condition is None else torch.cat([c for c, _ in variants])
-        cache = None
+        cache = modulation = None
         if kv_cache and conds is not None:
             cache = self.transformer.build_condition_cache(conds, self.text, positions)
             conds = None
+        elif conds is not None:  # the condition's AdaLN rows: constant over the steps, computed once here
+            modulation = self.transformer.condition_modulation(self.text)
 
         def multi(x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
             n, batch = len(variants), x.shape[0]
@@ -194,7 +232,7 @@ class SwapPipeline:
             guidance = torch.full_like(timestep, guidance_scale)
             velocity = self.transformer(x.repeat(n, 1, 1), timestep, text=self.text, img_ids=positions,
                                         condition=conds, id_tokens=ids, guidance=guidance, id_weight=id_weight,
-                                        condition_cache=cache)
+                                        condition_cache=cache, modulation=modulation)
             return list(velocity.chunk(n))
 
         return with_batched_guidance(multi, image_guidance_scale, id_guidance_scale)
@@ -264,7 +302,8 @@ class SwapPipeline:
                               black=black, id_weight=id_weight, kv_cache=kv_cache)
         sampler = sample_euler if sampler_order == 1 else sample_midpoint
         tokens = sampler(model, x, sigmas.to(device), disable=not progress)
-        images = decode_tokens(self.vae, tokens, height, width)
+        with self._vae() as vae:
+            images = decode_tokens(vae, tokens, height, width)
         if output_type == "pt":
             return images
         return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)

@@ -93,15 +93,19 @@ def _swap(parent: nn.Module, name: str, child: nn.Linear) -> None:
     setattr(parent, name, Fp8Linear.from_linear(child))
 
 
-def quantize_blocks_fp8(flux: nn.Module, include_modulation: bool = True) -> int:
+def quantize_blocks_fp8(flux: nn.Module, include_modulation: bool = True,
+                       device: torch.device | str | None = None) -> int:
     """Replace every frozen ``nn.Linear`` of the double and single blocks by :class:`Fp8Linear` (in place).
 
     LoRA-wrapped layers keep their adapter; only their ``base_layer`` is quantised. Returns the number of layers.
-    ``include_modulation=False`` keeps the AdaLN linears (``norm*.linear``) in the model dtype.
+    ``include_modulation=False`` keeps the AdaLN linears (``norm*.linear``) in the model dtype. ``device``: each
+    block is moved there just before quantising (peak: the fp8 model plus one full-precision block).
     """
     count = 0
     for blocks in (flux.transformer_blocks, flux.single_transformer_blocks):
         for block in blocks:
+            if device is not None:
+                block.to(device)
             for module_name, module in list(block.named_modules()):
                 for child_name, child in list(module.named_children()):
                     if "lora_" in module_name or child_name.startswith("lora_") or type(child) is not nn.Linear:

@@ -260,20 +260,36 @@ class AppleTransformer(nn.Module):
         device = torch.device(device) if device is not None else self.device
         blocks = list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks)
         self.offloader = BlockOffloader(blocks, device, prefetch=prefetch)
+        self.place(device)
+
+    def place(self, device: torch.device | str) -> AppleTransformer:
+        """Move everything except host-offloaded blocks to ``device`` (no dtype change: fp8 buffers stay fp8)."""
+        skip = ("transformer_blocks", "single_transformer_blocks") if self.offloader is not None else ()
+        for name, child in self.flux.named_children():
+            if name not in skip:
+                child.to(device)
+        for name, param in self.flux.named_parameters(recurse=False):
+            param.data = param.data.to(device)
+        self.id_attentions.to(device)
+        return self
 
     def disable_sequential_offload(self) -> None:
         if self.offloader is not None:
             self.offloader.restore()
             self.offloader = None
 
-    def quantize_fp8(self, include_modulation: bool = True) -> int:
+    def quantize_fp8(self, include_modulation: bool = True, device: torch.device | str | None = None) -> int:
         """fp8 (e4m3, per-tensor scale) weights for every block linear; LoRA and ID attentions stay. Changes
-        numerics; irreversible (the bf16 weights are freed). Returns the number of quantised layers."""
+        numerics; irreversible (the bf16 weights are freed). ``device``: move each block there just before
+        quantising it (load on the CPU, quantise onto the GPU one block at a time). Returns the layer count.
+
+        Afterwards move the model with :meth:`place` or ``.to(device)``, never ``.to(dtype)`` (it would cast the
+        fp8 buffers)."""
         from appleswap.model.fp8 import quantize_blocks_fp8
 
         if self.offloader is not None:
             raise ValueError("quantize_fp8: turn sequential offload off first (or quantise before enabling it)")
-        return quantize_blocks_fp8(self.flux, include_modulation)
+        return quantize_blocks_fp8(self.flux, include_modulation, device)
 
     # ---- LoRA
     def has_lora(self) -> bool:
