@@ -2,6 +2,10 @@
 
 Why paste-back: the APPLE model generates a whole aligned crop; only a feathered face region of that crop goes
 back into the frame (through the inverse alignment), so every pixel outside the face mask stays the input's.
+The region (``--face-mask mesh``, the default) is the face of the MediaPipe mesh class map (ears left out: the
+target keeps its own) of the target crop united with that of the generated crop, dilated a little so the feather
+straddles the face edge; when the mesh finds no face in either crop, or with ``--face-mask ellipse``, it is a
+fixed FFHQ ellipse.
 The watermark (on by default) is the one deliberate exception: it changes luminance by about one grey level
 everywhere, invisibly, so that ``appleswap verify`` can tell the picture was made here.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -21,6 +26,8 @@ from appleswap.config import option
 
 log = logging.getLogger(__name__)
 ALIGN_SIZE = 512  # faces are aligned and pasted at 512; a model of another size resizes the crops itself
+FACE_MASKS = ("mesh", "ellipse")
+MESH_MASK_MARGIN = 0.01  # the 50% point of the feather lies this fraction of the crop outside the mesh face
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +52,12 @@ class SwapConfig:
     id_guidance_scale: float = option(1.0, "identity strength: >1 more source identity, weaker attributes")
     image_guidance_scale: float = option(1.0, "condition-image guidance (cannot be combined with ID guidance)")
     guidance_scale: float = option(1.0, "FLUX distilled guidance value (paper: 1.0)")
+    fp8: bool = option(False, "fp8 transformer weights (half the GPU memory, faster on Hopper, slightly different numerics)")
+    offload: Literal["none", "model", "sequential"] = option(
+        "none", "GPU memory tier: model (VAE in host memory between uses) or sequential (also the transformer blocks)")
+    face_mask: Literal["mesh", "ellipse"] = option(
+        "mesh", "paste-back region: mesh (the face from the landmark mesh of the target and generated crops, "
+        "ellipse when no face is found) or ellipse (a fixed brow-to-chin ellipse)")
     face_mask_blur: float = option(0.06, "feather width of the paste-back mask, as a fraction of the crop")
     watermark: bool = option(True, "embed the invisible watermark that `appleswap verify` detects")
     watermark_key: int | None = option(None, "private watermark key (default: appleswap's public key)")
@@ -72,6 +85,8 @@ class SwapConfig:
             raise ValueError(f"--size must be a multiple of 16, got {self.size}")
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.face_mask not in FACE_MASKS:
+            raise ValueError(f"--face-mask must be one of {list(FACE_MASKS)}, got {self.face_mask!r}")
         if not 0 <= self.face_mask_blur < 0.5:
             raise ValueError(f"--face-mask-blur must be in [0, 0.5), got {self.face_mask_blur}")
         if not 1 <= self.output_image_quality <= 100:
@@ -108,13 +123,58 @@ Generate = Callable[[Any, np.ndarray, int], np.ndarray]
 Embed = Callable[[np.ndarray, Sequence[np.ndarray]], np.ndarray]
 
 
-def face_mask(size: int = ALIGN_SIZE) -> np.ndarray:
-    """The paste-back region in aligned-crop space: an ellipse from brow to chin and cheek to cheek (FFHQ)."""
+def ellipse_mask(size: int = ALIGN_SIZE) -> np.ndarray:
+    """The fallback paste-back region in aligned-crop space: an ellipse from brow to chin, cheek to cheek (FFHQ)."""
     mask = np.zeros((size, size), np.float32)
     centre = (round(0.5 * size), round(0.55 * size))
     axes = (round(0.34 * size), round(0.42 * size))
     cv2.ellipse(mask, centre, axes, 0, 0, 360, 1.0, thickness=-1)
     return mask
+
+
+class MeshFaceMask:
+    """Hard face masks of aligned crops from the MediaPipe mesh; one landmarker shared by every swapper.
+
+    MediaPipe graphs are not thread-safe and the web UI serves requests on threads, hence the lock.
+    """
+
+    _shared: MeshFaceMask | None = None
+    _create_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        from appleswap.faces.landmarks import MediaPipeLandmarker
+
+        self._landmarker = MediaPipeLandmarker()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> MeshFaceMask:
+        with cls._create_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def crop_mask(self, crop: np.ndarray) -> np.ndarray | None:
+        """(S, S) bool face (skin, brows, eyes, nose, mouth, lips; no ears) of one crop; None when no face."""
+        from appleswap.faces.mesh_mask import mesh_classes
+        from appleswap.faces.segmap import face_mask
+
+        try:
+            with self._lock:
+                mesh = self._landmarker.mesh(crop)
+        except ValueError:
+            return None
+        return face_mask(mesh_classes(mesh, crop.shape, ears=False))
+
+    def __call__(self, crops: Sequence[np.ndarray], dilate: int) -> np.ndarray | None:
+        """Float32 0/1 union of the crops' face masks dilated by ``dilate`` pixels; None when no crop has a face."""
+        masks = [m for m in (self.crop_mask(c) for c in crops) if m is not None]
+        if not masks:
+            return None
+        union = np.logical_or.reduce(masks).astype(np.float32)
+        if dilate > 0:
+            union = cv2.dilate(union, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate + 1, 2 * dilate + 1)))
+        return union
 
 
 class FaceSwapper:
@@ -129,7 +189,7 @@ class FaceSwapper:
         self.image_size = image_size
         self.embed = embed
         self.detect = detect or detect_faces
-        self.mask = face_mask(ALIGN_SIZE)
+        self.mask = ellipse_mask(ALIGN_SIZE)  # the --face-mask ellipse region and the mesh mode's fallback
         self.reference: np.ndarray | None = None
 
     def set_reference(self, image: np.ndarray, name: str = "--reference-face") -> None:
@@ -176,9 +236,10 @@ class FaceSwapper:
             crops = np.stack([a.image for a in aligned])
             generated = self.generate(identity, crops, self.config.seed if seed is None else seed)
             for crop, face in zip(generated, aligned):
-                result = paste_back(result, self._from_model(crop), face.matrix, mask=self.mask,
-                                    feather=self.config.face_mask_blur)
-                alpha = np.maximum(alpha, self._alpha(face.matrix, frame.shape))
+                crop = self._from_model(crop)
+                mask = self.paste_mask(face.image, crop)
+                result = paste_back(result, crop, face.matrix, mask=mask, feather=self.config.face_mask_blur)
+                alpha = np.maximum(alpha, self._alpha(mask, face.matrix, frame.shape))
         swapped = [SwappedFace(faces[i].box, p, i) for i, p in zip(chosen, points)]
         return SwapOutcome(result, swapped, alpha, faces)
 
@@ -188,7 +249,23 @@ class FaceSwapper:
             return crop
         return cv2.resize(crop, (ALIGN_SIZE, ALIGN_SIZE), interpolation=cv2.INTER_CUBIC)
 
-    def _alpha(self, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    def paste_mask(self, target_crop: np.ndarray, generated_crop: np.ndarray) -> np.ndarray:
+        """(512, 512) float32 0/1 paste-back region of one face (before paste_back feathers it inward).
+
+        Mesh mode dilates the face by the feather radius plus a margin, so the feather's midpoint lies just
+        outside the face edge: the generated jaw and forehead are pasted whole, the target's do not show through.
+        """
+        if self.config.face_mask == "ellipse":
+            return self.mask
+        radius = max(round(self.config.face_mask_blur * ALIGN_SIZE), 0)
+        dilate = radius + 1 + round(MESH_MASK_MARGIN * ALIGN_SIZE)
+        mask = MeshFaceMask.shared()([target_crop, generated_crop], dilate)
+        if mask is None:
+            log.debug("face mesh found no face in the target or generated crop; pasting the ellipse")
+            return self.mask
+        return mask
+
+    def _alpha(self, mask: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """Where paste-back may have written (the mask warped back, before feathering shrinks it)."""
         flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-        return cv2.warpAffine(self.mask, matrix, (shape[1], shape[0]), flags=flags, borderValue=0)
+        return cv2.warpAffine(mask, matrix, (shape[1], shape[0]), flags=flags, borderValue=0)
