@@ -52,7 +52,8 @@ class SwapConfig:
     id_guidance_scale: float = option(1.0, "identity strength: >1 more source identity, weaker attributes")
     image_guidance_scale: float = option(1.0, "condition-image guidance (cannot be combined with ID guidance)")
     guidance_scale: float = option(1.0, "FLUX distilled guidance value (paper: 1.0)")
-    fp8: bool = option(False, "fp8 transformer weights (half the GPU memory, faster on Hopper, slightly different numerics)")
+    fp8: bool = option(False, "fp8 transformer weights (half the GPU memory, faster on Hopper, "
+                       "slightly different numerics)")
     offload: Literal["none", "model", "sequential"] = option(
         "none", "GPU memory tier: model (VAE in host memory between uses) or sequential (also the transformer blocks)")
     face_mask: Literal["mesh", "ellipse"] = option(
