@@ -7,9 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from appleswap.app.swapper import ALIGN_SIZE, MeshFaceMask, SwapConfig, ellipse_mask
+from appleswap.app.swapper import ALIGN_SIZE, SwapConfig, ellipse_mask
 from appleswap.faces.align import align_face
 from appleswap.faces.detect import detect_faces
+from appleswap.faces.landmarks import get_landmark_provider
 from appleswap.faces.mesh_mask import mesh_classes
 from appleswap.faces.segmap import CLASS_IDS, face_mask
 from appleswap.files import load_image
@@ -22,11 +23,12 @@ NO_FACE = np.full((ALIGN_SIZE, ALIGN_SIZE, 3), 120, np.uint8)
 @pytest.fixture(scope="module")
 def crops(faces_dir):
     """name -> (photo, aligned 512 crop, the mesh class map of the crop)."""
+    landmarker = get_landmark_provider("mediapipe")
     out = {}
     for name in ("biden2", "obama1"):
         photo = load_image(faces_dir / f"{name}.jpg")
         crop = align_face(photo, detect_faces(photo)[0].keypoints, ALIGN_SIZE).image
-        mesh = MeshFaceMask.shared()._landmarker.mesh(crop)
+        mesh = landmarker.mesh(crop)
         out[name] = (photo, crop, mesh_classes(mesh, crop.shape))
     return out
 

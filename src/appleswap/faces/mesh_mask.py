@@ -6,11 +6,12 @@ cheek; hair, neck and background are never included. Glasses are not modelled (u
 
 The mesh has no ear vertices, so each ear is estimated: an egg shape (wider helix, narrower lobe) attached
 outside the oval at the tragus vertex (234 on the image-left side, 454 on the image-right side), spanning brow
-to nose-base height, its width scaled by face size and head yaw. Yaw comes from the oval's asymmetry (where the
-nose tip falls between the two tragus vertices): the near ear widens, the far ear narrows and vanishes behind
-the head. Ear ids follow the reference's table, whose l/r names are not the subject's side like its brows and
-eyes: ``l_ear`` (7) is drawn on the image-left side, the same side as ``r_brow`` (2) and ``r_eye`` (4),
-because class ids 2, 4 and 7 are all CelebAMask-HQ's image-left parts.
+to just below the nose, its width scaled by face size and head yaw. Yaw comes from the oval's asymmetry (where
+the nose tip falls between the two tragus vertices): the near ear widens, the far ear narrows and vanishes
+behind the head. Side convention: the reference renamed CelebAMask-HQ's ids 2/4 (``l_brow``/``l_eye`` there)
+to ``r_brow``/``r_eye`` (the subject's right, image left) but kept id 7 as ``l_ear``; we take all three as the
+same image-left part, so ``l_ear`` (7) is drawn on the image-left side, next to ``r_brow`` (2) and ``r_eye``
+(4). Both ear ids are face classes, so the face mask does not depend on this choice, only the colour does.
 """
 
 from __future__ import annotations
