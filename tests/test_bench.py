@@ -13,9 +13,16 @@ def test_tiny_bench_table():
     table = {name: value for name, value, _, _ in rows.rows}
     for name in ("matmul ceiling", "plain diffusers FLUX pass", "FLOPs per APPLE pass", "APPLE pass, SDPA auto",
                  "teacher swap + inversion (2 passes)", "student swaps, batch 2", "KV-cache mode: APPLE pass",
-                 "LoRA training step (r64, checkpointing)"):
+                 "LoRA training step (r64, checkpointing)", "APPLE pass, condition modulation once per swap",
+                 "fp8: APPLE pass", "student swap (1 passes), fp8", "offload=sequential: APPLE pass, fp8",
+                 "offload=sequential: student swap, fp8", "offload=model: student swap, fp8"):
         assert name in table and table[name] > 0, name
     # the KV-cache pass skips the condition tokens, so it counts fewer FLOPs than the full pass
     kv_note = next(note for name, _, _, note in rows.rows if name == "KV-cache mode: APPLE pass")
     assert "TFLOP" in kv_note and math.isfinite(table["APPLE pass, SDPA auto"])
     assert "| measure" in rows.table()
+    # the optimised pass equals the plain one (fp32 tiny model); fp8 differs a little, not a lot
+    notes = {name: note for name, _, _, note in rows.rows}
+    assert float(notes["APPLE pass, condition modulation once per swap"].rsplit("max |diff| ", 1)[1]) < 1e-4
+    fp8_diff = float(notes["fp8: APPLE pass"].rsplit("unquantised ", 1)[1])
+    assert 0 < fp8_diff < 0.1

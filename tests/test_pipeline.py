@@ -151,7 +151,8 @@ def test_memory_tiers_give_the_same_swap(weights, student, faces):
     reference = student(ids, faces[0], num_steps=2, output_type="pt")
     for tier in ("model", "sequential"):
         pipe = SwapPipeline.from_pretrained(weights, "student", dtype=torch.float32, device="cpu", offload=tier)
-        assert pipe.offload == tier and isinstance(pipe.transformer.offloader, BlockOffloader) == (tier == "sequential")
+        sequential = isinstance(pipe.transformer.offloader, BlockOffloader)
+        assert pipe.offload == tier and sequential == (tier == "sequential")
         torch.testing.assert_close(pipe(ids, faces[0], num_steps=2, output_type="pt"), reference, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="offload must be one of"):
         SwapPipeline.from_pretrained(weights, "student", device="cpu", offload="disk")

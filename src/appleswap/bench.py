@@ -53,6 +53,8 @@ class BenchConfig:
     kv_cache: bool = option(True, "also time the independent-condition mode with its once-per-swap KV cache")
     train: bool = option(True, "time one LoRA training step (r64, gradient checkpointing)")
     lora_rank: int = option(64, "LoRA rank")
+    fp8: bool = option(True, "also quantise the blocks to fp8 at the end and time pass, swaps and peak memory")
+    offload: bool = option(True, "also time the offload tiers (model, sequential) and their peak memory")
     output: Path | None = option(None, "also write the table as JSON here")
 
 
@@ -313,6 +315,9 @@ def run_bench(cfg: BenchConfig, device: str) -> Rows:
     if cfg.compile:
         compiled = bench_compile(cfg, model, device, rows, ceiling, size, chosen)
         bench_student(cfg, compiled, vae, device, rows, size, chosen, f"torch.compile {cfg.compile_mode}")
+    from appleswap.bench_tiers import run_tiers
+
+    run_tiers(cfg, model, vae, device, rows, ceiling, size, chosen)  # last: fp8 quantises the model in place
     return rows
 
 

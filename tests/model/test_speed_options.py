@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from appleswap.model import lora as lora_lib
-from appleswap.model.fp8 import FP8, Fp8Linear, dequantize_fp8, quantize_fp8, scaled_matmul
+from appleswap.model.fp8 import FP8, Fp8Linear, dequantize_fp8, quantize_activation, quantize_fp8, scaled_matmul
 from appleswap.model.latents import image_ids
 from appleswap.model.loading import build_id_attentions_from_weights
 from appleswap.model.offload import BlockOffloader, ModelOffloader, check_tier
@@ -47,10 +47,10 @@ def _full_model() -> AppleTransformer:
 
 def _inputs(batch=2, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return dict(latents=torch.randn(batch, 256, 64, generator=generator),
-                condition=torch.randn(batch, 256, 64, generator=generator), text=tiny_text(1),
-                timestep=torch.tensor([0.7, 0.3][:batch]), guidance=torch.tensor([1.0, 3.5][:batch]),
-                id_tokens=tiny_id_tokens(1), img_ids=IDS)
+    return {"latents": torch.randn(batch, 256, 64, generator=generator),
+            "condition": torch.randn(batch, 256, 64, generator=generator), "text": tiny_text(1),
+            "timestep": torch.tensor([0.7, 0.3][:batch]), "guidance": torch.tensor([1.0, 3.5][:batch]),
+            "id_tokens": tiny_id_tokens(1), "img_ids": IDS}
 
 
 def _call(model, inp, **kwargs):
@@ -141,8 +141,10 @@ def test_scaled_matmul_matches_dequantised_product():
         fast = scaled_matmul(x, layer.weight_fp8, layer.weight_scale, layer.bias)
     except (RuntimeError, NotImplementedError) as error:  # a CPU build without fp8 GEMM
         pytest.skip(f"torch._scaled_mm unavailable here: {error}")
-    xq, xs = quantize_fp8(x)
-    reference = dequantize_fp8(xq, xs, torch.float32) @ layer.dequantized_weight(torch.float32).t() + linear.bias.float()
+    xq, xs = quantize_activation(x)
+    assert xq.dtype == FP8 and xs.item() == pytest.approx(x.float().abs().max().item() / 448.0, rel=1e-2)
+    weight = layer.dequantized_weight(torch.float32)
+    reference = dequantize_fp8(xq, xs, torch.float32) @ weight.t() + linear.bias.float()
     torch.testing.assert_close(fast.float(), reference, rtol=2e-2, atol=2e-2)
     exact = linear(x).float()
     assert (fast.float() - exact).abs().max() < 0.1 * exact.abs().max()
@@ -166,3 +168,29 @@ def test_fp8_transformer_close_to_full_precision_and_keeps_lora():
     # the dequantised weights in plain nn.Linear layers give the same function (weight-only fp8 on CPU)
     torch.testing.assert_close(_call(model, inp, modulation=model.condition_modulation(inp["text"])), fp8,
                                rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_fp8_scaled_mm_path_through_the_whole_model(monkeypatch):
+    """The GPU code path (activations quantised per call, ``torch._scaled_mm``) run on the CPU in bf16."""
+    import appleswap.model.fp8 as fp8_lib
+
+    model, inp = _full_model(), _inputs()
+    model.flux.to(torch.bfloat16)
+    model.id_attentions.to(torch.bfloat16)
+    model.quantize_fp8()
+    inp = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+           for k, v in inp.items()}
+    inp["text"] = inp["text"].to(dtype=torch.bfloat16)
+    weight_only = _call(model, inp).float()
+    calls = []
+    original = fp8_lib.scaled_matmul
+    monkeypatch.setattr(fp8_lib, "scaled_mm_supported", lambda device: True)
+    monkeypatch.setattr(fp8_lib, "scaled_matmul", lambda *a: calls.append(1) or original(*a))
+    try:
+        fast = _call(model, inp).float()
+    except (RuntimeError, NotImplementedError) as error:
+        pytest.skip(f"torch._scaled_mm unavailable here: {error}")
+    assert len(calls) > 10  # the projections took the fp8 GEMM; the AdaLN linears (1-2 rows) did not
+    error = (fast - weight_only).norm() / weight_only.norm()
+    assert 0 < error < 0.1, error

@@ -58,7 +58,8 @@ class BlockOffloader:
             self._host.append(host)
         self._pending: dict[int, tuple[list[torch.Tensor], object]] = {}
         self.loads: list[int] = []  # block indices in load order (tests, logging)
-        logger.info("sequential offload: %d blocks in host memory%s", len(self.blocks), " (pinned)" if pin else "")
+        logger.info("sequential offload: %d blocks in host memory%s", len(self.blocks),
+                    " (pinned)" if cuda and pin else "")
 
     def _start_copy(self, index: int) -> None:
         if index >= len(self.blocks) or index in self._pending:

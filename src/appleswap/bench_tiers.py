@@ -1,0 +1,163 @@
+"""Rows of ``appleswap bench`` for the issue-6 options: once-per-swap condition modulation (A/B against the plain
+path), fp8 block weights (speed, peak memory, numerical difference) and the offload tiers (peak memory, speed).
+
+The fp8 rows quantise the benchmark model in place, so they run after every bf16 row; the sequential-offload
+rows run last (on the fp8 model when ``--fp8``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from appleswap.bench_utils import Rows, count_flops, sdpa_context, sync, time_call
+
+logger = logging.getLogger("appleswap.bench")
+
+
+def _cuda(device) -> bool:
+    import torch
+
+    return torch.device(device).type == "cuda"
+
+
+def _peak_reset(device) -> None:
+    import torch
+
+    if _cuda(device):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**30 if _cuda(device) else float("nan")
+
+
+def _pass(model, inp, modulation=None):
+    return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
+                 id_tokens=inp["id_tokens"], guidance=inp["g"], modulation=modulation)
+
+
+def bench_modulation(cfg, model, inp, device, rows: Rows, ceiling: float, backend: str) -> None:
+    """Interleaved A/B (two rounds) of the plain pass and the pass with once-per-swap condition modulation."""
+    import torch
+
+    with torch.no_grad(), sdpa_context(backend):
+        modulation = model.condition_modulation(inp["text"])
+        flops = count_flops(lambda: _pass(model, inp, modulation))
+        plain, cached = [], []
+        for _ in range(2):
+            plain.append(time_call(lambda: _pass(model, inp), device, cfg.repeats))
+            cached.append(time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats))
+        difference = (_pass(model, inp, modulation).float() - _pass(model, inp).float()).abs().max().item()
+    rows.add("APPLE pass, plain path (A/B)", min(plain) * 1e3, "ms",
+             f"rounds {', '.join(f'{p * 1e3:.1f}' for p in plain)}")
+    rows.add("APPLE pass, condition modulation once per swap", min(cached) * 1e3, "ms",
+             f"rounds {', '.join(f'{c * 1e3:.1f}' for c in cached)}; {flops / min(cached) / ceiling:.2f} of ceiling; "
+             f"max |diff| {difference:.2g}")
+
+
+def fp8_ceiling(device, size: int) -> float:
+    """FLOP/s of a size^3 ``torch._scaled_mm`` (per-tensor scales), NaN where fp8 GEMMs do not run."""
+    import torch
+
+    from appleswap.model.fp8 import quantize_fp8
+
+    try:
+        a, sa = quantize_fp8(torch.randn(size, size, device=device))
+        b, sb = quantize_fp8(torch.randn(size, size, device=device))
+        seconds = time_call(lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
+                            device, repeats=10, warmup=3)
+    except (RuntimeError, NotImplementedError) as error:
+        logger.warning("fp8 matmul unavailable: %s", str(error)[:120])
+        return float("nan")
+    return 2 * size**3 / seconds
+
+
+def _swaps(cfg, model, vae, inp, device, size: int, backend: str, label: str, rows: Rows, teacher: bool = True):
+    import torch
+
+    from appleswap.bench import _pipe
+
+    pipe, target = _pipe(model, vae, inp), torch.rand(1, 3, size, size, device=device)
+    repeats = max(1, cfg.repeats // 2)
+    with sdpa_context(backend, fallback=True):
+        seconds = time_call(lambda: pipe(inp["id_tokens"], target, num_steps=cfg.steps, output_type="pt"), device,
+                            repeats)
+        rows.add(f"student swap ({cfg.steps} passes), {label}", seconds, "s", f"SDPA {backend}, incl. VAE")
+        if teacher:
+            pipe.mode = "teacher"
+            seconds = time_call(lambda: pipe(inp["id_tokens"], target, condition=target, invert=True,
+                                             num_steps=cfg.steps, output_type="pt"), device, repeats)
+            rows.add(f"teacher swap + inversion ({2 * cfg.steps} passes), {label}", seconds, "s", f"SDPA {backend}")
+
+
+def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, float], size: int,
+              backend: str) -> None:
+    """Quantise the model's blocks to fp8 in place, then pass, swaps, peak memory and the output difference."""
+    import torch
+
+    bf16_ceiling, fp8_ceil = ceilings
+    with torch.no_grad(), sdpa_context(backend):
+        modulation = model.condition_modulation(inp["text"])
+        reference = _pass(model, inp, modulation).float()
+        flops = count_flops(lambda: _pass(model, inp, modulation))
+    layers = model.quantize_fp8(device=device)
+    _peak_reset(device)
+    weights = torch.cuda.memory_allocated(device) / 2**30 if _cuda(device) else float("nan")
+    rows.add("fp8: weights in memory", weights, "GiB", f"{layers} block linears e4m3 per-tensor; LoRA, ID-CA bf16")
+    with torch.no_grad(), sdpa_context(backend):
+        modulation = model.condition_modulation(inp["text"])
+        seconds = time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats)
+        out = _pass(model, inp, modulation).float()
+    error = ((out - reference).norm() / reference.norm()).item()
+    rows.add("fp8: APPLE pass", seconds * 1e3, "ms",
+             f"{flops / seconds / bf16_ceiling:.2f} of bf16 ceiling, {flops / seconds / fp8_ceil:.2f} of fp8 ceiling; "
+             f"rel. L2 diff to unquantised {error:.3g}")
+    _swaps(cfg, model, vae, inp, device, size, backend, "fp8", rows)
+    rows.add("fp8: inference peak memory", _peak(device), "GiB", "student + teacher swaps")
+
+
+def bench_offload(cfg, model, vae, inp, device, rows: Rows, size: int, backend: str, label: str) -> None:
+    """Model tier (VAE in host memory between uses), then sequential block offload: pass, swap, peak memory."""
+    import torch
+
+    from appleswap.bench import _pipe
+
+    pipe, target = _pipe(model, vae, inp), torch.rand(1, 3, size, size, device=device)
+    pipe.offload, pipe.compute_device = "model", torch.device(device)
+    vae.to("cpu")
+    _peak_reset(device)
+    with sdpa_context(backend, fallback=True):
+        seconds = time_call(lambda: pipe(inp["id_tokens"], target, num_steps=cfg.steps, output_type="pt"), device, 1)
+    rows.add(f"offload=model: student swap, {label}", seconds, "s", f"peak {_peak(device):.2f} GiB")
+    model.enable_sequential_offload(device)
+    _peak_reset(device)
+    with torch.no_grad(), sdpa_context(backend):
+        modulation = model.condition_modulation(inp["text"])
+        seconds = time_call(lambda: _pass(model, inp, modulation), device, 2)
+    rows.add(f"offload=sequential: APPLE pass, {label}", seconds * 1e3, "ms", "pinned host blocks, prefetch 1")
+    if cfg.steps <= 8 or _cuda(device):
+        with sdpa_context(backend, fallback=True):
+            seconds = time_call(lambda: pipe(inp["id_tokens"], target, num_steps=cfg.steps, output_type="pt"),
+                                device, 1, warmup=0)
+        rows.add(f"offload=sequential: student swap, {label}", seconds, "s", "VAE offloaded too")
+    rows.add(f"offload=sequential: peak memory, {label}", _peak(device), "GiB", "max_memory_allocated")
+    model.disable_sequential_offload()
+    vae.to(device)
+    sync(device)
+
+
+def run_tiers(cfg, model, vae, device, rows: Rows, ceiling: float, size: int, backend: str) -> None:
+    """Every issue-6 row in a safe order (bf16 A/B, model tier, fp8, sequential offload)."""
+    from appleswap.bench import make_inputs
+
+    inp = make_inputs(cfg, model.flux, 1, size)
+    bench_modulation(cfg, model, inp, device, rows, ceiling, backend)
+    if cfg.fp8:
+        fp8_ceil = fp8_ceiling(device, 256 if cfg.tiny else 8192)
+        rows.add("fp8 matmul ceiling (torch._scaled_mm)", fp8_ceil / 1e12, "TFLOP/s", "per-tensor scales, random data")
+        bench_fp8(cfg, model, vae, inp, device, rows, (ceiling, fp8_ceil), size, backend)
+    if cfg.offload:
+        bench_offload(cfg, model, vae, inp, device, rows, size, backend, "fp8" if cfg.fp8 else "bf16")
