@@ -160,6 +160,7 @@ def test_fp8_transformer_close_to_full_precision_and_keeps_lora():
     assert count == sum(isinstance(m, Fp8Linear) for b in blocks for m in b.modules()) > 0
     q_layer = model.flux.transformer_blocks[0].attn.to_q
     assert lora_lib.is_lora_layer(q_layer) and isinstance(q_layer.base_layer, Fp8Linear)
+    assert type(model.flux.transformer_blocks[0].norm1.linear.base_layer) is nn.Linear  # AdaLN kept by default
     assert all(torch.equal(a, b) for a, b in zip(lora_before, model.lora_parameters()))
     assert model.dtype == torch.float32  # embedders still report the model dtype
     fp8 = _call(model, inp)

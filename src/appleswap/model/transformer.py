@@ -278,7 +278,7 @@ class AppleTransformer(nn.Module):
             self.offloader.restore()
             self.offloader = None
 
-    def quantize_fp8(self, include_modulation: bool = True, device: torch.device | str | None = None) -> int:
+    def quantize_fp8(self, include_modulation: bool = False, device: torch.device | str | None = None) -> int:
         """fp8 (e4m3, per-tensor scale) weights for every block linear; LoRA and ID attentions stay. Changes
         numerics; irreversible (the bf16 weights are freed). ``device``: move each block there just before
         quantising it (load on the CPU, quantise onto the GPU one block at a time). Returns the layer count.
