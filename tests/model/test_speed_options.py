@@ -143,6 +143,8 @@ def test_scaled_matmul_matches_dequantised_product():
         pytest.skip(f"torch._scaled_mm unavailable here: {error}")
     xq, xs = quantize_activation(x)
     assert xq.dtype == FP8 and xs.item() == pytest.approx(x.float().abs().max().item() / 448.0, rel=1e-2)
+    assert not xq.float().isnan().any() and xq.float().abs().max() <= 448  # no overflow without a clamp
+    assert xq.float().abs().max() >= 440  # ... and the range is used
     weight = layer.dequantized_weight(torch.float32)
     reference = dequantize_fp8(xq, xs, torch.float32) @ weight.t() + linear.bias.float()
     torch.testing.assert_close(fast.float(), reference, rtol=2e-2, atol=2e-2)
