@@ -25,7 +25,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -40,8 +39,14 @@ def write_standin_weights(root: Path, images: torch.Tensor) -> Path:
     """Tiny weights folder with the wider transformer and the near-deterministic, unit-scaled VAE."""
     from safetensors.torch import save_file
 
-    from tests.fixtures.tiny_flux import FLUX_DIR, PULID_FILE, build_tiny_transformer, build_tiny_vae, \
-        id_attention_state, make_tiny_weights
+    from tests.fixtures.tiny_flux import (
+        FLUX_DIR,
+        PULID_FILE,
+        build_tiny_transformer,
+        build_tiny_vae,
+        id_attention_state,
+        make_tiny_weights,
+    )
 
     make_tiny_weights(root)
     flux = build_tiny_transformer(num_attention_heads=8)
