@@ -66,7 +66,7 @@ def read_id_attention_weights(path: str | Path) -> dict[int, dict[str, torch.Ten
         raise FileNotFoundError(f"PuLID file {path} does not exist")
     modules: dict[int, dict[str, torch.Tensor]] = {}
     with safe_open(str(path), framework="pt") as handle:
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
             match = _CA_KEY.match(key)
             if match:
                 modules.setdefault(int(match.group(1)), {})[match.group(2)] = handle.get_tensor(key)
