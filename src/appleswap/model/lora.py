@@ -124,7 +124,7 @@ def check_lora_shapes(model: nn.Module, state: dict[str, torch.Tensor], rank: in
             raise ValueError(f"{source}: module {module_name!r} does not exist in the FLUX transformer")
         base = layer.base_layer if is_lora_layer(layer) else layer
         if not isinstance(base, nn.Linear):
-            raise ValueError(f"{source}: module {module_name!r} is {type(base).__name__}, not Linear")  # noqa: TRY004 (a bad file, not a bad call)
+            raise ValueError(f"{source}: module {module_name!r} is {type(base).__name__}, not Linear")  # noqa: TRY004
         want = (rank, base.in_features) if which.startswith("A") else (base.out_features, rank)
         if tuple(value.shape) != want:
             raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the model needs {want}")
