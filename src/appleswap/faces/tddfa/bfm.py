@@ -1,6 +1,6 @@
 """The 3DDFA-V3 face model (``face_model.npy``) read safely, and the 3DMM -> 68 landmark projection.
 
-``face_model.npy`` is a NumPy *object* array holding a pickled dict, which ``np.load(allow_pickle=True)`` would
+``face_model.npy`` is a NumPy *object* array holding a pickled dict, which NumPy's pickle-enabled loading would
 unpickle with the full pickle machinery (arbitrary code). :func:`load_face_model` instead parses the ``.npy``
 header itself and unpickles the payload with :class:`_ArrayOnlyUnpickler`, which resolves only the handful of
 NumPy globals needed to rebuild arrays and dtypes (``_reconstruct``, ``ndarray``, ``dtype``, ``scalar``,
