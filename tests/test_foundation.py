@@ -121,3 +121,18 @@ def test_cli_help_and_weights_check(tmp_path):
     out = subprocess.run([str(exe), "weights", "check", "--weights-dir", str(tmp_path)], capture_output=True,
                          text=True, check=True).stdout
     assert "missing" in out and str(tmp_path) in out
+
+
+def test_every_subcommand_has_help(capsys):
+    from appleswap.cli import build_parser, main
+
+    parser = build_parser()
+    commands = sorted(parser._subparsers._group_actions[0].choices)  # the registered subcommands
+    expected = {"weights", "preprocess", "prepare-ids", "identity", "generate", "swap", "verify", "app", "train",
+                "pseudo", "eval", "bench"}
+    assert expected <= set(commands)
+    for command in commands:
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        assert "usage: appleswap" in capsys.readouterr().out
