@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (alpha = rank)")
     parser.add_argument("--id-net", choices=("arcface", "irse50"), default="arcface",
                         help="ID-loss network: SimSwap ArcFace (the paper's) or IR-SE50")
+    parser.add_argument("--arcface-layers", default="3,4,23,3",
+                        help="IR blocks per stage of the SimSwap ArcFace (its checkpoint decides; 2,2,2,2 = ResNet18)")
     parser.add_argument("--memory-cap-gib", type=float, default=None,
                         help="limit this process to this many GiB of the card (e.g. 79.6 = an H100 80GB)")
     parser.add_argument("--text-tokens", type=int, default=512, help="T5 tokens (512 in APPLE)")
@@ -101,7 +103,8 @@ def build_transformer(tiny: bool, rank: int, device: Any, dtype: Any) -> tuple[A
     return model, vae
 
 
-def build_loss_networks(tiny: bool, id_net: str, device: Any) -> tuple[Any, Any]:
+def build_loss_networks(tiny: bool, id_net: str, device: Any, layers: tuple[int, ...] = (3, 4, 23, 3)) \
+        -> tuple[Any, Any]:
     """(IdentityLoss on a random ArcFace / IR-SE50, random LPIPS-VGG), fp32 and frozen as in training."""
     import lpips
 
@@ -110,7 +113,7 @@ def build_loss_networks(tiny: bool, id_net: str, device: Any) -> tuple[Any, Any]
     from appleswap.train.losses import IdentityLoss
 
     if id_net == "arcface":
-        net, imagenet_norm = ArcFaceResNet((1, 1, 1, 1) if tiny else (3, 4, 23, 3)), True
+        net, imagenet_norm = ArcFaceResNet((1, 1, 1, 1) if tiny else layers), True
     else:
         net, imagenet_norm = (IRSE50((1, 1), (16, 32)) if tiny else IRSE50()), False
     id_loss = IdentityLoss(net.to(device).eval(), imagenet_norm=imagenet_norm).to(device)
@@ -141,7 +144,10 @@ def build_parts(args: argparse.Namespace, device: Any) -> Any:
     text_len = 8 if args.tiny else args.text_tokens
     text = random_text(transformer.flux, text_len, device, dtype)
     empty = dataclasses.replace(text, prompt_embeds=text.prompt_embeds.flip(1), pooled=-text.pooled)
-    id_loss, lpips_net = build_loss_networks(args.tiny, args.id_net, device)
+    layers = tuple(int(n) for n in args.arcface_layers.split(","))
+    if len(layers) != 4 or min(layers) < 1:
+        raise ValueError(f"--arcface-layers {args.arcface_layers!r}: give 4 positive block counts, e.g. 3,4,23,3")
+    id_loss, lpips_net = build_loss_networks(args.tiny, args.id_net, device, layers)
     return TrainParts(transformer, vae, text, empty, id_loss, lpips_net)
 
 
@@ -279,9 +285,10 @@ def run(args: argparse.Namespace) -> tuple[list[BatchRow], str]:
     logger.info("built in %.1f s: %.1f M trainable, %.2f GiB allocated", build_s, trainable, weights)
     rows = sweep(lambda b: time_batch(parts, optimizer, b, args, device), batch_sizes(args.batches, args.max_batch),
                  lambda: free_after_oom(optimizer, device), deadline)
+    id_name = f"arcface {'1,1,1,1' if args.tiny else args.arcface_layers}" if args.id_net == "arcface" else "irse50"
     header = (f"APPLE teacher training step ({'tiny' if args.tiny else 'full FLUX.1'} config, random weights): "
               f"{card}; {environment()}; LoRA r{args.lora_rank} ({trainable:.1f} M "
-              f"trainable, fp32), gradient checkpointing, ID loss ({args.id_net}) + LPIPS-VGG on every sample, "
+              f"trainable, fp32), gradient checkpointing, ID loss ({id_name}) + LPIPS-VGG on every sample, "
               f"AdamW; median of {args.repeats} after {args.warmup} warm-up; weights {weights:.2f} GiB")
     return rows, header
 

@@ -35,7 +35,7 @@ def test_tiny_mode_prints_one_row_per_batch(bench, capsys):
     assert bench.main(["--tiny", "--device", "cpu", "--batches", "1,2", "--repeats", "1", "--warmup", "1",
                        "--log-level", "WARNING"]) == 0
     out = capsys.readouterr().out
-    assert "tiny config" in out and "LoRA r64" in out and "ID loss (arcface) + LPIPS-VGG" in out
+    assert "tiny config" in out and "LoRA r64" in out and "ID loss (arcface 1,1,1,1) + LPIPS-VGG" in out
     rows = _table_rows(out)
     assert [row[0] for row in rows] == ["1", "2"]
     for batch, seconds, samples, _, note in rows:
