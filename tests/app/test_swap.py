@@ -100,3 +100,14 @@ def test_bad_inputs_are_clear_errors(engine, identity, tmp_path, faces_dir):
         configured(engine, min_face_size=2000).swap_image(identity, load_image(faces_dir / "obama.jpg"), "obama.jpg")
     with pytest.raises(ValueError, match="cannot be mixed"):
         engine.source_identity([tmp_path / "a.safetensors", faces_dir / "obama.jpg"])
+
+
+def test_image_and_id_guidance_together(engine, identity, photos):
+    """Both extra guidances at once (the extension of issue 3: one batched pass) change the swapped face."""
+    target = photos["biden2.jpg"]
+    plain = engine.swap_image(identity, target, "biden2.jpg")
+    guided = configured(engine, id_guidance_scale=2.0, image_guidance_scale=1.5).swap_image(identity, target,
+                                                                                              "biden2.jpg")
+    inside = plain.mask > 0.99
+    assert inside.any()
+    assert np.abs(guided.image[inside].astype(int) - plain.image[inside]).mean() > 1

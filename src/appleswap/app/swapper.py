@@ -50,7 +50,7 @@ class SwapConfig:
     steps: int = option(28, "sampling steps (paper: 28)")
     seed: int = option(0, "noise seed (paper: 0)")
     id_guidance_scale: float = option(1.0, "identity strength: >1 more source identity, weaker attributes")
-    image_guidance_scale: float = option(1.0, "condition-image guidance (cannot be combined with ID guidance)")
+    image_guidance_scale: float = option(1.0, "guidance against a black condition (with ID guidance too: one batched pass)")
     guidance_scale: float = option(1.0, "FLUX distilled guidance value (paper: 1.0)")
     fp8: bool = option(False, "fp8 transformer weights (half the GPU memory, faster on Hopper, "
                        "slightly different numerics)")
@@ -80,8 +80,6 @@ class SwapConfig:
             raise ValueError(f"--face-selector must be one of {list(SELECTOR_MODES)}, got {self.face_selector!r}")
         if self.face_selector_order not in ORDERS:
             raise ValueError(f"--face-selector-order must be one of {list(ORDERS)}, got {self.face_selector_order!r}")
-        if self.id_guidance_scale != 1.0 and self.image_guidance_scale != 1.0:
-            raise ValueError("--id-guidance-scale and --image-guidance-scale cannot both differ from 1")
         if self.size < 16 or self.size % 16:
             raise ValueError(f"--size must be a multiple of 16, got {self.size}")
         if self.steps < 1:
