@@ -102,9 +102,9 @@ def test_bad_inputs_are_clear_errors(engine, identity, tmp_path, faces_dir):
         engine.source_identity([tmp_path / "a.safetensors", faces_dir / "obama.jpg"])
 
 
-def test_image_and_id_guidance_together(engine, identity, photos):
+def test_image_and_id_guidance_together(engine, identity, faces_dir):
     """Both extra guidances at once (the extension of issue 3: one batched pass) change the swapped face."""
-    target = photos["biden2.jpg"]
+    target = load_image(faces_dir / "biden2.jpg")
     plain = engine.swap_image(identity, target, "biden2.jpg")
     guided = configured(engine, id_guidance_scale=2.0, image_guidance_scale=1.5).swap_image(identity, target,
                                                                                               "biden2.jpg")
