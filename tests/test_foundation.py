@@ -136,3 +136,26 @@ def test_every_subcommand_has_help(capsys):
             main([command, "--help"])
         assert info.value.code == 0
         assert "usage: appleswap" in capsys.readouterr().out
+
+
+def test_read_tensor_file_refuses_pickled_code(tmp_path):
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.arange(4.0)}
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    torch.save(tensors, tmp_path / "a.pth")
+    for name in ("a.safetensors", "a.pth"):
+        assert torch.equal(files.read_tensor_file(tmp_path / name)["w"], tensors["w"])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"w": Evil()}))
+    with pytest.raises(ValueError, match="weights_only"):
+        files.read_tensor_file(tmp_path / "evil.pth", "test weights")
+    with pytest.raises(FileNotFoundError, match="HopeNet weights not found"):
+        files.read_tensor_file(tmp_path / "missing.pth", "HopeNet weights")

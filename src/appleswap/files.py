@@ -143,3 +143,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def read_tensor_file(path: str | Path, what: str = "weights") -> dict:
+    """Tensors of a ``.safetensors`` file, or of a torch file read with ``weights_only=True`` (no pickled code
+    runs). The shared reader for user-supplied checkpoints; ``what`` names the model in errors."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, RuntimeError: a corrupt or code-carrying file
+        raise ValueError(f"{what} {path}: not a tensor file loadable with weights_only=True ({error})") from error

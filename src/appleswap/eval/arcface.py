@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from appleswap.files import read_tensor_file
+
 log = logging.getLogger(__name__)
 
 VERSION = "irse50-reface-1"
@@ -108,15 +110,7 @@ def _architecture_from_state(state: dict[str, torch.Tensor]) -> tuple[tuple[int,
 
 def load_irse50(path: str | Path, device: str | torch.device = "cpu") -> IRSE50:
     """Build IR-SE50 from ``model_ir_se50.pth`` (torch, weights only) or a safetensors copy; eval mode, frozen."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"IR-SE50 weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_tensor_file(path, "IR-SE50 weights")
     state = {k.removeprefix("module.").removeprefix("facenet."): v for k, v in state.items()}
     units, channels = _architecture_from_state(state)
     if (units, channels) != (REAL_UNITS, REAL_CHANNELS):

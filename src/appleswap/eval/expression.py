@@ -24,6 +24,8 @@ from PIL import Image
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from appleswap.files import read_tensor_file
+
 log = logging.getLogger(__name__)
 
 D3D_VERSION = "deep3d-exp-1"
@@ -55,15 +57,7 @@ def load_reconnet(path: str | Path, device: str | torch.device = "cpu") -> Recon
     """ReconNet from Deep3DFaceRecon's ``epoch_20.pth`` (key ``net_recon``, weights only) or a bare state dict."""
     from appleswap.eval.pose import _layers_from_state
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Deep3DFaceRecon weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_tensor_file(path, "Deep3DFaceRecon weights")
     state = state.get("net_recon", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     trunk = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}

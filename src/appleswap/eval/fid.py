@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from appleswap.files import read_tensor_file
+
 log = logging.getLogger(__name__)
 
 VERSION = "fid-inception-pool3-1"
@@ -50,15 +52,7 @@ class FIDInception(nn.Module):
 
 def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> FIDInception:
     """FIDInception with ``pt_inception-2015-12-05-6726825d.pth`` (or a safetensors copy) loaded strictly."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"FID Inception weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_tensor_file(path, "FID Inception weights")
     model = FIDInception()
     model.net.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False).to(device)

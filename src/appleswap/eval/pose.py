@@ -19,6 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from appleswap.files import read_tensor_file
+
 log = logging.getLogger(__name__)
 
 HOPENET_VERSION = "hopenet-224-1"
@@ -59,15 +61,7 @@ def _layers_from_state(state: dict[str, torch.Tensor]) -> tuple[int, int, int, i
 
 def load_hopenet(path: str | Path, device: str | torch.device = "cpu") -> HopeNet:
     """HopeNet from ``hopenet_robust_alpha1.pkl`` (a torch state dict, loaded weights-only) or safetensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"HopeNet weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_tensor_file(path, "HopeNet weights")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model = HopeNet(_layers_from_state(state))
     model.load_state_dict(state, strict=True)

@@ -184,14 +184,11 @@ def unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a ``.pth`` loaded with ``weights_only=True`` (no pickle code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from appleswap.files import read_tensor_file
 
-        return load_file(str(path))
-    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    path = Path(path)
+    state = read_tensor_file(path, "face-parser checkpoint")
+    return state if path.suffix == ".safetensors" else unwrap_state_dict(state, path)
 
 
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:

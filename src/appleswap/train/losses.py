@@ -97,14 +97,9 @@ def build_identity_loss(kind: str, weights: Path, device: str | torch.device = "
 
 def load_vgg16_features(path: Path) -> dict[str, torch.Tensor]:
     """``features.*`` tensors of a torchvision vgg16 file (.pth state dict or .safetensors)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"vgg16 weights {path} not found")
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from appleswap.files import read_tensor_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_tensor_file(path, "vgg16 weights")
     features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
     if not features:
         raise ValueError(f"vgg16 weights {path}: no 'features.*' keys (expected torchvision's vgg16 state dict)")
