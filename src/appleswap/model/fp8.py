@@ -1,10 +1,17 @@
-"""fp8 weights for the FLUX blocks: per-tensor scaled ``float8_e4m3fn`` weights, ``torch._scaled_mm`` on GPUs.
+"""fp8 weights for the FLUX blocks: scaled ``float8_e4m3fn`` weights, ``torch._scaled_mm`` on GPUs.
 
-Changes numerics (measured and labelled in ``benchmarks/RESULTS.md``): each weight is stored as
-``round_e4m3(W / s)`` with one fp32 scale ``s = amax(W) / 448``; on a GPU with fp8 tensor cores (compute
-capability >= 8.9) the activations are quantised the same way per call (dynamic per-tensor scale) and the product
-runs in fp8 with fp32 accumulation. Elsewhere (CPU, few rows such as the AdaLN modulation, shapes that are not
-multiples of 16) the weight is dequantised and multiplied in the activation dtype (weight-only fp8: half the
+Changes numerics (measured and labelled in ``benchmarks/RESULTS.md``). Two scale granularities:
+
+- ``"row"`` (default): one fp32 scale per output channel of the weight, ``s_w[n] = amax_k |W[n, k]| / 448``, and,
+  per call, one per activation row (token), ``s_x[m] = amax_k |x[m, k]| / 448``. A channel or token with large
+  values no longer coarsens the grid of every other one (lower error), and the per-row reduction is plain torch
+  ops that ``torch.compile`` fuses with the cast into one kernel (a global amax cannot be fused that way). The
+  product is Hopper's row-wise ``torch._scaled_mm`` (``scale_a`` (M, 1), ``scale_b`` (1, N), bf16 output).
+- ``"tensor"``: one scale for the weight and one for the activations (the round-2 scheme).
+
+On a GPU with fp8 tensor cores (compute capability >= 8.9) the product runs in fp8 with fp32 accumulation.
+Elsewhere (CPU, few rows such as the AdaLN modulation, shapes that are not multiples of 16, fp32 activations) the
+weight is dequantised with the same scales and multiplied in the activation dtype (weight-only fp8: half the
 memory, the same rounding of the weights). The LoRA (``lora_A``/``lora_B``) and the ID cross-attentions stay in
 the model dtype.
 """
@@ -22,18 +29,39 @@ logger = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 MIN_ROWS = 16  # fewer activation rows than this: dequantised matmul (the AdaLN linears see 1-2 rows)
+GRANULARITIES = ("row", "tensor")
+_ROUND_UP = 1 + 2**-7  # scale margin: covers the rounding of the scale to bf16, so |x| / scale <= 448 (no clamp)
 
 
-def quantize_fp8(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 tensor, fp32 scale) with ``tensor ~= fp8.float() * scale``; one scale for the whole tensor."""
-    amax = tensor.detach().abs().amax().float().clamp(min=1e-12)
-    scale = amax / FP8_MAX
-    quantized = (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+def check_granularity(granularity: str) -> str:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"fp8 granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    return granularity
+
+
+def _column(scale: torch.Tensor) -> torch.Tensor:
+    """A per-row scale of shape (N,) as (N, 1) so it broadcasts over the columns; () and (M, 1) stay."""
+    return scale[:, None] if scale.dim() == 1 else scale
+
+
+def quantize_fp8(tensor: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 tensor, fp32 scale) with ``tensor ~= fp8.float() * scale``: one scale (shape ()) for ``"tensor"``,
+    one per row of a 2-D tensor (shape (rows,), the output channels of a weight) for ``"row"``."""
+    check_granularity(granularity)
+    values = tensor.detach().float()
+    if granularity == "row":
+        if values.dim() != 2:
+            raise ValueError(f"quantize_fp8: row-wise scales need a 2-D tensor, got shape {tuple(values.shape)}")
+        amax = values.abs().amax(dim=1)
+    else:
+        amax = values.abs().amax()
+    scale = amax.clamp(min=1e-12) / FP8_MAX
+    quantized = (values / _column(scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return quantized, scale
 
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-call activation quantisation in the activation dtype with three passes over memory (min/max, divide,
+    """Per-tensor activation quantisation in the activation dtype with three passes over memory (min/max, divide,
     cast) instead of :func:`quantize_fp8`'s six; bf16 keeps 8 mantissa bits, more than e4m3's 3.
 
     The scale is rounded *up* to a value of ``x.dtype`` (by at most 1/128), so ``|x| / scale <= 448`` holds before
@@ -41,48 +69,78 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     low, high = torch.aminmax(x)
     amax = torch.maximum(-low, high).float()
-    scale = (amax / FP8_MAX * (1 + 2**-7)).clamp(min=torch.finfo(x.dtype).tiny).to(x.dtype)
+    scale = (amax / FP8_MAX * _ROUND_UP).clamp(min=torch.finfo(x.dtype).tiny).to(x.dtype)
     return x.div(scale).to(FP8), scale.float()
 
 
+def quantize_activation_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise (per token) quantisation of a 2-D ``x``: fp8 values and fp32 scales of shape (M, 1).
+
+    Plain torch ops so that inductor fuses the row reduction, the divide and the cast into one kernel. The scale
+    and the quotient are fp32 (one rounding, straight to e4m3), so eager and compiled runs give the same bits; the
+    scale is rounded up by 1/128 so that ``|x| / scale < 448`` (no clamp pass) and is at least fp32's smallest
+    normal, so a row of zeros gives zeros, never NaN.
+    """
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax * (_ROUND_UP / FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x.float() / scale).to(FP8), scale
+
+
 def dequantize_fp8(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """e4m3 values are exact in bf16/fp16/fp32, so cast first and scale in ``dtype`` (no fp32 copy of the weight)."""
-    return quantized.to(dtype) * scale.to(dtype)
+    """e4m3 values are exact in bf16/fp16/fp32, so cast first and scale in ``dtype`` (no fp32 copy of the weight).
+    ``scale``: () per tensor, (N,) per row of ``quantized`` or (M, 1)."""
+    return quantized.to(dtype) * _column(scale).to(dtype)
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
-    """fp8 tensor cores: CUDA compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
+    """fp8 tensor cores: CUDA compute capability 8.9 (Ada) or 9.0+ (Hopper). ``get_device_properties`` is
+    constant-folded by ``torch.compile`` (no graph break)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    props = torch.cuda.get_device_properties(device)
+    return (props.major, props.minor) >= (8, 9)
 
 
 def scaled_matmul(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + b`` for 2-D ``x`` with the activations quantised per tensor on the fly; fp8 product, fp32
-    accumulation, output in ``x.dtype`` (``torch._scaled_mm``; also runs on recent CPU builds)."""
-    x_fp8, x_scale = quantize_activation(x)
-    return torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale,
-                            bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    """``x @ W.T + b`` for 2-D ``x`` with the activations quantised on the fly, per row when ``weight_scale`` has
+    one value per output channel, else per tensor; fp8 product, fp32 accumulation, output in ``x.dtype``
+    (``torch._scaled_mm``; also runs on recent CPU builds)."""
+    if weight_scale.dim() == 0:
+        x_fp8, x_scale = quantize_activation(x)
+        return torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale,
+                                bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    # row-wise GEMMs on CUDA write bf16 only (fp32 only through cuBLAS >= 12.9 on sm90): fp16 goes through bf16
+    out_dtype = torch.bfloat16 if x.dtype == torch.float16 else x.dtype
+    x_fp8, x_scale = quantize_activation_rows(x)
+    out = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale.reshape(1, -1),
+                           bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+    return out.to(x.dtype)
 
 
 class Fp8Linear(nn.Module):
-    """Drop-in for a frozen ``nn.Linear``: fp8 weight + fp32 scale as buffers, bias kept in the model dtype."""
+    """Drop-in for a frozen ``nn.Linear``: fp8 weight (N, K) + fp32 scale (``(N,)`` row-wise, ``()`` per tensor)
+    as buffers, bias kept in the model dtype."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 granularity: str = "row"):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = dtype
+        self.granularity = check_granularity(granularity)
+        expected = self.out_features if granularity == "row" else 1
+        if scale.numel() != expected:
+            raise ValueError(f"Fp8Linear: {granularity} scale needs {expected} values, got shape {tuple(scale.shape)}")
         self.register_buffer("weight_fp8", weight)
-        self.register_buffer("weight_scale", scale.reshape(()).float())
+        self.register_buffer("weight_scale", scale.float().reshape((-1,) if granularity == "row" else ()))
         self.register_buffer("bias", bias)
         self.use_scaled_mm = True  # False: always the dequantised matmul (tests, A/B runs)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
-        weight, scale = quantize_fp8(linear.weight.data)
+    def from_linear(cls, linear: nn.Linear, granularity: str = "row") -> Fp8Linear:
+        weight, scale = quantize_fp8(linear.weight.data, granularity)
         bias = None if linear.bias is None else linear.bias.data.detach()
-        return cls(weight, scale, bias, linear.weight.dtype)
+        return cls(weight, scale, bias, linear.weight.dtype, granularity)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_fp8(self.weight_fp8, self.weight_scale, dtype or self.compute_dtype)
@@ -100,22 +158,20 @@ class Fp8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-tensor"
-
-
-def _swap(parent: nn.Module, name: str, child: nn.Linear) -> None:
-    setattr(parent, name, Fp8Linear.from_linear(child))
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-{self.granularity}"
 
 
 def quantize_blocks_fp8(flux: nn.Module, include_modulation: bool = False,
-                       device: torch.device | str | None = None) -> int:
+                       device: torch.device | str | None = None, granularity: str = "row") -> int:
     """Replace every frozen ``nn.Linear`` of the double and single blocks by :class:`Fp8Linear` (in place).
 
     LoRA-wrapped layers keep their adapter; only their ``base_layer`` is quantised. Returns the number of layers.
     ``include_modulation=False`` (default) keeps the AdaLN linears (``norm*.linear``, 27% of the block weights)
     in the model dtype: they see 1-2 rows per pass (memory-bound, no fp8 GEMM) and scale every token. ``device``: each
-    block is moved there just before quantising (peak: the fp8 model plus one full-precision block).
+    block is moved there just before quantising (peak: the fp8 model plus one full-precision block). ``granularity``:
+    ``"row"`` (per output channel and per token) or ``"tensor"``.
     """
+    check_granularity(granularity)
     count = 0
     for blocks in (flux.transformer_blocks, flux.single_transformer_blocks):
         for block in blocks:
@@ -128,7 +184,7 @@ def quantize_blocks_fp8(flux: nn.Module, include_modulation: bool = False,
                     full = f"{module_name}.{child_name}".lstrip(".")
                     if not include_modulation and ".linear" in f".{full}" and "norm" in full:
                         continue
-                    _swap(module, child_name, child)
+                    setattr(module, child_name, Fp8Linear.from_linear(child, granularity))
                     count += 1
-    logger.info("fp8: %d block linears quantised (per-tensor e4m3)", count)
+    logger.info("fp8: %d block linears quantised (per-%s e4m3)", count, granularity)
     return count

@@ -278,10 +278,12 @@ class AppleTransformer(nn.Module):
             self.offloader.restore()
             self.offloader = None
 
-    def quantize_fp8(self, include_modulation: bool = False, device: torch.device | str | None = None) -> int:
-        """fp8 (e4m3, per-tensor scale) weights for every block linear; LoRA and ID attentions stay. Changes
-        numerics; irreversible (the bf16 weights are freed). ``device``: move each block there just before
-        quantising it (load on the CPU, quantise onto the GPU one block at a time). Returns the layer count.
+    def quantize_fp8(self, include_modulation: bool = False, device: torch.device | str | None = None,
+                     granularity: str = "row") -> int:
+        """fp8 (e4m3; ``granularity`` "row": scales per output channel and token, "tensor": one each) weights for
+        every block linear; LoRA and ID attentions stay. Changes numerics; irreversible (the bf16 weights are
+        freed). ``device``: move each block there just before quantising it (load on the CPU, quantise onto the GPU
+        one block at a time). Returns the layer count.
 
         Afterwards move the model with :meth:`place` or ``.to(device)``, never ``.to(dtype)`` (it would cast the
         fp8 buffers)."""
@@ -289,7 +291,7 @@ class AppleTransformer(nn.Module):
 
         if self.offloader is not None:
             raise ValueError("quantize_fp8: turn sequential offload off first (or quantise before enabling it)")
-        return quantize_blocks_fp8(self.flux, include_modulation, device)
+        return quantize_blocks_fp8(self.flux, include_modulation, device, granularity)
 
     # ---- LoRA
     def has_lora(self) -> bool:
