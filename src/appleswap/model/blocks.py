@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from appleswap.model.lora import base_linear, routed_linear
+from appleswap.model.fusion import fused_projection, routed_fused
+from appleswap.model.lora import base_linear, in_place_ok, routed_linear
 
 
 def branch_modulation(linear, temb: torch.Tensor, temb_cond: torch.Tensor | None,
@@ -43,7 +44,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: i
     """x * (1 + scale) + shift with per-branch parameters: shift/scale are (B, 1 or 2, D)."""
     if split is None:
         return torch.addcmul(shift[:, :1], x, 1 + scale[:, :1])
-    if not torch.is_grad_enabled():  # inference: modulate the fresh normalised tensor in place, no concat
+    if in_place_ok():  # eager inference: modulate the fresh normalised tensor in place, no concat
         main, cond = x[:, :split], x[:, split:]
         torch.addcmul(shift[:, :1], main, 1 + scale[:, :1], out=main)
         torch.addcmul(shift[:, 1:2], cond, 1 + scale[:, 1:2], out=cond)
@@ -57,7 +58,7 @@ def add_gated(residual: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, split
     """residual + gate * x with a per-branch gate (B, 1 or 2, D); in place on ``residual`` for inference."""
     if split is None:
         return torch.addcmul(residual, x, gate[:, :1])
-    if not torch.is_grad_enabled():
+    if in_place_ok():
         residual[:, :split].addcmul_(x[:, :split], gate[:, :1])
         residual[:, split:].addcmul_(x[:, split:], gate[:, 1:2])
         return residual
@@ -65,7 +66,16 @@ def add_gated(residual: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, split
 
 
 def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
-    return norm(x.unflatten(-1, (-1, attn.head_dim)))  # (B, N, H, Dh)
+    x = x.unflatten(-1, (-1, attn.head_dim))  # (B, N, H, Dh)
+    return x if norm is None else norm(x)
+
+
+def _projections(block, group: str, layers, x: torch.Tensor, split: int | None) -> list[torch.Tensor]:
+    """The outputs of ``layers`` on ``x``: one stacked matmul when the block is fused (:mod:`fusion`)."""
+    fused = fused_projection(block, group)
+    if fused is not None:
+        return routed_fused(fused, x, split)
+    return [routed_linear(layer, x, split) if split is not None else base_linear(layer, x) for layer in layers]
 
 
 @dataclasses.dataclass
@@ -109,12 +119,12 @@ def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=
     c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod.chunk(6, dim=-1)
     norm_context = block.norm1_context.norm(context) * (1 + c_scale_msa) + c_shift_msa
 
-    query = _heads(attn, routed_linear(attn.to_q, norm_hidden, split), attn.norm_q)
-    key = _heads(attn, routed_linear(attn.to_k, norm_hidden, split), attn.norm_k)
-    value = _heads(attn, routed_linear(attn.to_v, norm_hidden, split), lambda x: x)
-    c_query = _heads(attn, base_linear(attn.add_q_proj, norm_context), attn.norm_added_q)
-    c_key = _heads(attn, base_linear(attn.add_k_proj, norm_context), attn.norm_added_k)
-    c_value = _heads(attn, base_linear(attn.add_v_proj, norm_context), lambda x: x)
+    query, key, value = _projections(block, "qkv", (attn.to_q, attn.to_k, attn.to_v), norm_hidden, split)
+    query, key, value = _heads(attn, query, attn.norm_q), _heads(attn, key, attn.norm_k), _heads(attn, value, None)
+    c_query, c_key, c_value = _projections(block, "add_qkv", (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                                           norm_context, None)
+    c_query, c_key = _heads(attn, c_query, attn.norm_added_q), _heads(attn, c_key, attn.norm_added_k)
+    c_value = _heads(attn, c_value, None)
     out = joint_attention(torch.cat([c_query, query], 1), torch.cat([c_key, key], 1),
                           torch.cat([c_value, value], 1), rotary, extras)
     text_len = context.shape[1]
@@ -148,10 +158,10 @@ def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None, con
     mod = branch_modulation(block.norm.linear, temb, temb_cond, cond_mod)  # (B, 1|2, 3D)
     shift, scale, gate = mod.chunk(3, dim=-1)
     normed = modulate(block.norm.norm(tokens), shift, scale, split)
-    mlp = block.act_mlp(routed_linear(block.proj_mlp, normed, split))
-    query = _heads(attn, routed_linear(attn.to_q, normed, split), attn.norm_q)
-    key = _heads(attn, routed_linear(attn.to_k, normed, split), attn.norm_k)
-    value = _heads(attn, routed_linear(attn.to_v, normed, split), lambda x: x)
+    query, key, value, mlp = _projections(block, "qkv_mlp", (attn.to_q, attn.to_k, attn.to_v, block.proj_mlp),
+                                          normed, split)
+    mlp = block.act_mlp(mlp)
+    query, key, value = _heads(attn, query, attn.norm_q), _heads(attn, key, attn.norm_k), _heads(attn, value, None)
     attn_out = joint_attention(query, key, value, rotary, extras)
     out = routed_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), split)
     tokens = add_gated(tokens, out, gate, split)

@@ -57,6 +57,21 @@ def lora_delta(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return delta
 
 
+def in_place_ok() -> bool:
+    """Eager inference may write into fresh tensors in place (no concatenation copies); autograd needs the
+    functional form, and so does ``torch.compile`` (inductor fuses the functional slices and adds into the
+    consumer kernel, while in-place writes into views would break the graph)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def add_to_rows(out: torch.Tensor, start: int, delta: torch.Tensor) -> torch.Tensor:
+    """``out`` with ``delta`` added to tokens ``start:`` (in place when allowed)."""
+    if in_place_ok():
+        out[:, start:] += delta.to(out.dtype)
+        return out
+    return torch.cat([out[:, :start], out[:, start:] + delta.to(out.dtype)], dim=1)
+
+
 def base_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The frozen layer alone (used for text tokens, which never see the LoRA)."""
     return layer.base_layer(x) if is_lora_layer(layer) else layer(x)
@@ -75,11 +90,7 @@ def routed_linear(layer: nn.Module, x: torch.Tensor, cond_start: int | None) -> 
     delta = lora_delta(layer, x[:, cond_start:])
     if delta is None:
         return out
-    if not torch.is_grad_enabled():
-        out[:, cond_start:] += delta.to(out.dtype)  # inference: no copy of the whole output
-        return out
-    head, tail = out[:, :cond_start], out[:, cond_start:] + delta.to(out.dtype)
-    return torch.cat([head, tail], dim=1)
+    return add_to_rows(out, cond_start, delta)
 
 
 def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -82,6 +82,7 @@ class AppleTransformer(nn.Module):
         self._ca_single = {block: len(doubles) + n for n, block in enumerate(singles)}
         self.gradient_checkpointing = False
         self.offloader = None  # BlockOffloader while sequential offload is on
+        self._kernels = {"double": double_block, "single": single_block, "id": _id_residual}  # compile_blocks swaps
 
     @property
     def dtype(self) -> torch.dtype:
@@ -112,8 +113,8 @@ class AppleTransformer(nn.Module):
         if index is None or id_tokens is None or not len(self.id_attentions):
             return hidden
         image = hidden[:, start:start + length]
-        residual = self._run(self.id_attentions[index], id_tokens, image)
-        if not torch.is_grad_enabled():  # inference: add into the image slice, no concatenation
+        residual = self._run(self._kernels["id"], self.id_attentions[index], id_tokens, image)
+        if lora_lib.in_place_ok():  # eager inference: add into the image slice, no concatenation
             image.add_(residual, alpha=id_weight)
             return hidden
         image = image + id_weight * residual
@@ -193,7 +194,7 @@ class AppleTransformer(nn.Module):
         num_double = len(self.flux.transformer_blocks)
         for n in range(num_double):
             with self._block(n) as block:
-                context, hidden = self._run(double_block, block, hidden, context, temb, temb_cond, rotary, split,
+                context, hidden = self._run(self._kernels["double"], block, hidden, context, temb, temb_cond, rotary, split,
                                             extras, None if rows is None else rows[n])
             hidden = self._add_id(self._ca_double.get(n), hidden, 0, length, id_tokens, id_weight)
         text_len = context.shape[1]
@@ -201,7 +202,7 @@ class AppleTransformer(nn.Module):
         split = text_len + length if has_cond else None
         for n in range(len(self.flux.single_transformer_blocks)):
             with self._block(num_double + n) as block:
-                tokens = self._run(single_block, block, tokens, temb, temb_cond, rotary, split, extras,
+                tokens = self._run(self._kernels["single"], block, tokens, temb, temb_cond, rotary, split, extras,
                                    None if rows is None else rows[num_double + n])
             tokens = self._add_id(self._ca_single.get(n), tokens, text_len, length, id_tokens, id_weight)
         return tokens[:, text_len:text_len + length]
@@ -250,6 +251,44 @@ class AppleTransformer(nn.Module):
                 rows.append(condition_modulation(linear, temb))
         return ConditionModulation(temb, rows)
 
+    # ---- speed options (same function)
+    def compile_blocks(self, mode: str | None = None, fullgraph: bool = True) -> None:
+        """Regional ``torch.compile``: the double-block, single-block and ID-attention functions are compiled once
+        each and the graph is reused by every block of that kind (their weights are graph inputs), so compiling
+        takes seconds-to-a-minute instead of minutes for the whole model. ``mode``: None (default),
+        "reduce-overhead" (CUDA graphs per region) or "max-autotune-no-cudagraphs". The functional (not in-place)
+        form of the blocks runs under compile; inductor fuses its slices and additions into neighbouring kernels.
+        """
+        import torch._dynamo
+
+        # one graph per block kind; a few extra for guidance batches / no-condition passes
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        options = {"mode": mode, "fullgraph": fullgraph, "dynamic": False}
+        self._kernels = {"double": torch.compile(double_block, **options),
+                         "single": torch.compile(single_block, **options),
+                         "id": torch.compile(_id_residual, **options)}
+
+    def fuse_projections(self) -> int:
+        """Stack the linears that read the same tokens (q/k/v and MLP-in) into one GEMM per block
+        (:mod:`appleswap.model.fusion`): no extra memory, same function. Call it after moving the model to its
+        device (a later ``.to(device)`` still computes the same, but stores the fused weights twice). Returns the
+        number of fused blocks."""
+        from appleswap.model.fusion import fuse_block
+
+        if self.offloader is not None:
+            raise ValueError("fuse_projections: turn sequential offload off first")
+        blocks = list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks)
+        for block in blocks:
+            fuse_block(block)
+        return len(blocks)
+
+    def unfuse_projections(self) -> None:
+        """Undo :meth:`fuse_projections` (each layer gets its own weight storage back)."""
+        from appleswap.model.fusion import unfuse_block
+
+        for block in list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks):
+            unfuse_block(block)
+
     # ---- memory / numerics options
     def enable_sequential_offload(self, device: torch.device | str | None = None, prefetch: int = 1) -> None:
         """Keep the blocks' weights in pinned host memory, each copied in just before it runs (next prefetched)."""
@@ -257,6 +296,7 @@ class AppleTransformer(nn.Module):
 
         if self.offloader is not None:
             return
+        self.unfuse_projections()  # blocks move one by one: each layer needs its own storage
         device = torch.device(device) if device is not None else self.device
         blocks = list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks)
         self.offloader = BlockOffloader(blocks, device, prefetch=prefetch)
@@ -291,6 +331,7 @@ class AppleTransformer(nn.Module):
 
         if self.offloader is not None:
             raise ValueError("quantize_fp8: turn sequential offload off first (or quantise before enabling it)")
+        self.unfuse_projections()  # fp8 layers keep their own scaled weights
         return quantize_blocks_fp8(self.flux, include_modulation, device, granularity)
 
     # ---- LoRA
@@ -324,3 +365,8 @@ class AppleTransformer(nn.Module):
         for param in self.lora_parameters():
             param.data = param.data.to(self.dtype)
         return rank
+
+
+def _id_residual(attention: nn.Module, id_tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """One ID cross-attention as a plain function (the unit that :meth:`AppleTransformer.compile_blocks` compiles)."""
+    return attention(id_tokens, image)

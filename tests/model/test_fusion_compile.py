@@ -1,0 +1,85 @@
+"""Fused projections and regional torch.compile must not change the function (tiny fp32 models, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from appleswap.model import fusion
+from tests.model.test_speed_options import _call, _full_model, _inputs
+
+
+@torch.no_grad()
+def test_fused_projections_equal_separate_layers_and_share_storage():
+    model, inp = _full_model(), _inputs()
+    plain = _call(model, inp)
+    no_cond = _call(model, dict(inp, condition=None))
+    assert model.fuse_projections() == 4
+    block = model.flux.single_transformer_blocks[0]
+    group = fusion.fused_projection(block, "qkv_mlp")
+    assert group.weight.shape[0] == 3 * 32 + 4 * 32  # q, k, v (32 each) and the 4x MLP of the tiny config
+    # the layers' weights are views of the stacked buffer: no second copy
+    assert block.attn.to_k.base_layer.weight.data_ptr() == group.weight[32:].data_ptr()
+    torch.testing.assert_close(_call(model, inp), plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_call(model, dict(inp, condition=None)), no_cond, rtol=0, atol=1e-6)
+    modulation = model.condition_modulation(inp["text"])
+    torch.testing.assert_close(_call(model, inp, modulation=modulation), plain, rtol=1e-5, atol=1e-5)
+    # the LoRA still acts through the fused path: changing one member's B changes the output
+    block.attn.to_v.lora_B["default"].weight.mul_(2)
+    assert not torch.allclose(_call(model, inp), plain, atol=1e-4)
+    block.attn.to_v.lora_B["default"].weight.div_(2)
+    model.unfuse_projections()
+    assert not hasattr(block, fusion.ATTRIBUTE)
+    assert block.attn.to_k.base_layer.weight.data_ptr() != block.attn.to_q.base_layer.weight.data_ptr() + 32 * 32 * 4
+    torch.testing.assert_close(_call(model, inp), plain, rtol=0, atol=1e-6)
+
+
+def test_fused_path_trains_the_same_lora_gradients():
+    model, inp = _full_model(), _inputs(batch=1)
+    params = model.lora_parameters()
+    for param in params:
+        param.requires_grad_(True)
+    _call(model, inp).square().mean().backward()
+    plain = [param.grad.clone() for param in params]
+    model.zero_grad(set_to_none=True)
+    model.fuse_projections()
+    _call(model, inp).square().mean().backward()
+    for want, param in zip(plain, params, strict=True):
+        torch.testing.assert_close(param.grad, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fp8_and_offload_unfuse_first():
+    model = _full_model()
+    model.fuse_projections()
+    model.quantize_fp8()
+    assert not any(hasattr(block, fusion.ATTRIBUTE) for block in model.flux.single_transformer_blocks)
+    with pytest.raises(ValueError, match="nn.Linear"):
+        model.fuse_projections()
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
+@torch.no_grad()
+def test_regional_compile_equals_eager_and_reuses_one_graph_per_block_kind():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, inp = _full_model(), _inputs(batch=1)
+    eager = _call(model, inp)
+    model.fuse_projections()
+    model.compile_blocks()
+    try:
+        compiled = _call(model, inp)
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+        again = _call(model, dict(inp, latents=inp["latents"] * 0.5, timestep=inp["timestep"] * 0.5))
+        torch.testing.assert_close(again, _eager_reference(inp), rtol=1e-4, atol=1e-4)
+        # 2 double + 2 single blocks + 3 ID attentions ran; a graph per call would give 7 or more
+        assert counters["stats"]["unique_graphs"] <= 4
+    finally:
+        torch._dynamo.reset()
+
+
+def _eager_reference(inp):
+    model = _full_model()
+    with torch.no_grad():
+        return _call(model, dict(inp, latents=inp["latents"] * 0.5, timestep=inp["timestep"] * 0.5))
