@@ -62,16 +62,22 @@ def images_to_tensor(images: Any, name: str) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = False,
-                         offload: str = "none") -> AppleTransformer:
+def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = False, offload: str = "none",
+                         fuse: bool = True, compile: bool | str = False) -> AppleTransformer:
     """fp8 block weights and/or sequential block offload for a transformer loaded on the CPU (or already on
-    ``device``): quantised block by block on ``device``, then everything resident placed there."""
+    ``device``): quantised block by block on ``device``, then everything resident placed there. Then the speed
+    options that keep the function: fused projections (bf16 weights resident on the device only) and regional
+    ``torch.compile`` (``compile``: True or a torch.compile mode name)."""
     if fp8:
         transformer.quantize_fp8(device=device if offload != "sequential" else None)
     if offload == "sequential":
         transformer.enable_sequential_offload(device)
     else:
         transformer.place(device)
+    if fuse and not fp8 and offload != "sequential":
+        transformer.fuse_projections()
+    if compile:
+        transformer.compile_blocks(mode=compile if isinstance(compile, str) else None)
     return transformer
 
 
@@ -102,7 +108,7 @@ class SwapPipeline:
                         text_cache_dir: str | Path | None = None, max_sequence_length: int = 512,
                         null_id: torch.Tensor | str | Path | None = None,
                         vit_tokens: int = DEFAULT_VIT_TOKENS, fp8: bool = False,
-                        offload: str = "none") -> SwapPipeline:
+                        offload: str = "none", fuse: bool = True, compile: bool | str = False) -> SwapPipeline:
         """Load FLUX, PuLID ID cross-attentions, the mode's LoRA and the cached prompt through the registry.
 
         Args:
@@ -110,10 +116,13 @@ class SwapPipeline:
             mode: ``student`` (clean target as condition) or ``teacher`` (condition image, usually with inversion).
             flux_path / pulid_path / lora_path: explicit files that win over the registry locations.
             null_id: null-ID tokens or an identity file; default: PuLID's IDFormer on zero inputs.
-            fp8: float8 (e4m3, per-tensor scaled) weights for the transformer blocks: half the memory, fp8 tensor
+            fp8: float8 (e4m3; per-channel weight, per-token activation scales) weights for the transformer blocks: half the memory, fp8 tensor
                 cores on Hopper/Ada; changes numerics slightly (benchmarks/RESULTS.md).
             offload: ``none``; ``model``: the VAE waits in host memory between uses; ``sequential``: also the
                 transformer blocks, copied in one at a time with prefetch (slow, smallest GPU memory).
+            fuse: stack q/k/v and MLP-in weights into one GEMM per block (same function, no extra memory).
+            compile: regional ``torch.compile`` of the blocks (True or a mode such as "reduce-overhead"): about a
+                minute of compilation on first use, then faster passes; same function within bf16 rounding.
         """
         from appleswap.cli_common import pick_device
         from appleswap.model.loading import load_apple_transformer, load_vae
@@ -131,7 +140,7 @@ class SwapPipeline:
         lora = locate(f"apple_{mode}", weights_dir, explicit=lora_path)
         transformer = load_apple_transformer(flux, pulid_path=pulid, lora_path=lora, dtype=dtype,
                                              device="cpu" if fp8 or offload == "sequential" else device)
-        apply_memory_options(transformer, device, fp8=fp8, offload=offload)
+        apply_memory_options(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile)
         vae = load_vae(flux, dtype=dtype, device="cpu" if offload != "none" else device)
         cache = Path(text_cache_dir) if text_cache_dir else root / "cache" / "text_embeddings"
         text = load_text_embeddings(flux, prompt, cache, max_sequence_length=max_sequence_length, device=device,

@@ -101,5 +101,6 @@ def load_generator(config: SwapConfig, weights_dir: str | Path | None = None,
     device = pick_device(device)
     dtype = getattr(torch, config.dtype) if device != "cpu" else torch.float32
     pipeline = SwapPipeline.from_pretrained(weights_dir, mode=config.model, device=device, dtype=dtype,
-                                            fp8=config.fp8, offload=config.offload)
+                                            fp8=config.fp8, offload=config.offload,
+                                            compile=config.compile)
     return PipelineGenerator(pipeline, config, size=config.size)

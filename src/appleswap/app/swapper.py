@@ -54,6 +54,8 @@ class SwapConfig:
     guidance_scale: float = option(1.0, "FLUX distilled guidance value (paper: 1.0)")
     fp8: bool = option(False, "fp8 transformer weights (half the GPU memory, faster on Hopper, "
                        "slightly different numerics)")
+    compile: bool = option(False, "torch.compile the transformer blocks (regional: about a minute once per process "
+                           "on a GPU, then faster passes; same function)")
     offload: Literal["none", "model", "sequential"] = option(
         "none", "GPU memory tier: model (VAE in host memory between uses) or sequential (also the transformer blocks)")
     face_mask: Literal["mesh", "ellipse"] = option(
