@@ -14,7 +14,8 @@ def test_tiny_bench_table():
     for name in ("matmul ceiling", "plain diffusers FLUX pass", "FLOPs per APPLE pass", "APPLE pass, SDPA auto",
                  "teacher swap + inversion (2 passes)", "student swaps, batch 2", "KV-cache mode: APPLE pass",
                  "LoRA training step (r64, checkpointing)", "APPLE pass, condition modulation once per swap",
-                 "fp8: APPLE pass", "student swap (1 passes), fp8", "offload=sequential: APPLE pass, fp8",
+                 "fp8: APPLE pass", "student swap (1 passes), fp8, eager",
+                 "APPLE pass, eager, modulation once per swap, fused projections", "offload=sequential: APPLE pass, fp8",
                  "offload=sequential: student swap, fp8", "offload=model: student swap, fp8"):
         assert name in table and table[name] > 0, name
     # the KV-cache pass skips the condition tokens, so it counts fewer FLOPs than the full pass
@@ -26,3 +27,24 @@ def test_tiny_bench_table():
     assert float(notes["APPLE pass, condition modulation once per swap"].rsplit("max |diff| ", 1)[1]) < 1e-4
     fp8_diff = float(notes["fp8: APPLE pass"].rsplit("unquantised ", 1)[1])
     assert 0 < fp8_diff < 0.1
+    fused = notes["APPLE pass, eager, modulation once per swap, fused projections"]
+    assert float(fused.rsplit("separate ", 1)[1]) < 1e-5
+
+
+def test_tiny_bench_compiled_rows():
+    """Regional compile rows (plain diffusers and APPLE, then compiled swaps) on the CPU with inductor."""
+    import torch
+
+    cfg = BenchConfig(tiny=True, steps=1, batch=1, repeats=1, compile=True, eager_swaps=False, train=False,
+                      kv_cache=False, fp8=False, offload=False)
+    try:
+        rows = run_bench(cfg, "cpu")
+    finally:
+        torch._dynamo.reset()
+    notes = {name: note for name, _, _, note in rows.rows}
+    table = {name: value for name, value, _, _ in rows.rows}
+    for name in ("plain diffusers FLUX pass, regional torch.compile (default)",
+                 "APPLE pass, bf16, regional torch.compile (default)", "student swap (1 passes), bf16, compiled",
+                 "teacher swap + inversion (2 passes), bf16, compiled"):
+        assert table[name] > 0, name
+    assert float(notes["APPLE pass, bf16, regional torch.compile (default)"].rsplit("eager ", 1)[1]) < 1e-4

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +21,6 @@ from appleswap.bench_utils import (
     init_random_,
     matmul_ceiling,
     sdpa_context,
-    sync,
     time_backends,
     time_call,
 )
@@ -48,8 +46,12 @@ class BenchConfig:
     text_tokens: int = option(512, "T5 tokens (512 in APPLE)")
     sdpa: Literal["auto", "flash", "efficient", "cudnn", "math", "fastest"] = option(
         "fastest", "attention kernel for the swaps: a named backend, or the fastest in the per-pass rows")
-    compile: bool = option(False, "also time torch.compile of the three-branch forward and a compiled swap")
+    compile: bool = option(False, "also time regional torch.compile of the plain and the APPLE forward, and compiled "
+                                  "swaps (and compiled fp8 with --fp8)")
     compile_mode: str = option("default", "torch.compile mode (default, reduce-overhead, max-autotune-no-cudagraphs)")
+    eager_swaps: bool = option(True, "time eager student / teacher / batched swaps")
+    only_tiers: bool = option(False, "after the baseline passes, only the fp8 / offload tiers (no bf16 A/B, swaps, "
+                                     "compile, training or KV rows): the second half of a table split over two runs")
     kv_cache: bool = option(True, "also time the independent-condition mode with its once-per-swap KV cache")
     train: bool = option(True, "time one LoRA training step (r64, gradient checkpointing)")
     lora_rank: int = option(64, "LoRA rank")
@@ -238,24 +240,6 @@ def bench_train(cfg, model, device, rows: Rows, size: int) -> None:
         param.requires_grad_(False)
 
 
-def bench_compile(cfg, model, device, rows: Rows, ceiling: float, size: int, backend: str) -> None:
-    """torch.compile of the three-branch forward: compile time and per-pass latency."""
-    import torch
-
-    inp = make_inputs(cfg, model.flux, 1, size)
-    with torch.no_grad():
-        flops = count_flops(lambda: apple_pass(model, inp))
-    compiled = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
-    with torch.no_grad(), sdpa_context(backend):
-        start = time.perf_counter()
-        apple_pass(compiled, inp)
-        sync(device)
-        rows.add(f"torch.compile time ({cfg.compile_mode})", time.perf_counter() - start, "s", "first call")
-        seconds = time_call(lambda: apple_pass(compiled, inp), device, cfg.repeats, warmup=2)
-    rows.add("APPLE pass, torch.compile", seconds * 1e3, "ms", f"{flops / seconds / ceiling:.2f} of ceiling")
-    return compiled
-
-
 def bench_kv_cache(cfg, model, device, rows: Rows, ceiling: float, size: int, backend: str) -> None:
     """Independent-condition mode: condition keys/values once per swap, then 1536-token passes."""
     import torch
@@ -284,8 +268,11 @@ def environment(device) -> str:
 
 
 def run_bench(cfg: BenchConfig, device: str) -> Rows:
-    """Every row of the table, in order; the GPU run fits in a few minutes (compile adds one or two)."""
+    """Every row of the table, in order: baselines, eager rows, fused A/B, swaps, compiled rows, memory tiers."""
     import torch
+
+    from appleswap.bench_speed import bench_compiled, bench_fused_eager, bench_plain_compiled
+    from appleswap.bench_tiers import bench_modulation, run_tiers
 
     dtype = torch.float32 if cfg.tiny else torch.bfloat16
     size = 64 if cfg.tiny else 512
@@ -297,26 +284,35 @@ def run_bench(cfg: BenchConfig, device: str) -> Rows:
     flux, vae = build_models(cfg, device, dtype)
     rows.add("FLUX parameters", sum(p.numel() for p in flux.parameters()) / 1e9, "B", "random weights")
     bench_plain(cfg, flux, device, rows, ceiling, size)
+    if cfg.only_tiers:
+        cfg = dataclasses.replace(cfg, eager_swaps=False, train=False, kv_cache=False)
+    if cfg.compile and not cfg.only_tiers:
+        bench_plain_compiled(cfg, flux, device, rows, ceiling, size, "auto" if cfg.sdpa == "fastest" else cfg.sdpa)
     model = build_apple(flux, cfg, 64 if cfg.tiny else 2048)
     if torch.device(device).type == "cuda":
         rows.add("weights in memory", torch.cuda.memory_allocated(device) / 2**30, "GiB", "transformer + CA + LoRA + VAE")
         torch.cuda.reset_peak_memory_stats(device)
     backend = bench_passes(cfg, flux, model, device, rows, ceiling, size)
     chosen = backend if cfg.sdpa == "fastest" else cfg.sdpa
-    bench_swaps(cfg, model, vae, device, rows, size, chosen)
+    inp = make_inputs(cfg, flux, 1, size)
+    if not cfg.only_tiers:
+        bench_modulation(cfg, model, inp, device, rows, ceiling, chosen)
+        bench_fused_eager(cfg, model, inp, device, rows, ceiling, chosen)  # projections stay fused from here on
+    if cfg.eager_swaps:
+        bench_swaps(cfg, model, vae, device, rows, size, chosen)
     if torch.device(device).type == "cuda":
-        rows.add("inference peak memory", torch.cuda.max_memory_allocated(device) / 2**30, "GiB",
-                 f"batch {cfg.batch} swaps included")
+        rows.add("inference peak memory", torch.cuda.max_memory_allocated(device) / 2**30, "GiB", "bf16, swaps so far")
     if cfg.train:
         bench_train(cfg, model, device, rows, size)
     if cfg.kv_cache:
         bench_kv_cache(cfg, model, device, rows, ceiling, size, chosen)
         bench_student(cfg, model, vae, device, rows, size, chosen, "KV-cache mode", kv_cache=True)
-    if cfg.compile:
-        compiled = bench_compile(cfg, model, device, rows, ceiling, size, chosen)
-        bench_student(cfg, compiled, vae, device, rows, size, chosen, f"torch.compile {cfg.compile_mode}")
-    from appleswap.bench_tiers import run_tiers
-
+    if cfg.compile and not cfg.only_tiers:
+        bench_compiled(cfg, model, vae, device, rows, ceiling, size, chosen)
+        model.uncompile_blocks()
+        if torch.device(device).type == "cuda":
+            rows.add("inference peak memory, compiled", torch.cuda.max_memory_allocated(device) / 2**30, "GiB",
+                     f"bf16, batch {cfg.batch} swaps included")
     run_tiers(cfg, model, vae, device, rows, ceiling, size, chosen)  # last: fp8 quantises the model in place
     return rows
 

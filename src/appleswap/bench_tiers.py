@@ -59,14 +59,15 @@ def bench_modulation(cfg, model, inp, device, rows: Rows, ceiling: float, backen
 
 
 def fp8_ceiling(device, size: int) -> float:
-    """FLOP/s of a size^3 ``torch._scaled_mm`` (per-tensor scales), NaN where fp8 GEMMs do not run."""
+    """FLOP/s of a size^3 ``torch._scaled_mm`` with row-wise scales (as the fp8 model), NaN where it does not run."""
     import torch
 
     from appleswap.model.fp8 import quantize_fp8
 
     try:
-        a, sa = quantize_fp8(torch.randn(size, size, device=device))
-        b, sb = quantize_fp8(torch.randn(size, size, device=device))
+        a, sa = quantize_fp8(torch.randn(size, size, device=device), granularity="row")
+        b, sb = quantize_fp8(torch.randn(size, size, device=device), granularity="row")
+        sa, sb = sa.reshape(-1, 1).float(), sb.reshape(1, -1).float()
         seconds = time_call(lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
                             device, repeats=10, warmup=3)
     except (RuntimeError, NotImplementedError) as error:
@@ -75,7 +76,9 @@ def fp8_ceiling(device, size: int) -> float:
     return 2 * size**3 / seconds
 
 
-def _swaps(cfg, model, vae, inp, device, size: int, backend: str, label: str, rows: Rows, teacher: bool = True):
+def swap_rows(cfg, model, vae, inp, device, size: int, backend: str, label: str, rows: Rows, teacher: bool = True,
+              batch: int = 1) -> None:
+    """Student swap, teacher swap with inversion and (``batch`` > 1) batched student swaps, end to end."""
     import torch
 
     from appleswap.bench import _pipe
@@ -91,6 +94,13 @@ def _swaps(cfg, model, vae, inp, device, size: int, backend: str, label: str, ro
             seconds = time_call(lambda: pipe(inp["id_tokens"], target, condition=target, invert=True,
                                              num_steps=cfg.steps, output_type="pt"), device, repeats)
             rows.add(f"teacher swap + inversion ({2 * cfg.steps} passes), {label}", seconds, "s", f"SDPA {backend}")
+            pipe.mode = "student"
+        if batch > 1:
+            targets = target.expand(batch, -1, -1, -1)
+            seconds = time_call(lambda: pipe(inp["id_tokens"][:1], targets, num_steps=cfg.steps, output_type="pt"),
+                                device, 1)
+            rows.add(f"student swaps, batch {batch}, {label}", batch / seconds, "images/s",
+                     f"{seconds:.2f} s per batch")
 
 
 def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, float], size: int,
@@ -103,10 +113,11 @@ def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, f
         modulation = model.condition_modulation(inp["text"])
         reference = _pass(model, inp, modulation).float()
         flops = count_flops(lambda: _pass(model, inp, modulation))
+    model.uncompile_blocks()
     layers = model.quantize_fp8(device=device)
     _peak_reset(device)
     weights = torch.cuda.memory_allocated(device) / 2**30 if _cuda(device) else float("nan")
-    rows.add("fp8: weights in memory", weights, "GiB", f"{layers} block linears e4m3 per-tensor; LoRA, ID-CA bf16")
+    rows.add("fp8: weights in memory", weights, "GiB", f"{layers} block linears e4m3, row-wise scales; LoRA, ID-CA bf16")
     with torch.no_grad(), sdpa_context(backend):
         modulation = model.condition_modulation(inp["text"])
         seconds = time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats)
@@ -115,8 +126,13 @@ def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, f
     rows.add("fp8: APPLE pass", seconds * 1e3, "ms",
              f"{flops / seconds / bf16_ceiling:.2f} of bf16 ceiling, {flops / seconds / fp8_ceil:.2f} of fp8 ceiling; "
              f"rel. L2 diff to unquantised {error:.3g}")
-    _swaps(cfg, model, vae, inp, device, size, backend, "fp8", rows)
+    swap_rows(cfg, model, vae, inp, device, size, backend, "fp8, eager", rows)
     rows.add("fp8: inference peak memory", _peak(device), "GiB", "student + teacher swaps")
+    if cfg.compile:
+        from appleswap.bench_speed import bench_compiled
+
+        bench_compiled(cfg, model, vae, device, rows, bf16_ceiling, size, backend, label="fp8")
+        model.uncompile_blocks()
 
 
 def bench_offload(cfg, model, vae, inp, device, rows: Rows, size: int, backend: str, label: str) -> None:
@@ -150,14 +166,13 @@ def bench_offload(cfg, model, vae, inp, device, rows: Rows, size: int, backend: 
 
 
 def run_tiers(cfg, model, vae, device, rows: Rows, ceiling: float, size: int, backend: str) -> None:
-    """Every issue-6 row in a safe order (bf16 A/B, model tier, fp8, sequential offload)."""
+    """The memory/numerics rows in a safe order (fp8 eager and compiled, then the offload tiers)."""
     from appleswap.bench import make_inputs
 
     inp = make_inputs(cfg, model.flux, 1, size)
-    bench_modulation(cfg, model, inp, device, rows, ceiling, backend)
     if cfg.fp8:
         fp8_ceil = fp8_ceiling(device, 256 if cfg.tiny else 8192)
-        rows.add("fp8 matmul ceiling (torch._scaled_mm)", fp8_ceil / 1e12, "TFLOP/s", "per-tensor scales, random data")
+        rows.add("fp8 matmul ceiling (torch._scaled_mm)", fp8_ceil / 1e12, "TFLOP/s", "row-wise scales, random data")
         bench_fp8(cfg, model, vae, inp, device, rows, (ceiling, fp8_ceil), size, backend)
     if cfg.offload:
         bench_offload(cfg, model, vae, inp, device, rows, size, backend, "fp8" if cfg.fp8 else "bf16")

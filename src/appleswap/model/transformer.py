@@ -268,6 +268,10 @@ class AppleTransformer(nn.Module):
                          "single": torch.compile(single_block, **options),
                          "id": torch.compile(_id_residual, **options)}
 
+    def uncompile_blocks(self) -> None:
+        """Back to the eager block functions (e.g. before quantising, to time the eager fp8 path)."""
+        self._kernels = {"double": double_block, "single": single_block, "id": _id_residual}
+
     def fuse_projections(self) -> int:
         """Stack the linears that read the same tokens (q/k/v and MLP-in) into one GEMM per block
         (:mod:`appleswap.model.fusion`): no extra memory, same function. Call it after moving the model to its

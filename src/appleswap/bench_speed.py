@@ -1,0 +1,96 @@
+"""Rows of ``appleswap bench`` for the function-preserving speed options: fused projections (eager A/B), regional
+``torch.compile`` of the plain diffusers forward (the baseline at the same compile scope) and of the APPLE forward,
+and end-to-end swaps with the compiled blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from appleswap.bench_utils import Rows, count_flops, sdpa_context, sync, time_call
+
+logger = logging.getLogger("appleswap.bench")
+
+
+def bench_plain_compiled(cfg, flux, device, rows: Rows, ceiling: float, size: int, backend: str) -> None:
+    """The stock forward with diffusers' own regional compilation (``compile_repeated_blocks``), then undone."""
+    import torch
+
+    from appleswap.bench import make_inputs, plain_pass
+
+    inp = make_inputs(cfg, flux, 1, size)
+    with torch.no_grad():
+        flops = count_flops(lambda: plain_pass(flux, inp))
+    flux.compile_repeated_blocks(fullgraph=True, dynamic=False, mode=_mode(cfg))
+    try:
+        with torch.no_grad(), sdpa_context(backend, fallback=True):
+            start = time.perf_counter()
+            plain_pass(flux, inp)
+            sync(device)
+            compile_seconds = time.perf_counter() - start
+            seconds = time_call(lambda: plain_pass(flux, inp), device, cfg.repeats, warmup=2)
+    finally:
+        for block in list(flux.transformer_blocks) + list(flux.single_transformer_blocks):
+            block._compiled_call_impl = None  # the APPLE rows run the blocks' submodules, uncompiled
+    rows.add(f"plain diffusers FLUX pass, regional torch.compile ({cfg.compile_mode})", seconds * 1e3, "ms",
+             f"{flops / seconds / ceiling:.2f} of ceiling; compile {compile_seconds:.0f} s")
+
+
+def _mode(cfg) -> str | None:
+    return None if cfg.compile_mode == "default" else cfg.compile_mode
+
+
+def _pass(model, inp, modulation):
+    return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
+                 id_tokens=inp["id_tokens"], guidance=inp["g"], modulation=modulation)
+
+
+def bench_fused_eager(cfg, model, inp, device, rows: Rows, ceiling: float, backend: str) -> None:
+    """Fuse the projections (kept for every later row) and A/B them against the separate layers, two rounds."""
+    import torch
+
+    with torch.no_grad(), sdpa_context(backend):
+        modulation = model.condition_modulation(inp["text"])
+        flops = count_flops(lambda: _pass(model, inp, modulation))
+        reference = _pass(model, inp, modulation).float()
+        separate = [time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats)]
+        model.fuse_projections()
+        fused = [time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats)]
+        difference = ((_pass(model, inp, modulation).float() - reference).norm() / reference.norm()).item()
+        model.unfuse_projections()
+        separate.append(time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats))
+        model.fuse_projections()
+        fused.append(time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats))
+    rows.add("APPLE pass, eager, modulation once per swap, separate projections", min(separate) * 1e3, "ms",
+             f"rounds {', '.join(f'{s * 1e3:.1f}' for s in separate)}; {flops / min(separate) / ceiling:.2f} of ceiling")
+    rows.add("APPLE pass, eager, modulation once per swap, fused projections", min(fused) * 1e3, "ms",
+             f"rounds {', '.join(f'{s * 1e3:.1f}' for s in fused)}; {flops / min(fused) / ceiling:.2f} of ceiling; "
+             f"rel. L2 diff to separate {difference:.2g}")
+
+
+def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: int, backend: str,
+                   label: str = "bf16") -> None:
+    """Regional compile of the (fused) APPLE forward: compile time, pass, student / teacher swaps, batched swaps."""
+    import torch
+
+    from appleswap.bench import make_inputs
+    from appleswap.bench_tiers import swap_rows
+
+    inp = make_inputs(cfg, model.flux, 1, size)
+    with torch.no_grad():
+        modulation = model.condition_modulation(inp["text"])
+        flops = count_flops(lambda: _pass(model, inp, modulation))
+        reference = _pass(model, inp, modulation).float()
+    model.compile_blocks(mode=_mode(cfg))
+    with torch.no_grad(), sdpa_context(backend, fallback=True):
+        start = time.perf_counter()
+        out = _pass(model, inp, modulation).float()
+        sync(device)
+        compile_seconds = time.perf_counter() - start
+        seconds = time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats, warmup=2)
+    difference = ((out - reference).norm() / reference.norm()).item()
+    rows.add(f"APPLE pass, {label}, regional torch.compile ({cfg.compile_mode})", seconds * 1e3, "ms",
+             f"{flops / seconds / ceiling:.2f} of ceiling; compile {compile_seconds:.0f} s; "
+             f"rel. L2 diff to eager {difference:.2g}")
+    swap_rows(cfg, model, vae, inp, device, size, backend, f"{label}, compiled", rows, batch=cfg.batch)
