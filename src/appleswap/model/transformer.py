@@ -83,6 +83,7 @@ class AppleTransformer(nn.Module):
         self.gradient_checkpointing = False
         self.offloader = None  # BlockOffloader while sequential offload is on
         self._kernels = {"double": double_block, "single": single_block, "id": _id_residual}  # compile_blocks swaps
+        self.graph_runner = None  # CudaGraphRunner while enable_cuda_graphs is on
 
     @property
     def dtype(self) -> torch.dtype:
@@ -149,6 +150,15 @@ class AppleTransformer(nn.Module):
             modulation: from :meth:`condition_modulation`: the condition's AdaLN rows computed once per swap
                 (same result as without it, fewer matmuls per pass).
         """
+        kwargs = {"text": text, "img_ids": img_ids, "condition": condition, "id_tokens": id_tokens,
+                  "guidance": guidance, "id_weight": id_weight, "independent_condition": independent_condition,
+                  "condition_cache": condition_cache, "modulation": modulation}
+        if self.graph_runner is not None and self.offloader is None:
+            return self.graph_runner(latents, timestep, **kwargs)  # falls back to eager off CUDA / with autograd
+        return self._forward(latents, timestep, **kwargs)
+
+    def _forward(self, latents, timestep, *, text, img_ids, condition, id_tokens, guidance, id_weight,
+                 independent_condition, condition_cache, modulation) -> torch.Tensor:
         batch, length, _ = latents.shape
         text = text.expand(batch)
         if condition is not None and condition.shape != latents.shape:
@@ -263,13 +273,27 @@ class AppleTransformer(nn.Module):
 
         # one graph per block kind; a few extra for guidance batches / no-condition passes
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self._model_changed()
         options = {"mode": mode, "fullgraph": fullgraph, "dynamic": False}
         self._kernels = {"double": torch.compile(double_block, **options),
                          "single": torch.compile(single_block, **options),
                          "id": torch.compile(_id_residual, **options)}
 
+    def enable_cuda_graphs(self, enabled: bool = True) -> None:
+        """Record each inference pass (per input signature) as one CUDA graph and replay it (:mod:`cuda_graph`):
+        no per-kernel launch cost. Same function; on the CPU or with autograd the pass runs as usual."""
+        from appleswap.model.cuda_graph import CudaGraphRunner
+
+        self.graph_runner = CudaGraphRunner(self._forward) if enabled else None
+
+    def _model_changed(self) -> None:
+        """Weights moved or replaced: recorded CUDA graphs point at the old storage, so record anew."""
+        if self.graph_runner is not None:
+            self.graph_runner = type(self.graph_runner)(self._forward)
+
     def uncompile_blocks(self) -> None:
         """Back to the eager block functions (e.g. before quantising, to time the eager fp8 path)."""
+        self._model_changed()
         self._kernels = {"double": double_block, "single": single_block, "id": _id_residual}
 
     def fuse_projections(self) -> int:
@@ -277,6 +301,7 @@ class AppleTransformer(nn.Module):
         (:mod:`appleswap.model.fusion`): no extra memory, same function. Call it after moving the model to its
         device (a later ``.to(device)`` still computes the same, but stores the fused weights twice). Returns the
         number of fused blocks."""
+        self._model_changed()
         from appleswap.model.fusion import fuse_block
 
         if self.offloader is not None:
@@ -288,6 +313,7 @@ class AppleTransformer(nn.Module):
 
     def unfuse_projections(self) -> None:
         """Undo :meth:`fuse_projections` (each layer gets its own weight storage back)."""
+        self._model_changed()
         from appleswap.model.fusion import unfuse_block
 
         for block in list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks):
@@ -296,6 +322,7 @@ class AppleTransformer(nn.Module):
     # ---- memory / numerics options
     def enable_sequential_offload(self, device: torch.device | str | None = None, prefetch: int = 1) -> None:
         """Keep the blocks' weights in pinned host memory, each copied in just before it runs (next prefetched)."""
+        self._model_changed()
         from appleswap.model.offload import BlockOffloader
 
         if self.offloader is not None:
@@ -308,6 +335,7 @@ class AppleTransformer(nn.Module):
 
     def place(self, device: torch.device | str) -> AppleTransformer:
         """Move everything except host-offloaded blocks to ``device`` (no dtype change: fp8 buffers stay fp8)."""
+        self._model_changed()
         skip = ("transformer_blocks", "single_transformer_blocks") if self.offloader is not None else ()
         for name, child in self.flux.named_children():
             if name not in skip:
@@ -319,6 +347,7 @@ class AppleTransformer(nn.Module):
 
     def disable_sequential_offload(self) -> None:
         if self.offloader is not None:
+            self._model_changed()
             self.offloader.restore()
             self.offloader = None
 
@@ -331,6 +360,7 @@ class AppleTransformer(nn.Module):
 
         Afterwards move the model with :meth:`place` or ``.to(device)``, never ``.to(dtype)`` (it would cast the
         fp8 buffers)."""
+        self._model_changed()
         from appleswap.model.fp8 import quantize_blocks_fp8
 
         if self.offloader is not None:
@@ -364,6 +394,7 @@ class AppleTransformer(nn.Module):
 
     def load_lora(self, path: str | Path, rank: int | None = None) -> int:
         """Load a LoRA file (reference or our own); the rank is read from the file. Returns the rank."""
+        self._model_changed()
         rank = lora_lib.load_lora_into(self.flux, path, rank)
         self.flux.to(self.device)
         for param in self.lora_parameters():
