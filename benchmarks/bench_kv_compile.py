@@ -13,7 +13,7 @@ import time
 import torch
 
 from appleswap.bench import BenchConfig, apple_pass, bench_student, build_apple, build_models, make_inputs
-from appleswap.bench_utils import Rows, count_flops, matmul_ceiling, sdpa_context, sync, time_call
+from appleswap.bench_utils import Rows, count_flops, matmul_ceiling, sync, time_call
 
 
 def profile_pass(model, inp, device, top: int = 15) -> str:

@@ -50,6 +50,7 @@ class BenchConfig:
                                   "swaps (and compiled fp8 with --fp8)")
     compile_mode: str = option("default", "torch.compile mode (default, reduce-overhead, max-autotune-no-cudagraphs)")
     eager_swaps: bool = option(True, "time eager student / teacher / batched swaps")
+    cuda_graphs: bool = option(True, "compiled rows replay each pass as one CUDA graph (GPU only)")
     only_tiers: bool = option(False, "after the baseline passes, only the fp8 / offload tiers (no bf16 A/B, swaps, "
                                      "compile, training or KV rows): the second half of a table split over two runs")
     kv_cache: bool = option(True, "also time the independent-condition mode with its once-per-swap KV cache")

@@ -83,6 +83,9 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
         flops = count_flops(lambda: _pass(model, inp, modulation))
         reference = _pass(model, inp, modulation).float()
     model.compile_blocks(mode=_mode(cfg))
+    if cfg.cuda_graphs and str(device).startswith("cuda"):
+        model.enable_cuda_graphs()
+        label += " + CUDA graph"
     with torch.no_grad(), sdpa_context(backend, fallback=True):
         start = time.perf_counter()
         out = _pass(model, inp, modulation).float()
@@ -94,3 +97,4 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
              f"{flops / seconds / ceiling:.2f} of ceiling; compile {compile_seconds:.0f} s; "
              f"rel. L2 diff to eager {difference:.2g}")
     swap_rows(cfg, model, vae, inp, device, size, backend, f"{label}, compiled", rows, batch=cfg.batch)
+    model.enable_cuda_graphs(False)

@@ -55,6 +55,7 @@ class GenerateConfig:
                        "on Hopper; changes numerics slightly")
     compile: bool = option(False, "torch.compile the transformer blocks (regional: about a minute once per process "
                            "on a GPU, then faster passes; same function)")
+    cuda_graphs: bool = option(False, "replay each transformer pass as one CUDA graph (GPU; best with --compile)")
     offload: Literal["none", "model", "sequential"] = option(
         "none", "memory tier: model = VAE in host memory between uses; sequential = also the transformer blocks")
     batch_size: int = option(1, "pairs per transformer call")
@@ -232,7 +233,8 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
     pipe = SwapPipeline.from_pretrained(weights_dir, cfg.mode, lora_path=cfg.lora, device=device, dtype=dtype,
-                                        fp8=cfg.fp8, offload=cfg.offload, compile=cfg.compile)
+                                        fp8=cfg.fp8, offload=cfg.offload, compile=cfg.compile,
+                                        cuda_graphs=cfg.cuda_graphs)
     tokens, written = SourceTokens(pipe, cfg.ids_dir, cfg.size), []
     for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"generate [{rank}/{world}]", unit="batch"):
         batch = work[start:start + cfg.batch_size]

@@ -63,7 +63,8 @@ def images_to_tensor(images: Any, name: str) -> torch.Tensor:
 
 
 def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = False, offload: str = "none",
-                         fuse: bool = True, compile: bool | str = False) -> AppleTransformer:
+                         fuse: bool = True, compile: bool | str = False,
+                         cuda_graphs: bool = False) -> AppleTransformer:
     """fp8 block weights and/or sequential block offload for a transformer loaded on the CPU (or already on
     ``device``): quantised block by block on ``device``, then everything resident placed there. Then the speed
     options that keep the function: fused projections (bf16 weights resident on the device only) and regional
@@ -78,6 +79,8 @@ def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = F
         transformer.fuse_projections()
     if compile:
         transformer.compile_blocks(mode=compile if isinstance(compile, str) else None)
+    if cuda_graphs and offload != "sequential":
+        transformer.enable_cuda_graphs()
     return transformer
 
 
@@ -108,7 +111,8 @@ class SwapPipeline:
                         text_cache_dir: str | Path | None = None, max_sequence_length: int = 512,
                         null_id: torch.Tensor | str | Path | None = None,
                         vit_tokens: int = DEFAULT_VIT_TOKENS, fp8: bool = False,
-                        offload: str = "none", fuse: bool = True, compile: bool | str = False) -> SwapPipeline:
+                        offload: str = "none", fuse: bool = True, compile: bool | str = False,
+                        cuda_graphs: bool = False) -> SwapPipeline:
         """Load FLUX, PuLID ID cross-attentions, the mode's LoRA and the cached prompt through the registry.
 
         Args:
@@ -123,6 +127,8 @@ class SwapPipeline:
             fuse: stack q/k/v and MLP-in weights into one GEMM per block (same function, no extra memory).
             compile: regional ``torch.compile`` of the blocks (True or a mode such as "reduce-overhead"): about a
                 minute of compilation on first use, then faster passes; same function within bf16 rounding.
+            cuda_graphs: record each pass as one CUDA graph and replay it (no per-kernel launch cost; a second or
+                two to record per new batch shape; GPU only). Best together with ``compile``.
         """
         from appleswap.cli_common import pick_device
         from appleswap.model.loading import load_apple_transformer, load_vae
@@ -140,7 +146,8 @@ class SwapPipeline:
         lora = locate(f"apple_{mode}", weights_dir, explicit=lora_path)
         transformer = load_apple_transformer(flux, pulid_path=pulid, lora_path=lora, dtype=dtype,
                                              device="cpu" if fp8 or offload == "sequential" else device)
-        apply_memory_options(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile)
+        apply_memory_options(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile,
+                             cuda_graphs=cuda_graphs)
         vae = load_vae(flux, dtype=dtype, device="cpu" if offload != "none" else device)
         cache = Path(text_cache_dir) if text_cache_dir else root / "cache" / "text_embeddings"
         text = load_text_embeddings(flux, prompt, cache, max_sequence_length=max_sequence_length, device=device,

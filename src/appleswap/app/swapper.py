@@ -56,6 +56,7 @@ class SwapConfig:
                        "slightly different numerics)")
     compile: bool = option(False, "torch.compile the transformer blocks (regional: about a minute once per process "
                            "on a GPU, then faster passes; same function)")
+    cuda_graphs: bool = option(False, "replay each transformer pass as one CUDA graph (GPU; best with --compile)")
     offload: Literal["none", "model", "sequential"] = option(
         "none", "GPU memory tier: model (VAE in host memory between uses) or sequential (also the transformer blocks)")
     face_mask: Literal["mesh", "ellipse"] = option(

@@ -85,13 +85,18 @@ def fused_projection(block: nn.Module, name: str) -> FusedProjection | None:
 
 
 def routed_fused(fused: FusedProjection, x: torch.Tensor, cond_start: int | None) -> list[torch.Tensor]:
-    """Every member layer's output (LoRA on tokens ``cond_start:`` only) from one base matmul; a list of views."""
-    out = F.linear(x, fused.weight, fused.bias)
-    if cond_start is not None and cond_start < x.shape[1]:
-        cond = x[:, cond_start:]
-        deltas = [lora_delta(layer, cond) if is_lora_layer(layer) else None for layer in fused.layers]
-        if any(delta is not None for delta in deltas):
-            deltas = [delta if delta is not None else cond.new_zeros(*cond.shape[:-1], size)
-                      for delta, size in zip(deltas, fused.sizes, strict=True)]
-            out = add_to_rows(out, cond_start, torch.cat(deltas, dim=-1))
-    return list(out.split(fused.sizes, dim=-1))
+    """Every member layer's output (LoRA on tokens ``cond_start:`` only) from one base matmul.
+
+    Each member's LoRA delta is added to that member's slice of the output, not to the stacked output: under
+    ``torch.compile`` the addition then fuses into the slice's consumer (norm, activation) instead of copying the
+    whole stacked output once more.
+    """
+    outputs = list(F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1))
+    if cond_start is None or cond_start >= x.shape[1]:
+        return outputs
+    cond = x[:, cond_start:]
+    for index, layer in enumerate(fused.layers):
+        delta = lora_delta(layer, cond) if is_lora_layer(layer) else None
+        if delta is not None:
+            outputs[index] = add_to_rows(outputs[index], cond_start, delta)
+    return outputs

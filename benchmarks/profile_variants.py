@@ -1,0 +1,160 @@
+"""Where the time of one APPLE pass goes, variant by variant (issue 6): per-pass latency, the time the host takes
+to issue the pass, the device's busy time, and the kernels by kind (GEMM, attention, compiled fused kernels,
+eager elementwise) for the plain diffusers forward and the APPLE forward eager / compiled / fused / with its
+LoRA or ID attention switched off / under a whole-pass CUDA graph; then swaps with the fastest setting.
+
+    PYTHONPATH=src python benchmarks/profile_variants.py [--tiny --device cpu] [--variants a,b,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import time
+
+import torch
+
+from appleswap.bench import BenchConfig, build_apple, build_models, make_inputs, plain_pass
+from appleswap.bench_tiers import swap_rows
+from appleswap.bench_utils import Rows, count_flops, matmul_ceiling, sdpa_context, sync, time_call
+
+KINDS = [("GEMM", r"gemm|nvjet|cutlass|xmma|matmul|sm90|splitk"), ("attention", r"flash|fmha|attention|cudnn"),
+         ("compiled fused (triton)", r"triton"), ("eager elementwise / copy", r"elementwise|vectorized|copy|cat|fill"),
+         ("norm / reduce", r"norm|reduce")]
+
+
+def kernel_profile(fn, device) -> tuple[float, dict[str, float]]:
+    """Device-busy ms of one call and ms per kernel kind (CUDA only)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    kinds: dict[str, float] = {}
+    for entry in prof.key_averages():
+        if entry.device_type != DeviceType.CUDA:
+            continue
+        kind = next((k for k, pattern in KINDS if re.search(pattern, entry.key, re.IGNORECASE)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + entry.self_device_time_total / 1e3
+    return sum(kinds.values()), kinds
+
+
+def issue_ms(fn, device) -> float:
+    """Host time to enqueue one call (the device drains it afterwards)."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    sync(device)
+    return seconds * 1e3
+
+
+def measure(name, fn, device, rows: Rows, flops: float, ceiling: float, repeats: int) -> float:
+    with torch.no_grad():
+        seconds = time_call(fn, device, repeats, warmup=3)
+        issue = issue_ms(fn, device)
+        note = f"{flops / seconds / ceiling:.2f} of ceiling; host issue {issue:.1f} ms"
+        if str(device).startswith("cuda"):
+            busy, kinds = kernel_profile(fn, device)
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+            note += f"; device busy {busy:.1f} ms ({parts})"
+    rows.add(name, seconds * 1e3, "ms", note)
+    return seconds
+
+
+def setup(model, fused: bool, compiled: bool, graphs: bool) -> None:
+    model.enable_cuda_graphs(False)
+    model.uncompile_blocks()
+    if fused:
+        model.fuse_projections()
+    else:
+        model.unfuse_projections()
+    if compiled:
+        model.compile_blocks()
+    if graphs:
+        model.enable_cuda_graphs()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--variants", default="plain,plain-compiled,eager,compiled-separate,compiled,no-lora,no-id,"
+                        "graph,graph-cudnn,graph-flash,graph-separate,eager-graph,swaps")
+    parser.add_argument("--swap-sdpa", default="auto", help="SDPA backend of the swap rows (auto, flash, cudnn, ...)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = BenchConfig(tiny=args.tiny, steps=2 if args.tiny else 28, repeats=3)
+    device, size = args.device, 64 if args.tiny else 512
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    todo = set(args.variants.split(","))
+    rows = Rows()
+    ceiling = matmul_ceiling(device, dtype, 256 if args.tiny else 8192)
+    rows.add("matmul ceiling", ceiling / 1e12, "TFLOP/s", "")
+    flux, vae = build_models(cfg, device, dtype)
+    inp = make_inputs(cfg, flux, 1, size)
+    with torch.no_grad():
+        plain_flops = count_flops(lambda: plain_pass(flux, inp))
+    if "plain" in todo:
+        measure("plain diffusers pass, eager", lambda: plain_pass(flux, inp), device, rows, plain_flops, ceiling,
+                args.repeats)
+    if "plain-compiled" in todo:
+        flux.compile_repeated_blocks(fullgraph=True, dynamic=False)
+        measure("plain diffusers pass, regional compile", lambda: plain_pass(flux, inp), device, rows, plain_flops,
+                ceiling, args.repeats)
+        for block in list(flux.transformer_blocks) + list(flux.single_transformer_blocks):
+            block._compiled_call_impl = None
+    model = build_apple(flux, cfg, 64 if args.tiny else 2048)
+    run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size)
+    print(rows.table())
+
+
+def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size) -> None:
+    with torch.no_grad():
+        modulation = model.condition_modulation(inp["text"])
+
+    def apple(id_tokens=inp["id_tokens"]):
+        return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
+                     id_tokens=id_tokens, guidance=inp["g"], modulation=modulation)
+
+    with torch.no_grad():
+        flops = count_flops(apple)
+        reference = apple().float()
+    plan = [  # key, name, fused, compiled, CUDA graph, SDPA backend
+        ("eager", "APPLE eager, fused", True, False, False, "auto"),
+        ("compiled-separate", "APPLE compiled, separate projections", False, True, False, "auto"),
+        ("compiled", "APPLE compiled, fused", True, True, False, "auto"),
+        ("graph", "APPLE compiled, fused, whole-pass CUDA graph", True, True, True, "auto"),
+        ("graph-cudnn", "APPLE compiled, fused, CUDA graph, SDPA cuDNN", True, True, True, "cudnn"),
+        ("graph-flash", "APPLE compiled, fused, CUDA graph, SDPA flash", True, True, True, "flash"),
+        ("graph-separate", "APPLE compiled, separate projections, CUDA graph", False, True, True, "auto"),
+        ("eager-graph", "APPLE eager, fused, whole-pass CUDA graph", True, False, True, "auto")]
+    for key, name, fused, compiled, graphs, backend in plan:
+        if key not in todo:
+            continue
+        setup(model, fused, compiled, graphs)
+        with sdpa_context(backend if str(device).startswith("cuda") else "auto"):
+            measure(name, apple, device, rows, flops, ceiling, args.repeats)
+            with torch.no_grad():
+                error = ((apple().float() - reference).norm() / reference.norm()).item()
+        rows.add(f"{name}: rel. L2 diff to eager", error, "", "")
+        if key == "compiled" and "no-id" in todo:
+            measure("APPLE compiled, fused, no ID tokens", lambda: apple(None), device, rows, flops, ceiling,
+                    args.repeats)
+        if key == "compiled" and "no-lora" in todo:
+            model.flux.disable_adapters()
+            measure("APPLE compiled, fused, LoRA off", apple, device, rows, flops, ceiling, args.repeats)
+            model.flux.enable_adapters()
+    if "swaps" in todo:
+        setup(model, True, True, True)
+        swap_rows(cfg, model, vae, inp, device, size, args.swap_sdpa, f"compiled + CUDA graph, SDPA {args.swap_sdpa}",
+                  rows, batch=2)
+
+
+if __name__ == "__main__":
+    main()
