@@ -77,9 +77,10 @@ def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = F
         transformer.place(device)
     if fuse and not fp8 and offload != "sequential":
         transformer.fuse_projections()
-    if compile:
+    on_cuda = torch.device(device).type == "cuda"  # compile and graphs pay off on GPUs only
+    if compile and on_cuda:
         transformer.compile_blocks(mode=compile if isinstance(compile, str) else None)
-    if cuda_graphs and offload != "sequential":
+    if cuda_graphs and on_cuda and offload != "sequential":
         transformer.enable_cuda_graphs()
     return transformer
 
