@@ -131,7 +131,8 @@ def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, f
     if cfg.compile:
         from appleswap.bench_speed import bench_compiled
 
-        bench_compiled(cfg, model, vae, device, rows, bf16_ceiling, size, backend, label="fp8")
+        bench_compiled(cfg, model, vae, device, rows, bf16_ceiling, size, "auto" if cfg.sdpa == "fastest" else
+                       cfg.sdpa, label="fp8")
         model.uncompile_blocks()
 
 
