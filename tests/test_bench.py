@@ -45,6 +45,6 @@ def test_tiny_bench_compiled_rows():
     table = {name: value for name, value, _, _ in rows.rows}
     for name in ("plain diffusers FLUX pass, regional torch.compile (default)",
                  "APPLE pass, bf16, regional torch.compile (default)", "student swap (1 passes), bf16, compiled",
-                 "teacher swap + inversion (2 passes), bf16, compiled"):
+                 "teacher swap + inversion (2 passes), bf16, compiled", "VAE encode + decode (64x64)"):
         assert table[name] > 0, name
     assert float(notes["APPLE pass, bf16, regional torch.compile (default)"].rsplit("eager ", 1)[1]) < 1e-4

@@ -272,7 +272,7 @@ def run_bench(cfg: BenchConfig, device: str) -> Rows:
     """Every row of the table, in order: baselines, eager rows, fused A/B, swaps, compiled rows, memory tiers."""
     import torch
 
-    from appleswap.bench_speed import bench_compiled, bench_fused_eager, bench_plain_compiled
+    from appleswap.bench_speed import bench_compiled, bench_fused_eager, bench_plain_compiled, bench_vae
     from appleswap.bench_tiers import bench_modulation, run_tiers
 
     dtype = torch.float32 if cfg.tiny else torch.bfloat16
@@ -312,6 +312,7 @@ def run_bench(cfg: BenchConfig, device: str) -> Rows:
         # compiled rows: PyTorch's own backend priority (flash / cuDNN) unless one is named; the eager ranking is
         # host-bound and noisy, and may pick the memory-efficient kernel, the slowest on Hopper once compiled
         compiled_backend = "auto" if cfg.sdpa == "fastest" else cfg.sdpa
+        bench_vae(cfg, vae, device, rows, size)
         bench_compiled(cfg, model, vae, device, rows, ceiling, size, compiled_backend)
         model.uncompile_blocks()
         if torch.device(device).type == "cuda":

@@ -98,3 +98,30 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
              f"rel. L2 diff to eager {difference:.2g}")
     swap_rows(cfg, model, vae, inp, device, size, backend, f"{label}, compiled", rows, batch=cfg.batch)
     model.enable_cuda_graphs(False)
+
+
+def bench_vae(cfg, vae, device, rows: Rows, size: int) -> None:
+    """VAE encode + decode of one image: default cuDNN settings, with cuDNN autotuning (what the pipeline uses),
+    and autotuning with channels-last weights and activations."""
+    import torch
+
+    from appleswap.model.latents import decode_tokens, encode_images
+    from appleswap.pipeline import vae_conv_flags
+
+    image = torch.rand(1, 3, size, size, device=device)
+
+    def round_trip(channels_last: bool = False):
+        pixels = image.contiguous(memory_format=torch.channels_last) if channels_last else image
+        return decode_tokens(vae, encode_images(vae, pixels), size, size)
+
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False):
+        plain = time_call(round_trip, device, cfg.repeats, warmup=2)
+    with vae_conv_flags():
+        tuned = time_call(round_trip, device, cfg.repeats, warmup=2)
+        vae.to(memory_format=torch.channels_last)
+        try:
+            last = time_call(lambda: round_trip(True), device, cfg.repeats, warmup=2)
+        finally:
+            vae.to(memory_format=torch.contiguous_format)
+    rows.add(f"VAE encode + decode ({size}x{size})", plain * 1e3, "ms",
+             f"cuDNN autotuned {tuned * 1e3:.1f} ms (pipeline default); + channels-last {last * 1e3:.1f} ms")

@@ -10,6 +10,7 @@ image) and usually runs with ``invert=True`` (attribute-aware inversion, spec §
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -83,6 +84,14 @@ def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = F
     if cuda_graphs and on_cuda and offload != "sequential":
         transformer.enable_cuda_graphs()
     return transformer
+
+
+def vae_conv_flags():
+    """cuDNN autotuning for the VAE's convolutions (fixed shapes per job: the fastest algorithm is searched once per
+    shape); other cuDNN settings as they are. Restored on exit."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
+                       allow_tf32=cudnn.allow_tf32)
 
 
 def _is_identity_file(value: Any) -> bool:
@@ -179,15 +188,18 @@ class SwapPipeline:
     def device(self) -> torch.device:
         return self.compute_device or self.transformer.device
 
+    @contextlib.contextmanager
     def _vae(self):
-        """Context giving the VAE on the compute device (moved in and out with ``offload`` != none)."""
-        import contextlib
-
+        """Context giving the VAE on the compute device (moved in and out with ``offload`` != none), with cuDNN
+        autotuning for its convolutions."""
         from appleswap.model.offload import ModelOffloader
 
-        if self.offload == "none":
-            return contextlib.nullcontext(self.vae)
-        return ModelOffloader(self.device).use(self.vae)
+        with vae_conv_flags():
+            if self.offload == "none":
+                yield self.vae
+            else:
+                with ModelOffloader(self.device).use(self.vae) as vae:
+                    yield vae
 
     # ---- inputs
     def encode_source(self, source: Any) -> torch.Tensor:

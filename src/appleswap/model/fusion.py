@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from appleswap.model.lora import add_to_rows, is_lora_layer, lora_delta
+from appleswap.model.lora import _active_adapters, add_to_rows, is_lora_layer, lora_delta
 
 DOUBLE_GROUPS = {"qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
                  "add_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
@@ -95,8 +95,29 @@ def routed_fused(fused: FusedProjection, x: torch.Tensor, cond_start: int | None
     if cond_start is None or cond_start >= x.shape[1]:
         return outputs
     cond = x[:, cond_start:]
-    for index, layer in enumerate(fused.layers):
-        delta = lora_delta(layer, cond) if is_lora_layer(layer) else None
+    deltas = stacked_lora_deltas(fused, cond)
+    if deltas is None:  # several adapters, dropout or DoRA: one member at a time
+        deltas = [lora_delta(layer, cond) if is_lora_layer(layer) else None for layer in fused.layers]
+    for index, delta in enumerate(deltas):
         if delta is not None:
             outputs[index] = add_to_rows(outputs[index], cond_start, delta)
     return outputs
+
+
+def stacked_lora_deltas(fused: FusedProjection, cond: torch.Tensor) -> list[torch.Tensor] | None:
+    """The members' LoRA deltas with ONE down-projection: their ``lora_A`` matrices stacked (r x members rows),
+    then each member's ``lora_B`` on its slice. None unless every member has exactly one active plain adapter."""
+    adapters = []
+    for layer in fused.layers:
+        names = _active_adapters(layer) if is_lora_layer(layer) else []
+        if len(names) != 1:
+            return None
+        name = names[0]
+        if not isinstance(layer.lora_dropout[name], nn.Identity) or getattr(layer, "use_dora", {}).get(name, False):
+            return None
+        adapters.append((layer, name))
+    stacked = torch.cat([layer.lora_A[name].weight for layer, name in adapters])
+    down = F.linear(cond.to(stacked.dtype), stacked)
+    ranks = [layer.lora_A[name].weight.shape[0] for layer, name in adapters]
+    return [layer.lora_B[name](part) * layer.scaling[name]
+            for (layer, name), part in zip(adapters, down.split(ranks, dim=-1), strict=True)]
