@@ -24,6 +24,12 @@ def _euler_update(x: torch.Tensor, velocity: torch.Tensor, step: torch.Tensor) -
     return (x.float() + step.float() * velocity.float()).to(x.dtype)
 
 
+def _on_device(sigmas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The schedule on the latents' device, copied once: a per-step host-to-device copy of a scalar would make
+    the host wait for the previous pass every step, leaving the GPU idle while it prepares the next one."""
+    return sigmas.to(x.device, torch.float32)
+
+
 def _check_sigmas(sigmas: torch.Tensor, descending: bool) -> None:
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D tensor of >= 2 values, got shape {tuple(sigmas.shape)}")
@@ -39,6 +45,7 @@ def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: 
                  disable: bool = False) -> torch.Tensor:
     """Explicit Euler on dx/dsigma = v (Karras et al. 2022, Alg. 1 without churn): x <- x + (s_next - s) v(x, s)."""
     _check_sigmas(sigmas, descending=True)
+    sigmas = _on_device(sigmas, x)
     for i in tqdm(range(len(sigmas) - 1), disable=disable, desc="sampling", leave=False):
         velocity = model(x, _sigma(sigmas[i], x))
         if callback is not None:
@@ -52,6 +59,7 @@ def sample_midpoint(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callbac
                     disable: bool = False) -> torch.Tensor:
     """Explicit midpoint (2nd order, 2 passes/step): x <- x + h v(x + h/2 v(x, s), s + h/2)."""
     _check_sigmas(sigmas, descending=True)
+    sigmas = _on_device(sigmas, x)
     for i in tqdm(range(len(sigmas) - 1), disable=disable, desc="sampling", leave=False):
         x = _midpoint_step(model, x, sigmas[i], sigmas[i + 1], wrong_latent=False)
         if callback is not None:
@@ -94,6 +102,7 @@ def invert(model: Model, x0: torch.Tensor, sigmas: torch.Tensor, order: int = 1,
         raise ValueError("parity_wrong_midpoint only applies to order=2")
     ascending = sigmas.flip(0)
     _check_sigmas(ascending, descending=False)
+    ascending = _on_device(ascending, x0)
     x = x0
     for i in tqdm(range(len(ascending) - 1), disable=disable, desc="inverting", leave=False):
         if order == 1:
