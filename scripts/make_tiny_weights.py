@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.fixtures.tiny_flux import make_tiny_weights  # noqa: E402
-from tests.fixtures.tiny_identity import make_tiny_identity_weights  # noqa: E402
+from tests.fixtures.tiny_flux import make_tiny_weights
+from tests.fixtures.tiny_identity import make_tiny_identity_weights
 
 
 def main() -> None:

@@ -272,7 +272,7 @@ def run_bench(cfg: BenchConfig, device: str) -> Rows:
     """Every row of the table, in order: baselines, eager rows, fused A/B, swaps, compiled rows, memory tiers."""
     import torch
 
-    from appleswap.bench_speed import bench_compiled, bench_fused_eager, bench_plain_compiled, bench_vae
+    from appleswap.bench_speed import bench_fused_eager, bench_plain_compiled, bench_vae, compiled_rows
     from appleswap.bench_tiers import bench_modulation, run_tiers
 
     dtype = torch.float32 if cfg.tiny else torch.bfloat16
@@ -309,15 +309,8 @@ def run_bench(cfg: BenchConfig, device: str) -> Rows:
         bench_kv_cache(cfg, model, device, rows, ceiling, size, chosen)
         bench_student(cfg, model, vae, device, rows, size, chosen, "KV-cache mode", kv_cache=True)
     if cfg.compile and not cfg.only_tiers:
-        # compiled rows: PyTorch's own backend priority (flash / cuDNN) unless one is named; the eager ranking is
-        # host-bound and noisy, and may pick the memory-efficient kernel, the slowest on Hopper once compiled
-        compiled_backend = "auto" if cfg.sdpa == "fastest" else cfg.sdpa
         bench_vae(cfg, vae, device, rows, size)
-        bench_compiled(cfg, model, vae, device, rows, ceiling, size, compiled_backend)
-        model.uncompile_blocks()
-        if torch.device(device).type == "cuda":
-            rows.add("inference peak memory, compiled", torch.cuda.max_memory_allocated(device) / 2**30, "GiB",
-                     f"bf16, batch {cfg.batch} swaps included")
+        compiled_rows(cfg, model, vae, device, rows, ceiling, size)
     run_tiers(cfg, model, vae, device, rows, ceiling, size, chosen)  # last: fp8 quantises the model in place
     return rows
 

@@ -125,3 +125,16 @@ def bench_vae(cfg, vae, device, rows: Rows, size: int) -> None:
             vae.to(memory_format=torch.contiguous_format)
     rows.add(f"VAE encode + decode ({size}x{size})", plain * 1e3, "ms",
              f"cuDNN autotuned {tuned * 1e3:.1f} ms (pipeline default); + channels-last {last * 1e3:.1f} ms")
+
+
+def compiled_rows(cfg, model, vae, device, rows: Rows, ceiling: float, size: int) -> None:
+    """The bf16 compiled rows and the peak memory after them. Attention: PyTorch's own backend priority (flash /
+    cuDNN) unless ``--sdpa`` names one; the eager ranking is host-bound and noisy, and may pick the memory-efficient
+    kernel, the slowest on Hopper once compiled."""
+    import torch
+
+    bench_compiled(cfg, model, vae, device, rows, ceiling, size, "auto" if cfg.sdpa == "fastest" else cfg.sdpa)
+    model.uncompile_blocks()
+    if torch.device(device).type == "cuda":
+        rows.add("inference peak memory, compiled", torch.cuda.max_memory_allocated(device) / 2**30, "GiB",
+                 f"bf16, batch {cfg.batch} swaps included")

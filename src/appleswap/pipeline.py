@@ -130,15 +130,11 @@ class SwapPipeline:
             mode: ``student`` (clean target as condition) or ``teacher`` (condition image, usually with inversion).
             flux_path / pulid_path / lora_path: explicit files that win over the registry locations.
             null_id: null-ID tokens or an identity file; default: PuLID's IDFormer on zero inputs.
-            fp8: float8 (e4m3; per-channel weight, per-token activation scales) weights for the transformer blocks: half the memory, fp8 tensor
-                cores on Hopper/Ada; changes numerics slightly (benchmarks/RESULTS.md).
-            offload: ``none``; ``model``: the VAE waits in host memory between uses; ``sequential``: also the
-                transformer blocks, copied in one at a time with prefetch (slow, smallest GPU memory).
-            fuse: stack q/k/v and MLP-in weights into one GEMM per block (same function, no extra memory).
-            compile: regional ``torch.compile`` of the blocks (True or a mode such as "reduce-overhead"): about a
-                minute of compilation on first use, then faster passes; same function within bf16 rounding.
-            cuda_graphs: record each pass as one CUDA graph and replay it (no per-kernel launch cost; a second or
-                two to record per new batch shape; GPU only). Best together with ``compile``.
+            fp8 / offload: memory options (:func:`apply_memory_options`): e4m3 block weights with row-wise scales
+                (half the memory, changes numerics slightly); ``none`` | ``model`` (VAE in host memory between
+                uses) | ``sequential`` (also the blocks, copied in one at a time: slow, smallest GPU memory).
+            fuse / compile / cuda_graphs: speed options that keep the function: stacked projection GEMMs; regional
+                ``torch.compile`` (True or a mode name); whole-pass CUDA graphs (both GPU only).
         """
         from appleswap.cli_common import pick_device
         from appleswap.model.loading import load_apple_transformer, load_vae
@@ -151,8 +147,7 @@ class SwapPipeline:
         device = pick_device(device)
         check_tier(offload)
         root = resolve_weights_dir(weights_dir)
-        flux = locate("flux", weights_dir, explicit=flux_path)
-        pulid = locate("pulid_flux", weights_dir, explicit=pulid_path)
+        flux, pulid = locate("flux", weights_dir, explicit=flux_path), locate("pulid_flux", weights_dir, explicit=pulid_path)
         lora = locate(f"apple_{mode}", weights_dir, explicit=lora_path)
         transformer = load_apple_transformer(flux, pulid_path=pulid, lora_path=lora, dtype=dtype,
                                              device="cpu" if fp8 or offload == "sequential" else device)
