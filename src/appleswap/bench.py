@@ -120,9 +120,9 @@ def make_inputs(cfg: BenchConfig, flux, batch: int, size: int):
                 "t": torch.full((batch,), 0.7, device=device), "g": torch.ones(batch, device=device)}
 
 
-def apple_pass(model, inp):
+def apple_pass(model, inp, modulation=None):
     return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
-                 id_tokens=inp["id_tokens"], guidance=inp["g"])
+                 id_tokens=inp["id_tokens"], guidance=inp["g"], modulation=modulation)
 
 
 def plain_pass(flux, inp):

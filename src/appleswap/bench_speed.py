@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
+from appleswap.bench import apple_pass
 from appleswap.bench_utils import Rows, count_flops, sdpa_context, sync, time_call
 
 logger = logging.getLogger("appleswap.bench")
@@ -41,10 +42,6 @@ def _mode(cfg) -> str | None:
     return None if cfg.compile_mode == "default" else cfg.compile_mode
 
 
-def _pass(model, inp, modulation):
-    return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
-                 id_tokens=inp["id_tokens"], guidance=inp["g"], modulation=modulation)
-
 
 def bench_fused_eager(cfg, model, inp, device, rows: Rows, ceiling: float, backend: str) -> None:
     """Fuse the projections (kept for every later row) and A/B them against the separate layers, two rounds."""
@@ -52,16 +49,16 @@ def bench_fused_eager(cfg, model, inp, device, rows: Rows, ceiling: float, backe
 
     with torch.no_grad(), sdpa_context(backend):
         modulation = model.condition_modulation(inp["text"])
-        flops = count_flops(lambda: _pass(model, inp, modulation))
-        reference = _pass(model, inp, modulation).float()
-        separate = [time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats)]
+        flops = count_flops(lambda: apple_pass(model, inp, modulation))
+        reference = apple_pass(model, inp, modulation).float()
+        separate = [time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats)]
         model.fuse_projections()
-        fused = [time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats)]
-        difference = ((_pass(model, inp, modulation).float() - reference).norm() / reference.norm()).item()
+        fused = [time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats)]
+        difference = ((apple_pass(model, inp, modulation).float() - reference).norm() / reference.norm()).item()
         model.unfuse_projections()
-        separate.append(time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats))
+        separate.append(time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats))
         model.fuse_projections()
-        fused.append(time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats))
+        fused.append(time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats))
     rows.add("APPLE pass, eager, modulation once per swap, separate projections", min(separate) * 1e3, "ms",
              f"rounds {', '.join(f'{s * 1e3:.1f}' for s in separate)}; {flops / min(separate) / ceiling:.2f} of ceiling")
     rows.add("APPLE pass, eager, modulation once per swap, fused projections", min(fused) * 1e3, "ms",
@@ -80,18 +77,18 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
     inp = make_inputs(cfg, model.flux, 1, size)
     with torch.no_grad():
         modulation = model.condition_modulation(inp["text"])
-        flops = count_flops(lambda: _pass(model, inp, modulation))
-        reference = _pass(model, inp, modulation).float()
+        flops = count_flops(lambda: apple_pass(model, inp, modulation))
+        reference = apple_pass(model, inp, modulation).float()
     model.compile_blocks(mode=_mode(cfg))
     if cfg.cuda_graphs and str(device).startswith("cuda"):
         model.enable_cuda_graphs()
         label += " + CUDA graph"
     with torch.no_grad(), sdpa_context(backend, fallback=True):
         start = time.perf_counter()
-        out = _pass(model, inp, modulation).float()
+        out = apple_pass(model, inp, modulation).float()
         sync(device)
         compile_seconds = time.perf_counter() - start
-        seconds = time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats, warmup=2)
+        seconds = time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats, warmup=2)
     difference = ((out - reference).norm() / reference.norm()).item()
     rows.add(f"APPLE pass, {label}, regional torch.compile ({cfg.compile_mode})", seconds * 1e3, "ms",
              f"{flops / seconds / ceiling:.2f} of ceiling; compile {compile_seconds:.0f} s; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from appleswap.bench import apple_pass
 from appleswap.bench_utils import Rows, count_flops, sdpa_context, sync, time_call
 
 logger = logging.getLogger("appleswap.bench")
@@ -34,10 +35,6 @@ def _peak(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if _cuda(device) else float("nan")
 
 
-def _pass(model, inp, modulation=None):
-    return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
-                 id_tokens=inp["id_tokens"], guidance=inp["g"], modulation=modulation)
-
 
 def bench_modulation(cfg, model, inp, device, rows: Rows, ceiling: float, backend: str) -> None:
     """Interleaved A/B (two rounds) of the plain pass and the pass with once-per-swap condition modulation."""
@@ -45,12 +42,12 @@ def bench_modulation(cfg, model, inp, device, rows: Rows, ceiling: float, backen
 
     with torch.no_grad(), sdpa_context(backend):
         modulation = model.condition_modulation(inp["text"])
-        flops = count_flops(lambda: _pass(model, inp, modulation))
+        flops = count_flops(lambda: apple_pass(model, inp, modulation))
         plain, cached = [], []
         for _ in range(2):
-            plain.append(time_call(lambda: _pass(model, inp), device, cfg.repeats))
-            cached.append(time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats))
-        difference = (_pass(model, inp, modulation).float() - _pass(model, inp).float()).abs().max().item()
+            plain.append(time_call(lambda: apple_pass(model, inp), device, cfg.repeats))
+            cached.append(time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats))
+        difference = (apple_pass(model, inp, modulation).float() - apple_pass(model, inp).float()).abs().max().item()
     rows.add("APPLE pass, plain path (A/B)", min(plain) * 1e3, "ms",
              f"rounds {', '.join(f'{p * 1e3:.1f}' for p in plain)}")
     rows.add("APPLE pass, condition modulation once per swap", min(cached) * 1e3, "ms",
@@ -111,8 +108,8 @@ def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, f
     bf16_ceiling, fp8_ceil = ceilings
     with torch.no_grad(), sdpa_context(backend):
         modulation = model.condition_modulation(inp["text"])
-        reference = _pass(model, inp, modulation).float()
-        flops = count_flops(lambda: _pass(model, inp, modulation))
+        reference = apple_pass(model, inp, modulation).float()
+        flops = count_flops(lambda: apple_pass(model, inp, modulation))
     model.uncompile_blocks()
     layers = model.quantize_fp8(device=device)
     _peak_reset(device)
@@ -120,8 +117,8 @@ def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, f
     rows.add("fp8: weights in memory", weights, "GiB", f"{layers} block linears e4m3, row-wise scales; LoRA, ID-CA bf16")
     with torch.no_grad(), sdpa_context(backend):
         modulation = model.condition_modulation(inp["text"])
-        seconds = time_call(lambda: _pass(model, inp, modulation), device, cfg.repeats)
-        out = _pass(model, inp, modulation).float()
+        seconds = time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats)
+        out = apple_pass(model, inp, modulation).float()
     error = ((out - reference).norm() / reference.norm()).item()
     rows.add("fp8: APPLE pass", seconds * 1e3, "ms",
              f"{flops / seconds / bf16_ceiling:.2f} of bf16 ceiling, {flops / seconds / fp8_ceil:.2f} of fp8 ceiling; "
@@ -153,7 +150,7 @@ def bench_offload(cfg, model, vae, inp, device, rows: Rows, size: int, backend: 
     _peak_reset(device)
     with torch.no_grad(), sdpa_context(backend):
         modulation = model.condition_modulation(inp["text"])
-        seconds = time_call(lambda: _pass(model, inp, modulation), device, 2)
+        seconds = time_call(lambda: apple_pass(model, inp, modulation), device, 2)
     rows.add(f"offload=sequential: APPLE pass, {label}", seconds * 1e3, "ms", "pinned host blocks, prefetch 1")
     if cfg.steps <= 8 or _cuda(device):
         with sdpa_context(backend, fallback=True):
