@@ -24,8 +24,11 @@ KINDS = [("GEMM", r"gemm|nvjet|cutlass|xmma|matmul|sm90|splitk"), ("attention", 
          ("norm / reduce", r"norm|reduce")]
 
 
+TOP_KERNELS = 0  # --top: also print the N kernels with the most device time per profiled variant
+
+
 def kernel_profile(fn, device) -> tuple[float, dict[str, float]]:
-    """Device-busy ms of one call and ms per kernel kind (CUDA only)."""
+    """Device-busy ms of one call and ms per kernel kind (CUDA only); the top kernels printed with ``--top``."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -35,9 +38,10 @@ def kernel_profile(fn, device) -> tuple[float, dict[str, float]]:
         fn()
         sync(device)
     kinds: dict[str, float] = {}
-    for entry in prof.key_averages():
-        if entry.device_type != DeviceType.CUDA:
-            continue
+    entries = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    for entry in sorted(entries, key=lambda e: -e.self_device_time_total)[:TOP_KERNELS]:
+        print(f"    {entry.self_device_time_total / 1e3:7.2f} ms {entry.count:5d}x  {entry.key[:110]}")
+    for entry in entries:
         kind = next((k for k, pattern in KINDS if re.search(pattern, entry.key, re.IGNORECASE)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + entry.self_device_time_total / 1e3
     return sum(kinds.values()), kinds
@@ -66,15 +70,22 @@ def measure(name, fn, device, rows: Rows, flops: float, ceiling: float, repeats:
     return seconds
 
 
-def setup(model, fused: bool, compiled: bool, graphs: bool) -> None:
+def setup(model, fused: str | None, compiled: bool | str, graphs: bool) -> None:
+    """``fused``: None (separate layers), "fold" (fused, LoRA folded in) or "apart" (fused, LoRA computed apart).
+    ``compiled``: False, True (default inductor), a torch.compile mode, or "tuned" (coordinate-descent tuning of
+    the generated kernels)."""
+    import torch._inductor.config as inductor
+
     model.enable_cuda_graphs(False)
     model.uncompile_blocks()
+    torch._dynamo.reset()
     if fused:
-        model.fuse_projections()
+        model.fuse_projections(fold_lora=fused == "fold")
     else:
         model.unfuse_projections()
+    inductor.coordinate_descent_tuning = compiled == "tuned"
     if compiled:
-        model.compile_blocks()
+        model.compile_blocks(mode=compiled if isinstance(compiled, str) and compiled != "tuned" else None)
     if graphs:
         model.enable_cuda_graphs()
 
@@ -85,9 +96,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--variants", default="plain,plain-compiled,eager,compiled-separate,compiled,no-lora,no-id,"
-                        "graph,graph-cudnn,graph-flash,graph-separate,eager-graph,swaps")
+                        "graph,graph-apart,graph-cudnn,graph-flash,graph-separate,eager-graph,swaps")
+    parser.add_argument("--top", type=int, default=0, help="print the N kernels with the most device time")
     parser.add_argument("--swap-sdpa", default="auto", help="SDPA backend of the swap rows (auto, flash, cudnn, ...)")
     args = parser.parse_args()
+    global TOP_KERNELS
+    TOP_KERNELS = args.top
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = BenchConfig(tiny=args.tiny, steps=2 if args.tiny else 28, repeats=3)
     device, size = args.device, 64 if args.tiny else 512
@@ -125,15 +139,20 @@ def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size) 
     with torch.no_grad():
         flops = count_flops(apple)
         reference = apple().float()
-    plan = [  # key, name, fused, compiled, CUDA graph, SDPA backend
-        ("eager", "APPLE eager, fused", True, False, False, "auto"),
-        ("compiled-separate", "APPLE compiled, separate projections", False, True, False, "auto"),
-        ("compiled", "APPLE compiled, fused", True, True, False, "auto"),
-        ("graph", "APPLE compiled, fused, whole-pass CUDA graph", True, True, True, "auto"),
-        ("graph-cudnn", "APPLE compiled, fused, CUDA graph, SDPA cuDNN", True, True, True, "cudnn"),
-        ("graph-flash", "APPLE compiled, fused, CUDA graph, SDPA flash", True, True, True, "flash"),
-        ("graph-separate", "APPLE compiled, separate projections, CUDA graph", False, True, True, "auto"),
-        ("eager-graph", "APPLE eager, fused, whole-pass CUDA graph", True, False, True, "auto")]
+    plan = [  # key, name, fused (None / "fold" / "apart"), compiled, CUDA graph, SDPA backend
+        ("eager", "APPLE eager, fused", "fold", False, False, "auto"),
+        ("compiled-separate", "APPLE compiled, separate projections", None, True, False, "auto"),
+        ("compiled", "APPLE compiled, fused", "fold", True, False, "auto"),
+        ("graph", "APPLE compiled, fused, whole-pass CUDA graph", "fold", True, True, "auto"),
+        ("graph-apart", "APPLE compiled, fused, LoRA apart (not folded), CUDA graph", "apart", True, True, "auto"),
+        ("graph-cudnn", "APPLE compiled, fused, CUDA graph, SDPA cuDNN", "fold", True, True, "cudnn"),
+        ("graph-flash", "APPLE compiled, fused, CUDA graph, SDPA flash", "fold", True, True, "flash"),
+        ("graph-separate", "APPLE compiled, separate projections, CUDA graph", None, True, True, "auto"),
+        ("eager-graph", "APPLE eager, fused, whole-pass CUDA graph", "fold", False, True, "auto"),
+        ("graph-tuned", "APPLE compiled (coordinate-descent tuned kernels), fused, CUDA graph", "fold", "tuned", True,
+         "auto"),
+        ("graph-autotune", "APPLE compiled (max-autotune-no-cudagraphs), fused, CUDA graph", "fold",
+         "max-autotune-no-cudagraphs", True, "auto")]
     for key, name, fused, compiled, graphs, backend in plan:
         if key not in todo:
             continue
@@ -146,12 +165,14 @@ def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size) 
         if key == "compiled" and "no-id" in todo:
             measure("APPLE compiled, fused, no ID tokens", lambda: apple(None), device, rows, flops, ceiling,
                     args.repeats)
-        if key == "compiled" and "no-lora" in todo:
+        if key in ("compiled", "graph") and "no-lora" in todo:
             model.flux.disable_adapters()
-            measure("APPLE compiled, fused, LoRA off", apple, device, rows, flops, ceiling, args.repeats)
+            model.enable_cuda_graphs(graphs)  # record anew: the adapter state is part of what a graph runs
+            measure(f"{name}, LoRA off", apple, device, rows, flops, ceiling, args.repeats)
             model.flux.enable_adapters()
+            model.enable_cuda_graphs(graphs)
     if "swaps" in todo:
-        setup(model, True, True, True)
+        setup(model, "fold", True, True)
         swap_rows(cfg, model, vae, inp, device, size, args.swap_sdpa, f"compiled + CUDA graph, SDPA {args.swap_sdpa}",
                   rows, batch=2)
 

@@ -72,7 +72,7 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
     import torch
 
     from appleswap.bench import make_inputs
-    from appleswap.bench_tiers import swap_rows
+    from appleswap.bench_tiers import swap_breakdown, swap_rows
 
     inp = make_inputs(cfg, model.flux, 1, size)
     with torch.no_grad():
@@ -93,8 +93,31 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
     rows.add(f"APPLE pass, {label}, regional torch.compile ({cfg.compile_mode})", seconds * 1e3, "ms",
              f"{flops / seconds / ceiling:.2f} of ceiling; compile {compile_seconds:.0f} s; "
              f"rel. L2 diff to eager {difference:.2g}")
+    if model.is_fused():
+        bench_fold_ab(cfg, model, inp, modulation, device, rows, backend, label)
     swap_rows(cfg, model, vae, inp, device, size, backend, f"{label}, compiled", rows, batch=cfg.batch)
+    swap_breakdown(cfg, model, vae, inp, device, size, backend, f"{label}, compiled", rows)
     model.enable_cuda_graphs(False)
+
+
+def bench_fold_ab(cfg, model, inp, modulation, device, rows: Rows, backend: str, label: str) -> None:
+    """Interleaved A/B (two rounds) of the compiled pass with the LoRA folded into the fused GEMMs and apart."""
+    import torch
+
+    times = {True: [], False: []}
+    outputs = {}
+    with torch.no_grad(), sdpa_context(backend, fallback=True):
+        for _ in range(2):
+            for fold in (False, True):
+                model.fuse_projections(fold_lora=fold)
+                times[fold].append(time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats,
+                                             warmup=2))
+                outputs[fold] = apple_pass(model, inp, modulation).float()
+    difference = ((outputs[True] - outputs[False]).norm() / outputs[False].norm()).item()
+    for fold, name in ((False, "LoRA apart (A/B)"), (True, "LoRA folded into the fused GEMMs (A/B)")):
+        rows.add(f"APPLE pass, {label}, {name}", min(times[fold]) * 1e3, "ms",
+                 f"rounds {', '.join(f'{t * 1e3:.1f}' for t in times[fold])}"
+                 + (f"; rel. L2 diff folded vs apart {difference:.2g}" if fold else ""))
 
 
 def bench_vae(cfg, vae, device, rows: Rows, size: int) -> None:

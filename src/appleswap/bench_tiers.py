@@ -100,6 +100,37 @@ def swap_rows(cfg, model, vae, inp, device, size: int, backend: str, label: str,
                      f"{seconds:.2f} s per batch")
 
 
+def swap_breakdown(cfg, model, vae, inp, device, size: int, backend: str, label: str, rows: Rows) -> None:
+    """Where a student swap's time goes: each stage timed alone (device synchronised) against the whole swap."""
+    import torch
+
+    from appleswap.bench import _pipe
+    from appleswap.model.latents import decode_tokens, image_ids, prepare_noise, vae_scale_factor
+    from appleswap.sampling.samplers import sample_euler
+
+    pipe, target = _pipe(model, vae, inp), torch.rand(1, 3, size, size, device=device)
+    scale = vae_scale_factor(vae)
+    positions = image_ids(size, size, device=device, vae_scale=scale)
+    sigmas = pipe.schedule(cfg.steps, positions.shape[0]).to(device)
+    ids = inp["id_tokens"][:1]
+    repeats = max(1, cfg.repeats // 2)
+    with torch.no_grad(), sdpa_context(backend, fallback=True):
+        cond = pipe.encode_latents(target, sample=True, seeds=[0])
+        noise = prepare_noise(1, size, size, vae_scale=scale, dtype=model.dtype).to(device)
+        parts = {"swap": lambda: pipe(ids, target, num_steps=cfg.steps, output_type="pt"),
+                 "VAE encode": lambda: pipe.encode_latents(target, sample=True, seeds=[0]),
+                 "denoiser set-up": lambda: pipe.denoiser(cond, ids, positions),
+                 "loop": lambda: sample_euler(pipe.denoiser(cond, ids, positions), noise, sigmas),
+                 "VAE decode": lambda: decode_tokens(vae, noise, size, size)}
+        with pipe._vae():
+            times = {name: time_call(fn, device, repeats) for name, fn in parts.items()}
+    rest = times["swap"] - times["VAE encode"] - times["loop"] - times["VAE decode"]
+    rows.add(f"student swap breakdown, {label}", times["swap"], "s",
+             f"VAE encode {times['VAE encode'] * 1e3:.1f} ms, denoiser set-up {times['denoiser set-up'] * 1e3:.1f} ms,"
+             f" {cfg.steps}-step loop {times['loop']:.3f} s ({times['loop'] / cfg.steps * 1e3:.1f} ms/step incl. "
+             f"set-up), VAE decode {times['VAE decode'] * 1e3:.1f} ms, rest {rest * 1e3:.1f} ms")
+
+
 def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, float], size: int,
               backend: str) -> None:
     """Quantise the model's blocks to fp8 in place, then pass, swaps, peak memory and the output difference."""

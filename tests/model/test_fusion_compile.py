@@ -20,6 +20,10 @@ def test_fused_projections_equal_separate_layers_and_share_storage():
     assert group.weight.shape[0] == 3 * 32 + 4 * 32  # q, k, v (32 each) and the 4x MLP of the tiny config
     # the layers' weights are views of the stacked buffer: no second copy
     assert block.attn.to_k.base_layer.weight.data_ptr() == group.weight[32:].data_ptr()
+    # the rank-4 LoRA of the four members is folded in: 16 extra reduction columns, B matrices are views of them
+    assert group.fold_adapter == "default" and group.weight_aug.shape[1] == 32 + 16
+    assert block.attn.to_k.lora_B["default"].weight.data_ptr() == group.weight_aug[32:, 32 + 4:].data_ptr()
+    assert block.attn.to_k.lora_A["default"].weight.data_ptr() == group.lora_down[4:].data_ptr()
     torch.testing.assert_close(_call(model, inp), plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_call(model, dict(inp, condition=None)), no_cond, rtol=1e-5, atol=1e-5)
     modulation = model.condition_modulation(inp["text"])
@@ -83,3 +87,38 @@ def _eager_reference(inp):
     model = _full_model()
     with torch.no_grad():
         return _call(model, dict(inp, latents=inp["latents"] * 0.5, timestep=inp["timestep"] * 0.5))
+
+
+@torch.no_grad()
+def test_folded_lora_follows_adapter_switches_scaling_and_reloads(tmp_path):
+    """The fold is used only while it computes what the layers would: other adapter states fall back."""
+    model, inp = _full_model(), _inputs()
+    plain = _call(model, inp)
+    model.flux.disable_adapters()
+    no_lora = _call(model, inp)
+    model.flux.enable_adapters()
+    layer = model.flux.transformer_blocks[1].ff.net[2]
+    layer.scaling["default"] = 20.0  # as PEFT's set_scale does
+    scaled = _call(model, inp)
+    layer.scaling["default"] = 1.0
+    assert (scaled - plain).abs().max() > 1e-3
+    path = model.save_lora(tmp_path / "lora.safetensors")
+    model.fuse_projections()
+    group = fusion.fused_projection(model.flux.transformer_blocks[1], "ff_out")
+    assert group.fold_ready()
+    model.flux.disable_adapters()
+    assert not group.fold_ready()
+    torch.testing.assert_close(_call(model, inp), no_lora, rtol=1e-5, atol=1e-5)
+    model.flux.enable_adapters()
+    layer.scaling["default"] = 20.0
+    assert not group.fold_ready()
+    torch.testing.assert_close(_call(model, inp), scaled, rtol=1e-5, atol=1e-5)
+    layer.scaling["default"] = 1.0
+    torch.testing.assert_close(_call(model, inp), plain, rtol=1e-5, atol=1e-5)
+    # loading a LoRA into a fused model re-fuses: the new adapter is folded (its Parameters are new objects)
+    for param in model.lora_parameters():
+        param.data.zero_()
+    torch.testing.assert_close(_call(model, inp), no_lora, rtol=1e-5, atol=1e-5)
+    model.load_lora(path)
+    assert model.is_fused() and fusion.fused_projection(model.flux.transformer_blocks[1], "ff_out").fold_ready()
+    torch.testing.assert_close(_call(model, inp), plain, rtol=1e-5, atol=1e-5)

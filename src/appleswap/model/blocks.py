@@ -129,14 +129,14 @@ def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=
                           torch.cat([c_value, value], 1), rotary, extras)
     text_len = context.shape[1]
     context_out, hidden_out = out[:, :text_len], out[:, text_len:]
-    hidden_out = attn.to_out[1](routed_linear(attn.to_out[0], hidden_out.contiguous(), split))
+    hidden_out = attn.to_out[1](_projections(block, "out", (attn.to_out[0],), hidden_out, split)[0])
     context_out = base_linear(attn.to_add_out, context_out.contiguous())
 
     hidden = add_gated(hidden, hidden_out, gate_msa, split)
     norm_hidden = modulate(block.norm2(hidden), shift_mlp, scale_mlp, split)
     ff = block.ff.net
     ff_hidden = ff[1](F.gelu(routed_linear(ff[0].proj, norm_hidden, split), approximate=ff[0].approximate))
-    hidden = add_gated(hidden, routed_linear(ff[2], ff_hidden, split), gate_mlp, split)
+    hidden = add_gated(hidden, _projections(block, "ff_out", (ff[2],), ff_hidden, split)[0], gate_mlp, split)
 
     context = context + c_gate_msa * context_out
     norm_context = block.norm2_context(context) * (1 + c_scale_mlp) + c_shift_mlp
@@ -163,7 +163,7 @@ def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None, con
     mlp = block.act_mlp(mlp)
     query, key, value = _heads(attn, query, attn.norm_q), _heads(attn, key, attn.norm_k), _heads(attn, value, None)
     attn_out = joint_attention(query, key, value, rotary, extras)
-    out = routed_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), split)
+    out = _projections(block, "proj_out", (block.proj_out,), torch.cat([attn_out, mlp], dim=2), split)[0]
     tokens = add_gated(tokens, out, gate, split)
     if tokens.dtype == torch.float16:
         tokens = tokens.clip(-65504, 65504)
