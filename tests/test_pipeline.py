@@ -176,3 +176,20 @@ def test_fp8_pipeline_is_close_to_full_precision(weights, student, faces):
     out = pipe(ids, faces[0], num_steps=2, output_type="pt")
     difference = (out - reference).abs().mean().item()
     assert 0 < difference < 0.05, difference  # fp8 changes numerics a little, not the picture
+
+
+def test_schedule_wide_timestep_rows_give_the_same_swaps(weights, faces, monkeypatch):
+    """Every solver path with the per-step AdaLN rows precomputed equals the per-pass path."""
+    teacher = SwapPipeline.from_pretrained(weights, "teacher", dtype=torch.float32, device="cpu")
+    ids, calls = tiny_id_tokens(1), []
+    options = [{}, {"sampler_order": 2, "inversion_order": 2}, {"guidance_scale": 3.5, "image_guidance_scale": 2.0}]
+    original = teacher.step_table
+    monkeypatch.setattr(teacher, "step_table", lambda *a, **k: calls.append(a) or original(*a, **k))
+    fast = [teacher(ids, faces[0], condition=faces[1], invert=True, num_steps=3, output_type="pt", **kwargs)
+            for kwargs in options]
+    assert len(calls) == 2 * len(options)  # inversion and regeneration each precompute their rows
+    denoiser = SwapPipeline.denoiser
+    monkeypatch.setattr(SwapPipeline, "denoiser", lambda self, *a, steps=None, **k: denoiser(self, *a, **k))
+    for kwargs, image in zip(options, fast, strict=True):
+        slow = teacher(ids, faces[0], condition=faces[1], invert=True, num_steps=3, output_type="pt", **kwargs)
+        torch.testing.assert_close(image, slow, rtol=1e-5, atol=1e-5)

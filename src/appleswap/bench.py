@@ -120,9 +120,15 @@ def make_inputs(cfg: BenchConfig, flux, batch: int, size: int):
                 "t": torch.full((batch,), 0.7, device=device), "g": torch.ones(batch, device=device)}
 
 
-def apple_pass(model, inp, modulation=None):
+def apple_pass(model, inp, modulation=None, timestep_rows=None):
     return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
-                 id_tokens=inp["id_tokens"], guidance=inp["g"], modulation=modulation)
+                 id_tokens=inp["id_tokens"], guidance=inp["g"], modulation=modulation,
+                 timestep_modulation=timestep_rows)
+
+
+def pass_timestep_rows(model, inp):
+    """The main tokens' AdaLN rows of the benchmark pass's timestep, precomputed as a swap does."""
+    return model.timestep_modulation(inp["t"][:1], inp["text"], float(inp["g"][0])).step(0)
 
 
 def plain_pass(flux, inp):

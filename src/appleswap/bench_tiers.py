@@ -113,14 +113,15 @@ def swap_breakdown(cfg, model, vae, inp, device, size: int, backend: str, label:
     positions = image_ids(size, size, device=device, vae_scale=scale)
     sigmas = pipe.schedule(cfg.steps, positions.shape[0]).to(device)
     ids = inp["id_tokens"][:1]
-    repeats = max(1, cfg.repeats // 2)
+    repeats = cfg.repeats
     with torch.no_grad(), sdpa_context(backend, fallback=True):
         cond = pipe.encode_latents(target, sample=True, seeds=[0])
         noise = prepare_noise(1, size, size, vae_scale=scale, dtype=model.dtype).to(device)
         parts = {"swap": lambda: pipe(ids, target, num_steps=cfg.steps, output_type="pt"),
                  "VAE encode": lambda: pipe.encode_latents(target, sample=True, seeds=[0]),
-                 "denoiser set-up": lambda: pipe.denoiser(cond, ids, positions),
-                 "loop": lambda: sample_euler(pipe.denoiser(cond, ids, positions), noise, sigmas),
+                 "denoiser set-up": lambda: pipe.denoiser(cond, ids, positions, steps=pipe.step_table(sigmas)),
+                 "loop": lambda: sample_euler(pipe.denoiser(cond, ids, positions, steps=pipe.step_table(sigmas)),
+                                              noise, sigmas),
                  "VAE decode": lambda: decode_tokens(vae, noise, size, size)}
         with pipe._vae():
             times = {name: time_call(fn, device, repeats) for name, fn in parts.items()}

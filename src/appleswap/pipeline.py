@@ -33,6 +33,7 @@ from appleswap.sampling import (
     with_batched_guidance,
 )
 from appleswap.sampling.schedule import schedule_from_scheduler_config
+from appleswap.sampling.steps import StepTable, call_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +226,11 @@ class SwapPipeline:
     # ---- the denoiser
     def denoiser(self, condition: torch.Tensor | None, id_tokens: torch.Tensor | None, positions: torch.Tensor,
                  *, guidance_scale: float = 1.0, image_guidance_scale: float = 1.0, id_guidance_scale: float = 1.0,
-                 black: torch.Tensor | None = None, id_weight: float = 1.0, kv_cache: bool = False):
+                 black: torch.Tensor | None = None, id_weight: float = 1.0, kv_cache: bool = False,
+                 steps: StepTable | None = None):
         """``model(x, sigma) -> velocity`` with conditions bound; guidance passes stacked into one batch.
+
+        ``steps``: the main tokens' modulation rows for every call of the solver (:meth:`step_table`).
 
         ``kv_cache``: independent-condition mode (condition tokens attend to themselves only), their keys and
         values computed once here and reused at every step. Not the released model's setting.
@@ -256,7 +260,8 @@ class SwapPipeline:
             guidance = torch.full_like(timestep, guidance_scale)
             velocity = self.transformer(x.repeat(n, 1, 1), timestep, text=self.text, img_ids=positions,
                                         condition=conds, id_tokens=ids, guidance=guidance, id_weight=id_weight,
-                                        condition_cache=cache, modulation=modulation)
+                                        condition_cache=cache, modulation=modulation,
+                                        timestep_modulation=None if steps is None else steps(sigma))
             return list(velocity.chunk(n))
 
         return with_batched_guidance(multi, image_guidance_scale, id_guidance_scale)
@@ -265,6 +270,13 @@ class SwapPipeline:
         if self.scheduler_config:
             return schedule_from_scheduler_config(self.scheduler_config, num_steps, image_seq_len)
         return get_schedule(num_steps, image_seq_len)
+
+    def step_table(self, sigmas: torch.Tensor, order: int = 1, inverse: bool = False,
+                   guidance_scale: float = 1.0) -> StepTable:
+        """The timestep-dependent AdaLN rows for every model call of a solver over ``sigmas``, computed at once."""
+        calls = call_sigmas(sigmas, order, inverse)
+        rows = self.transformer.timestep_modulation(calls, self.text, guidance_scale)
+        return StepTable(rows, calls, self.device)
 
     # ---- swapping
     @torch.no_grad()
@@ -321,11 +333,13 @@ class SwapPipeline:
             x = torch.cat([prepare_noise(1, height, width, generator=torch.Generator().manual_seed(s),
                                          vae_scale=vae_scale_factor(self.vae), dtype=dtype) for s in seeds])
             x = x.to(device)
+        steps = self.step_table(sigmas, sampler_order, guidance_scale=guidance_scale)
         model = self.denoiser(cond_tokens, id_tokens, positions, guidance_scale=guidance_scale,
                               image_guidance_scale=image_guidance_scale, id_guidance_scale=id_guidance_scale,
-                              black=black, id_weight=id_weight, kv_cache=kv_cache)
+                              black=black, id_weight=id_weight, kv_cache=kv_cache, steps=steps)
         sampler = sample_euler if sampler_order == 1 else sample_midpoint
         tokens = sampler(model, x, sigmas.to(device), disable=not progress)
+        steps.verify()
         with self._vae() as vae:
             images = decode_tokens(vae, tokens, height, width)
         if output_type == "pt":
@@ -352,6 +366,8 @@ class SwapPipeline:
         condition = cond_tokens if inverse_cond.endswith("trgCond") else None
         x0 = self.encode_latents(targets, sample=False, seeds=[0] * batch)
         order, parity, kv_cache = solver
-        model = self.denoiser(condition, ids, positions, kv_cache=kv_cache)  # guidance all 1, as the reference
-        return invert(model, x0, sigmas.to(self.device), order=order, parity_wrong_midpoint=parity,
-                      disable=not progress)
+        steps = self.step_table(sigmas, order, inverse=True)
+        model = self.denoiser(condition, ids, positions, kv_cache=kv_cache, steps=steps)  # guidance 1 (reference)
+        x = invert(model, x0, sigmas.to(self.device), order=order, parity_wrong_midpoint=parity, disable=not progress)
+        steps.verify()
+        return x

@@ -75,6 +75,31 @@ def test_condition_modulation_cache_equals_plain_path():
     assert not torch.allclose(model.condition_modulation(inp["text"]).rows[0], modulation.rows[0])
 
 
+@torch.no_grad()
+def test_timestep_modulation_table_equals_per_pass_modulation():
+    """The main tokens' AdaLN rows precomputed for a whole schedule give the same passes (fused and compiled-free
+    eager path, with and without the condition), and the wrong step's row gives a different pass."""
+    model, inp = _full_model(), _inputs(batch=2)
+    schedule = torch.tensor([1.0, 0.7, 0.3])
+    table = model.timestep_modulation(schedule, inp["text"], guidance=3.5)
+    assert table.rows.shape == (3, 2 * (6 * 32 + 6 * 32) + 2 * 3 * 32 + 2 * 32)
+    same = dict(inp, timestep=torch.tensor([0.7, 0.7]), guidance=torch.tensor([3.5, 3.5]))
+    modulation = model.condition_modulation(inp["text"])
+    for kwargs in ({}, {"modulation": modulation}):
+        plain = _call(model, same, **kwargs)
+        torch.testing.assert_close(_call(model, same, timestep_modulation=table.step(1), **kwargs), plain,
+                                   rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(_call(model, same, timestep_modulation=table.step(2), **kwargs), plain, atol=1e-3)
+    no_cond = dict(same, condition=None)
+    torch.testing.assert_close(_call(model, no_cond, timestep_modulation=table.step(1)), _call(model, no_cond),
+                               rtol=1e-5, atol=1e-5)
+    model.fuse_projections()
+    torch.testing.assert_close(_call(model, same, timestep_modulation=table.step(1)), _call(model, same),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one step"):
+        _call(model, same, timestep_modulation=table)
+
+
 def test_in_place_id_residual_equals_training_path():
     model, inp = _full_model(), _inputs()
     with torch.no_grad():

@@ -19,20 +19,26 @@ from appleswap.model.fusion import fused_projection, routed_fused
 from appleswap.model.lora import base_linear, in_place_ok, routed_linear
 
 
-def branch_modulation(linear, temb: torch.Tensor, temb_cond: torch.Tensor | None,
-                      cond_mod: torch.Tensor | None = None) -> torch.Tensor:
+def branch_modulation(linear, temb: torch.Tensor | None, temb_cond: torch.Tensor | None,
+                      cond_mod: torch.Tensor | None = None, main: torch.Tensor | None = None) -> torch.Tensor:
     """AdaLN parameters for the main tokens and (LoRA on) for the condition: (B, 1 or 2, k * D).
 
     ``cond_mod``: the condition's row precomputed once per swap (:func:`condition_modulation`), (1 or B, 1, k * D).
+    ``main``: the main tokens' row precomputed for this timestep (``AppleTransformer.timestep_modulation``).
     """
-    emb = F.silu(temb)[:, None]  # (B, 1, D)
+    if main is None and cond_mod is None:  # both rows from one matmul (the training path)
+        emb = F.silu(temb)[:, None]  # (B, 1, D)
+        if temb_cond is None:
+            return routed_linear(linear, emb, None)
+        return routed_linear(linear, torch.cat([emb, F.silu(temb_cond)[:, None]], dim=1), 1)
+    if main is None:
+        main = routed_linear(linear, F.silu(temb)[:, None], None)  # (B, 1, k * D)
     if temb_cond is None:
-        return routed_linear(linear, emb, None)
-    if cond_mod is not None:
-        main = routed_linear(linear, emb, None)
-        return torch.cat([main, cond_mod.to(main.dtype).expand(main.shape[0], -1, -1)], dim=1)
-    emb = torch.cat([emb, F.silu(temb_cond)[:, None]], dim=1)  # (B, 2, D)
-    return routed_linear(linear, emb, 1)
+        return main
+    if cond_mod is None:
+        cond_mod = condition_modulation(linear, temb_cond)
+    batch = max(main.shape[0], cond_mod.shape[0])
+    return torch.cat([main.expand(batch, -1, -1), cond_mod.to(main.dtype).expand(batch, -1, -1)], dim=1)
 
 
 def condition_modulation(linear, temb_cond: torch.Tensor) -> torch.Tensor:
@@ -54,6 +60,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: i
     return torch.cat([main, cond], dim=1)
 
 
+def _cond_modulated(norm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int | None):
+    """A function recomputing the condition rows of ``modulate(norm(x), ...)`` (LayerNorm acts per token)."""
+    if split is None:
+        return None
+    return lambda: torch.addcmul(shift[:, 1:2], norm(x[:, split:]), 1 + scale[:, 1:2])
+
+
 def add_gated(residual: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, split: int | None) -> torch.Tensor:
     """residual + gate * x with a per-branch gate (B, 1 or 2, D); in place on ``residual`` for inference."""
     if split is None:
@@ -70,11 +83,14 @@ def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
     return x if norm is None else norm(x)
 
 
-def _projections(block, group: str, layers, x: torch.Tensor, split: int | None) -> list[torch.Tensor]:
-    """The outputs of ``layers`` on ``x``: one stacked matmul when the block is fused (:mod:`fusion`)."""
+def _projections(block, group: str, layers, x: torch.Tensor, split: int | None,
+                 cond_rows=None) -> list[torch.Tensor]:
+    """The outputs of ``layers`` on ``x``: one stacked matmul when the block is fused (:mod:`fusion`).
+
+    ``cond_rows``: a function recomputing ``x[:, split:]`` from x's inputs (lets a folded LoRA skip a copy)."""
     fused = fused_projection(block, group)
     if fused is not None:
-        return routed_fused(fused, x, split)
+        return routed_fused(fused, x, split, cond_rows)
     return [routed_linear(layer, x, split) if split is not None else base_linear(layer, x) for layer in layers]
 
 
@@ -108,18 +124,22 @@ def joint_attention(query, key, value, rotary, extras: AttentionExtras | None = 
     return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
 
-def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=None, cond_mod=None):
-    """One ``FluxTransformerBlock`` over text ``context`` (B, T, D) and ``hidden`` = [image; cond] (B, N, D)."""
+def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=None, cond_mod=None, main_mod=None):
+    """One ``FluxTransformerBlock`` over text ``context`` (B, T, D) and ``hidden`` = [image; cond] (B, N, D).
+
+    ``main_mod``: this timestep's AdaLN rows (image stream, text stream), each (1 or B, 1, 6D), precomputed."""
     attn = block.attn
-    mod = branch_modulation(block.norm1.linear, temb, temb_cond, cond_mod)  # (B, 1|2, 6D)
+    main_mod = main_mod if main_mod is not None else (None, None)
+    mod = branch_modulation(block.norm1.linear, temb, temb_cond, cond_mod, main_mod[0])  # (B, 1|2, 6D)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
     norm_hidden = modulate(block.norm1.norm(hidden), shift_msa, scale_msa, split)
+    cond_rows = _cond_modulated(block.norm1.norm, hidden, shift_msa, scale_msa, split)
     # text stream: the frozen *_context weights with the image timestep, as in stock FLUX
-    c_mod = base_linear(block.norm1_context.linear, F.silu(temb))[:, None]
+    c_mod = main_mod[1] if main_mod[1] is not None else base_linear(block.norm1_context.linear, F.silu(temb))[:, None]
     c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod.chunk(6, dim=-1)
     norm_context = block.norm1_context.norm(context) * (1 + c_scale_msa) + c_shift_msa
 
-    query, key, value = _projections(block, "qkv", (attn.to_q, attn.to_k, attn.to_v), norm_hidden, split)
+    query, key, value = _projections(block, "qkv", (attn.to_q, attn.to_k, attn.to_v), norm_hidden, split, cond_rows)
     query, key, value = _heads(attn, query, attn.norm_q), _heads(attn, key, attn.norm_k), _heads(attn, value, None)
     c_query, c_key, c_value = _projections(block, "add_qkv", (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
                                            norm_context, None)
@@ -135,8 +155,11 @@ def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=
     hidden = add_gated(hidden, hidden_out, gate_msa, split)
     norm_hidden = modulate(block.norm2(hidden), shift_mlp, scale_mlp, split)
     ff = block.ff.net
-    ff_hidden = ff[1](F.gelu(routed_linear(ff[0].proj, norm_hidden, split), approximate=ff[0].approximate))
-    hidden = add_gated(hidden, _projections(block, "ff_out", (ff[2],), ff_hidden, split)[0], gate_mlp, split)
+    ff_in = routed_linear(ff[0].proj, norm_hidden, split)
+    ff_hidden = ff[1](F.gelu(ff_in, approximate=ff[0].approximate))
+    cond_rows = None if split is None else lambda: ff[1](F.gelu(ff_in[:, split:], approximate=ff[0].approximate))
+    ff_out = _projections(block, "ff_out", (ff[2],), ff_hidden, split, cond_rows)[0]
+    hidden = add_gated(hidden, ff_out, gate_mlp, split)
 
     context = context + c_gate_msa * context_out
     norm_context = block.norm2_context(context) * (1 + c_scale_mlp) + c_shift_mlp
@@ -152,18 +175,20 @@ def _base_feed_forward(ff, x: torch.Tensor) -> torch.Tensor:
     return base_linear(net[2], net[1](x))
 
 
-def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None, cond_mod=None):
-    """One ``FluxSingleTransformerBlock`` over ``tokens`` = [text; image; cond] (B, N, D)."""
+def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None, cond_mod=None, main_mod=None):
+    """One ``FluxSingleTransformerBlock`` over ``tokens`` = [text; image; cond] (B, N, D); ``main_mod``: this
+    timestep's AdaLN row (1 or B, 1, 3D), precomputed."""
     attn = block.attn
-    mod = branch_modulation(block.norm.linear, temb, temb_cond, cond_mod)  # (B, 1|2, 3D)
+    mod = branch_modulation(block.norm.linear, temb, temb_cond, cond_mod, main_mod)  # (B, 1|2, 3D)
     shift, scale, gate = mod.chunk(3, dim=-1)
     normed = modulate(block.norm.norm(tokens), shift, scale, split)
-    query, key, value, mlp = _projections(block, "qkv_mlp", (attn.to_q, attn.to_k, attn.to_v, block.proj_mlp),
-                                          normed, split)
-    mlp = block.act_mlp(mlp)
+    query, key, value, mlp_in = _projections(block, "qkv_mlp", (attn.to_q, attn.to_k, attn.to_v, block.proj_mlp),
+                                             normed, split, _cond_modulated(block.norm.norm, tokens, shift, scale, split))
+    mlp = block.act_mlp(mlp_in)
     query, key, value = _heads(attn, query, attn.norm_q), _heads(attn, key, attn.norm_k), _heads(attn, value, None)
     attn_out = joint_attention(query, key, value, rotary, extras)
-    out = _projections(block, "proj_out", (block.proj_out,), torch.cat([attn_out, mlp], dim=2), split)[0]
+    cond_rows = None if split is None else lambda: torch.cat([attn_out[:, split:], block.act_mlp(mlp_in[:, split:])], 2)
+    out = _projections(block, "proj_out", (block.proj_out,), torch.cat([attn_out, mlp], dim=2), split, cond_rows)[0]
     tokens = add_gated(tokens, out, gate, split)
     if tokens.dtype == torch.float16:
         tokens = tokens.clip(-65504, 65504)

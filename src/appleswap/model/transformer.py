@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -60,6 +61,21 @@ class ConditionModulation:
 
     temb: torch.Tensor
     rows: list
+
+
+@dataclasses.dataclass
+class TimestepModulation:
+    """The main (text and image) tokens' AdaLN rows of every block and of ``norm_out``, one row per timestep:
+    ``rows`` (S, W), the layers' outputs concatenated in block order (double blocks: image then text stream).
+
+    They depend only on the timestep, the guidance and the pooled prompt, so a swap computes them for its whole
+    schedule at once (one matmul per layer reads each weight once instead of once per step) and passes
+    :meth:`step` to each pass."""
+
+    rows: torch.Tensor
+
+    def step(self, index: int) -> TimestepModulation:
+        return TimestepModulation(self.rows[index:index + 1])
 
 
 class AppleTransformer(nn.Module):
@@ -132,8 +148,8 @@ class AppleTransformer(nn.Module):
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, *, text: TextEmbeddings,
                 img_ids: torch.Tensor, condition: torch.Tensor | None = None, id_tokens: torch.Tensor | None = None,
                 guidance: torch.Tensor | None = None, id_weight: float = 1.0, independent_condition: bool = False,
-                condition_cache: ConditionCache | None = None,
-                modulation: ConditionModulation | None = None) -> torch.Tensor:
+                condition_cache: ConditionCache | None = None, modulation: ConditionModulation | None = None,
+                timestep_modulation: TimestepModulation | None = None) -> torch.Tensor:
         """Velocity (B, L, 64) for noisy ``latents`` (B, L, 64) at ``timestep`` (B,) in [0, 1].
 
         Args:
@@ -149,16 +165,19 @@ class AppleTransformer(nn.Module):
                 and values computed once per swap (then ``condition`` must be None).
             modulation: from :meth:`condition_modulation`: the condition's AdaLN rows computed once per swap
                 (same result as without it, fewer matmuls per pass).
+            timestep_modulation: from :meth:`timestep_modulation`, the row of this pass's timestep (one row for
+                the whole batch, which must then share timestep and guidance; same result, fewer matmuls).
         """
         kwargs = {"text": text, "img_ids": img_ids, "condition": condition, "id_tokens": id_tokens,
                   "guidance": guidance, "id_weight": id_weight, "independent_condition": independent_condition,
-                  "condition_cache": condition_cache, "modulation": modulation}
+                  "condition_cache": condition_cache, "modulation": modulation,
+                  "timestep_modulation": timestep_modulation}
         if self.graph_runner is not None and self.offloader is None:
             return self.graph_runner(latents, timestep, **kwargs)  # falls back to eager off CUDA / with autograd
         return self._forward(latents, timestep, **kwargs)
 
     def _forward(self, latents, timestep, *, text, img_ids, condition, id_tokens, guidance, id_weight,
-                 independent_condition, condition_cache, modulation) -> torch.Tensor:
+                 independent_condition, condition_cache, modulation, timestep_modulation) -> torch.Tensor:
         batch, length, _ = latents.shape
         text = text.expand(batch)
         if condition is not None and condition.shape != latents.shape:
@@ -168,23 +187,29 @@ class AppleTransformer(nn.Module):
         if id_tokens is not None and id_tokens.shape[0] != batch:
             id_tokens = id_tokens.expand(batch, -1, -1)
         timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
-        streams = self._embed(latents, condition, timestep, guidance, text, img_ids, modulation)
+        main_rows, out_row = self._split_timestep_rows(timestep_modulation)
+        streams = self._embed(latents, condition, timestep, guidance, text, img_ids, modulation,
+                              timestep_embedding=main_rows is None)
         extras = None
         if condition is not None and independent_condition:
             extras = AttentionExtras(mask=self._independent_mask(text.prompt_embeds.shape[1], length, latents.device))
         elif condition_cache is not None:
             extras = AttentionExtras(cached=list(condition_cache.keys_values))
         rows = modulation.rows if modulation is not None and condition is not None else None
-        image = self._blocks(*streams, length, id_tokens, id_weight, extras, rows)
-        return self.flux.proj_out(self.flux.norm_out(image, streams[2]))
+        image = self._blocks(*streams, length, id_tokens, id_weight, extras, rows, main_rows)
+        if out_row is None:
+            return self.flux.proj_out(self.flux.norm_out(image, streams[2]))
+        scale, shift = out_row.to(image.dtype).chunk(2, dim=-1)  # AdaLayerNormContinuous's order
+        return self.flux.proj_out(self.flux.norm_out.norm(image) * (1 + scale) + shift)
 
-    def _embed(self, latents, condition, timestep, guidance, text, img_ids, modulation=None):
-        """Token embeddings, the two time embeddings and RoPE: (hidden, context, temb, temb_cond, rotary)."""
+    def _embed(self, latents, condition, timestep, guidance, text, img_ids, modulation=None, timestep_embedding=True):
+        """Token embeddings, the two time embeddings and RoPE: (hidden, context, temb, temb_cond, rotary); temb is
+        None without ``timestep_embedding`` (the rows were precomputed)."""
         flux, length = self.flux, latents.shape[1]
         tokens = torch.cat([latents, condition.to(latents.dtype)], 1) if condition is not None else latents
         hidden = lora_lib.routed_linear(flux.x_embedder, tokens, length if condition is not None else None)
         dtype = hidden.dtype
-        temb = self._time_embedding(timestep, guidance, text.pooled, dtype)
+        temb = self._time_embedding(timestep, guidance, text.pooled, dtype) if timestep_embedding else None
         temb_cond = None
         if condition is not None and modulation is not None:
             temb_cond = modulation.temb.to(dtype).expand(latents.shape[0], -1)  # (1 or B, D) -> (B, D)
@@ -195,17 +220,19 @@ class AppleTransformer(nn.Module):
         rotary = flux.pos_embed(torch.cat([i.to(latents.device) for i in ids], dim=0))
         return hidden, context, temb, temb_cond, rotary
 
-    def _blocks(self, hidden, context, temb, temb_cond, rotary, length, id_tokens, id_weight, extras, rows=None):
+    def _blocks(self, hidden, context, temb, temb_cond, rotary, length, id_tokens, id_weight, extras, rows=None,
+                main_rows=None):
         """Double then single blocks with the ID residuals; returns the image tokens (B, L, D).
 
-        ``rows``: precomputed condition AdaLN rows per block (doubles first), or None."""
+        ``rows`` / ``main_rows``: precomputed condition / main-token AdaLN rows per block (doubles first), or None."""
         has_cond = temb_cond is not None
         split = length if has_cond else None
         num_double = len(self.flux.transformer_blocks)
         for n in range(num_double):
             with self._block(n) as block:
                 context, hidden = self._run(self._kernels["double"], block, hidden, context, temb, temb_cond, rotary, split,
-                                            extras, None if rows is None else rows[n])
+                                            extras, None if rows is None else rows[n],
+                                            None if main_rows is None else main_rows[n])
             hidden = self._add_id(self._ca_double.get(n), hidden, 0, length, id_tokens, id_weight)
         text_len = context.shape[1]
         tokens = torch.cat([context, hidden], dim=1)
@@ -213,7 +240,8 @@ class AppleTransformer(nn.Module):
         for n in range(len(self.flux.single_transformer_blocks)):
             with self._block(num_double + n) as block:
                 tokens = self._run(self._kernels["single"], block, tokens, temb, temb_cond, rotary, split, extras,
-                                   None if rows is None else rows[num_double + n])
+                                   None if rows is None else rows[num_double + n],
+                                   None if main_rows is None else main_rows[num_double + n])
             tokens = self._add_id(self._ca_single.get(n), tokens, text_len, length, id_tokens, id_weight)
         return tokens[:, text_len:text_len + length]
 
@@ -260,6 +288,45 @@ class AppleTransformer(nn.Module):
                 linear = block.norm1.linear if hasattr(block, "norm1") else block.norm.linear
                 rows.append(condition_modulation(linear, temb))
         return ConditionModulation(temb, rows)
+
+    def _modulation_widths(self) -> list[int]:
+        """Output widths of the main tokens' AdaLN linears in :class:`TimestepModulation` order."""
+        widths = []
+        for block in self.flux.transformer_blocks:
+            widths += [block.norm1.linear.out_features, block.norm1_context.linear.out_features]
+        widths += [block.norm.linear.out_features for block in self.flux.single_transformer_blocks]
+        return widths + [self.flux.norm_out.linear.out_features]
+
+    @torch.no_grad()
+    def timestep_modulation(self, timesteps: torch.Tensor, text: TextEmbeddings,
+                            guidance: float | None = None) -> TimestepModulation:
+        """The main tokens' AdaLN rows for ``timesteps`` (S,) in [0, 1] (FLUX ``guidance`` for all of them, None:
+        1.0), one matmul per layer for all S; pass ``result.step(i)`` as ``timestep_modulation=``. Timesteps are
+        rounded to the model dtype first, as the pipeline's passes get them."""
+        if text.pooled.shape[0] != 1:
+            raise ValueError("timestep_modulation needs one prompt (pooled batch 1)")
+        steps = timesteps.to(self.device, self.dtype).reshape(-1)
+        guide = None if guidance is None else torch.full_like(steps, guidance)
+        emb = F.silu(self._time_embedding(steps, guide, text.pooled.to(self.device).expand(len(steps), -1),
+                                          self.dtype))
+        parts, num_double = [], len(self.flux.transformer_blocks)
+        for n in range(num_double + len(self.flux.single_transformer_blocks)):
+            with self._block(n) as block:
+                linears = (block.norm1.linear, block.norm1_context.linear) if n < num_double else (block.norm.linear,)
+                parts += [lora_lib.base_linear(linear, emb) for linear in linears]
+        parts.append(self.flux.norm_out.linear(emb))
+        return TimestepModulation(torch.cat(parts, dim=1))
+
+    def _split_timestep_rows(self, modulation: TimestepModulation | None):
+        """(per-block rows, norm_out row) as views (1, 1, width) of one step's row, or (None, None)."""
+        if modulation is None:
+            return None, None
+        if modulation.rows.shape[0] != 1:
+            raise ValueError("timestep_modulation: pass one step's rows (TimestepModulation.step(i))")
+        pieces = [piece[:, None] for piece in modulation.rows.split(self._modulation_widths(), dim=-1)]
+        num_double = len(self.flux.transformer_blocks)
+        per_block = [(pieces[2 * n], pieces[2 * n + 1]) for n in range(num_double)] + pieces[2 * num_double:-1]
+        return per_block, pieces[-1]
 
     # ---- speed options (same function)
     def compile_blocks(self, mode: str | None = None, fullgraph: bool = True) -> None:
