@@ -158,12 +158,24 @@ def test_memory_tiers_give_the_same_swap(weights, student, faces):
         SwapPipeline.from_pretrained(weights, "student", device="cpu", offload="disk")
 
 
-def test_condition_modulation_is_computed_once_per_swap(student, faces, monkeypatch):
+def test_condition_and_timestep_rows_are_computed_once_per_job(weights, faces, monkeypatch):
+    pipe = SwapPipeline.from_pretrained(weights, "student", dtype=torch.float32, device="cpu")
     calls = []
-    original = student.transformer.condition_modulation
-    monkeypatch.setattr(student.transformer, "condition_modulation", lambda text: calls.append(1) or original(text))
-    student(tiny_id_tokens(1), faces[0], num_steps=3)
-    assert len(calls) == 1  # once for the swap, not once per step
+    for name in ("condition_modulation", "timestep_modulation"):
+        original = getattr(pipe.transformer, name)
+        monkeypatch.setattr(pipe.transformer, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    ids = tiny_id_tokens(1)
+    first = pipe(ids, faces[0], num_steps=3, output_type="pt")
+    assert sorted(calls) == ["condition_modulation", "timestep_modulation"]  # once for the swap, not per step
+    torch.testing.assert_close(pipe(ids, faces[1], num_steps=3, output_type="pt"),
+                               pipe(ids, faces[1], num_steps=3, output_type="pt"))
+    assert len(calls) == 2  # the next swaps with the same prompt, schedule and weights reuse them
+    pipe(ids, faces[0], num_steps=4)
+    assert calls.count("timestep_modulation") == 2  # another schedule
+    # a LoRA changed in place (e.g. between training steps) changes the rows: computed anew, and the swap follows
+    pipe.transformer.flux.transformer_blocks[0].norm1.linear.lora_B["default"].weight.mul_(5)
+    changed = pipe(ids, faces[0], num_steps=3, output_type="pt")
+    assert calls.count("condition_modulation") == 2 and not torch.allclose(changed, first, atol=1e-4)
 
 
 def test_fp8_pipeline_is_close_to_full_precision(weights, student, faces):

@@ -113,6 +113,7 @@ class SwapPipeline:
     identity_encoder: Any = None  # appleswap.identity.encoder.IdentityEncoder, loaded on first photo source
     offload: str = "none"  # "none" | "model" (VAE on the host between uses) | "sequential" (+ transformer blocks)
     compute_device: torch.device | None = None  # where the VAE runs when offloaded (default: the transformer's)
+    rows_memo: dict = dataclasses.field(default_factory=dict, repr=False)  # see _memo
 
     @classmethod
     def from_pretrained(cls, weights_dir: str | Path | None = None, mode: Mode = "student", *,
@@ -250,8 +251,8 @@ class SwapPipeline:
         if kv_cache and conds is not None:
             cache = self.transformer.build_condition_cache(conds, self.text, positions)
             conds = None
-        elif conds is not None:  # the condition's AdaLN rows: constant over the steps, computed once here
-            modulation = self.transformer.condition_modulation(self.text)
+        elif conds is not None:  # the condition's AdaLN rows: constant over the steps (and swaps)
+            modulation = self._memo(("condition",), lambda: self.transformer.condition_modulation(self.text))
 
         def multi(x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
             n, batch = len(variants), x.shape[0]
@@ -275,8 +276,21 @@ class SwapPipeline:
                    guidance_scale: float = 1.0) -> StepTable:
         """The timestep-dependent AdaLN rows for every model call of a solver over ``sigmas``, computed at once."""
         calls = call_sigmas(sigmas, order, inverse)
-        rows = self.transformer.timestep_modulation(calls, self.text, guidance_scale)
+        rows = self._memo(("timesteps", calls.numpy().tobytes(), guidance_scale),
+                          lambda: self.transformer.timestep_modulation(calls, self.text, guidance_scale))
         return StepTable(rows, calls, self.device)
+
+    def _memo(self, key: tuple, compute):
+        """Rows that only the prompt, the schedule and the weights determine, kept for the next swaps (a job of
+        many swaps computes them once: ~60 ms of host-bound launches per swap on an H100). The key includes the
+        prompt's and the weights' storage and in-place versions, so a changed LoRA or prompt computes anew."""
+        pooled = self.text.pooled
+        key = (*key, id(self.text), pooled.data_ptr(), pooled._version, self.transformer.modulation_state())
+        if key not in self.rows_memo:
+            if len(self.rows_memo) >= 8:
+                self.rows_memo.pop(next(iter(self.rows_memo)))
+            self.rows_memo[key] = compute()
+        return self.rows_memo[key]
 
     # ---- swapping
     @torch.no_grad()

@@ -317,6 +317,18 @@ class AppleTransformer(nn.Module):
         parts.append(self.flux.norm_out.linear(emb))
         return TimestepModulation(torch.cat(parts, dim=1))
 
+    def modulation_state(self) -> tuple:
+        """What the AdaLN rows depend on besides prompt and timestep: storage and in-place version of every tensor
+        of the layers computing them (LoRA included) and the adapters' switches (a key for caching the rows)."""
+        modules = [self.flux.time_text_embed, self.flux.norm_out.linear]
+        for block in self.flux.transformer_blocks:
+            modules += [block.norm1.linear, block.norm1_context.linear]
+        modules += [block.norm.linear for block in self.flux.single_transformer_blocks]
+        tensors = [t for module in modules for t in (*module.parameters(), *module.buffers())]
+        switches = [(tuple(m.active_adapters), m.disable_adapters, tuple(m.scaling.items()))
+                    for m in modules if lora_lib.is_lora_layer(m)]
+        return tuple((t.data_ptr(), t._version) for t in tensors), tuple(switches)
+
     def _split_timestep_rows(self, modulation: TimestepModulation | None):
         """(per-block rows, norm_out row) as views (1, 1, width) of one step's row, or (None, None)."""
         if modulation is None:
