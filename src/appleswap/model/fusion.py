@@ -168,7 +168,8 @@ def routed_fused(fused: FusedProjection, x: torch.Tensor, cond_start: int | None
     """Every member layer's output (LoRA on tokens ``cond_start:`` only) from one base matmul.
 
     Inference with a folded LoRA: one GEMM of ``[x | z]`` (see the module docstring). ``cond_rows``, if given,
-    recomputes ``x[:, cond_start:]`` from x's own inputs: then ``x`` has no consumer but the concatenation, and
+    recomputes ``x[:, cond_start:]`` from x's own inputs under ``torch.compile``: then ``x`` has no consumer but the
+    concatenation, and
     ``torch.compile`` writes it straight into ``[x | z]`` (measured on an H100: reading z's input from ``x``
     instead made inductor copy every ``x`` once more, ~3 ms per pass). Otherwise each member's LoRA delta is added
     to that member's slice of the output (under ``torch.compile`` the addition fuses into the slice's consumer).
@@ -176,7 +177,8 @@ def routed_fused(fused: FusedProjection, x: torch.Tensor, cond_start: int | None
     if cond_start is None or cond_start >= x.shape[1]:
         return list(F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1))
     if fused.fold_ready():
-        cond = cond_rows() if cond_rows is not None else x[:, cond_start:]
+        recompute = cond_rows is not None and torch.compiler.is_compiling()  # eager: the slice costs no launches
+        cond = cond_rows() if recompute else x[:, cond_start:]
         z = F.pad(F.linear(cond, fused.lora_down) * fused.lora_scale, (0, 0, cond_start, 0))  # zeros above
         return list(F.linear(torch.cat([x, z], dim=-1), fused.weight_aug, fused.bias).split(fused.sizes, dim=-1))
     outputs = list(F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1))
