@@ -1,0 +1,98 @@
+"""Where a whole swap's time goes beyond its passes (issue 6): one compiled, graphed student swap under the CUDA
+profiler; prints the wall time, the device-busy time, the largest idle gaps of the device (with the kernels
+around them) and the host operations with the most time.
+
+    PYTHONPATH=src python benchmarks/profile_swap.py [--tiny --device cpu] [--steps 28] [--trace trace.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+
+from appleswap.bench import BenchConfig, _pipe, build_apple, build_models, make_inputs
+from appleswap.bench_utils import sync
+
+
+def device_gaps(prof) -> tuple[float, list[tuple[float, float, str, str]]]:
+    """Busy ms and the idle gaps (ms, start ms, kernel before, kernel after) between device kernels, largest first."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    if not kernels:
+        return 0.0, []
+    busy, gaps, end, before = 0.0, [], kernels[0].time_range.start, kernels[0].name
+    origin = kernels[0].time_range.start
+    for event in kernels:
+        start, stop = event.time_range.start, event.time_range.end
+        if start > end:
+            gaps.append(((start - end) / 1e3, (end - origin) / 1e3, before[:60], event.name[:60]))
+        busy += max(0, stop - max(start, end)) / 1e3
+        if stop > end:
+            end, before = stop, event.name
+    return busy, sorted(gaps, reverse=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--trace", help="also write a Chrome trace here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = BenchConfig(tiny=args.tiny, steps=args.steps, repeats=1)
+    size, dtype = (64, torch.float32) if args.tiny else (512, torch.bfloat16)
+    flux, vae = build_models(cfg, args.device, dtype)
+    model = build_apple(flux, cfg, 64 if args.tiny else 2048)
+    model.fuse_projections()
+    if args.device.startswith("cuda"):
+        model.compile_blocks()
+        model.enable_cuda_graphs()
+    inp = make_inputs(cfg, flux, 1, size)
+    pipe, target = _pipe(model, vae, inp), torch.rand(1, 3, size, size, device=args.device)
+
+    def swap():
+        return pipe(inp["id_tokens"], target, num_steps=cfg.steps, output_type="pt")
+
+    for _ in range(2):
+        swap()
+    sync(args.device)
+    start = time.perf_counter()
+    swap()
+    sync(args.device)
+    wall = (time.perf_counter() - start) * 1e3
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        swap()
+        sync(args.device)
+    busy, gaps = device_gaps(prof)
+    print(f"swap wall {wall:.1f} ms (unprofiled); device busy {busy:.1f} ms; idle gaps {sum(g[0] for g in gaps):.1f} ms "
+          f"in {len(gaps)} gaps")
+    for gap, at, before, after in gaps[:25]:
+        print(f"  gap {gap:7.2f} ms at {at:8.1f} ms  after {before}  before {after}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    passes_back_to_back(model, inp, args.device, cfg.steps)
+
+
+def passes_back_to_back(model, inp, device, steps: int) -> None:
+    """Per-pass time of 3 vs ``steps`` passes in a row (same inputs): does a sustained run slow down?"""
+    from appleswap.bench import apple_pass, pass_timestep_rows
+    from appleswap.bench_utils import time_call
+
+    with torch.no_grad():
+        modulation, rows = model.condition_modulation(inp["text"]), pass_timestep_rows(model, inp)
+        for count in (3, steps, 3):
+            seconds = time_call(lambda n=count: [apple_pass(model, inp, modulation, rows) for _ in range(n)], device,
+                                repeats=3)
+            print(f"{count} passes in a row: {seconds / count * 1e3:.2f} ms per pass")
+
+
+if __name__ == "__main__":
+    main()
