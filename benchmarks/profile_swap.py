@@ -35,6 +35,23 @@ def device_gaps(prof) -> tuple[float, list[tuple[float, float, str, str]]]:
     return busy, sorted(gaps, reverse=True)
 
 
+def label_stages(pipe) -> None:
+    """Wrap the swap's stages in profiler labels ("stage: ..."), so their host time shows in the table."""
+    import appleswap.pipeline as pipeline_module
+
+    def labelled(name, fn):
+        def wrapper(*args, **kwargs):
+            with torch.profiler.record_function(f"stage: {name}"):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("encode_source", "encode_latents", "schedule", "step_table", "denoiser", "_batch_ids", "_memo"):
+        setattr(pipe, name, labelled(name, getattr(pipe, name)))
+    for name in ("prepare_noise", "image_ids", "sample_euler", "decode_tokens", "images_to_tensor"):
+        setattr(pipeline_module, name, labelled(name, getattr(pipeline_module, name)))
+    pipe.transformer.modulation_state = labelled("modulation_state", pipe.transformer.modulation_state)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
@@ -53,6 +70,8 @@ def main() -> None:
         model.enable_cuda_graphs()
     inp = make_inputs(cfg, flux, 1, size)
     pipe, target = _pipe(model, vae, inp), torch.rand(1, 3, size, size, device=args.device)
+
+    label_stages(pipe)
 
     def swap():
         return pipe(inp["id_tokens"], target, num_steps=cfg.steps, output_type="pt")
@@ -76,6 +95,9 @@ def main() -> None:
     for gap, at, before, after in gaps[:25]:
         print(f"  gap {gap:7.2f} ms at {at:8.1f} ms  after {before}  before {after}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    stages = [e for e in prof.key_averages() if e.key.startswith("stage:")]
+    for event in sorted(stages, key=lambda e: -e.cpu_time_total):
+        print(f"  {event.key:32s} host {event.cpu_time_total / 1e3:8.1f} ms over {event.count} call(s)")
     if args.trace:
         prof.export_chrome_trace(args.trace)
     passes_back_to_back(model, inp, args.device, cfg.steps)
