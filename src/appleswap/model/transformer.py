@@ -377,10 +377,10 @@ class AppleTransformer(nn.Module):
 
     def fuse_projections(self, fold_lora: bool = True) -> int:
         """Stack the linears that read the same tokens (q/k/v and MLP-in) into one GEMM per block and fold the
-        condition LoRA into those GEMMs (:mod:`appleswap.model.fusion`): same function; the LoRA columns
-        raised the measured H100 peak from 26.1 to 26.6-26.8 GiB at FLUX size; ``fold_lora=False`` keeps the LoRA apart, for A/B timing). Call it after moving the model to
-        its device and loading the LoRA (a later ``.to(device)`` still computes the same, but stores the fused
-        weights twice). Returns the number of fused blocks."""
+        condition LoRA into those GEMMs (:mod:`appleswap.model.fusion`): same function; the LoRA columns raised the
+        measured H100 peak from 26.1 to 26.6-26.8 GiB at FLUX size. ``fold_lora=False`` keeps the LoRA apart (for
+        A/B timing). Call it after moving the model to its device and loading the LoRA (a later ``.to(device)``
+        still computes the same, but stores the fused weights twice). Returns the number of fused blocks."""
         self._model_changed()
         from appleswap.model.fusion import fuse_block
 
