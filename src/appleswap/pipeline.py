@@ -69,15 +69,16 @@ def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = F
                          cuda_graphs: bool = False) -> AppleTransformer:
     """fp8 block weights and/or sequential block offload for a transformer loaded on the CPU (or already on
     ``device``): quantised block by block on ``device``, then everything resident placed there. Then the speed
-    options that keep the function: fused projections (bf16 weights resident on the device only) and regional
-    ``torch.compile`` (``compile``: True or a torch.compile mode name)."""
+    options that keep the function: fused projections (weights resident on the device only; with fp8 the fused
+    GEMMs carry the LoRA in fp8 too) and regional ``torch.compile`` (``compile``: True or a torch.compile mode
+    name)."""
     if fp8:
         transformer.quantize_fp8(device=device if offload != "sequential" else None)
     if offload == "sequential":
         transformer.enable_sequential_offload(device)
     else:
         transformer.place(device)
-    if fuse and not fp8 and offload != "sequential":
+    if fuse and offload != "sequential":
         transformer.fuse_projections()
     on_cuda = torch.device(device).type == "cuda"  # compile and graphs pay off on GPUs only
     if compile and on_cuda:

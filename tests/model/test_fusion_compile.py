@@ -55,10 +55,8 @@ def test_fused_path_trains_the_same_lora_gradients():
 def test_fp8_and_offload_unfuse_first():
     model = _full_model()
     model.fuse_projections()
-    model.quantize_fp8()
+    model.quantize_fp8()  # quantises the separate layers; fusing again stacks the fp8 ones (test_fp8_fusion.py)
     assert not any(hasattr(block, fusion.ATTRIBUTE) for block in model.flux.single_transformer_blocks)
-    with pytest.raises(ValueError, match="nn.Linear"):
-        model.fuse_projections()
 
 
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from appleswap.model.fusion import FusedProjection, _base, _foldable_adapter
+from appleswap.model.lora import is_lora_layer
+
 logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -118,6 +121,12 @@ def scaled_matmul(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch
     return out.to(x.dtype)
 
 
+def use_scaled_mm(enabled: bool, rows: int, in_features: int, out_features: int, x: torch.Tensor) -> bool:
+    """Whether a product takes the fp8 GEMM: enabled, enough rows, 16-aligned sizes, a 16-bit input, fp8 cores."""
+    return (enabled and rows >= MIN_ROWS and in_features % 16 == 0 and out_features % 16 == 0
+            and x.dtype in (torch.bfloat16, torch.float16) and scaled_mm_supported(x.device))
+
+
 class Fp8Linear(nn.Module):
     """Drop-in for a frozen ``nn.Linear``: fp8 weight (N, K) + fp32 scale (``(N,)`` row-wise, ``()`` per tensor)
     as buffers, bias kept in the model dtype."""
@@ -145,20 +154,127 @@ class Fp8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_fp8(self.weight_fp8, self.weight_scale, dtype or self.compute_dtype)
 
-    def _fast_path(self, rows: int, x: torch.Tensor) -> bool:
-        return (self.use_scaled_mm and rows >= MIN_ROWS and self.in_features % 16 == 0
-                and self.out_features % 16 == 0 and x.dtype in (torch.bfloat16, torch.float16)
-                and scaled_mm_supported(x.device))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if not self._fast_path(flat.shape[0], x):
+        if not use_scaled_mm(self.use_scaled_mm, flat.shape[0], self.in_features, self.out_features, x):
             return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         out = scaled_matmul(flat, self.weight_fp8, self.weight_scale, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-{self.granularity}"
+
+
+def quantize_lora_columns(lora_b: torch.Tensor, row_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 ``B'``, fp32 ``c``) with ``B[n, j] ~= B'[n, j] * c[j] * row_scale[n]``: a LoRA ``B`` (N, r) stored in
+    weight rows whose scales belong to the base weight; ``c`` (the smallest that keeps ``B'`` in e4m3's range,
+    rounded up by 1/128 like the activation scales) moves to the LoRA input. An all-zero column gets ``c = 1``."""
+    ratio = lora_b.detach().float() / row_scale.float()[:, None]
+    column = ratio.abs().amax(dim=0) * (_ROUND_UP / FP8_MAX)
+    column = torch.where(column > 0, column, torch.ones_like(column))
+    return (ratio / column).to(FP8), column
+
+
+class Fp8FusedProjection(FusedProjection):
+    """:class:`~appleswap.model.fusion.FusedProjection` for fp8 layers (row-wise scales): the members' e4m3
+    weights and row scales stacked as they are (the base product is the one the separate layers compute, with each
+    token quantised once instead of once per member), and the folded condition LoRA in fp8 too.
+
+    Folding in fp8: ``B`` is stored in the fused weight's extra columns with the base row scales through
+    :func:`quantize_lora_columns`; its column factors ``c`` join the LoRA scale, ``z' = c s A x``; ``[x | z']`` is
+    quantised per token as one row. The delta then carries e4m3 rounding like the base product (the separate fp8
+    layers keep it in the model dtype: the difference is measured in ``benchmarks/RESULTS.md``). ``B`` is read
+    when fusing; :meth:`refresh_lora` (called by ``AppleTransformer.forward``) quantises it again after an
+    in-place change.
+    """
+
+    def __init__(self, layers: list[nn.Module], fold_lora: bool = True):
+        nn.Module.__init__(self)
+        bases = [_base(layer) for layer in layers]
+        if any(not isinstance(base, Fp8Linear) or base.granularity != "row" for base in bases):
+            raise ValueError("fused fp8 projections need Fp8Linear layers with row-wise scales (granularity 'row')")
+        has_bias = [base.bias is not None for base in bases]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("fused projections need all layers with bias or all without")
+        self.layers, self.sizes = list(layers), [base.out_features for base in bases]
+        self.in_features, self.compute_dtype = bases[0].in_features, bases[0].compute_dtype
+        self.use_scaled_mm = True
+        device = bases[0].weight_fp8.device
+        self.fold_adapter = _foldable_adapter(layers, self.compute_dtype, device) if fold_lora else None
+        self.ranks = [self._rank(layer) for layer in layers]
+        self.fold_scaling = [self._scaling(layer) for layer in layers]
+        extra = -(-sum(self.ranks) // 16) * 16  # fp8 rows of 16-byte multiples
+        weight = torch.zeros(sum(self.sizes), self.in_features + extra, dtype=FP8, device=device)
+        weight[:, :self.in_features] = torch.cat([base.weight_fp8 for base in bases])
+        self.register_buffer("weight_fp8", weight, persistent=False)
+        self.register_buffer("weight_scale", torch.cat([base.weight_scale for base in bases]), persistent=False)
+        self.register_buffer("bias", torch.cat([base.bias for base in bases]) if all(has_bias) else None,
+                             persistent=False)
+        self.register_buffer("lora_down", weight.new_zeros(extra, self.in_features, dtype=self.compute_dtype),
+                             persistent=False)
+        self.register_buffer("lora_scale", weight.new_zeros(extra, dtype=self.compute_dtype), persistent=False)
+        self._folded_b: list[tuple] = []  # (lora_B weight, first row, rows, first extra column, rank, scaling)
+        self._b_seen: list[tuple] | None = None
+        self._share_storage(bases)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stacked base weight, dequantised (for inspection; the products use the fp8 buffer)."""
+        return dequantize_fp8(self.weight_fp8[:, :self.in_features], self.weight_scale, self.compute_dtype)
+
+    def _share_storage(self, bases: list[nn.Module]) -> None:
+        row, offset = 0, 0
+        for layer, base, size, rank, scaling in zip(self.layers, bases, self.sizes, self.ranks, self.fold_scaling,
+                                                    strict=True):
+            base.weight_fp8 = self.weight_fp8[row:row + size, :self.in_features]
+            base.weight_scale = self.weight_scale[row:row + size]
+            if self.bias is not None:
+                base.bias = self.bias[row:row + size]
+            if rank:
+                a = layer.lora_A[self.fold_adapter].weight
+                self.lora_down[offset:offset + rank] = a.detach()
+                a.data = self.lora_down[offset:offset + rank]
+                self._folded_b.append((layer.lora_B[self.fold_adapter].weight, row, size, offset, rank, scaling))
+            row, offset = row + size, offset + rank
+        self.refresh_lora()
+
+    def refresh_lora(self) -> bool:
+        """Quantise the folded ``B`` columns again if a ``lora_B`` weight changed since (in place or replaced)."""
+        seen = [(weight.data_ptr(), weight._version) for weight, *_ in self._folded_b]
+        if seen == self._b_seen:
+            return False
+        with torch.no_grad():
+            for weight, row, size, offset, rank, scaling in self._folded_b:
+                quantized, column = quantize_lora_columns(weight, self.weight_scale[row:row + size])
+                start = self.in_features + offset
+                self.weight_fp8[row:row + size, start:start + rank] = quantized
+                self.lora_scale[offset:offset + rank] = column * scaling
+        self._b_seen = seen
+        return True
+
+    def matmul(self, x: torch.Tensor, lora_columns: bool = False) -> torch.Tensor:
+        """Like :meth:`FusedProjection.matmul`; ``x`` without the LoRA columns is padded with zeros (same product)."""
+        missing = self.weight_fp8.shape[1] - x.shape[-1]
+        if missing:
+            x = F.pad(x, (0, missing))
+        flat = x.reshape(-1, x.shape[-1])
+        if use_scaled_mm(self.use_scaled_mm, flat.shape[0], flat.shape[1], self.weight_fp8.shape[0], x):
+            out = scaled_matmul(flat, self.weight_fp8, self.weight_scale, self.bias)
+        else:
+            weight = dequantize_fp8(self.weight_fp8, self.weight_scale, x.dtype)
+            out = F.linear(flat, weight, None if self.bias is None else self.bias.to(x.dtype))
+        return out.reshape(*x.shape[:-1], -1)
+
+    def release(self) -> None:
+        """Every member layer gets its own fp8 weight, scales and bias (and LoRA ``A``) storage again."""
+        for layer in self.layers:
+            base = _base(layer)
+            for name in ("weight_fp8", "weight_scale", "bias"):
+                if getattr(base, name) is not None:
+                    setattr(base, name, getattr(base, name).clone())
+            if is_lora_layer(layer):
+                for name in layer.lora_A:
+                    layer.lora_A[name].weight.data = layer.lora_A[name].weight.data.clone()
 
 
 def quantize_blocks_fp8(flux: nn.Module, include_modulation: bool = False,

@@ -116,6 +116,20 @@ class FusedProjection(nn.Module):
                 a.weight.data = self.lora_down[offset:offset + rank]
             row, column = row + size, column + rank
 
+    def matmul(self, x: torch.Tensor, lora_columns: bool = False) -> torch.Tensor:
+        """``x @ W^T + b``, or with ``lora_columns`` ``[x | z] @ [W | B]^T + b`` (``x`` then carries ``z``)."""
+        return F.linear(x, self.weight_aug if lora_columns else self.weight, self.bias)
+
+    def release(self) -> None:
+        """Give every member layer (and its LoRA matrices) its own storage again (before the group is dropped)."""
+        for layer in self.layers:
+            _own_parameter(_base(layer), "weight")
+            _own_parameter(_base(layer), "bias")
+            if is_lora_layer(layer):
+                for name in layer.lora_A:
+                    _own_parameter(layer.lora_A[name], "weight")
+                    _own_parameter(layer.lora_B[name], "weight")
+
     def fold_ready(self) -> bool:
         """Whether the folded GEMM computes what the layers would now: inference, same single adapter and scale."""
         if self.fold_adapter is None or torch.is_grad_enabled():
@@ -127,12 +141,22 @@ class FusedProjection(nn.Module):
         return True
 
 
-def fuse_block(block: nn.Module, fold_lora: bool = True) -> None:
-    """Stack the projections of one FLUX block (double or single) into :class:`FusedProjection` groups."""
+def _projection(layers: list[nn.Module], fold_lora: bool) -> FusedProjection:
+    from appleswap.model.fp8 import Fp8FusedProjection, Fp8Linear  # fp8 builds on this module
+
+    fp8 = any(isinstance(_base(layer), Fp8Linear) for layer in layers)
+    return (Fp8FusedProjection if fp8 else FusedProjection)(layers, fold_lora)
+
+
+def fuse_block(block: nn.Module, fold_lora: bool = True) -> list[FusedProjection]:
+    """Stack the projections of one FLUX block (double or single) into :class:`FusedProjection` groups (fp8
+    layers: :class:`~appleswap.model.fp8.Fp8FusedProjection`). Returns the groups."""
     groups = DOUBLE_GROUPS if hasattr(block, "norm1_context") else SINGLE_GROUPS
     modules = dict(block.named_modules())
-    block.add_module(ATTRIBUTE, nn.ModuleDict({name: FusedProjection([modules[m] for m in members], fold_lora)
-                                               for name, members in groups.items()}))
+    fused = nn.ModuleDict({name: _projection([modules[m] for m in members], fold_lora)
+                           for name, members in groups.items()})
+    block.add_module(ATTRIBUTE, fused)
+    return list(fused.values())
 
 
 def _own_parameter(module: nn.Module, name: str) -> None:
@@ -147,13 +171,7 @@ def unfuse_block(block: nn.Module) -> None:
     if fused is None:
         return
     for group in fused.values():
-        for layer in group.layers:
-            _own_parameter(_base(layer), "weight")
-            _own_parameter(_base(layer), "bias")
-            if is_lora_layer(layer):
-                for name in layer.lora_A:
-                    _own_parameter(layer.lora_A[name], "weight")
-                    _own_parameter(layer.lora_B[name], "weight")
+        group.release()
     delattr(block, ATTRIBUTE)
 
 
@@ -175,13 +193,13 @@ def routed_fused(fused: FusedProjection, x: torch.Tensor, cond_start: int | None
     to that member's slice of the output (under ``torch.compile`` the addition fuses into the slice's consumer).
     """
     if cond_start is None or cond_start >= x.shape[1]:
-        return list(F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1))
+        return list(fused.matmul(x).split(fused.sizes, dim=-1))
     if fused.fold_ready():
         recompute = cond_rows is not None and torch.compiler.is_compiling()  # eager: the slice costs no launches
         cond = cond_rows() if recompute else x[:, cond_start:]
         z = F.pad(F.linear(cond, fused.lora_down) * fused.lora_scale, (0, 0, cond_start, 0))  # zeros above
-        return list(F.linear(torch.cat([x, z], dim=-1), fused.weight_aug, fused.bias).split(fused.sizes, dim=-1))
-    outputs = list(F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1))
+        return list(fused.matmul(torch.cat([x, z], dim=-1), lora_columns=True).split(fused.sizes, dim=-1))
+    outputs = list(fused.matmul(x).split(fused.sizes, dim=-1))
     cond = x[:, cond_start:]
     deltas = stacked_lora_deltas(fused, cond)
     if deltas is None:  # several adapters, dropout or DoRA: one member at a time

@@ -100,6 +100,7 @@ class AppleTransformer(nn.Module):
         self.offloader = None  # BlockOffloader while sequential offload is on
         self._kernels = {"double": double_block, "single": single_block, "id": _id_residual}  # compile_blocks swaps
         self.graph_runner = None  # CudaGraphRunner while enable_cuda_graphs is on
+        self._folded_fp8: list = []  # fused fp8 groups with a folded LoRA (their B re-read when it changes)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -172,6 +173,8 @@ class AppleTransformer(nn.Module):
                   "guidance": guidance, "id_weight": id_weight, "independent_condition": independent_condition,
                   "condition_cache": condition_cache, "modulation": modulation,
                   "timestep_modulation": timestep_modulation}
+        for group in self._folded_fp8:
+            group.refresh_lora()
         if self.graph_runner is not None and self.offloader is None:
             return self.graph_runner(latents, timestep, **kwargs)  # falls back to eager off CUDA / with autograd
         return self._forward(latents, timestep, **kwargs)
@@ -380,7 +383,8 @@ class AppleTransformer(nn.Module):
         condition LoRA into those GEMMs (:mod:`appleswap.model.fusion`): same function; the LoRA columns raised the
         measured H100 peak from 26.1 to 26.6-26.8 GiB at FLUX size. ``fold_lora=False`` keeps the LoRA apart (for
         A/B timing). Call it after moving the model to its device and loading the LoRA (a later ``.to(device)``
-        still computes the same, but stores the fused weights twice). Returns the number of fused blocks."""
+        still computes the same, but stores the fused weights twice). After :meth:`quantize_fp8` it stacks the fp8
+        weights (:class:`~appleswap.model.fp8.Fp8FusedProjection`). Returns the number of fused blocks."""
         self._model_changed()
         from appleswap.model.fusion import fuse_block
 
@@ -388,8 +392,8 @@ class AppleTransformer(nn.Module):
             raise ValueError("fuse_projections: turn sequential offload off first")
         self.unfuse_projections()  # fusing again (e.g. after a LoRA change) starts from separate layers
         blocks = list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks)
-        for block in blocks:
-            fuse_block(block, fold_lora)
+        groups = [group for block in blocks for group in fuse_block(block, fold_lora)]
+        self._folded_fp8 = [group for group in groups if getattr(group, "_folded_b", None)]
         return len(blocks)
 
     def is_fused(self) -> bool:
@@ -402,6 +406,7 @@ class AppleTransformer(nn.Module):
         self._model_changed()
         from appleswap.model.fusion import unfuse_block
 
+        self._folded_fp8 = []
         for block in list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks):
             unfuse_block(block)
 
@@ -451,7 +456,7 @@ class AppleTransformer(nn.Module):
 
         if self.offloader is not None:
             raise ValueError("quantize_fp8: turn sequential offload off first (or quantise before enabling it)")
-        self.unfuse_projections()  # fp8 layers keep their own scaled weights
+        self.unfuse_projections()  # quantise the separate layers; fuse_projections afterwards stacks them again
         return quantize_blocks_fp8(self.flux, include_modulation, device, granularity)
 
     # ---- LoRA
