@@ -103,21 +103,27 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
 
 
 def bench_fold_ab(cfg, model, inp, modulations, device, rows: Rows, backend: str, label: str) -> None:
-    """Interleaved A/B (two rounds) of the compiled pass with the LoRA folded into the fused GEMMs and apart."""
+    """Interleaved A/B (two rounds) of the compiled pass with the LoRA folded into the fused GEMMs and apart (and,
+    for fp8, the separate layers). Leaves the model fused with the LoRA folded."""
     import torch
 
-    times = {True: [], False: []}
+    names = {None: "separate layers (A/B)", False: "LoRA apart (A/B)", True: "LoRA folded into the fused GEMMs (A/B)"}
+    variants = (None, False, True) if label.startswith("fp8") else (False, True)
+    times = {fold: [] for fold in variants}
     outputs = {}
     with torch.no_grad(), sdpa_context(backend, fallback=True):
         for _ in range(2):
-            for fold in (False, True):
-                model.fuse_projections(fold_lora=fold)
+            for fold in variants:
+                if fold is None:
+                    model.unfuse_projections()
+                else:
+                    model.fuse_projections(fold_lora=fold)
                 times[fold].append(time_call(lambda: apple_pass(model, inp, *modulations), device, cfg.repeats,
                                              warmup=2))
                 outputs[fold] = apple_pass(model, inp, *modulations).float()
     difference = ((outputs[True] - outputs[False]).norm() / outputs[False].norm()).item()
-    for fold, name in ((False, "LoRA apart (A/B)"), (True, "LoRA folded into the fused GEMMs (A/B)")):
-        rows.add(f"APPLE pass, {label}, {name}", min(times[fold]) * 1e3, "ms",
+    for fold in variants:
+        rows.add(f"APPLE pass, {label}, {names[fold]}", min(times[fold]) * 1e3, "ms",
                  f"rounds {', '.join(f'{t * 1e3:.1f}' for t in times[fold])}"
                  + (f"; rel. L2 diff folded vs apart {difference:.2g}" if fold else ""))
 
