@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--variants", default="plain,plain-compiled,eager,compiled-separate,compiled,no-lora,no-id,"
                         "graph,graph-apart,graph-cudnn,graph-flash,graph-separate,eager-graph,swaps")
     parser.add_argument("--top", type=int, default=0, help="print the N kernels with the most device time")
+    parser.add_argument("--fp8", action="store_true", help="quantise the blocks to fp8 (row-wise) first")
     parser.add_argument("--swap-sdpa", default="auto", help="SDPA backend of the swap rows (auto, flash, cudnn, ...)")
     args = parser.parse_args()
     global TOP_KERNELS
@@ -124,6 +125,8 @@ def main() -> None:
         for block in list(flux.transformer_blocks) + list(flux.single_transformer_blocks):
             block._compiled_call_impl = None
     model = build_apple(flux, cfg, 64 if args.tiny else 2048)
+    if args.fp8:
+        model.quantize_fp8(device=device)
     run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size)
     print(rows.table())
 
