@@ -107,6 +107,7 @@ def build_loss_networks(tiny: bool, id_net: str, device: Any, layers: tuple[int,
         -> tuple[Any, Any]:
     """(IdentityLoss on a random ArcFace / IR-SE50, random LPIPS-VGG), fp32 and frozen as in training."""
     import lpips
+    import torch
 
     from appleswap.eval.arcface import IRSE50
     from appleswap.train.arcface import ArcFaceResNet
@@ -119,6 +120,9 @@ def build_loss_networks(tiny: bool, id_net: str, device: Any, layers: tuple[int,
     id_loss = IdentityLoss(net.to(device).eval(), imagenet_norm=imagenet_norm).to(device)
     # pretrained=False / pnet_rand=True: the LPIPS-VGG architecture with random trunk and heads, nothing read
     lpips_net = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
+    with torch.no_grad():  # the released heads are non-negative (a distance >= 0); random ones need not be
+        for lin in lpips_net.lins:
+            lin.model[-1].weight.abs_()
     return id_loss, lpips_net.to(device).eval().requires_grad_(False)
 
 
