@@ -56,3 +56,27 @@ def test_tiny_bench_compiled_rows():
     assert table["APPLE pass, bf16, LoRA apart (A/B)"] > 0 and float(folded.rsplit("apart ", 1)[1]) < 1e-4
     breakdown = notes["student swap breakdown, bf16, compiled"]
     assert "1-step loop" in breakdown and table["student swap breakdown, bf16, compiled"] > 0
+
+
+def test_fraction_of_the_ceiling_counts_the_function_not_the_folded_columns():
+    """The folded LoRA's zero columns are GPU work, not FLOPs of the function: the fractions must not count them."""
+    import torch
+
+    from appleswap.bench import apple_pass, build_apple, build_models, make_inputs
+    from appleswap.bench_utils import count_flops, function_flops
+
+    cfg = BenchConfig(tiny=True)
+    flux, _ = build_models(cfg, "cpu", torch.float32)
+    model = build_apple(flux, cfg, 64)
+    inp = make_inputs(cfg, flux, 1, 64)
+    with torch.no_grad():
+        separate = count_flops(lambda: apple_pass(model, inp))
+        model.fuse_projections()
+        folded = count_flops(lambda: apple_pass(model, inp))
+        assert folded > separate  # the zero columns do count as executed work
+        assert function_flops(model, lambda: apple_pass(model, inp)) == separate
+    assert model.is_fused() and model.fused_fold is True  # fusion restored as it was
+    model.fuse_projections(fold_lora=False)
+    with torch.no_grad():
+        assert function_flops(model, lambda: apple_pass(model, inp)) == separate
+    assert model.fused_fold is False

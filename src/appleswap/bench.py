@@ -18,6 +18,7 @@ from typing import Literal
 from appleswap.bench_utils import (
     Rows,
     count_flops,
+    function_flops,
     init_random_,
     matmul_ceiling,
     sdpa_context,
@@ -258,7 +259,7 @@ def bench_kv_cache(cfg, model, device, rows: Rows, ceiling: float, size: int, ba
         cache = model.build_condition_cache(inp["cond"], inp["text"], inp["ids"])
         run = lambda: model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"],
                             id_tokens=inp["id_tokens"], guidance=inp["g"], condition_cache=cache)
-        flops = count_flops(run)
+        flops = function_flops(model, run)
         seconds = time_call(run, device, cfg.repeats)
     rows.add("KV-cache mode: condition pass (once per swap)", build * 1e3, "ms", "independent condition")
     rows.add("KV-cache mode: APPLE pass", seconds * 1e3, "ms",

@@ -9,7 +9,7 @@ import logging
 import time
 
 from appleswap.bench import apple_pass, pass_timestep_rows
-from appleswap.bench_utils import Rows, count_flops, sdpa_context, sync, time_call
+from appleswap.bench_utils import Rows, count_flops, function_flops, sdpa_context, sync, time_call
 
 logger = logging.getLogger("appleswap.bench")
 
@@ -49,7 +49,7 @@ def bench_fused_eager(cfg, model, inp, device, rows: Rows, ceiling: float, backe
 
     with torch.no_grad(), sdpa_context(backend):
         modulation = model.condition_modulation(inp["text"])
-        flops = count_flops(lambda: apple_pass(model, inp, modulation))
+        flops = function_flops(model, lambda: apple_pass(model, inp, modulation))
         reference = apple_pass(model, inp, modulation).float()
         separate = [time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats)]
         model.fuse_projections()
@@ -77,7 +77,7 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
     inp = make_inputs(cfg, model.flux, 1, size)
     with torch.no_grad():
         modulation, steps = model.condition_modulation(inp["text"]), pass_timestep_rows(model, inp)
-        flops = count_flops(lambda: apple_pass(model, inp, modulation))
+        flops = function_flops(model, lambda: apple_pass(model, inp, modulation))
         reference = apple_pass(model, inp, modulation).float()
     model.compile_blocks(mode=_mode(cfg))
     if cfg.cuda_graphs and str(device).startswith("cuda"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from appleswap.bench import apple_pass
-from appleswap.bench_utils import Rows, count_flops, sdpa_context, sync, time_call
+from appleswap.bench_utils import Rows, function_flops, sdpa_context, sync, time_call
 
 logger = logging.getLogger("appleswap.bench")
 
@@ -42,7 +42,7 @@ def bench_modulation(cfg, model, inp, device, rows: Rows, ceiling: float, backen
 
     with torch.no_grad(), sdpa_context(backend):
         modulation = model.condition_modulation(inp["text"])
-        flops = count_flops(lambda: apple_pass(model, inp, modulation))
+        flops = function_flops(model, lambda: apple_pass(model, inp, modulation))
         plain, cached = [], []
         for _ in range(2):
             plain.append(time_call(lambda: apple_pass(model, inp), device, cfg.repeats))
@@ -141,7 +141,7 @@ def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, f
     with torch.no_grad(), sdpa_context(backend):
         modulation = model.condition_modulation(inp["text"])
         reference = apple_pass(model, inp, modulation).float()
-        flops = count_flops(lambda: apple_pass(model, inp, modulation))
+        flops = function_flops(model, lambda: apple_pass(model, inp, modulation))
     model.uncompile_blocks()
     layers = model.quantize_fp8(device=device)
     _peak_reset(device)

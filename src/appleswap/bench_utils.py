@@ -98,6 +98,20 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
+def function_flops(model, fn) -> float:
+    """FLOPs of ``fn`` counted with separate projections. The fused GEMMs' folded-LoRA columns hold zeros on all
+    but the condition rows: work the GPU does, not work the function needs, so the fractions of the ceiling count
+    the function's FLOPs (the same number for every variant). The fusion is restored as it was."""
+    fold = model.fused_fold
+    if fold is None:
+        return count_flops(fn)
+    model.unfuse_projections()
+    try:
+        return count_flops(fn)
+    finally:
+        model.fuse_projections(fold_lora=fold)
+
+
 def backends_for(device) -> list[str]:
     import torch
 

@@ -32,6 +32,7 @@ from appleswap.sampling import (
     sample_midpoint,
     with_batched_guidance,
 )
+from appleswap.sampling.samplers import to_device
 from appleswap.sampling.schedule import schedule_from_scheduler_config
 from appleswap.sampling.steps import StepTable, call_sigmas
 
@@ -325,8 +326,8 @@ class SwapPipeline:
         if self.mode == "teacher" and condition is None:
             raise ValueError("teacher mode needs condition= (the target's blurred-face + landmarks image)")
         dtype, device = self.transformer.dtype, self.device
-        targets = images_to_tensor(target, "target").to(device)
-        conditions = targets if condition is None else images_to_tensor(condition, "condition").to(device)
+        targets = to_device(images_to_tensor(target, "target"), device)
+        conditions = targets if condition is None else to_device(images_to_tensor(condition, "condition"), device)
         if conditions.shape != targets.shape:
             raise ValueError(f"condition {tuple(conditions.shape)} and target {tuple(targets.shape)} differ in size")
         batch, _, height, width = targets.shape
@@ -347,13 +348,13 @@ class SwapPipeline:
         else:
             x = torch.cat([prepare_noise(1, height, width, generator=torch.Generator().manual_seed(s),
                                          vae_scale=vae_scale_factor(self.vae), dtype=dtype) for s in seeds])
-            x = x.to(device)
+            x = to_device(x, device)
         steps = self.step_table(sigmas, sampler_order, guidance_scale=guidance_scale)
         model = self.denoiser(cond_tokens, id_tokens, positions, guidance_scale=guidance_scale,
                               image_guidance_scale=image_guidance_scale, id_guidance_scale=id_guidance_scale,
                               black=black, id_weight=id_weight, kv_cache=kv_cache, steps=steps)
         sampler = sample_euler if sampler_order == 1 else sample_midpoint
-        tokens = sampler(model, x, sigmas.to(device), disable=not progress)
+        tokens = sampler(model, x, sigmas, disable=not progress)  # sigmas on the CPU: checked without a GPU wait
         steps.verify()
         with self._vae() as vae:
             images = decode_tokens(vae, tokens, height, width)
@@ -383,6 +384,6 @@ class SwapPipeline:
         order, parity, kv_cache = solver
         steps = self.step_table(sigmas, order, inverse=True)
         model = self.denoiser(condition, ids, positions, kv_cache=kv_cache, steps=steps)  # guidance 1 (reference)
-        x = invert(model, x0, sigmas.to(self.device), order=order, parity_wrong_midpoint=parity, disable=not progress)
+        x = invert(model, x0, sigmas, order=order, parity_wrong_midpoint=parity, disable=not progress)
         steps.verify()
         return x

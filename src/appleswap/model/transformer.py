@@ -101,6 +101,7 @@ class AppleTransformer(nn.Module):
         self._kernels = {"double": double_block, "single": single_block, "id": _id_residual}  # compile_blocks swaps
         self.graph_runner = None  # CudaGraphRunner while enable_cuda_graphs is on
         self._folded_fp8: list = []  # fused fp8 groups with a folded LoRA (their B re-read when it changes)
+        self.fused_fold: bool | None = None  # fuse_projections' fold_lora while fused, None when not fused
 
     @property
     def dtype(self) -> torch.dtype:
@@ -394,6 +395,7 @@ class AppleTransformer(nn.Module):
         blocks = list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks)
         groups = [group for block in blocks for group in fuse_block(block, fold_lora)]
         self._folded_fp8 = [group for group in groups if getattr(group, "_folded_b", None)]
+        self.fused_fold = fold_lora
         return len(blocks)
 
     def is_fused(self) -> bool:
@@ -406,7 +408,7 @@ class AppleTransformer(nn.Module):
         self._model_changed()
         from appleswap.model.fusion import unfuse_block
 
-        self._folded_fp8 = []
+        self._folded_fp8, self.fused_fold = [], None
         for block in list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks):
             unfuse_block(block)
 
