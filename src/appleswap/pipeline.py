@@ -32,7 +32,6 @@ from appleswap.sampling import (
     sample_midpoint,
     with_batched_guidance,
 )
-from appleswap.sampling.samplers import to_device
 from appleswap.sampling.schedule import schedule_from_scheduler_config
 from appleswap.sampling.steps import StepTable, call_sigmas
 
@@ -326,8 +325,8 @@ class SwapPipeline:
         if self.mode == "teacher" and condition is None:
             raise ValueError("teacher mode needs condition= (the target's blurred-face + landmarks image)")
         dtype, device = self.transformer.dtype, self.device
-        targets = to_device(images_to_tensor(target, "target"), device)
-        conditions = targets if condition is None else to_device(images_to_tensor(condition, "condition"), device)
+        targets = images_to_tensor(target, "target").to(device)
+        conditions = targets if condition is None else images_to_tensor(condition, "condition").to(device)
         if conditions.shape != targets.shape:
             raise ValueError(f"condition {tuple(conditions.shape)} and target {tuple(targets.shape)} differ in size")
         batch, _, height, width = targets.shape
@@ -348,7 +347,7 @@ class SwapPipeline:
         else:
             x = torch.cat([prepare_noise(1, height, width, generator=torch.Generator().manual_seed(s),
                                          vae_scale=vae_scale_factor(self.vae), dtype=dtype) for s in seeds])
-            x = to_device(x, device)
+            x = x.to(device)
         steps = self.step_table(sigmas, sampler_order, guidance_scale=guidance_scale)
         model = self.denoiser(cond_tokens, id_tokens, positions, guidance_scale=guidance_scale,
                               image_guidance_scale=image_guidance_scale, id_guidance_scale=id_guidance_scale,

@@ -24,21 +24,11 @@ def _euler_update(x: torch.Tensor, velocity: torch.Tensor, step: torch.Tensor) -
     return (x.float() + step.float() * velocity.float()).to(x.dtype)
 
 
-def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``tensor.to(device, dtype)`` that lets the host go on: a CPU tensor bound for a GPU is staged in pinned
-    memory and copied asynchronously. A copy from pageable memory first waits for all GPU work queued before it,
-    so the GPU then idles while the host prepares what comes next (10-13 ms gaps per swap on an H100)."""
-    device = torch.device(device)
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
-    return tensor.to(device=device, dtype=dtype)
-
-
 def _on_device(sigmas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The schedule on the latents' device, copied once: a per-step host-to-device copy of a scalar would make
     the host wait for the previous pass every step, leaving the GPU idle while it prepares the next one. Pass
     the schedule on the CPU: the checks then need no device round trip either."""
-    return to_device(sigmas, x.device, torch.float32)
+    return sigmas.to(x.device, torch.float32)
 
 
 def _check_sigmas(sigmas: torch.Tensor, descending: bool) -> None:
