@@ -177,3 +177,20 @@ def test_compiled_fused_fp8_equals_eager(monkeypatch):
     error = _relative(eager, reference)
     assert _relative(compiled, reference) < 1.2 * error, (_relative(compiled, reference), error)
     assert _relative(compiled, eager) < 1.5 * error, (_relative(compiled, eager), error)
+
+
+@torch.no_grad()
+def test_lora_file_loads_into_a_fused_fp8_model(tmp_path):
+    """An adapter of the file's layout takes the new weights in place (PEFT cannot wrap the fp8 layers anew)."""
+    model, inp = _full_model(), _inputs()
+    _strong_lora(model)
+    path = model.save_lora(tmp_path / "lora.safetensors")
+    model.quantize_fp8()
+    model.fuse_projections()
+    want = _call(model, inp)
+    for param in model.lora_parameters():
+        param.data.zero_()
+    assert _relative(_call(model, inp), want) > 0.02  # the zeroed LoRA is folded in: the output moved
+    model.load_lora(path)
+    assert model.is_fused() and fusion.fused_projection(model.flux.transformer_blocks[0], "qkv").fold_ready()
+    torch.testing.assert_close(_call(model, inp), want, rtol=0, atol=0)

@@ -135,8 +135,8 @@ def check_lora_shapes(model: nn.Module, state: dict[str, torch.Tensor], rank: in
         if layer is None:
             raise ValueError(f"{source}: module {module_name!r} does not exist in the FLUX transformer")
         base = layer.base_layer if is_lora_layer(layer) else layer
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"{source}: module {module_name!r} is {type(base).__name__}, not Linear")  # noqa: TRY004
+        if not hasattr(base, "in_features"):  # nn.Linear, or the fp8 layer that replaced one
+            raise ValueError(f"{source}: module {module_name!r} is {type(base).__name__}, not Linear")
         want = (rank, base.in_features) if which.startswith("A") else (base.out_features, rank)
         if tuple(value.shape) != want:
             raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the model needs {want}")
@@ -161,9 +161,13 @@ def load_lora_into(flux: nn.Module, path: str | Path, rank: int | None = None) -
     if rank is not None and rank != file_rank:
         raise ValueError(f"lora_rank={rank} but {path} holds rank {file_rank}")
     check_lora_shapes(flux, state, file_rank, str(path))
-    if ADAPTER_NAME in getattr(flux, "peft_config", {}):
-        flux.delete_adapters(ADAPTER_NAME)
-    add_condition_lora(flux, modules, file_rank, init=False)
+    config = getattr(flux, "peft_config", {}).get(ADAPTER_NAME)
+    same_layout = (config is not None and set(config.target_modules) == set(modules) and config.r == file_rank
+                   and config.lora_alpha == file_rank and not config.lora_dropout)
+    if not same_layout:  # an adapter of the same layout takes the new weights in place (fp8 bases cannot be wrapped)
+        if config is not None:
+            flux.delete_adapters(ADAPTER_NAME)
+        add_condition_lora(flux, modules, file_rank, init=False)
     result = set_peft_model_state_dict(flux, state, adapter_name=ADAPTER_NAME)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
