@@ -181,7 +181,7 @@ def test_compiled_fused_fp8_equals_eager(monkeypatch):
 
 @torch.no_grad()
 def test_lora_file_loads_into_a_fused_fp8_model(tmp_path):
-    """An adapter of the file's layout takes the new weights in place (PEFT cannot wrap the fp8 layers anew)."""
+    """Loading re-creates the adapter around the fp8 layers and folds it again (the shape check takes fp8 bases)."""
     model, inp = _full_model(), _inputs()
     _strong_lora(model)
     path = model.save_lora(tmp_path / "lora.safetensors")

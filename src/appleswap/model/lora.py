@@ -161,13 +161,9 @@ def load_lora_into(flux: nn.Module, path: str | Path, rank: int | None = None) -
     if rank is not None and rank != file_rank:
         raise ValueError(f"lora_rank={rank} but {path} holds rank {file_rank}")
     check_lora_shapes(flux, state, file_rank, str(path))
-    config = getattr(flux, "peft_config", {}).get(ADAPTER_NAME)
-    same_layout = (config is not None and set(config.target_modules) == set(modules) and config.r == file_rank
-                   and config.lora_alpha == file_rank and not config.lora_dropout)
-    if not same_layout:  # an adapter of the same layout takes the new weights in place (fp8 bases cannot be wrapped)
-        if config is not None:
-            flux.delete_adapters(ADAPTER_NAME)
-        add_condition_lora(flux, modules, file_rank, init=False)
+    if ADAPTER_NAME in getattr(flux, "peft_config", {}):
+        flux.delete_adapters(ADAPTER_NAME)
+    add_condition_lora(flux, modules, file_rank, init=False)
     result = set_peft_model_state_dict(flux, state, adapter_name=ADAPTER_NAME)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
