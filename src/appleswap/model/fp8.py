@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from appleswap.model.fusion import FusedProjection, _base, _foldable_adapter
+from appleswap.model.fusion import FusedProjection, _base
 from appleswap.model.lora import is_lora_layer
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def scaled_matmul(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch
     return out.to(x.dtype)
 
 
-def use_scaled_mm(enabled: bool, rows: int, in_features: int, out_features: int, x: torch.Tensor) -> bool:
+def takes_scaled_mm(enabled: bool, rows: int, in_features: int, out_features: int, x: torch.Tensor) -> bool:
     """Whether a product takes the fp8 GEMM: enabled, enough rows, 16-aligned sizes, a 16-bit input, fp8 cores."""
     return (enabled and rows >= MIN_ROWS and in_features % 16 == 0 and out_features % 16 == 0
             and x.dtype in (torch.bfloat16, torch.float16) and scaled_mm_supported(x.device))
@@ -156,7 +156,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if not use_scaled_mm(self.use_scaled_mm, flat.shape[0], self.in_features, self.out_features, x):
+        if not takes_scaled_mm(self.use_scaled_mm, flat.shape[0], self.in_features, self.out_features, x):
             return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         out = scaled_matmul(flat, self.weight_fp8, self.weight_scale, self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -193,26 +193,13 @@ class Fp8FusedProjection(FusedProjection):
         bases = [_base(layer) for layer in layers]
         if any(not isinstance(base, Fp8Linear) or base.granularity != "row" for base in bases):
             raise ValueError("fused fp8 projections need Fp8Linear layers with row-wise scales (granularity 'row')")
-        has_bias = [base.bias is not None for base in bases]
-        if any(has_bias) and not all(has_bias):
-            raise ValueError("fused projections need all layers with bias or all without")
-        self.layers, self.sizes = list(layers), [base.out_features for base in bases]
-        self.in_features, self.compute_dtype = bases[0].in_features, bases[0].compute_dtype
-        self.use_scaled_mm = True
+        self.compute_dtype, self.use_scaled_mm = bases[0].compute_dtype, True
         device = bases[0].weight_fp8.device
-        self.fold_adapter = _foldable_adapter(layers, self.compute_dtype, device) if fold_lora else None
-        self.ranks = [self._rank(layer) for layer in layers]
-        self.fold_scaling = [self._scaling(layer) for layer in layers]
-        extra = -(-sum(self.ranks) // 16) * 16  # fp8 rows of 16-byte multiples
+        extra = self._members(layers, bases, fold_lora, self.compute_dtype, device, 16)  # 16-byte fp8 rows
         weight = torch.zeros(sum(self.sizes), self.in_features + extra, dtype=FP8, device=device)
         weight[:, :self.in_features] = torch.cat([base.weight_fp8 for base in bases])
         self.register_buffer("weight_fp8", weight, persistent=False)
         self.register_buffer("weight_scale", torch.cat([base.weight_scale for base in bases]), persistent=False)
-        self.register_buffer("bias", torch.cat([base.bias for base in bases]) if all(has_bias) else None,
-                             persistent=False)
-        self.register_buffer("lora_down", weight.new_zeros(extra, self.in_features, dtype=self.compute_dtype),
-                             persistent=False)
-        self.register_buffer("lora_scale", weight.new_zeros(extra, dtype=self.compute_dtype), persistent=False)
         self._folded_b: list[tuple] = []  # (lora_B weight, first row, rows, first extra column, rank, scaling)
         self._b_seen: list[tuple] | None = None
         self._share_storage(bases)
@@ -258,7 +245,7 @@ class Fp8FusedProjection(FusedProjection):
         if missing:
             x = F.pad(x, (0, missing))
         flat = x.reshape(-1, x.shape[-1])
-        if use_scaled_mm(self.use_scaled_mm, flat.shape[0], flat.shape[1], self.weight_fp8.shape[0], x):
+        if takes_scaled_mm(self.use_scaled_mm, flat.shape[0], flat.shape[1], self.weight_fp8.shape[0], x):
             out = scaled_matmul(flat, self.weight_fp8, self.weight_scale, self.bias)
         else:
             weight = dequantize_fp8(self.weight_fp8, self.weight_scale, x.dtype)

@@ -67,25 +67,33 @@ class FusedProjection(nn.Module):
         super().__init__()
         bases = [_base(layer) for layer in layers]
         if any(type(base) is not nn.Linear for base in bases):
-            raise ValueError("fused projections need plain nn.Linear layers (fuse before quantising to fp8)")
+            raise ValueError("fused projections need plain nn.Linear layers (or fp8 layers: Fp8FusedProjection)")
+        first = bases[0].weight
+        extra = self._members(layers, bases, fold_lora, first.dtype, first.device, _ALIGN)
+        stacked = first.new_zeros(sum(self.sizes), self.in_features + extra)
+        stacked[:, :self.in_features] = torch.cat([base.weight.detach() for base in bases])
+        self.register_buffer("weight_aug", stacked, persistent=False)
+        self._share_storage(bases)
+
+    def _members(self, layers: list[nn.Module], bases: list[nn.Module], fold_lora: bool, dtype: torch.dtype,
+                 device: torch.device, align: int) -> int:
+        """Sizes, foldable adapter, ranks and scalings of the members; the stacked bias and the LoRA buffers.
+        Returns the number of extra (LoRA) reduction columns, a multiple of ``align``."""
         has_bias = [base.bias is not None for base in bases]
         if any(has_bias) and not all(has_bias):
             raise ValueError("fused projections need all layers with bias or all without")
         self.layers, self.sizes = list(layers), [base.out_features for base in bases]
         self.in_features = bases[0].in_features
-        first = bases[0].weight
-        self.fold_adapter = _foldable_adapter(layers, first.dtype, first.device) if fold_lora else None
+        self.fold_adapter = _foldable_adapter(layers, dtype, device) if fold_lora else None
         self.ranks = [self._rank(layer) for layer in layers]
         self.fold_scaling = [self._scaling(layer) for layer in layers]
-        extra = -(-sum(self.ranks) // _ALIGN) * _ALIGN
-        stacked = first.new_zeros(sum(self.sizes), self.in_features + extra)
-        stacked[:, :self.in_features] = torch.cat([base.weight.detach() for base in bases])
-        self.register_buffer("weight_aug", stacked, persistent=False)
+        extra = -(-sum(self.ranks) // align) * align
         bias = torch.cat([base.bias.detach() for base in bases]) if all(has_bias) else None
         self.register_buffer("bias", bias, persistent=False)
-        self.register_buffer("lora_down", first.new_zeros(extra, self.in_features), persistent=False)
-        self.register_buffer("lora_scale", first.new_zeros(extra), persistent=False)
-        self._share_storage(bases)
+        self.register_buffer("lora_down", torch.zeros(extra, self.in_features, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("lora_scale", torch.zeros(extra, dtype=dtype, device=device), persistent=False)
+        return extra
 
     def _rank(self, layer: nn.Module) -> int:
         return layer.lora_A[self.fold_adapter].weight.shape[0] if self.fold_adapter and is_lora_layer(layer) else 0
