@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from appleswap.bench import BenchConfig, build_apple, build_models, make_inputs, plain_pass
+from appleswap.bench import BenchConfig, build_apple, build_models, make_inputs, pass_timestep_rows, plain_pass
 from appleswap.bench_tiers import swap_rows
 from appleswap.bench_utils import Rows, count_flops, matmul_ceiling, sdpa_context, sync, time_call
+from appleswap.model import kernels
 
 KINDS = [("GEMM", r"gemm|nvjet|cutlass|xmma|matmul|sm90|splitk"), ("attention", r"flash|fmha|attention|cudnn"),
          ("compiled fused (triton)", r"triton"), ("eager elementwise / copy", r"elementwise|vectorized|copy|cat|fill"),
@@ -39,6 +40,8 @@ def kernel_profile(fn, device) -> tuple[float, dict[str, float]]:
         sync(device)
     kinds: dict[str, float] = {}
     entries = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    if TOP_KERNELS:
+        print(f"    {sum(e.count for e in entries)} kernels and copies per call")
     for entry in sorted(entries, key=lambda e: -e.self_device_time_total)[:TOP_KERNELS]:
         print(f"    {entry.self_device_time_total / 1e3:7.2f} ms {entry.count:5d}x  {entry.key[:110]}")
     for entry in entries:
@@ -90,6 +93,22 @@ def setup(model, fused: str | None, compiled: bool | str, graphs: bool) -> None:
         model.enable_cuda_graphs()
 
 
+def set_inductor_options(options: str) -> None:
+    """``key=value`` pairs (comma-separated) set on ``torch._inductor.config`` (ints where they parse)."""
+    import torch._inductor.config as inductor
+
+    for item in filter(None, options.split(",")):
+        key, value = item.split("=", 1)
+        *path, name = key.split(".")
+        target = inductor
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, name):
+            raise SystemExit(f"--inductor: no option {key!r}")
+        setattr(target, name, int(value) if value.lstrip("-").isdigit() else value)
+        print(f"inductor {key} = {getattr(target, name)!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
@@ -100,7 +119,12 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="print the N kernels with the most device time")
     parser.add_argument("--fp8", action="store_true", help="quantise the blocks to fp8 (row-wise) first")
     parser.add_argument("--swap-sdpa", default="auto", help="SDPA backend of the swap rows (auto, flash, cudnn, ...)")
+    parser.add_argument("--as-swaps", action="store_true",
+                        help="passes get this timestep's AdaLN rows precomputed, as in swaps (timestep_modulation)")
+    parser.add_argument("--inductor", default="",
+                        help="inductor config for the compiled variants, e.g. 'triton.multi_kernel=2,aggressive_fusion=1'")
     args = parser.parse_args()
+    set_inductor_options(args.inductor)
     global TOP_KERNELS
     TOP_KERNELS = args.top
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -134,10 +158,11 @@ def main() -> None:
 def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size) -> None:
     with torch.no_grad():
         modulation = model.condition_modulation(inp["text"])
+        step_rows = pass_timestep_rows(model, inp) if args.as_swaps else None
 
     def apple(id_tokens=inp["id_tokens"]):
         return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
-                     id_tokens=id_tokens, guidance=inp["g"], modulation=modulation)
+                     id_tokens=id_tokens, guidance=inp["g"], modulation=modulation, timestep_modulation=step_rows)
 
     with torch.no_grad():
         flops = count_flops(apple)
@@ -152,6 +177,8 @@ def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size) 
         ("graph-flash", "APPLE compiled, fused, CUDA graph, SDPA flash", "fold", True, True, "flash"),
         ("graph-separate", "APPLE compiled, separate projections, CUDA graph", None, True, True, "auto"),
         ("eager-graph", "APPLE eager, fused, whole-pass CUDA graph", "fold", False, True, "auto"),
+        ("graph-torch", "APPLE compiled, fused, CUDA graph, no Triton kernels (torch code for QK norm + RoPE)", "fold",
+         True, True, "auto"),
         ("graph-tuned", "APPLE compiled (coordinate-descent tuned kernels), fused, CUDA graph", "fold", "tuned", True,
          "auto"),
         ("graph-autotune", "APPLE compiled (max-autotune-no-cudagraphs), fused, CUDA graph", "fold",
@@ -159,6 +186,7 @@ def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size) 
     for key, name, fused, compiled, graphs, backend in plan:
         if key not in todo:
             continue
+        kernels.set_enabled(key != "graph-torch")
         setup(model, fused, compiled, graphs)
         with sdpa_context(backend if str(device).startswith("cuda") else "auto"):
             measure(name, apple, device, rows, flops, ceiling, args.repeats)

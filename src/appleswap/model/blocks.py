@@ -13,9 +13,9 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb
 
 from appleswap.model.fusion import fused_projection, routed_fused
+from appleswap.model.kernels import qk_norm_rope
 from appleswap.model.lora import base_linear, in_place_ok, routed_linear
 
 
@@ -78,11 +78,6 @@ def add_gated(residual: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, split
     return residual + torch.cat([x[:, :split] * gate[:, :1], x[:, split:] * gate[:, 1:2]], dim=1)
 
 
-def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
-    x = x.unflatten(-1, (-1, attn.head_dim))  # (B, N, H, Dh)
-    return x if norm is None else norm(x)
-
-
 def _projections(block, group: str, layers, x: torch.Tensor, split: int | None,
                  cond_rows=None) -> list[torch.Tensor]:
     """The outputs of ``layers`` on ``x``: one stacked matmul when the block is fused (:mod:`fusion`).
@@ -107,10 +102,8 @@ class AttentionExtras:
         return self.cached.pop(0) if self.cached else None
 
 
-def joint_attention(query, key, value, rotary, extras: AttentionExtras | None = None) -> torch.Tensor:
-    """RoPE, then SDPA over all tokens; (B, N, H, Dh) in, (B, N, H*Dh) out."""
-    query = apply_rotary_emb(query, rotary, sequence_dim=1)
-    key = apply_rotary_emb(key, rotary, sequence_dim=1)
+def joint_attention(query, key, value, extras: AttentionExtras | None = None) -> torch.Tensor:
+    """SDPA over all tokens (query and key already normalised and rotated); (B, N, H, Dh) in, (B, N, H*Dh) out."""
     mask = None
     if extras is not None:
         if extras.record is not None:
@@ -140,13 +133,12 @@ def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=
     norm_context = block.norm1_context.norm(context) * (1 + c_scale_msa) + c_shift_msa
 
     query, key, value = _projections(block, "qkv", (attn.to_q, attn.to_k, attn.to_v), norm_hidden, split, cond_rows)
-    query, key, value = _heads(attn, query, attn.norm_q), _heads(attn, key, attn.norm_k), _heads(attn, value, None)
     c_query, c_key, c_value = _projections(block, "add_qkv", (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
                                            norm_context, None)
-    c_query, c_key = _heads(attn, c_query, attn.norm_added_q), _heads(attn, c_key, attn.norm_added_k)
-    c_value = _heads(attn, c_value, None)
-    out = joint_attention(torch.cat([c_query, query], 1), torch.cat([c_key, key], 1),
-                          torch.cat([c_value, value], 1), rotary, extras)
+    query, key = qk_norm_rope([c_query, query], [c_key, key], [attn.norm_added_q, attn.norm_q],
+                              [attn.norm_added_k, attn.norm_k], rotary, attn.head_dim)  # text first
+    value = torch.cat([c_value, value], 1).unflatten(-1, (-1, attn.head_dim))
+    out = joint_attention(query, key, value, extras)
     text_len = context.shape[1]
     context_out, hidden_out = out[:, :text_len], out[:, text_len:]
     hidden_out = attn.to_out[1](_projections(block, "out", (attn.to_out[0],), hidden_out, split)[0])
@@ -185,8 +177,8 @@ def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None, con
     query, key, value, mlp_in = _projections(block, "qkv_mlp", (attn.to_q, attn.to_k, attn.to_v, block.proj_mlp),
                                              normed, split, _cond_modulated(block.norm.norm, tokens, shift, scale, split))
     mlp = block.act_mlp(mlp_in)
-    query, key, value = _heads(attn, query, attn.norm_q), _heads(attn, key, attn.norm_k), _heads(attn, value, None)
-    attn_out = joint_attention(query, key, value, rotary, extras)
+    query, key = qk_norm_rope([query], [key], [attn.norm_q], [attn.norm_k], rotary, attn.head_dim)
+    attn_out = joint_attention(query, key, value.unflatten(-1, (-1, attn.head_dim)), extras)
     cond_rows = None if split is None else lambda: torch.cat([attn_out[:, split:], block.act_mlp(mlp_in[:, split:])], 2)
     out = _projections(block, "proj_out", (block.proj_out,), torch.cat([attn_out, mlp], dim=2), split, cond_rows)[0]
     tokens = add_gated(tokens, out, gate, split)

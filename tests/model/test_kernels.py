@@ -1,0 +1,111 @@
+"""The Triton kernels of :mod:`appleswap.model.kernels` against their reference torch code.
+
+No GPU here: the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, numpy on the CPU) in a subprocess.
+The interpreter rounds fp32 to bf16 by truncation where the GPU rounds to nearest, so bf16 is compared within
+three ulps of each head's largest value (the norm's rounding enters through cos and sin, then the output's) and
+fp32 tightly. The op's fake-tensor path (what ``torch.compile`` traces) is checked separately.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from appleswap.model import kernels
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="Triton not installed")
+
+SETUP = """
+import torch
+from torch import nn
+from appleswap.model import kernels
+
+def double_block_parts(dtype, batch=2, heads=3, dim=32, text=5, image=37):
+    torch.manual_seed(0)
+    width = heads * dim
+    text_out = torch.randn(batch, text, 3 * width + 8).to(dtype)  # [q | k | v | LoRA columns], as fused outputs
+    image_out = (torch.randn(batch, image, 4 * width) * 3).to(dtype)
+    norms = [nn.RMSNorm(dim, eps=1e-6).to(dtype) for _ in range(4)]
+    for norm in norms:
+        norm.weight.data = (torch.rand(dim) + 0.5).to(dtype)
+    angles = torch.rand(text + image, dim // 2) * 6
+    rotary = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1))
+    q = [text_out[..., :width], image_out[..., :width]]
+    k = [text_out[..., width:2 * width], image_out[..., width:2 * width]]
+    return q, k, norms[:2], norms[2:], rotary, dim
+"""
+
+
+def _interpreted(code: str) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    src = os.path.join(os.path.dirname(kernels.__file__), "..", "..")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(src), env.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(SETUP) + textwrap.dedent(code)], check=False, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_qk_norm_rope_kernel_matches_reference_in_the_interpreter():
+    out = _interpreted("""
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, q_norms, k_norms, rotary, dim = double_block_parts(dtype)
+            ref = kernels.qk_norm_rope_reference(q, k, q_norms, k_norms, rotary, dim)
+            got = kernels.launch_qk_norm_rope(q, k, [n.weight for n in q_norms], [n.weight for n in k_norms],
+                                              *rotary, 1e-6, dim, wrap=False)
+            worst_abs = worst_ulps = 0.0
+            for r, g in zip(ref, got):
+                assert g.shape == r.shape and g.dtype == r.dtype, (g.shape, r.shape)
+                error = (g.float() - r.float()).abs()
+                ulp = torch.finfo(dtype).eps * r.float().abs().amax(-1, keepdim=True)  # at the head's largest value
+                worst_abs, worst_ulps = max(worst_abs, float(error.max())), max(worst_ulps, float((error / ulp).max()))
+            print(dtype, worst_abs, worst_ulps)
+        # one part (single blocks), batch 1
+        q, k, q_norms, k_norms, (cos, sin), dim = double_block_parts(torch.float32, batch=1)
+        ref = kernels.qk_norm_rope_reference(q[1:], k[1:], q_norms[1:], k_norms[1:], (cos[5:], sin[5:]), dim)
+        got = kernels.launch_qk_norm_rope(q[1:], k[1:], [q_norms[1].weight], [k_norms[1].weight], cos[5:], sin[5:],
+                                          1e-6, dim, wrap=False)
+        print("single", max(float((g - r).abs().max()) for r, g in zip(ref, got)))
+    """)
+    lines = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in out.strip().splitlines()}
+    assert lines["torch.float32"][0] < 1e-5  # fp32: summation order and rsqrt only (values up to ~10)
+    assert lines["torch.bfloat16"][1] <= 3.01  # norm rounding (through cos and sin), then the output's
+    assert lines["single"][0] < 1e-5
+
+
+def test_qk_norm_rope_op_traces_with_fake_tensors():
+    """What ``torch.compile`` sees: the op in the graph with the right output shapes, no kernel run."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    heads, dim, text, image = 2, 16, 3, 10
+    q = [torch.randn(1, text, heads * dim).bfloat16(), torch.randn(1, image, 3 * heads * dim).bfloat16()[..., :32]]
+    weights = [torch.ones(dim).bfloat16(), torch.ones(dim).bfloat16()]
+    cos = sin = torch.ones(text + image, dim)
+
+    def call(q0, q1, w0, w1, c, s):
+        return torch.ops.appleswap.qk_norm_rope([q0, q1], [q0, q1], [w0, w1], [w0, w1], c, s, 1e-6, dim)
+
+    graph = make_fx(call, tracing_mode="fake")(*q, *weights, cos, sin)
+    assert "appleswap.qk_norm_rope" in graph.code
+    fake_out = next(node for node in graph.graph.nodes if node.op == "output").args[0]
+    assert [tuple(node.meta["val"].shape) for node in fake_out] == [(1, text + image, heads, dim)] * 2
+
+
+def test_qk_norm_rope_uses_the_reference_where_the_kernel_does_not_apply():
+    torch.manual_seed(0)
+    heads, dim = 2, 16
+    x = torch.randn(1, 7, heads * dim)
+    norm = nn.RMSNorm(dim, eps=1e-6)
+    rotary = (torch.ones(7, dim), torch.zeros(7, dim))
+    got = kernels.qk_norm_rope([x], [x], [norm], [norm], rotary, dim)  # CPU: reference path
+    expected = norm(x.unflatten(-1, (heads, dim)))
+    torch.testing.assert_close(got[0], expected)
+    assert not kernels._kernel_applies([x], [x], [norm, norm], rotary, dim)
+    assert kernels._norm_eps(nn.LayerNorm(dim)) is None and kernels._norm_eps(nn.RMSNorm(dim)) is not None
+    assert kernels._norm_eps(nn.RMSNorm(dim, elementwise_affine=False)) is None
