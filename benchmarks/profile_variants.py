@@ -164,6 +164,7 @@ def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size) 
         return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
                      id_tokens=id_tokens, guidance=inp["g"], modulation=modulation, timestep_modulation=step_rows)
 
+    kernels.set_enabled(False)  # the reference: eager torch code throughout
     with torch.no_grad():
         flops = count_flops(apple)
         reference = apple().float()
