@@ -13,9 +13,10 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from appleswap.model.fusion import fused_projection, routed_fused
-from appleswap.model.kernels import qk_norm_rope
+from appleswap.model.kernels import ConcatInput, as_tensor, qk_norm_rope
 from appleswap.model.lora import base_linear, in_place_ok, routed_linear
 
 
@@ -86,6 +87,7 @@ def _projections(block, group: str, layers, x: torch.Tensor, split: int | None,
     fused = fused_projection(block, group)
     if fused is not None:
         return routed_fused(fused, x, split, cond_rows)
+    x = as_tensor(x)
     return [routed_linear(layer, x, split) if split is not None else base_linear(layer, x) for layer in layers]
 
 
@@ -148,7 +150,10 @@ def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=
     norm_hidden = modulate(block.norm2(hidden), shift_mlp, scale_mlp, split)
     ff = block.ff.net
     ff_in = routed_linear(ff[0].proj, norm_hidden, split)
-    ff_hidden = ff[1](F.gelu(ff_in, approximate=ff[0].approximate))
+    if _identity(ff[1]):  # GELU applied where the GEMM input is written (kernels.ConcatInput)
+        ff_hidden = ConcatInput((ff_in,), (ff[0].approximate,))
+    else:
+        ff_hidden = ff[1](F.gelu(ff_in, approximate=ff[0].approximate))
     cond_rows = None if split is None else lambda: ff[1](F.gelu(ff_in[:, split:], approximate=ff[0].approximate))
     ff_out = _projections(block, "ff_out", (ff[2],), ff_hidden, split, cond_rows)[0]
     hidden = add_gated(hidden, ff_out, gate_mlp, split)
@@ -159,6 +164,11 @@ def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=
     if hidden.dtype == torch.float16:
         hidden, context = hidden.clip(-65504, 65504), context.clip(-65504, 65504)
     return context, hidden
+
+
+def _identity(module: nn.Module) -> bool:
+    """A module that returns its input (FLUX's ``ff.net[1]``: dropout with p = 0, or any dropout in eval mode)."""
+    return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and (module.p == 0 or not module.training))
 
 
 def _base_feed_forward(ff, x: torch.Tensor) -> torch.Tensor:
@@ -176,11 +186,14 @@ def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None, con
     normed = modulate(block.norm.norm(tokens), shift, scale, split)
     query, key, value, mlp_in = _projections(block, "qkv_mlp", (attn.to_q, attn.to_k, attn.to_v, block.proj_mlp),
                                              normed, split, _cond_modulated(block.norm.norm, tokens, shift, scale, split))
-    mlp = block.act_mlp(mlp_in)
     query, key = qk_norm_rope([query], [key], [attn.norm_q], [attn.norm_k], rotary, attn.head_dim)
     attn_out = joint_attention(query, key, value.unflatten(-1, (-1, attn.head_dim)), extras)
     cond_rows = None if split is None else lambda: torch.cat([attn_out[:, split:], block.act_mlp(mlp_in[:, split:])], 2)
-    out = _projections(block, "proj_out", (block.proj_out,), torch.cat([attn_out, mlp], dim=2), split, cond_rows)[0]
+    if isinstance(block.act_mlp, nn.GELU):  # GELU applied where the GEMM input is written (kernels.ConcatInput)
+        proj_in = ConcatInput((attn_out, mlp_in), (None, block.act_mlp.approximate))
+    else:
+        proj_in = torch.cat([attn_out, block.act_mlp(mlp_in)], dim=2)
+    out = _projections(block, "proj_out", (block.proj_out,), proj_in, split, cond_rows)[0]
     tokens = add_gated(tokens, out, gate, split)
     if tokens.dtype == torch.float16:
         tokens = tokens.clip(-65504, 65504)

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from appleswap.model import kernels
 from appleswap.model.fusion import FusedProjection, _base
+from appleswap.model.kernels import ConcatInput
 from appleswap.model.lora import is_lora_layer
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 MIN_ROWS = 16  # fewer activation rows than this: dequantised matmul (the AdaLN linears see 1-2 rows)
 GRANULARITIES = ("row", "tensor")
-_ROUND_UP = 1 + 2**-7  # scale margin: covers the rounding of the scale to bf16, so |x| / scale <= 448 (no clamp)
+ROUND_UP = 1 + 2**-7  # scale margin: covers the rounding of the scale to bf16, so |x| / scale <= 448 (no clamp)
 
 
 def check_granularity(granularity: str) -> str:
@@ -72,7 +74,7 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     low, high = torch.aminmax(x)
     amax = torch.maximum(-low, high).float()
-    scale = (amax / FP8_MAX * _ROUND_UP).clamp(min=torch.finfo(x.dtype).tiny).to(x.dtype)
+    scale = (amax / FP8_MAX * ROUND_UP).clamp(min=torch.finfo(x.dtype).tiny).to(x.dtype)
     return x.div(scale).to(FP8), scale.float()
 
 
@@ -85,7 +87,7 @@ def quantize_activation_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     normal, so a row of zeros gives zeros, never NaN.
     """
     amax = x.abs().amax(dim=-1, keepdim=True).float()
-    scale = (amax * (_ROUND_UP / FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = (amax * (ROUND_UP / FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
     return (x.float() / scale).to(FP8), scale
 
 
@@ -170,7 +172,7 @@ def quantize_lora_columns(lora_b: torch.Tensor, row_scale: torch.Tensor) -> tupl
     weight rows whose scales belong to the base weight; ``c`` (the smallest that keeps ``B'`` in e4m3's range,
     rounded up by 1/128 like the activation scales) moves to the LoRA input. An all-zero column gets ``c = 1``."""
     ratio = lora_b.detach().float() / row_scale.float()[:, None]
-    column = ratio.abs().amax(dim=0) * (_ROUND_UP / FP8_MAX)
+    column = ratio.abs().amax(dim=0) * (ROUND_UP / FP8_MAX)
     column = torch.where(column > 0, column, torch.ones_like(column))
     return (ratio / column).to(FP8), column
 
@@ -239,9 +241,23 @@ class Fp8FusedProjection(FusedProjection):
         self._b_seen = seen
         return True
 
-    def matmul(self, x: torch.Tensor, lora_columns: bool = False) -> torch.Tensor:
-        """Like :meth:`FusedProjection.matmul`; ``x`` without the LoRA columns is padded with zeros (same product)."""
-        missing = self.weight_fp8.shape[1] - x.shape[-1]
+    def matmul(self, x: torch.Tensor | ConcatInput, lora_columns: bool = False) -> torch.Tensor:
+        """Like :meth:`FusedProjection.matmul`; ``x`` without the LoRA columns is padded with zeros (same product).
+        A :class:`~appleswap.model.kernels.ConcatInput` is joined and quantised per row by one Triton kernel."""
+        width = self.weight_fp8.shape[1]
+        if isinstance(x, ConcatInput):
+            rows = x.shape[0] * x.shape[1]
+            if (takes_scaled_mm(self.use_scaled_mm, rows, width, self.weight_fp8.shape[0], x.parts[0])
+                    and kernels.join_applies(x, width)):
+                x_fp8, x_scale = kernels.join_rows(x, width, quantize=True)
+                out_dtype = torch.bfloat16  # row-wise GEMMs write bf16 (see scaled_matmul)
+                out = torch._scaled_mm(x_fp8.reshape(rows, width), self.weight_fp8.t(), scale_a=x_scale,
+                                       scale_b=self.weight_scale.reshape(1, -1),
+                                       bias=None if self.bias is None else self.bias.to(out_dtype),
+                                       out_dtype=out_dtype)
+                return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+            x = x.join()
+        missing = width - x.shape[-1]
         if missing:
             x = F.pad(x, (0, missing))
         flat = x.reshape(-1, x.shape[-1])

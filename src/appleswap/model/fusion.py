@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from appleswap.model import kernels
+from appleswap.model.kernels import ConcatInput
 from appleswap.model.lora import _active_adapters, add_to_rows, is_lora_layer, lora_delta
 
 DOUBLE_GROUPS = {"qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -124,9 +126,14 @@ class FusedProjection(nn.Module):
                 a.weight.data = self.lora_down[offset:offset + rank]
             row, column = row + size, column + rank
 
-    def matmul(self, x: torch.Tensor, lora_columns: bool = False) -> torch.Tensor:
-        """``x @ W^T + b``, or with ``lora_columns`` ``[x | z] @ [W | B]^T + b`` (``x`` then carries ``z``)."""
-        return F.linear(x, self.weight_aug if lora_columns else self.weight, self.bias)
+    def matmul(self, x: torch.Tensor | ConcatInput, lora_columns: bool = False) -> torch.Tensor:
+        """``x @ W^T + b``, or with ``lora_columns`` ``[x | z] @ [W | B]^T + b`` (``x`` then carries ``z``). A
+        :class:`~appleswap.model.kernels.ConcatInput` is joined by one Triton kernel where it applies."""
+        weight = self.weight_aug if lora_columns else self.weight
+        if isinstance(x, ConcatInput):
+            width = weight.shape[1]
+            x = kernels.join_rows(x, width)[0] if kernels.join_applies(x, width) else x.join(width)
+        return F.linear(x, weight, self.bias)
 
     def release(self) -> None:
         """Give every member layer (and its LoRA matrices) its own storage again (before the group is dropped)."""
@@ -204,9 +211,13 @@ def routed_fused(fused: FusedProjection, x: torch.Tensor, cond_start: int | None
         return list(fused.matmul(x).split(fused.sizes, dim=-1))
     if fused.fold_ready():
         recompute = cond_rows is not None and torch.compiler.is_compiling()  # eager: the slice costs no launches
-        cond = cond_rows() if recompute else x[:, cond_start:]
-        z = F.pad(F.linear(cond, fused.lora_down) * fused.lora_scale, (0, 0, cond_start, 0))  # zeros above
+        cond = cond_rows() if recompute else _rows(x, cond_start)
+        z = F.linear(cond, fused.lora_down) * fused.lora_scale
+        if isinstance(x, ConcatInput):  # z joins the pieces: written once with them
+            return list(fused.matmul(x.with_tail(z), lora_columns=True).split(fused.sizes, dim=-1))
+        z = F.pad(z, (0, 0, cond_start, 0))  # zeros above
         return list(fused.matmul(torch.cat([x, z], dim=-1), lora_columns=True).split(fused.sizes, dim=-1))
+    x = kernels.as_tensor(x)
     outputs = list(fused.matmul(x).split(fused.sizes, dim=-1))
     cond = x[:, cond_start:]
     deltas = stacked_lora_deltas(fused, cond)
@@ -216,6 +227,10 @@ def routed_fused(fused: FusedProjection, x: torch.Tensor, cond_start: int | None
         if delta is not None:
             outputs[index] = add_to_rows(outputs[index], cond_start, delta)
     return outputs
+
+
+def _rows(x: torch.Tensor | ConcatInput, start: int) -> torch.Tensor:
+    return x.rows(start) if isinstance(x, ConcatInput) else x[:, start:]
 
 
 def stacked_lora_deltas(fused: FusedProjection, cond: torch.Tensor) -> list[torch.Tensor] | None:
