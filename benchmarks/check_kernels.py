@@ -1,0 +1,79 @@
+"""GPU check of the Triton kernels (:mod:`appleswap.model.kernels`) at FLUX's sizes: each against its reference
+torch code compiled by inductor (what runs without the kernels): agreement (share of equal values, largest
+difference) and time per call. Prints one table. CUDA only.
+
+    PYTHONPATH=src python benchmarks/check_kernels.py
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from appleswap.bench_utils import Rows, time_call
+from appleswap.model import kernels
+from appleswap.model.fp8 import quantize_activation_rows
+
+
+def _agreement(got: torch.Tensor, ref: torch.Tensor) -> str:
+    got, ref = got.float(), ref.float()
+    return f"equal {float((got == ref).float().mean()):.4f}, max |diff| {float((got - ref).abs().max()):.3g}"
+
+
+def check_qk_norm_rope(rows: Rows, device: str, text: int = 512, image: int = 2048, heads: int = 24, dim: int = 128):
+    width = heads * dim
+    text_out = torch.randn(1, text, 3 * width + 192, device=device, dtype=torch.bfloat16)
+    image_out = torch.randn(1, image, 3 * width + 192, device=device, dtype=torch.bfloat16)
+    norms = [nn.RMSNorm(dim, eps=1e-6).to(device, torch.bfloat16) for _ in range(4)]
+    for norm in norms:
+        nn.init.uniform_(norm.weight, 0.5, 1.5)
+    angles = torch.rand(text + image, dim // 2, device=device) * 6
+    rotary = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1))
+    q, k = [text_out[..., :width], image_out[..., :width]], [text_out[..., width:2 * width], image_out[..., width:2 * width]]
+    args = (q, k, norms[:2], norms[2:], rotary, dim)
+    reference = torch.compile(kernels.qk_norm_rope_reference, fullgraph=True)
+    with torch.no_grad():
+        ref, got = reference(*args), kernels.qk_norm_rope(*args)
+        rows.add("qk_norm_rope, double block (512 + 2048 tokens): agreement", 0, "", _agreement(got[0], ref[0]))
+        rows.add("qk_norm_rope: Triton kernel", time_call(lambda: kernels.qk_norm_rope(*args), device, 20) * 1e6, "us",
+                 "")
+        rows.add("qk_norm_rope: reference, torch.compile", time_call(lambda: reference(*args), device, 20) * 1e6,
+                 "us", "")
+
+
+def check_join_rows(rows: Rows, device: str, tokens: int = 2560, cond: int = 1024):
+    attn = torch.randn(1, tokens, 3072, device=device, dtype=torch.bfloat16)
+    mlp = torch.randn(1, tokens, 12288, device=device, dtype=torch.bfloat16) * 2
+    z = torch.randn(1, cond, 64, device=device, dtype=torch.bfloat16)
+    x = kernels.ConcatInput((attn, mlp), (None, "tanh"), z)
+    width = 3072 + 12288 + 64
+
+    def reference(attn, mlp, z, quantize):
+        joined = kernels.ConcatInput((attn, mlp), (None, "tanh"), z).join(width)
+        return quantize_activation_rows(joined.reshape(-1, width)) if quantize else (joined, None)
+
+    compiled = torch.compile(reference, fullgraph=True)
+    with torch.no_grad():
+        for quantize in (False, True):
+            label = "fp8 (row amax, e4m3, scales)" if quantize else "bf16"
+            ref, got = compiled(attn, mlp, z, quantize), kernels.join_rows(x, width, quantize)
+            note = _agreement(got[0].reshape(ref[0].shape), ref[0])
+            if quantize:
+                note += f"; scales {_agreement(got[1], ref[1])}"
+            rows.add(f"join_rows [attn | gelu(mlp) | z], single block, {label}: agreement", 0, "", note)
+            rows.add(f"join_rows {label}: Triton kernel",
+                     time_call(lambda q=quantize: kernels.join_rows(x, width, q), device, 20) * 1e6, "us", "")
+            rows.add(f"join_rows {label}: reference, torch.compile",
+                     time_call(lambda q=quantize: compiled(attn, mlp, z, q), device, 20) * 1e6, "us", "")
+
+
+def main() -> None:
+    rows = Rows()
+    torch.manual_seed(0)
+    check_qk_norm_rope(rows, "cuda")
+    check_join_rows(rows, "cuda")
+    print(rows.table())
+
+
+if __name__ == "__main__":
+    main()
