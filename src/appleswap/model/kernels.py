@@ -167,10 +167,12 @@ if triton is not None:
 
     @triton.jit
     def _join_rows_kernel(a_ptr, a_sb, a_sn, b_ptr, b_sb, b_sn, t_ptr, t_sb, t_sn, out_ptr, scale_ptr, rows,
-                          tail_start, width, factor, KA: tl.constexpr, KB: tl.constexpr, KT: tl.constexpr,
-                          GELU_A: tl.constexpr, GELU_B: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
+                          tail_start, width, KA: tl.constexpr, KB: tl.constexpr, KT: tl.constexpr,
+                          GELU_A: tl.constexpr, GELU_B: tl.constexpr, QUANT: tl.constexpr, FACTOR: tl.constexpr,
+                          BLOCK: tl.constexpr):
         """One row: ``[a | b | tail]`` (GELU where flagged, rounded to the input dtype like the reference), zero
-        padded to ``width``; with QUANT its amax, e4m3 values and fp32 scale (``quantize_activation_rows``)."""
+        padded to ``width``; with QUANT its amax, e4m3 values and fp32 scale (``quantize_activation_rows``).
+        FACTOR is a constexpr: inductor passes float arguments as fp64, and fp64 cannot be cast to e4m3."""
         row = tl.program_id(0)
         batch = tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -190,7 +192,7 @@ if triton is not None:
             x = tl.where(in_t, t.to(tl.float32), x)
         flat = batch * rows + row
         if QUANT:
-            scale = tl.maximum(tl.max(tl.abs(x), axis=0) * factor, 1.1754943508222875e-38)  # fp32's tiny
+            scale = tl.maximum(tl.max(tl.abs(x), axis=0) * FACTOR, 1.1754943508222875e-38)  # fp32's tiny
             tl.store(out_ptr + flat * width + cols, (x / scale).to(out_ptr.dtype.element_ty), mask=cols < width)
             tl.store(scale_ptr + flat, scale)
         else:
@@ -211,9 +213,9 @@ if triton is not None:
         kernel = torch.library.wrap_triton(_join_rows_kernel) if wrap else _join_rows_kernel
         kernel[(rows, batch)](
             a, a.stride(0), a.stride(1), b_, b_.stride(0), b_.stride(1), t_, t_.stride(0), t_.stride(1), out, scales,
-            rows, rows - (0 if tail is None else tail.shape[1]), width, ROUND_UP / FP8_MAX, KA=a.shape[-1],
+            rows, rows - (0 if tail is None else tail.shape[1]), width, KA=a.shape[-1],
             KB=0 if b is None else b.shape[-1], KT=0 if tail is None else tail.shape[-1], GELU_A=gelu_a,
-            GELU_B=gelu_b, QUANT=quantize, BLOCK=block, num_warps=16 if block > 8192 else 8)
+            GELU_B=gelu_b, QUANT=quantize, FACTOR=ROUND_UP / FP8_MAX, BLOCK=block, num_warps=16 if block > 8192 else 8)
         return out, scales
 
     @torch.library.triton_op("appleswap::join_rows", mutates_args={})
