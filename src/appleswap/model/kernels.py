@@ -106,7 +106,7 @@ if triton is not None:
 
     @triton.jit
     def _qk_norm_rope_kernel(q_ptr, k_ptr, q_stride_b, q_stride_n, k_stride_b, k_stride_n, wq_ptr, wk_ptr,
-                             cos_ptr, sin_ptr, qo_ptr, ko_ptr, tokens, offset, total, eps,
+                             cos_ptr, sin_ptr, qo_ptr, ko_ptr, tokens, offset, total, EPS: tl.constexpr,
                              HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_T: tl.constexpr):
         """One tile: BLOCK_T tokens of head ``program_id(1)`` (queries for heads < HEADS, keys above)."""
         head = tl.program_id(1)
@@ -120,7 +120,7 @@ if triton is not None:
         stride = tl.where(is_query, q_stride_n, k_stride_n)
         x = tl.load(src + rows[:, None].to(tl.int64) * stride + h * DIM + dims[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / DIM + eps)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / DIM + EPS)  # EPS constexpr: inductor passes floats as fp64
         weight = tl.load(tl.where(is_query, wq_ptr, wk_ptr) + dims).to(tl.float32)
         out_type = qo_ptr.dtype.element_ty
         y = (x * rstd[:, None] * weight[None, :]).to(out_type).to(tl.float32)  # the norm's rounding
@@ -148,7 +148,7 @@ if triton is not None:
             tokens = q.shape[1]
             grid = (triton.cdiv(tokens, block), 2 * (width // head_dim), batch)
             kernel[grid](q, k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), wq, wk, cos, sin, query, key,
-                         tokens, offset, total, eps, HEADS=width // head_dim, DIM=head_dim, BLOCK_T=block)
+                         tokens, offset, total, EPS=eps, HEADS=width // head_dim, DIM=head_dim, BLOCK_T=block)
             offset += tokens
         return query, key
 
