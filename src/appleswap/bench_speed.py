@@ -104,28 +104,37 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
 
 def bench_fold_ab(cfg, model, inp, modulations, device, rows: Rows, backend: str, label: str) -> None:
     """Interleaved A/B (two rounds) of the compiled pass with the LoRA folded into the fused GEMMs and apart (and,
-    for fp8, the separate layers). Leaves the model fused with the LoRA folded."""
+    for fp8, the separate layers), and folded without the Triton kernels (:mod:`appleswap.model.kernels`: torch
+    code, as inductor compiles it). Leaves the model fused with the LoRA folded and the kernels on."""
     import torch
 
-    names = {None: "separate layers (A/B)", False: "LoRA apart (A/B)", True: "LoRA folded into the fused GEMMs (A/B)"}
-    variants = (None, False, True) if label.startswith("fp8") else (False, True)
-    times = {fold: [] for fold in variants}
+    from appleswap.model import kernels
+
+    names = {None: "separate layers (A/B)", False: "LoRA apart (A/B)", True: "LoRA folded into the fused GEMMs (A/B)",
+             "torch": "LoRA folded, no Triton kernels (A/B)"}
+    variants = (None, False, True, "torch") if label.startswith("fp8") else (False, True, "torch")
+    times = {variant: [] for variant in variants}
     outputs = {}
     with torch.no_grad(), sdpa_context(backend, fallback=True):
         for _ in range(2):
-            for fold in variants:
-                if fold is None:
+            for variant in variants:
+                kernels.set_enabled(variant != "torch")
+                if variant is None:
                     model.unfuse_projections()
                 else:
-                    model.fuse_projections(fold_lora=fold)
-                times[fold].append(time_call(lambda: apple_pass(model, inp, *modulations), device, cfg.repeats,
-                                             warmup=2))
-                outputs[fold] = apple_pass(model, inp, *modulations).float()
+                    model.fuse_projections(fold_lora=variant is not False)
+                times[variant].append(time_call(lambda: apple_pass(model, inp, *modulations), device, cfg.repeats,
+                                                warmup=2))
+                outputs[variant] = apple_pass(model, inp, *modulations).float()
+        kernels.set_enabled(True)
+        model.fuse_projections(fold_lora=True)
     difference = ((outputs[True] - outputs[False]).norm() / outputs[False].norm()).item()
-    for fold in variants:
-        rows.add(f"APPLE pass, {label}, {names[fold]}", min(times[fold]) * 1e3, "ms",
-                 f"rounds {', '.join(f'{t * 1e3:.1f}' for t in times[fold])}"
-                 + (f"; rel. L2 diff folded vs apart {difference:.2g}" if fold else ""))
+    kernel_difference = ((outputs[True] - outputs["torch"]).norm() / outputs["torch"].norm()).item()
+    for variant in variants:
+        note = {True: f"; rel. L2 diff folded vs apart {difference:.2g}",
+                "torch": f"; rel. L2 diff kernels vs torch code {kernel_difference:.2g}"}.get(variant, "")
+        rows.add(f"APPLE pass, {label}, {names[variant]}", min(times[variant]) * 1e3, "ms",
+                 f"rounds {', '.join(f'{t * 1e3:.1f}' for t in times[variant])}{note}")
 
 
 def bench_vae(cfg, vae, device, rows: Rows, size: int) -> None:
