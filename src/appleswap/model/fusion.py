@@ -196,7 +196,7 @@ def fused_projection(block: nn.Module, name: str) -> FusedProjection | None:
     return None if fused is None else fused[name]
 
 
-def routed_fused(fused: FusedProjection, x: torch.Tensor, cond_start: int | None,
+def routed_fused(fused: FusedProjection, x: torch.Tensor | ConcatInput, cond_start: int | None,
                  cond_rows: Callable[[], torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Every member layer's output (LoRA on tokens ``cond_start:`` only) from one base matmul.
 
