@@ -115,12 +115,17 @@ def scaled_matmul(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch
         x_fp8, x_scale = quantize_activation(x)
         return torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale,
                                 bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    return rowwise_scaled_mm(*quantize_activation_rows(x), weight_fp8, weight_scale, bias, x.dtype)
+
+
+def rowwise_scaled_mm(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight_fp8: torch.Tensor,
+                      weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The row-wise fp8 product of already quantised activations (M, K) with scales (M, 1), output in ``dtype``."""
     # row-wise GEMMs on CUDA write bf16 only (fp32 only through cuBLAS >= 12.9 on sm90): fp16 goes through bf16
-    out_dtype = torch.bfloat16 if x.dtype == torch.float16 else x.dtype
-    x_fp8, x_scale = quantize_activation_rows(x)
+    out_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
     out = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale.reshape(1, -1),
                            bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
-    return out.to(x.dtype)
+    return out.to(dtype)
 
 
 def takes_scaled_mm(enabled: bool, rows: int, in_features: int, out_features: int, x: torch.Tensor) -> bool:
@@ -250,12 +255,9 @@ class Fp8FusedProjection(FusedProjection):
             if (takes_scaled_mm(self.use_scaled_mm, rows, width, self.weight_fp8.shape[0], x.parts[0])
                     and kernels.join_applies(x, width)):
                 x_fp8, x_scale = kernels.join_rows(x, width, quantize=True)
-                out_dtype = torch.bfloat16  # row-wise GEMMs write bf16 (see scaled_matmul)
-                out = torch._scaled_mm(x_fp8.reshape(rows, width), self.weight_fp8.t(), scale_a=x_scale,
-                                       scale_b=self.weight_scale.reshape(1, -1),
-                                       bias=None if self.bias is None else self.bias.to(out_dtype),
-                                       out_dtype=out_dtype)
-                return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+                out = rowwise_scaled_mm(x_fp8.reshape(rows, width), x_scale, self.weight_fp8, self.weight_scale,
+                                        self.bias, x.dtype)
+                return out.reshape(*x.shape[:-1], -1)
             x = x.join()
         missing = width - x.shape[-1]
         if missing:
