@@ -49,7 +49,8 @@ def label_stages(pipe) -> None:
         setattr(pipe, name, labelled(name, getattr(pipe, name)))
     for name in ("prepare_noise", "image_ids", "sample_euler", "decode_tokens", "images_to_tensor"):
         setattr(pipeline_module, name, labelled(name, getattr(pipeline_module, name)))
-    pipe.transformer.modulation_state = labelled("modulation_state", pipe.transformer.modulation_state)
+    for name in ("modulation_state", "pass_constants"):
+        setattr(pipe.transformer, name, labelled(name, getattr(pipe.transformer, name)))
 
 
 def main() -> None:

@@ -15,7 +15,15 @@ import time
 
 import torch
 
-from appleswap.bench import BenchConfig, build_apple, build_models, make_inputs, pass_timestep_rows, plain_pass
+from appleswap.bench import (
+    BenchConfig,
+    build_apple,
+    build_models,
+    make_inputs,
+    pass_timestep_rows,
+    plain_pass,
+    swap_constants,
+)
 from appleswap.bench_tiers import swap_rows
 from appleswap.bench_utils import Rows, count_flops, matmul_ceiling, sdpa_context, sync, time_call
 from appleswap.model import kernels
@@ -120,7 +128,8 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="quantise the blocks to fp8 (row-wise) first")
     parser.add_argument("--swap-sdpa", default="auto", help="SDPA backend of the swap rows (auto, flash, cudnn, ...)")
     parser.add_argument("--as-swaps", action="store_true",
-                        help="passes get this timestep's AdaLN rows precomputed, as in swaps (timestep_modulation)")
+                        help="passes get this timestep's AdaLN rows, the prompt embedding, RoPE and the ID keys and values "
+                             "precomputed, as in swaps")
     parser.add_argument("--inductor", default="",
                         help="inductor config for the compiled variants, e.g. 'triton.multi_kernel=2,aggressive_fusion=1'")
     args = parser.parse_args()
@@ -159,10 +168,13 @@ def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size) 
     with torch.no_grad():
         modulation = model.condition_modulation(inp["text"])
         step_rows = pass_timestep_rows(model, inp) if args.as_swaps else None
+        constants = swap_constants(model, inp) if args.as_swaps else None
 
     def apple(id_tokens=inp["id_tokens"]):
+        hoisted = constants if id_tokens is not None else None  # "no ID tokens": computed in the pass, no ID path
         return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
-                     id_tokens=id_tokens, guidance=inp["g"], modulation=modulation, timestep_modulation=step_rows)
+                     id_tokens=None if hoisted is not None else id_tokens, guidance=inp["g"], modulation=modulation,
+                     timestep_modulation=step_rows, constants=hoisted)
 
     kernels.set_enabled(False)  # the reference: eager torch code throughout
     with torch.no_grad():
@@ -197,6 +209,12 @@ def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size) 
         if key == "compiled" and "no-id" in todo:
             measure("APPLE compiled, fused, no ID tokens", lambda: apple(None), device, rows, flops, ceiling,
                     args.repeats)
+        if key == "graph" and constants is not None and "graph-in-pass" in todo:
+            hoisted = constants
+            constants = None  # A/B: the prompt embedding, RoPE and ID keys/values computed in every pass
+            measure(f"{name}, per-swap constants computed in the pass", apple, device, rows, flops, ceiling,
+                    args.repeats)
+            constants = hoisted
         if key in ("compiled", "graph") and "no-lora" in todo:
             model.flux.disable_adapters()
             model.enable_cuda_graphs(graphs)  # record anew: the adapter state is part of what a graph runs

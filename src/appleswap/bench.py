@@ -121,10 +121,15 @@ def make_inputs(cfg: BenchConfig, flux, batch: int, size: int):
                 "t": torch.full((batch,), 0.7, device=device), "g": torch.ones(batch, device=device)}
 
 
-def apple_pass(model, inp, modulation=None, timestep_rows=None):
+def apple_pass(model, inp, modulation=None, timestep_rows=None, constants=None):
     return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
-                 id_tokens=inp["id_tokens"], guidance=inp["g"], modulation=modulation,
-                 timestep_modulation=timestep_rows)
+                 id_tokens=None if constants is not None else inp["id_tokens"], guidance=inp["g"],
+                 modulation=modulation, timestep_modulation=timestep_rows, constants=constants)
+
+
+def swap_constants(model, inp):
+    """The pass's per-swap constants (prompt embedding, RoPE, ID keys/values) as a swap computes them."""
+    return model.pass_constants(inp["text"], inp["ids"], inp["id_tokens"], condition=True)
 
 
 def pass_timestep_rows(model, inp):

@@ -255,14 +255,18 @@ class SwapPipeline:
         elif conds is not None:  # the condition's AdaLN rows: constant over the steps (and swaps)
             modulation = self._memo(("condition",), lambda: self.transformer.condition_modulation(self.text))
 
+        constants = {}  # per batch size: prompt embedding, RoPE and ID keys/values, computed at the first pass
+
         def multi(x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
             n, batch = len(variants), x.shape[0]
-            ids = None if id_tokens is None else torch.cat([i.expand(batch, -1, -1) for _, i in variants])
+            if batch not in constants:
+                ids = None if id_tokens is None else torch.cat([i.expand(batch, -1, -1) for _, i in variants])
+                constants[batch] = self.transformer.pass_constants(self.text, positions, ids, conds is not None)
             timestep = sigma.to(x.dtype).repeat(n)
             guidance = torch.full_like(timestep, guidance_scale)
             velocity = self.transformer(x.repeat(n, 1, 1), timestep, text=self.text, img_ids=positions,
-                                        condition=conds, id_tokens=ids, guidance=guidance, id_weight=id_weight,
-                                        condition_cache=cache, modulation=modulation,
+                                        condition=conds, guidance=guidance, id_weight=id_weight,
+                                        condition_cache=cache, modulation=modulation, constants=constants[batch],
                                         timestep_modulation=None if steps is None else steps(sigma))
             return list(velocity.chunk(n))
 

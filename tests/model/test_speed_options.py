@@ -100,6 +100,35 @@ def test_timestep_modulation_table_equals_per_pass_modulation():
         _call(model, same, timestep_modulation=table)
 
 
+@torch.no_grad()
+def test_pass_constants_equal_per_pass_computation():
+    """The prompt embedding, RoPE and ID keys/values computed once per swap give the same passes (with and without
+    the condition, one ID for the batch or one per image, fused too); they are what the pass uses (another
+    identity's keys change it) and a mismatched token count is refused."""
+    model, inp = _full_model(), _inputs(batch=2)
+    ids = torch.cat([inp["id_tokens"], tiny_id_tokens(1, seed=5)])
+    for condition in (inp["condition"], None):
+        for id_tokens in (inp["id_tokens"], ids):
+            case = dict(inp, condition=condition, id_tokens=id_tokens)
+            plain = _call(model, case)
+            constants = model.pass_constants(inp["text"], IDS, id_tokens, condition is not None)
+            assert len(constants.id_keys_values) == len(model.id_attentions) == 2
+            assert constants.id_keys_values[0].shape[0] == id_tokens.shape[0]
+            torch.testing.assert_close(_call(model, dict(case, id_tokens=None), constants=constants), plain,
+                                       rtol=1e-5, atol=1e-5)
+    constants = model.pass_constants(inp["text"], IDS, ids)
+    other = model.pass_constants(inp["text"], IDS, ids.flip(0))
+    fast = _call(model, dict(inp, id_tokens=None), constants=constants)
+    assert (fast - _call(model, dict(inp, id_tokens=None), constants=other)).abs().max() > 1e-4
+    model.fuse_projections()
+    torch.testing.assert_close(_call(model, dict(inp, id_tokens=None), constants=constants),
+                               _call(model, dict(inp, id_tokens=ids)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        _call(model, inp, constants=constants)
+    with pytest.raises(ValueError, match="built for"):
+        _call(model, dict(inp, id_tokens=None), constants=model.pass_constants(inp["text"], IDS, ids, False))
+
+
 def test_in_place_id_residual_equals_training_path():
     model, inp = _full_model(), _inputs()
     with torch.no_grad():

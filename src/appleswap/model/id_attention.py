@@ -40,13 +40,23 @@ class IDCrossAttention(nn.Module):
         self.to_kv = nn.Linear(kv_dim, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, id_tokens: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """ID tokens (B, N, kv_dim) and image tokens (B, L, dim) -> residual (B, L, dim) to add to the image tokens."""
+    def keys_values(self, id_tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Keys and values of the ID tokens, (B, N, 2 * inner): the same at every step of a swap, so a swap computes
+        them once (``AppleTransformer.pass_constants``)."""
+        return self.to_kv(self.norm1(id_tokens.to(dtype)))
+
+    def forward(self, id_tokens: torch.Tensor | None, hidden_states: torch.Tensor,
+                keys_values: torch.Tensor | None = None) -> torch.Tensor:
+        """ID tokens (B, N, kv_dim) and image tokens (B, L, dim) -> residual (B, L, dim) to add to the image tokens.
+
+        ``keys_values``: :meth:`keys_values` computed beforehand (B or 1, N, 2 * inner); then ``id_tokens`` is unused."""
         batch, length, _ = hidden_states.shape
-        id_tokens = self.norm1(id_tokens.to(hidden_states.dtype))
+        if keys_values is None:
+            keys_values = self.keys_values(id_tokens, hidden_states.dtype)
+        keys_values = keys_values.expand(batch, -1, -1)
         hidden_states = self.norm2(hidden_states)
         query = self.to_q(hidden_states).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-        key, value = self.to_kv(id_tokens).chunk(2, dim=-1)
+        key, value = keys_values.chunk(2, dim=-1)
         key = key.reshape(batch, -1, self.heads, self.head_dim).transpose(1, 2)
         value = value.reshape(batch, -1, self.heads, self.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(query, key, value)  # softmax scale 1/sqrt(head_dim), as PuLID

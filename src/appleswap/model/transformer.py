@@ -78,6 +78,18 @@ class TimestepModulation:
         return TimestepModulation(self.rows[index:index + 1])
 
 
+@dataclasses.dataclass
+class PassConstants:
+    """What every pass of a swap computes alike: the prompt through ``context_embedder`` ``context`` (1 or B, T, D),
+    RoPE's (cos, sin) over the token positions ``rotary``, and each ID cross-attention's keys and values of the ID
+    tokens ``id_keys_values`` (list of (B, N, 2 * inner), or None). Build with
+    :meth:`AppleTransformer.pass_constants`; same result, fewer kernels per pass."""
+
+    context: torch.Tensor
+    rotary: tuple
+    id_keys_values: list | None = None
+
+
 class AppleTransformer(nn.Module):
     """FLUX transformer (``flux``) + ID cross-attentions (``id_attentions``), three-branch forward.
 
@@ -128,11 +140,13 @@ class AppleTransformer(nn.Module):
         guidance = guidance if guidance is not None else torch.ones_like(timestep)
         return embed(timestep, guidance.to(dtype) * 1000, pooled)
 
-    def _add_id(self, index: int | None, hidden, start: int, length: int, id_tokens, id_weight: float):
-        if index is None or id_tokens is None or not len(self.id_attentions):
+    def _add_id(self, index: int | None, hidden, start: int, length: int, id_tokens, id_weight: float,
+                id_keys_values: list | None = None):
+        if index is None or (id_tokens is None and id_keys_values is None) or not len(self.id_attentions):
             return hidden
         image = hidden[:, start:start + length]
-        residual = self._run(self._kernels["id"], self.id_attentions[index], id_tokens, image)
+        keys_values = None if id_keys_values is None else id_keys_values[index]
+        residual = self._run(self._kernels["id"], self.id_attentions[index], id_tokens, image, keys_values)
         if lora_lib.in_place_ok():  # eager inference: add into the image slice, no concatenation
             image.add_(residual, alpha=id_weight)
             return hidden
@@ -151,7 +165,8 @@ class AppleTransformer(nn.Module):
                 img_ids: torch.Tensor, condition: torch.Tensor | None = None, id_tokens: torch.Tensor | None = None,
                 guidance: torch.Tensor | None = None, id_weight: float = 1.0, independent_condition: bool = False,
                 condition_cache: ConditionCache | None = None, modulation: ConditionModulation | None = None,
-                timestep_modulation: TimestepModulation | None = None) -> torch.Tensor:
+                timestep_modulation: TimestepModulation | None = None,
+                constants: PassConstants | None = None) -> torch.Tensor:
         """Velocity (B, L, 64) for noisy ``latents`` (B, L, 64) at ``timestep`` (B,) in [0, 1].
 
         Args:
@@ -169,11 +184,13 @@ class AppleTransformer(nn.Module):
                 (same result as without it, fewer matmuls per pass).
             timestep_modulation: from :meth:`timestep_modulation`, the row of this pass's timestep (one row for
                 the whole batch, which must then share timestep and guidance; same result, fewer matmuls).
+            constants: from :meth:`pass_constants` for this swap's prompt, positions and ID tokens (then pass
+                ``id_tokens=None``; same result, fewer kernels).
         """
         kwargs = {"text": text, "img_ids": img_ids, "condition": condition, "id_tokens": id_tokens,
                   "guidance": guidance, "id_weight": id_weight, "independent_condition": independent_condition,
                   "condition_cache": condition_cache, "modulation": modulation,
-                  "timestep_modulation": timestep_modulation}
+                  "timestep_modulation": timestep_modulation, "constants": constants}
         for group in self._folded_fp8:
             group.refresh_lora()
         if self.graph_runner is not None and self.offloader is None:
@@ -181,34 +198,39 @@ class AppleTransformer(nn.Module):
         return self._forward(latents, timestep, **kwargs)
 
     def _forward(self, latents, timestep, *, text, img_ids, condition, id_tokens, guidance, id_weight,
-                 independent_condition, condition_cache, modulation, timestep_modulation) -> torch.Tensor:
+                 independent_condition, condition_cache, modulation, timestep_modulation,
+                 constants=None) -> torch.Tensor:
         batch, length, _ = latents.shape
         text = text.expand(batch)
         if condition is not None and condition.shape != latents.shape:
             raise ValueError(f"condition {tuple(condition.shape)} must match latents {tuple(latents.shape)}")
         if condition_cache is not None and condition is not None:
             raise ValueError("pass either condition or condition_cache, not both")
+        if constants is not None and id_tokens is not None:
+            raise ValueError("pass either id_tokens or constants (which hold the ID keys and values), not both")
         if id_tokens is not None and id_tokens.shape[0] != batch:
             id_tokens = id_tokens.expand(batch, -1, -1)
         timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
         main_rows, out_row = self._split_timestep_rows(timestep_modulation)
         streams = self._embed(latents, condition, timestep, guidance, text, img_ids, modulation,
-                              timestep_embedding=main_rows is None)
+                              timestep_embedding=main_rows is None, constants=constants)
         extras = None
         if condition is not None and independent_condition:
             extras = AttentionExtras(mask=self._independent_mask(text.prompt_embeds.shape[1], length, latents.device))
         elif condition_cache is not None:
             extras = AttentionExtras(cached=list(condition_cache.keys_values))
         rows = modulation.rows if modulation is not None and condition is not None else None
-        image = self._blocks(*streams, length, id_tokens, id_weight, extras, rows, main_rows)
+        id_keys_values = None if constants is None else constants.id_keys_values
+        image = self._blocks(*streams, length, id_tokens, id_weight, extras, rows, main_rows, id_keys_values)
         if out_row is None:
             return self.flux.proj_out(self.flux.norm_out(image, streams[2]))
         scale, shift = out_row.to(image.dtype).chunk(2, dim=-1)  # AdaLayerNormContinuous's order
         return self.flux.proj_out(self.flux.norm_out.norm(image) * (1 + scale) + shift)
 
-    def _embed(self, latents, condition, timestep, guidance, text, img_ids, modulation=None, timestep_embedding=True):
+    def _embed(self, latents, condition, timestep, guidance, text, img_ids, modulation=None, timestep_embedding=True,
+               constants=None):
         """Token embeddings, the two time embeddings and RoPE: (hidden, context, temb, temb_cond, rotary); temb is
-        None without ``timestep_embedding`` (the rows were precomputed)."""
+        None without ``timestep_embedding`` (the rows were precomputed); context and RoPE from ``constants``."""
         flux, length = self.flux, latents.shape[1]
         tokens = torch.cat([latents, condition.to(latents.dtype)], 1) if condition is not None else latents
         hidden = lora_lib.routed_linear(flux.x_embedder, tokens, length if condition is not None else None)
@@ -219,13 +241,38 @@ class AppleTransformer(nn.Module):
             temb_cond = modulation.temb.to(dtype).expand(latents.shape[0], -1)  # (1 or B, D) -> (B, D)
         elif condition is not None:
             temb_cond = self._time_embedding(torch.zeros_like(timestep), None, text.pooled, dtype)
-        context = flux.context_embedder(text.prompt_embeds.to(dtype))
-        ids = [text.text_ids, img_ids, img_ids] if condition is not None else [text.text_ids, img_ids]
-        rotary = flux.pos_embed(torch.cat([i.to(latents.device) for i in ids], dim=0))
-        return hidden, context, temb, temb_cond, rotary
+        if constants is None:
+            context = flux.context_embedder(text.prompt_embeds.to(dtype))
+            rotary = self._rotary(text, img_ids, condition is not None, latents.device)
+            return hidden, context, temb, temb_cond, rotary
+        count = text.prompt_embeds.shape[1] + tokens.shape[1]
+        if constants.rotary[0].shape[0] != count or constants.context.shape[1] != text.prompt_embeds.shape[1]:
+            raise ValueError(f"constants were built for {constants.rotary[0].shape[0]} tokens, this pass has {count}"
+                             " (build them with the same prompt, positions and condition)")
+        context = constants.context.to(dtype).expand(latents.shape[0], -1, -1)
+        return hidden, context, temb, temb_cond, constants.rotary
+
+    def _rotary(self, text: TextEmbeddings, img_ids: torch.Tensor, condition: bool, device) -> tuple:
+        ids = [text.text_ids, img_ids, img_ids] if condition else [text.text_ids, img_ids]
+        return self.flux.pos_embed(torch.cat([i.to(device) for i in ids], dim=0))
+
+    @torch.no_grad()
+    def pass_constants(self, text: TextEmbeddings, img_ids: torch.Tensor, id_tokens: torch.Tensor | None = None,
+                       condition: bool = True) -> PassConstants:
+        """The prompt through ``context_embedder``, RoPE over [text; image(; condition)] positions and the ID
+        cross-attentions' keys and values of ``id_tokens`` (the batch the passes will get), once per swap: every
+        pass over them computes the same. ``condition``: whether the passes carry condition tokens."""
+        if text.prompt_embeds.shape[0] != 1:
+            raise ValueError("pass_constants needs one prompt (batch 1)")
+        context = self.flux.context_embedder(text.prompt_embeds.to(self.device, self.dtype))
+        keys_values = None
+        if id_tokens is not None and len(self.id_attentions):
+            tokens = id_tokens.to(self.device)
+            keys_values = [attention.keys_values(tokens, self.dtype) for attention in self.id_attentions]
+        return PassConstants(context, self._rotary(text, img_ids, condition, self.device), keys_values)
 
     def _blocks(self, hidden, context, temb, temb_cond, rotary, length, id_tokens, id_weight, extras, rows=None,
-                main_rows=None):
+                main_rows=None, id_keys_values=None):
         """Double then single blocks with the ID residuals; returns the image tokens (B, L, D).
 
         ``rows`` / ``main_rows``: precomputed condition / main-token AdaLN rows per block (doubles first), or None."""
@@ -237,7 +284,7 @@ class AppleTransformer(nn.Module):
                 context, hidden = self._run(self._kernels["double"], block, hidden, context, temb, temb_cond, rotary, split,
                                             extras, None if rows is None else rows[n],
                                             None if main_rows is None else main_rows[n])
-            hidden = self._add_id(self._ca_double.get(n), hidden, 0, length, id_tokens, id_weight)
+            hidden = self._add_id(self._ca_double.get(n), hidden, 0, length, id_tokens, id_weight, id_keys_values)
         text_len = context.shape[1]
         tokens = torch.cat([context, hidden], dim=1)
         split = text_len + length if has_cond else None
@@ -246,7 +293,8 @@ class AppleTransformer(nn.Module):
                 tokens = self._run(self._kernels["single"], block, tokens, temb, temb_cond, rotary, split, extras,
                                    None if rows is None else rows[num_double + n],
                                    None if main_rows is None else main_rows[num_double + n])
-            tokens = self._add_id(self._ca_single.get(n), tokens, text_len, length, id_tokens, id_weight)
+            tokens = self._add_id(self._ca_single.get(n), tokens, text_len, length, id_tokens, id_weight,
+                                  id_keys_values)
         return tokens[:, text_len:text_len + length]
 
     @staticmethod
@@ -501,6 +549,7 @@ class AppleTransformer(nn.Module):
         return rank
 
 
-def _id_residual(attention: nn.Module, id_tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+def _id_residual(attention: nn.Module, id_tokens: torch.Tensor | None, image: torch.Tensor,
+                 keys_values: torch.Tensor | None = None) -> torch.Tensor:
     """One ID cross-attention as a plain function (the unit that :meth:`AppleTransformer.compile_blocks` compiles)."""
-    return attention(id_tokens, image)
+    return attention(id_tokens, image, keys_values)
