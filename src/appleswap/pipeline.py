@@ -21,7 +21,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from appleswap.model.latents import decode_tokens, encode_images, image_ids, prepare_noise, vae_scale_factor
+from appleswap.model.latents import (
+    decode_tokens,
+    encode_images,
+    image_ids,
+    placement,
+    prepare_noise,
+    vae_scale_factor,
+)
 from appleswap.model.text import DEFAULT_PROMPT, load_text_embeddings
 from appleswap.model.transformer import AppleTransformer, TextEmbeddings
 from appleswap.sampling import (
@@ -221,7 +228,7 @@ class SwapPipeline:
         rows = []
         with self._vae() as vae:
             for image, seed in zip(images, seeds):
-                generator = torch.Generator(vae.device).manual_seed(seed) if sample else None
+                generator = torch.Generator(placement(vae)[0]).manual_seed(seed) if sample else None
                 rows.append(encode_images(vae, image[None], sample=sample, generator=generator))
         return torch.cat(rows).to(self.transformer.dtype)
 

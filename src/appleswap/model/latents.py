@@ -10,6 +10,13 @@ from __future__ import annotations
 import torch
 
 
+def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a model's first weight (e.g. the VAE's ``encoder.conv_in``); diffusers' ``.device`` and
+    ``.dtype`` walk every submodule looking for hooks on each call."""
+    weight = next(module.parameters())
+    return weight.device, weight.dtype
+
+
 def vae_scale_factor(vae) -> int:
     """Pixels per latent cell (8 for the FLUX VAE): 2 ** (number of resolution levels - 1)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
@@ -67,7 +74,8 @@ def encode_images(vae, images: torch.Tensor, sample: bool = False, generator: to
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
     _latent_size(images.shape[2], images.shape[3], vae_scale_factor(vae))
-    pixels = (images.to(device=vae.device, dtype=vae.dtype) * 2.0 - 1.0).clamp(-1.0, 1.0)
+    device, dtype = placement(vae)
+    pixels = (images.to(device=device, dtype=dtype) * 2.0 - 1.0).clamp(-1.0, 1.0)
     posterior = vae.encode(pixels).latent_dist
     latents = posterior.sample(generator) if sample else posterior.mode()
     shift = vae.config.shift_factor or 0.0
@@ -79,7 +87,8 @@ def encode_images(vae, images: torch.Tensor, sample: bool = False, generator: to
 def decode_tokens(vae, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Packed latent tokens (B, L, 64) -> images (B, 3, height, width) in [0, 1] (float32)."""
     latent_h, latent_w = _latent_size(height, width, vae_scale_factor(vae))
-    latents = unpack_latents(tokens, latent_h, latent_w).to(device=vae.device, dtype=vae.dtype)
+    device, dtype = placement(vae)
+    latents = unpack_latents(tokens, latent_h, latent_w).to(device=device, dtype=dtype)
     shift = vae.config.shift_factor or 0.0
     latents = latents / vae.config.scaling_factor + shift
     images = vae.decode(latents).sample
