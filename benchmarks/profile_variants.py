@@ -210,11 +210,10 @@ def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size) 
             measure("APPLE compiled, fused, no ID tokens", lambda: apple(None), device, rows, flops, ceiling,
                     args.repeats)
         if key == "graph" and constants is not None and "graph-in-pass" in todo:
-            hoisted = constants
-            constants = None  # A/B: the prompt embedding, RoPE and ID keys/values computed in every pass
+            kept, constants = constants, None  # A/B: the prompt embedding, RoPE and ID keys/values in every pass
             measure(f"{name}, per-swap constants computed in the pass", apple, device, rows, flops, ceiling,
                     args.repeats)
-            constants = hoisted
+            constants = kept
         if key in ("compiled", "graph") and "no-lora" in todo:
             model.flux.disable_adapters()
             model.enable_cuda_graphs(graphs)  # record anew: the adapter state is part of what a graph runs

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from appleswap.model.latents import image_ids, pack_latents, unpack_latents, vae_scale_factor
+from appleswap.model.latents import image_ids, pack_latents, placement, unpack_latents, vae_scale_factor
 from appleswap.model.transformer import TextEmbeddings
 from appleswap.train import losses
 
@@ -56,7 +56,8 @@ def sample_generator(seed: int, epoch: int, index: int, tag: str = "noise") -> t
 def encode_posterior(vae: nn.Module, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """Images in [0, 1] -> packed latent tokens, each sample drawn from its VAE posterior with its own generator."""
     with torch.no_grad():
-        pixels = (images.to(device=vae.device, dtype=vae.dtype) * 2 - 1).clamp(-1, 1)
+        device, dtype = placement(vae)
+        pixels = (images.to(device=device, dtype=dtype) * 2 - 1).clamp(-1, 1)
         dist = vae.encode(pixels).latent_dist
         eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
         latents = dist.mean + dist.std * eps.to(dist.mean)
@@ -67,7 +68,7 @@ def encode_posterior(vae: nn.Module, images: torch.Tensor, generators: list[torc
 def decode_differentiable(vae: nn.Module, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Packed tokens -> images in [-1, 1], with gradients through the frozen decoder (for the aux losses)."""
     scale = vae_scale_factor(vae)
-    latents = unpack_latents(tokens, height // scale, width // scale).to(vae.dtype)
+    latents = unpack_latents(tokens, height // scale, width // scale).to(placement(vae)[1])
     latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     return vae.decode(latents).sample.float()
 
