@@ -81,16 +81,19 @@ def swap_rows(cfg, model, vae, inp, device, size: int, backend: str, label: str,
     from appleswap.bench import _pipe
 
     pipe, target = _pipe(model, vae, inp), torch.rand(1, 3, size, size, device=device)
-    repeats = max(1, cfg.repeats // 2)
+    student, inverted = [], []
     with sdpa_context(backend, fallback=True):
         seconds = time_call(lambda: pipe(inp["id_tokens"], target, num_steps=cfg.steps, output_type="pt"), device,
-                            repeats)
-        rows.add(f"student swap ({cfg.steps} passes), {label}", seconds, "s", f"SDPA {backend}, incl. VAE")
+                            cfg.repeats, samples=student)
+        rows.add(f"student swap ({cfg.steps} passes), {label}", seconds, "s",
+                 f"SDPA {backend}, incl. VAE; median of {_spread(student)}")
         if teacher:
             pipe.mode = "teacher"
             seconds = time_call(lambda: pipe(inp["id_tokens"], target, condition=target, invert=True,
-                                             num_steps=cfg.steps, output_type="pt"), device, repeats)
-            rows.add(f"teacher swap + inversion ({2 * cfg.steps} passes), {label}", seconds, "s", f"SDPA {backend}")
+                                             num_steps=cfg.steps, output_type="pt"), device, cfg.repeats,
+                                samples=inverted)
+            rows.add(f"teacher swap + inversion ({2 * cfg.steps} passes), {label}", seconds, "s",
+                     f"SDPA {backend}; median of {_spread(inverted)}")
             pipe.mode = "student"
         if batch > 1:
             targets = target.expand(batch, -1, -1, -1)
@@ -98,6 +101,10 @@ def swap_rows(cfg, model, vae, inp, device, size: int, backend: str, label: str,
                                 device, 1)
             rows.add(f"student swaps, batch {batch}, {label}", batch / seconds, "images/s",
                      f"{seconds:.2f} s per batch")
+
+
+def _spread(seconds: list[float]) -> str:
+    return f"{len(seconds)} ({', '.join(f'{s:.3f}' for s in seconds)} s)"
 
 
 def swap_breakdown(cfg, model, vae, inp, device, size: int, backend: str, label: str, rows: Rows) -> None:

@@ -33,8 +33,9 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device, repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn()`` after ``warmup`` calls (device synchronised around each)."""
+def time_call(fn, device, repeats: int, warmup: int = 1, samples: list | None = None) -> float:
+    """Median wall seconds of ``fn()`` after ``warmup`` calls (device synchronised around each); every timing is
+    appended to ``samples`` when given."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -44,6 +45,8 @@ def time_call(fn, device, repeats: int, warmup: int = 1) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
+    if samples is not None:
+        samples.extend(times)
     return statistics.median(times)
 
 
