@@ -39,7 +39,6 @@ from appleswap.sampling import (
     sample_midpoint,
     with_batched_guidance,
 )
-from appleswap.sampling.samplers import upload
 from appleswap.sampling.schedule import schedule_from_scheduler_config
 from appleswap.sampling.steps import StepTable, call_sigmas
 
@@ -359,7 +358,7 @@ class SwapPipeline:
         else:
             x = torch.cat([prepare_noise(1, height, width, generator=torch.Generator().manual_seed(s),
                                          vae_scale=vae_scale_factor(self.vae), dtype=dtype) for s in seeds])
-            x = upload(x, device)  # queued behind the VAE encode, no wait
+            x = x.to(device)
         steps = self.step_table(sigmas, sampler_order, guidance_scale=guidance_scale)
         model = self.denoiser(cond_tokens, id_tokens, positions, guidance_scale=guidance_scale,
                               image_guidance_scale=image_guidance_scale, id_guidance_scale=id_guidance_scale,

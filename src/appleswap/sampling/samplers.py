@@ -24,20 +24,11 @@ def _euler_update(x: torch.Tensor, velocity: torch.Tensor, step: torch.Tensor) -
     return (x.float() + step.float() * velocity.float()).to(x.dtype)
 
 
-def upload(tensor: torch.Tensor, device) -> torch.Tensor:
-    """``tensor`` on ``device`` without waiting: a plain host-to-GPU copy synchronises the stream, so the host would
-    wait for the queued work (e.g. the VAE encode) and leave the GPU idle while it prepares the rest of the swap.
-    From pinned memory the copy is queued like a kernel."""
-    if tensor.device.type != "cpu" or torch.device(device).type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 def _on_device(sigmas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The schedule on the latents' device, copied once: a per-step host-to-device copy of a scalar would make
     the host wait for the previous pass every step, leaving the GPU idle while it prepares the next one. Pass
     the schedule on the CPU: the checks then need no device round trip either."""
-    return upload(sigmas.to(torch.float32), x.device)
+    return sigmas.to(x.device, torch.float32)
 
 
 def _check_sigmas(sigmas: torch.Tensor, descending: bool) -> None:

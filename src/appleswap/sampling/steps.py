@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from appleswap.sampling.samplers import upload
-
 
 def call_sigmas(sigmas: torch.Tensor, order: int = 1, inverse: bool = False) -> torch.Tensor:
     """The sigmas at which ``sample_euler`` / ``sample_midpoint`` (``order`` 1 / 2) or ``invert`` (``inverse``)
@@ -36,7 +34,7 @@ class StepTable:
     """
 
     def __init__(self, table, sigmas: torch.Tensor, device: torch.device | str):
-        self.table, self.sigmas = table, upload(sigmas.to(torch.float32), device)
+        self.table, self.sigmas = table, sigmas.to(device, torch.float32)
         self.calls = 0
         self.mismatch = torch.zeros((), device=device)
 
