@@ -65,7 +65,7 @@ class BenchConfig:
 def build_models(cfg: BenchConfig, device, dtype):
     """(plain FLUX, VAE) with random weights, created on ``meta`` and materialised on the device."""
     import torch
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # materialise directly in bf16 (no fp32 copy of 12 B parameters)
@@ -76,12 +76,19 @@ def build_models(cfg: BenchConfig, device, dtype):
         torch.set_default_dtype(previous)
     flux = flux.to_empty(device=device)
     init_random_(flux)
+    return flux.eval().requires_grad_(False), build_vae(cfg, device, dtype)
+
+
+def build_vae(cfg: BenchConfig, device, dtype):
+    """The FLUX VAE (16 latent channels, shift and scale) with diffusers' random initialisation."""
+    from diffusers import AutoencoderKL
+
     vae_extra = TINY_VAE if cfg.tiny else FULL_VAE
     blocks = len(vae_extra["block_out_channels"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) *
                         blocks, up_block_types=("UpDecoderBlock2D",) * blocks, scaling_factor=0.3611,
                         shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, **vae_extra)
-    return flux.eval().requires_grad_(False), vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def build_apple(flux, cfg: BenchConfig, id_dim: int):

@@ -140,11 +140,13 @@ def bench_fold_ab(cfg, model, inp, modulations, device, rows: Rows, backend: str
 
 
 def bench_vae(cfg, vae, device, rows: Rows, size: int) -> None:
-    """VAE encode + decode of one image: default cuDNN settings, with cuDNN autotuning (what the pipeline uses),
-    and autotuning with channels-last weights and activations."""
+    """VAE encode + decode of one image: default cuDNN settings, with cuDNN autotuning (the pipeline's eager VAE),
+    autotuning with channels-last weights and activations, and with ``--compile`` on a GPU compiled
+    (:func:`~appleswap.model.latents.compile_vae`, as the pipeline compiles it): the VAE stays compiled for the
+    compiled swap rows after this one."""
     import torch
 
-    from appleswap.model.latents import decode_tokens, encode_images
+    from appleswap.model.latents import compile_vae, decode_tokens, encode_images
     from appleswap.pipeline import vae_conv_flags
 
     image = torch.rand(1, 3, size, size, device=device)
@@ -162,8 +164,15 @@ def bench_vae(cfg, vae, device, rows: Rows, size: int) -> None:
             last = time_call(lambda: round_trip(True), device, cfg.repeats, warmup=2)
         finally:
             vae.to(memory_format=torch.contiguous_format)
+        compiled = ""
+        if cfg.compile and torch.device(device).type == "cuda":
+            reference = round_trip()
+            compile_vae(vae)
+            seconds = time_call(round_trip, device, cfg.repeats, warmup=2)
+            difference = ((round_trip() - reference).norm() / reference.norm()).item()
+            compiled = f"; compiled {seconds * 1e3:.1f} ms (rel. L2 diff {difference:.2g}; the compiled swaps' VAE)"
     rows.add(f"VAE encode + decode ({size}x{size})", plain * 1e3, "ms",
-             f"cuDNN autotuned {tuned * 1e3:.1f} ms (pipeline default); + channels-last {last * 1e3:.1f} ms")
+             f"cuDNN autotuned {tuned * 1e3:.1f} ms (eager pipeline); + channels-last {last * 1e3:.1f} ms{compiled}")
 
 
 def compiled_rows(cfg, model, vae, device, rows: Rows, ceiling: float, size: int) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from appleswap.model.latents import (
+    compile_vae,
     decode_tokens,
     encode_images,
     image_ids,
@@ -144,7 +145,8 @@ class SwapPipeline:
                 (half the memory, changes numerics slightly); ``none`` | ``model`` (VAE in host memory between
                 uses) | ``sequential`` (also the blocks, copied in one at a time: slow, smallest GPU memory).
             fuse / compile / cuda_graphs: speed options that keep the function: stacked projection GEMMs; regional
-                ``torch.compile`` (True or a mode name); whole-pass CUDA graphs (both GPU only).
+                ``torch.compile`` (True or a mode name; on a GPU without offload the VAE is compiled too);
+                whole-pass CUDA graphs (both GPU only).
         """
         from appleswap.cli_common import pick_device
         from appleswap.model.loading import load_apple_transformer, load_vae
@@ -164,6 +166,8 @@ class SwapPipeline:
         apply_memory_options(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile,
                              cuda_graphs=cuda_graphs)
         vae = load_vae(flux, dtype=dtype, device="cpu" if offload != "none" else device)
+        if compile and offload == "none" and torch.device(device).type == "cuda":
+            compile_vae(vae)  # default mode whatever ``compile`` says: max-autotune spends minutes on its convolutions
         cache = Path(text_cache_dir) if text_cache_dir else root / "cache" / "text_embeddings"
         text = load_text_embeddings(flux, prompt, cache, max_sequence_length=max_sequence_length, device=device,
                                     dtype=dtype)

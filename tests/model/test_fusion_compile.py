@@ -120,3 +120,28 @@ def test_folded_lora_follows_adapter_switches_scaling_and_reloads(tmp_path):
     model.load_lora(path)
     assert model.is_fused() and fusion.fused_projection(model.flux.transformer_blocks[1], "ff_out").fold_ready()
     torch.testing.assert_close(_call(model, inp), plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
+@torch.no_grad()
+def test_compiled_vae_encodes_and_decodes_as_eager_with_the_same_state_dict():
+    from appleswap.bench import BenchConfig, build_vae
+    from appleswap.model.latents import compile_vae, decode_tokens, encode_images
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    vae = build_vae(BenchConfig(tiny=True), "cpu", torch.float32)
+    images = torch.rand(1, 3, 64, 64)
+    tokens = encode_images(vae, images)
+    decoded = decode_tokens(vae, tokens, 64, 64)
+    keys = list(vae.state_dict())
+    try:
+        assert compile_vae(vae) is vae
+        assert vae.encoder._compiled_call_impl is not None and vae.decoder._compiled_call_impl is not None
+        assert list(vae.state_dict()) == keys  # weights load and save under the same names
+        torch.testing.assert_close(encode_images(vae, images), tokens, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(decode_tokens(vae, tokens, 64, 64), decoded, rtol=1e-4, atol=1e-4)
+        other = torch.rand(1, 3, 64, 64)  # new inputs: computed, not a replay of the first call
+        assert not torch.allclose(encode_images(vae, other), tokens, atol=1e-3)
+    finally:
+        torch._dynamo.reset()

@@ -17,6 +17,15 @@ def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return weight.device, weight.dtype
 
 
+def compile_vae(vae, mode: str | None = None):
+    """``torch.compile`` the VAE's encoder and decoder in place (same modules, same state dict). Eager, their
+    GroupNorms (one reduction block per group: 32 on a GPU of 132 SMs) take over half of a 512x512 encode + decode
+    on an H100; inductor splits those reductions and fuses the norm with the SiLU after it."""
+    for part in (vae.encoder, vae.decoder):
+        part.compile(mode=mode, dynamic=False)
+    return vae
+
+
 def vae_scale_factor(vae) -> int:
     """Pixels per latent cell (8 for the FLUX VAE): 2 ** (number of resolution levels - 1)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -28,14 +28,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from appleswap.cli_common import pick_device
-    from appleswap.model.loading import load_apple_transformer, load_vae
-    from appleswap.model.text import load_text_embeddings
+    from appleswap.pipeline import SwapPipeline
     from appleswap.train.build import DTYPES
     from appleswap.train.data import IdTokenStore
     from appleswap.train.pairs import load_or_create_manifest, merge_scores, shard
     from appleswap.train.pseudo_gen import PseudoGenerator, generate_pairs, pool_items
     from appleswap.train.scores import build_scorer
-    from appleswap.weights import locate
 
     data = load_config_file(args.config)
     config = resolve_config(PseudoConfig, args, data["pseudo"] if isinstance(data.get("pseudo"), dict) else data)
@@ -51,15 +49,11 @@ def run(args: argparse.Namespace) -> int:
     pairs = load_or_create_manifest(out_dir, pool, config.num_pairs, config.seed) if rank == 0 else None
     pairs = pairs or _wait_for_manifest(out_dir, config)
     dtype = DTYPES[config.mixed_precision]
-    flux = locate("flux", args.weights_dir, explicit=config.flux)
-    pulid = locate("pulid_flux", args.weights_dir, explicit=config.pulid)
-    transformer = load_apple_transformer(flux, pulid_path=pulid,
-                                         lora_path=locate("apple_teacher", args.weights_dir, explicit=config.teacher),
-                                         dtype=dtype, device=device)
-    generator = PseudoGenerator(transformer, load_vae(flux, dtype=dtype, device=device),
-                                load_text_embeddings(flux, config.prompt, device=device, dtype=dtype),
-                                IdTokenStore(config.id_cache).null(), num_steps=config.num_steps,
-                                guidance=config.guidance)
+    pipeline = SwapPipeline.from_pretrained(
+        args.weights_dir, "teacher", flux_path=config.flux, pulid_path=config.pulid, lora_path=config.teacher,
+        device=str(device), dtype=dtype, prompt=config.prompt, null_id=IdTokenStore(config.id_cache).null(),
+        fp8=config.fp8, compile=config.compile, cuda_graphs=config.cuda_graphs)
+    generator = PseudoGenerator(pipeline, num_steps=config.num_steps, guidance=config.guidance)
     scorer = build_scorer(config, args.weights_dir, root, device) if config.score else None
     done = generate_pairs(generator, shard(pairs, rank, world), root=root, out_dir=out_dir,
                           id_cache=Path(config.id_cache), condition_folder=config.condition_folder,

@@ -33,43 +33,23 @@ def pool_items(root: Path, condition_folder: str, aes_threshold: float, ids: Any
 
 
 class PseudoGenerator:
-    """Teacher + attribute-aware inversion for one pair at a time (batch 1, deterministic)."""
+    """Teacher + attribute-aware inversion for one pair at a time, run by the swap pipeline (teacher mode,
+    ``invert=True``, ``noID_trgCond``): the same sampler as ``appleswap swap`` and with its speed options (fused
+    projections, compiled blocks and VAE, CUDA graphs, per-swap rows), since this is the job that runs 100,000 times.
+    Deterministic: the condition latent is drawn from the VAE posterior with the seeded generator."""
 
-    def __init__(self, transformer: Any, vae: Any, text: Any, null_tokens: torch.Tensor, *, num_steps: int = 28,
-                 guidance: float = 1.0) -> None:
-        self.transformer, self.vae, self.text = transformer, vae, text
-        self.null = null_tokens
-        self.num_steps, self.guidance = num_steps, guidance
-
-    def _velocity(self, condition: torch.Tensor, id_tokens: torch.Tensor, ids: torch.Tensor) -> Callable:
-        model = self.transformer
-        dtype, device = model.dtype, model.device
-        g = torch.full((1,), self.guidance, device=device, dtype=dtype)
-
-        def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            return model(x.to(dtype), sigma.to(dtype), text=self.text, img_ids=ids, condition=condition,
-                         id_tokens=id_tokens, guidance=g).float()
-        return velocity
+    def __init__(self, pipeline: Any, *, num_steps: int = 28, guidance: float = 1.0, seed: int = 0) -> None:
+        if pipeline.mode != "teacher":
+            raise ValueError(f"pseudo-triplets come from the teacher; the pipeline is in {pipeline.mode!r} mode")
+        self.pipeline, self.num_steps, self.guidance, self.seed = pipeline, num_steps, guidance, seed
 
     @torch.no_grad()
     def swap(self, target: torch.Tensor, condition: torch.Tensor, source_tokens: torch.Tensor) -> torch.Tensor:
-        """(1, 3, H, W) target and condition in [0, 1], source tokens (1, 32, D) -> (1, 3, H, W) swap in [0, 1]."""
-        from appleswap.model.latents import decode_tokens, encode_images, image_ids, vae_scale_factor
-        from appleswap.sampling.samplers import invert, sample_euler
-        from appleswap.sampling.schedule import get_schedule
-
-        model = self.transformer
-        device, dtype = model.device, model.dtype
-        height, width = target.shape[-2:]
-        ids = image_ids(height, width, device=device, vae_scale=vae_scale_factor(self.vae))
-        x0 = encode_images(self.vae, target).float().to(device)
-        cond = encode_images(self.vae, condition).to(device, dtype)
-        sigmas = get_schedule(self.num_steps, x0.shape[1])
-        null = self.null.to(device, dtype).reshape(1, *self.null.shape[-2:])
-        noise = invert(self._velocity(cond, null, ids), x0, sigmas, disable=True)
-        source = source_tokens.to(device, dtype).reshape(1, *source_tokens.shape[-2:])
-        latents = sample_euler(self._velocity(cond, source, ids), noise, sigmas, disable=True)
-        return decode_tokens(self.vae, latents, height, width).cpu()
+        """(1, 3, H, W) target and condition in [0, 1], source tokens (32, D) -> (1, 3, H, W) swap in [0, 1]."""
+        source = source_tokens.reshape(1, *source_tokens.shape[-2:])
+        return self.pipeline(source, target, condition=condition, invert=True, inverse_cond="noID_trgCond",
+                             num_steps=self.num_steps, guidance_scale=self.guidance, seed=self.seed,
+                             output_type="pt").cpu()
 
 
 def generate_pairs(generator: PseudoGenerator, pairs: list, *, root: Path, out_dir: Path, id_cache: Path,
