@@ -54,6 +54,8 @@ def test_tiny_bench_compiled_rows():
     # the folded-LoRA A/B computes the same pass; the breakdown's stages add up to no more than the swap
     folded = notes["APPLE pass, bf16, LoRA folded into the fused GEMMs (A/B)"]
     assert table["APPLE pass, bf16, LoRA apart (A/B)"] > 0 and float(folded.rsplit("apart ", 1)[1]) < 1e-4
+    # the compiled swaps run a compiled copy of the VAE: the same round trip
+    assert float(notes["VAE encode + decode (64x64)"].split("rel. L2 diff ", 1)[1].split(";")[0]) < 1e-4
     breakdown = notes["student swap breakdown, bf16, compiled"]
     assert "1-step loop" in breakdown and table["student swap breakdown, bf16, compiled"] > 0
 

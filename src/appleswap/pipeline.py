@@ -73,13 +73,13 @@ def images_to_tensor(images: Any, name: str) -> torch.Tensor:
 
 
 def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = False, offload: str = "none",
-                         fuse: bool = True, compile: bool | str = False,
-                         cuda_graphs: bool = False) -> AppleTransformer:
+                         fuse: bool = True, compile: bool | str = False, cuda_graphs: bool = False,
+                         vae=None) -> AppleTransformer:
     """fp8 block weights and/or sequential block offload for a transformer loaded on the CPU (or already on
     ``device``): quantised block by block on ``device``, then everything resident placed there. Then the speed
     options that keep the function: fused projections (weights resident on the device only; with fp8 the fused
     GEMMs carry the LoRA in fp8 too) and regional ``torch.compile`` (``compile``: True or a torch.compile mode
-    name)."""
+    name; without offload also of ``vae``, in the default mode: max-autotune spends minutes on its convolutions)."""
     if fp8:
         transformer.quantize_fp8(device=device if offload != "sequential" else None)
     if offload == "sequential":
@@ -91,6 +91,8 @@ def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = F
     on_cuda = torch.device(device).type == "cuda"  # compile and graphs pay off on GPUs only
     if compile and on_cuda:
         transformer.compile_blocks(mode=compile if isinstance(compile, str) else None)
+        if vae is not None and offload == "none":
+            compile_vae(vae)
     if cuda_graphs and on_cuda and offload != "sequential":
         transformer.enable_cuda_graphs()
     return transformer
@@ -145,8 +147,7 @@ class SwapPipeline:
                 (half the memory, changes numerics slightly); ``none`` | ``model`` (VAE in host memory between
                 uses) | ``sequential`` (also the blocks, copied in one at a time: slow, smallest GPU memory).
             fuse / compile / cuda_graphs: speed options that keep the function: stacked projection GEMMs; regional
-                ``torch.compile`` (True or a mode name; on a GPU without offload the VAE is compiled too);
-                whole-pass CUDA graphs (both GPU only).
+                ``torch.compile`` (True or a mode name; also the VAE); whole-pass CUDA graphs (both GPU only).
         """
         from appleswap.cli_common import pick_device
         from appleswap.model.loading import load_apple_transformer, load_vae
@@ -163,11 +164,9 @@ class SwapPipeline:
         lora = locate(f"apple_{mode}", weights_dir, explicit=lora_path)
         transformer = load_apple_transformer(flux, pulid_path=pulid, lora_path=lora, dtype=dtype,
                                              device="cpu" if fp8 or offload == "sequential" else device)
-        apply_memory_options(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile,
-                             cuda_graphs=cuda_graphs)
         vae = load_vae(flux, dtype=dtype, device="cpu" if offload != "none" else device)
-        if compile and offload == "none" and torch.device(device).type == "cuda":
-            compile_vae(vae)  # default mode whatever ``compile`` says: max-autotune spends minutes on its convolutions
+        apply_memory_options(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile,
+                             cuda_graphs=cuda_graphs, vae=vae)
         cache = Path(text_cache_dir) if text_cache_dir else root / "cache" / "text_embeddings"
         text = load_text_embeddings(flux, prompt, cache, max_sequence_length=max_sequence_length, device=device,
                                     dtype=dtype)
@@ -203,12 +202,10 @@ class SwapPipeline:
         autotuning for its convolutions."""
         from appleswap.model.offload import ModelOffloader
 
-        with vae_conv_flags():
-            if self.offload == "none":
-                yield self.vae
-            else:
-                with ModelOffloader(self.device).use(self.vae) as vae:
-                    yield vae
+        place = (contextlib.nullcontext(self.vae) if self.offload == "none"
+                 else ModelOffloader(self.device).use(self.vae))
+        with vae_conv_flags(), place as vae:
+            yield vae
 
     # ---- inputs
     def encode_source(self, source: Any) -> torch.Tensor:
