@@ -327,11 +327,10 @@ def run_bench(cfg: BenchConfig, device: str) -> Rows:
     if cfg.kv_cache:
         bench_kv_cache(cfg, model, device, rows, ceiling, size, chosen)
         bench_student(cfg, model, vae, device, rows, size, chosen, "KV-cache mode", kv_cache=True)
-    swap_vae = vae  # the compiled rows' VAE: compiled on a GPU, as the pipeline compiles it
     if cfg.compile and not cfg.only_tiers:
-        swap_vae = bench_vae(cfg, vae, device, rows, size)
-        compiled_rows(cfg, model, swap_vae, device, rows, ceiling, size)
-    run_tiers(cfg, model, (vae, swap_vae), device, rows, ceiling, size, chosen)  # last: fp8 quantises in place
+        bench_vae(cfg, vae, device, rows, size)  # compiles the VAE for the compiled rows
+        compiled_rows(cfg, model, vae, device, rows, ceiling, size)
+    run_tiers(cfg, model, vae, device, rows, ceiling, size, chosen)  # last: fp8 quantises the model in place
     return rows
 
 

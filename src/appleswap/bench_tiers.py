@@ -139,13 +139,11 @@ def swap_breakdown(cfg, model, vae, inp, device, size: int, backend: str, label:
              f"set-up), VAE decode {times['VAE decode'] * 1e3:.1f} ms, rest {rest * 1e3:.1f} ms")
 
 
-def bench_fp8(cfg, model, vaes, inp, device, rows: Rows, ceilings: tuple[float, float], size: int,
+def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, float], size: int,
               backend: str) -> None:
-    """Quantise the model's blocks to fp8 in place, then pass, swaps, peak memory and the output difference.
-    ``vaes``: the eager swaps' and the compiled swaps' VAE."""
+    """Quantise the model's blocks to fp8 in place, then pass, swaps, peak memory and the output difference."""
     import torch
 
-    vae, swap_vae = vaes
     bf16_ceiling, fp8_ceil = ceilings
     with torch.no_grad(), sdpa_context(backend):
         modulation = model.condition_modulation(inp["text"])
@@ -172,13 +170,14 @@ def bench_fp8(cfg, model, vaes, inp, device, rows: Rows, ceilings: tuple[float, 
     rows.add("fp8: APPLE pass, fused + LoRA folded", seconds * 1e3, "ms",
              f"{flops / seconds / bf16_ceiling:.2f} of bf16 ceiling; rel. L2 diff to unquantised {error:.3g}")
     if cfg.eager_swaps:
-        swap_rows(cfg, model, vae, inp, device, size, backend, "fp8, eager", rows)
+        with torch.compiler.set_stance("force_eager"):  # the VAE too, if the compiled rows compiled it
+            swap_rows(cfg, model, vae, inp, device, size, backend, "fp8, eager", rows)
     rows.add("fp8: inference peak memory", _peak(device), "GiB", "fp8 passes and swaps")
     if cfg.compile:
         from appleswap.bench_speed import bench_compiled
 
-        bench_compiled(cfg, model, swap_vae, device, rows, bf16_ceiling, size, "auto" if cfg.sdpa == "fastest"
-                       else cfg.sdpa, label="fp8")
+        bench_compiled(cfg, model, vae, device, rows, bf16_ceiling, size, "auto" if cfg.sdpa == "fastest" else
+                       cfg.sdpa, label="fp8")
         model.uncompile_blocks()
 
 
@@ -212,16 +211,18 @@ def bench_offload(cfg, model, vae, inp, device, rows: Rows, size: int, backend: 
     sync(device)
 
 
-def run_tiers(cfg, model, vaes, device, rows: Rows, ceiling: float, size: int, backend: str) -> None:
-    """The memory/numerics rows in a safe order (fp8 eager and compiled, then the offload tiers). ``vaes``: the
-    eager VAE and the compiled swaps' VAE (the pipeline compiles the VAE only without offload)."""
+def run_tiers(cfg, model, vae, device, rows: Rows, ceiling: float, size: int, backend: str) -> None:
+    """The memory/numerics rows in a safe order (fp8 eager and compiled, then the offload tiers: eager, as the
+    pipeline runs its VAE with offload)."""
+    import torch
+
     from appleswap.bench import make_inputs
 
-    vae, swap_vae = vaes
     inp = make_inputs(cfg, model.flux, 1, size)
     if cfg.fp8:
         fp8_ceil = fp8_ceiling(device, 256 if cfg.tiny else 8192)
         rows.add("fp8 matmul ceiling (torch._scaled_mm)", fp8_ceil / 1e12, "TFLOP/s", "row-wise scales, random data")
-        bench_fp8(cfg, model, (vae, swap_vae), inp, device, rows, (ceiling, fp8_ceil), size, backend)
+        bench_fp8(cfg, model, vae, inp, device, rows, (ceiling, fp8_ceil), size, backend)
     if cfg.offload:
-        bench_offload(cfg, model, vae, inp, device, rows, size, backend, "fp8" if cfg.fp8 else "bf16")
+        with torch.compiler.set_stance("force_eager"):  # a VAE compiled by the compiled rows runs eager here
+            bench_offload(cfg, model, vae, inp, device, rows, size, backend, "fp8" if cfg.fp8 else "bf16")
