@@ -19,8 +19,8 @@ def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def compile_vae(vae, mode: str | None = None):
     """``torch.compile`` the VAE's encoder and decoder in place (same modules, same state dict). Eager, their
-    GroupNorms (one reduction block per group: 32 on a GPU of 132 SMs) take over half of a 512x512 encode + decode
-    on an H100; inductor splits those reductions and fuses the norm with the SiLU after it."""
+    GroupNorms (statistics in one thread block per image and group: 32 blocks on a GPU of 132 SMs) take over half
+    of a 512x512 encode + decode on an H100; compiled, the round trip took 14-17 ms instead of 35 ms there."""
     for part in (vae.encoder, vae.decoder):
         part.compile(mode=mode, dynamic=False)
     return vae
