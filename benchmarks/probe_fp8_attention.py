@@ -1,4 +1,4 @@
-"""Probe: the fp8 attention kernel (``appleswap.model.fp8_attention``) against torch's bf16 SDPA at FLUX's size.
+"""Probe: the fp8 attention kernel (``fp8_attention_kernel.py``, not adopted) against torch's bf16 SDPA at FLUX's size.
 
 Times one attention call as the blocks make it ((B, N, H, D) queries/keys, values a view of the fused projection,
 (B, N, H * D) out) for cuDNN and flash bf16 SDPA and for the fp8 kernel in several tile configurations, each with
@@ -13,11 +13,10 @@ import argparse
 import functools
 import statistics
 
+import fp8_attention_kernel as fa  # benchmarks/, next to this script
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from appleswap.model import fp8_attention as fa
 
 CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
            (128, 128, 4, 2)]

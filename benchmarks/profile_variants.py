@@ -9,6 +9,7 @@ LoRA or ID attention switched off / under a whole-pass CUDA graph; then swaps wi
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import re
 import time
@@ -34,6 +35,61 @@ KINDS = [("GEMM", r"gemm|nvjet|cutlass|xmma|matmul|sm90|splitk"), ("attention", 
 
 
 TOP_KERNELS = 0  # --top: also print the N kernels with the most device time per profiled variant
+TOP_GAPS = 0  # --gaps: also print the idle time between kernels, by size and by the pair of kernels around it
+
+
+def short_name(name: str) -> str:
+    """A kernel's name cut to what tells kernels apart (template arguments and triton's numbering dropped)."""
+    name = re.sub(r"<.*", "", name.split("(")[0])
+    return re.sub(r"_\d+$", "", name)[:60]
+
+
+def print_memsets(prof) -> None:
+    """Memsets of one profiled call: their device time, and the host ops that asked for them (eager or compiled
+    without a graph: a CUDA graph's replay has no host ops to link them to)."""
+    from torch.autograd import DeviceType
+
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA and "memset" in e.name.lower()]
+    print(f"    {len(device)} memsets on the device, {sum(e.device_time_total for e in device) / 1e3:.2f} ms")
+    callers: dict[str, int] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CPU and "memset" in event.name.lower():
+            chain, parent = [], event.cpu_parent
+            while parent is not None and len(chain) < 4:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            key = " < ".join(chain) or "(no parent op)"
+            callers[key] = callers.get(key, 0) + 1
+    for key, count in sorted(callers.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"    {count:5d}x {event_name_cut(key)}")
+
+
+def event_name_cut(name: str) -> str:
+    return name if len(name) < 200 else name[:200] + "..."
+
+
+def print_gaps(prof) -> None:
+    """Idle device time between consecutive kernels of one profiled call: a histogram and the top pairs."""
+    from torch.autograd import DeviceType
+
+    launched = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+    bins = {"<1 us": [0, 0.0], "1-2 us": [0, 0.0], "2-4 us": [0, 0.0], "4-8 us": [0, 0.0], ">=8 us": [0, 0.0]}
+    pairs: dict[tuple[str, str], list] = {}
+    for before, after in itertools.pairwise(launched):
+        gap = after.time_range.start - before.time_range.end
+        if gap <= 0:
+            continue
+        key = next(k for k, top in zip(bins, (1, 2, 4, 8, float("inf"))) if gap < top)
+        bins[key][0] += 1
+        bins[key][1] += gap
+        pair = pairs.setdefault((short_name(before.name), short_name(after.name)), [0, 0.0])
+        pair[0] += 1
+        pair[1] += gap
+    print(f"    gaps between {len(launched)} kernels: " + ", ".join(
+        f"{k}: {n} ({total / 1e3:.2f} ms)" for k, (n, total) in bins.items()))
+    for (before, after), (count, total) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:TOP_GAPS]:
+        print(f"    {total / 1e3:6.2f} ms {count:5d}x  {before} -> {after}")
 
 
 def kernel_profile(fn, device) -> tuple[float, dict[str, float]]:
@@ -47,6 +103,9 @@ def kernel_profile(fn, device) -> tuple[float, dict[str, float]]:
         fn()
         sync(device)
     kinds: dict[str, float] = {}
+    if TOP_GAPS:
+        print_gaps(prof)
+        print_memsets(prof)
     entries = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     if TOP_KERNELS:
         print(f"    {sum(e.count for e in entries)} kernels and copies per call")
@@ -125,6 +184,8 @@ def main() -> None:
     parser.add_argument("--variants", default="plain,plain-compiled,eager,compiled-separate,compiled,no-lora,no-id,"
                         "graph,graph-apart,graph-cudnn,graph-flash,graph-separate,eager-graph,swaps")
     parser.add_argument("--top", type=int, default=0, help="print the N kernels with the most device time")
+    parser.add_argument("--gaps", type=int, default=0, help="print the idle time between kernels: its histogram "
+                        "and the N pairs of kernels with the most idle time between them")
     parser.add_argument("--fp8", action="store_true", help="quantise the blocks to fp8 (row-wise) first")
     parser.add_argument("--swap-sdpa", default="auto", help="SDPA backend of the swap rows (auto, flash, cudnn, ...)")
     parser.add_argument("--as-swaps", action="store_true",
@@ -134,8 +195,8 @@ def main() -> None:
                         help="inductor config for the compiled variants, e.g. 'triton.multi_kernel=2,aggressive_fusion=1'")
     args = parser.parse_args()
     set_inductor_options(args.inductor)
-    global TOP_KERNELS
-    TOP_KERNELS = args.top
+    global TOP_KERNELS, TOP_GAPS
+    TOP_KERNELS, TOP_GAPS = args.top, args.gaps
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = BenchConfig(tiny=args.tiny, steps=2 if args.tiny else 28, repeats=3)
     device, size = args.device, 64 if args.tiny else 512

@@ -1,7 +1,8 @@
-"""fp8 attention: the joint attention's two products in e4m3 on Hopper (an option of the fp8 tier; changes numerics).
+"""fp8 attention for ``probe_fp8_attention.py``: the joint attention's two products in e4m3 on Hopper.
 
-Why: with fp8 weights the attention is the largest bf16 part of a pass (cuDNN, ~8 ms of ~59 ms on an H100) and
-torch's SDPA has no fp8 kernel. Scheme (FlashAttention-style online softmax, one Triton program per tile of
+Not adopted (``RESULTS.md``, round 9): on an H100 it is slower than cuDNN's bf16 attention and 20-70x less
+accurate. Why it was tried: with fp8 weights the attention is the largest bf16 part of a pass (cuDNN, ~8 ms of
+~59 ms on an H100) and torch's SDPA has no fp8 kernel. Scheme (FlashAttention-style online softmax, one Triton program per tile of
 queries of one head):
 
 - queries, keys and values are quantised per (token, head) with one fp32 scale each (``s = amax / 448``); the
