@@ -1,6 +1,6 @@
 """fp8 attention for ``probe_fp8_attention.py``: the joint attention's two products in e4m3 on Hopper.
 
-Not adopted (``RESULTS.md``, round 9): on an H100 it is slower than cuDNN's bf16 attention and 20-70x less
+Not adopted (``RESULTS.md``, round 9): on an H100 it is slower than cuDNN's bf16 attention and 20-80x less
 accurate. Why it was tried: with fp8 weights the attention is the largest bf16 part of a pass (cuDNN, ~8 ms of
 ~59 ms on an H100) and torch's SDPA has no fp8 kernel. Scheme (FlashAttention-style online softmax, one Triton program per tile of
 queries of one head):
