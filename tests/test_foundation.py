@@ -159,3 +159,23 @@ def test_read_tensor_file_refuses_pickled_code(tmp_path):
         files.read_tensor_file(tmp_path / "evil.pth", "test weights")
     with pytest.raises(FileNotFoundError, match="HopeNet weights not found"):
         files.read_tensor_file(tmp_path / "missing.pth", "HopeNet weights")
+
+
+def test_inference_commands_use_cublaslt_without_a_workspace_unless_the_user_sets_one(tmp_path, monkeypatch):
+    """``inference_blas_defaults``: swap and the other inference commands set CUBLASLT_WORKSPACE_SIZE=0 before any
+    CUDA work (fewer memsets per graphed pass); a user's value wins; training keeps PyTorch's default."""
+    import os
+
+    from appleswap.cli import main
+
+    name = "CUBLASLT_WORKSPACE_SIZE"
+    monkeypatch.setenv(name, "restored-after-the-test")
+    monkeypatch.delenv(name)
+    missing = str(tmp_path / "missing.jpg")
+    assert main(["train", "teacher", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert name not in os.environ
+    assert main(["swap", "-s", missing, "-t", missing, "-o", str(tmp_path / "out.jpg")]) == 2  # fails on the input
+    assert os.environ[name] == "0"
+    monkeypatch.setenv(name, "4096")
+    assert main(["swap", "-s", missing, "-t", missing, "-o", str(tmp_path / "out.jpg")]) == 2
+    assert os.environ[name] == "4096"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +26,7 @@ from appleswap.bench_utils import (
     time_backends,
     time_call,
 )
-from appleswap.cli_common import HelpFormatter, common_parser
+from appleswap.cli_common import BLAS_WORKSPACE_ENV, HelpFormatter, common_parser
 from appleswap.config import option
 
 logger = logging.getLogger(__name__)
@@ -284,7 +285,9 @@ def environment(device) -> str:
     import torch
 
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
-    return f"{name}; torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}"
+    workspace = os.environ.get(BLAS_WORKSPACE_ENV, "unset")
+    return (f"{name}; torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}; "
+            f"{BLAS_WORKSPACE_ENV}={workspace}")
 
 
 def run_bench(cfg: BenchConfig, device: str) -> Rows:
@@ -345,9 +348,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from appleswap.cli_common import pick_device
+    from appleswap.cli_common import inference_blas_defaults, pick_device
     from appleswap.config import load_config_file, resolve_config
 
+    inference_blas_defaults()  # also under ``python -m appleswap.bench``, before any CUDA work
     cfg = resolve_config(BenchConfig, args, load_config_file(args.config))
     device = pick_device(args.device)
     rows = run_bench(cfg, device)

@@ -8,7 +8,7 @@ import importlib.util
 import sys
 
 from appleswap import __version__
-from appleswap.cli_common import HelpFormatter, setup_logging
+from appleswap.cli_common import HelpFormatter, inference_blas_defaults, setup_logging
 
 # subcommand modules in pipeline order; each exposes add_parser(subparsers) and run(args) -> int
 COMMAND_MODULES = (
@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "appleswap.eval.cli",  # eval: the FFHQ protocol and reports
     "appleswap.bench",  # bench: GPU speed and memory table
 )
+INFERENCE_COMMANDS = ("generate", "swap", "app", "pseudo", "eval", "bench")  # see inference_blas_defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(getattr(args, "log_level", "info"))
+    if args.command in INFERENCE_COMMANDS:
+        inference_blas_defaults()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
