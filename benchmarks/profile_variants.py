@@ -61,11 +61,7 @@ def print_memsets(prof) -> None:
             key = " < ".join(chain) or "(no parent op)"
             callers[key] = callers.get(key, 0) + 1
     for key, count in sorted(callers.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"    {count:5d}x {event_name_cut(key)}")
-
-
-def event_name_cut(name: str) -> str:
-    return name if len(name) < 200 else name[:200] + "..."
+        print(f"    {count:5d}x {key[:200]}")
 
 
 def print_gaps(prof) -> None:

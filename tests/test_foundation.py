@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,8 +165,6 @@ def test_read_tensor_file_refuses_pickled_code(tmp_path):
 def test_inference_commands_use_cublaslt_without_a_workspace_unless_the_user_sets_one(tmp_path, monkeypatch):
     """``inference_blas_defaults``: swap and the other inference commands set CUBLASLT_WORKSPACE_SIZE=0 before any
     CUDA work (fewer memsets per graphed pass); a user's value wins; training keeps PyTorch's default."""
-    import os
-
     from appleswap.cli import main
 
     name = "CUBLASLT_WORKSPACE_SIZE"

@@ -50,9 +50,9 @@ BLAS_WORKSPACE_ENV = "CUBLASLT_WORKSPACE_SIZE"
 def inference_blas_defaults() -> None:
     """cuBLASLt without a workspace for the inference commands, unless the user set ``CUBLASLT_WORKSPACE_SIZE``.
 
-    Why: with a workspace, cuBLASLt picks H100 GEMM algorithms that zero part of it before each call (153 memsets per
-    bf16 pass, 267 per fp8 pass, each a node and a gap in the CUDA graph). Without one the graphed pass ran 0.3 ms
-    (bf16) and 1.1 ms (fp8) faster (``benchmarks/RESULTS.md``, round 9). PyTorch reads the variable at its first
+    Why: with a workspace, cuBLASLt picks H100 GEMM algorithms that run a memset before each call (76 per bf16 pass,
+    190 per fp8 pass, each a node and a gap in the CUDA graph). Without one the graphed pass ran 0.3 ms (bf16) and
+    1.1 ms (fp8) faster (``benchmarks/RESULTS.md``, round 9). PyTorch reads the variable at its first
     cuBLASLt call, so this runs before any CUDA work. Training keeps PyTorch's default."""
     os.environ.setdefault(BLAS_WORKSPACE_ENV, "0")
 
