@@ -26,14 +26,14 @@ try:
 except ImportError:  # pragma: no cover - a torch build without Triton
     triton = None
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-ROUND_UP = 1 + 2**-7  # as fp8.py: margin so that |x| / scale stays within e4m3 after the scale's rounding
+from appleswap.model.fp8 import FP8, FP8_MAX, ROUND_UP
+
 LOG2E = 1.4426950408889634
 
 
 def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
-    """fp32 to e4m3, rounding to nearest as the GPU does (the tests swap in truncation, as Triton's interpreter)."""
+    """fp32 to e4m3, rounding to nearest as the GPU does. A check under Triton's interpreter swaps in the interpreter's
+    own cast, which can lose the carry into the next power of two."""
     return x.to(FP8)
 
 
@@ -78,7 +78,7 @@ if triton is not None:
 
     @triton.jit
     def _quantize_heads_kernel(x_ptr, x_sb, x_sn, out_ptr, scale_ptr, tokens, n_pad, FACTOR: tl.constexpr,
-                               HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                               MARGIN: tl.constexpr, HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_T: tl.constexpr,
                                TRANSPOSED: tl.constexpr):
         """BLOCK_T tokens of one head: e4m3 values ((B*H, N, D), or (B*H, D, n_pad) when TRANSPOSED) and the
         scales (B*H, N) times FACTOR (a constexpr: inductor passes floats as fp64, which cannot become e4m3)."""
@@ -89,7 +89,7 @@ if triton is not None:
         mask = rows[:, None] < tokens
         x = tl.load(x_ptr + batch * x_sb + rows[:, None].to(tl.int64) * x_sn + head * DIM + dims[None, :], mask=mask,
                     other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=1) * (1.0078125 / 448.0), 1.1754943508222875e-38)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1) * MARGIN, 1.1754943508222875e-38)  # MARGIN: ROUND_UP / FP8_MAX
         values = (x / scale[:, None]).to(out_ptr.dtype.element_ty)
         bh = batch * HEADS + head
         if TRANSPOSED:
@@ -154,7 +154,8 @@ if triton is not None:
             shape = (batch * heads, dim, n_pad) if transposed else (batch * heads, tokens, dim)
             values = torch.empty(shape, dtype=FP8, device=query.device)
             scales = torch.empty(batch * heads, tokens, dtype=torch.float32, device=query.device)
-            quantize[grid](x, x.stride(0), x.stride(1), values, scales, tokens, n_pad, FACTOR=factor, HEADS=heads,
+            quantize[grid](x, x.stride(0), x.stride(1), values, scales, tokens, n_pad, FACTOR=factor,
+                           MARGIN=ROUND_UP / FP8_MAX, HEADS=heads,
                            DIM=dim, BLOCK_T=32, TRANSPOSED=transposed)
             operands += [values, scales]
         return operands
