@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--gaps", type=int, default=0, help="print the idle time between kernels: its histogram "
                         "and the N pairs of kernels with the most idle time between them")
     parser.add_argument("--fp8", action="store_true", help="quantise the blocks to fp8 (row-wise) first")
+    parser.add_argument("--fp8-exact-accum", action="store_true",
+                        help="with --fp8: the fp8 GEMMs without torch._scaled_mm's use_fast_accum (the default uses it)")
     parser.add_argument("--swap-sdpa", default="auto", help="SDPA backend of the swap rows (auto, flash, cudnn, ...)")
     parser.add_argument("--as-swaps", action="store_true",
                         help="passes get this timestep's AdaLN rows, the prompt embedding, RoPE and the ID keys and values "
@@ -215,13 +217,23 @@ def main() -> None:
         for block in list(flux.transformer_blocks) + list(flux.single_transformer_blocks):
             block._compiled_call_impl = None
     model = build_apple(flux, cfg, 64 if args.tiny else 2048)
+    unquantised = None
     if args.fp8:
-        model.quantize_fp8(device=device)
-    run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size)
+        unquantised = eager_output(model, inp)
+        model.quantize_fp8(device=device, fast_accum=not args.fp8_exact_accum)
+    run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size, unquantised)
     print(rows.table())
 
 
-def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size) -> None:
+def eager_output(model, inp) -> torch.Tensor:
+    """The eager, unfused pass in the model's own dtype (fp32 copy): the reference for the fp8 rows' error."""
+    kernels.set_enabled(False)
+    with torch.no_grad():
+        return model(inp["x"], inp["t"], text=inp["text"], img_ids=inp["ids"], condition=inp["cond"],
+                     id_tokens=inp["id_tokens"], guidance=inp["g"]).float()
+
+
+def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size, unquantised=None) -> None:
     with torch.no_grad():
         modulation = model.condition_modulation(inp["text"])
         step_rows = pass_timestep_rows(model, inp) if args.as_swaps else None
@@ -261,8 +273,11 @@ def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size) 
         with sdpa_context(backend if str(device).startswith("cuda") else "auto"):
             measure(name, apple, device, rows, flops, ceiling, args.repeats)
             with torch.no_grad():
-                error = ((apple().float() - reference).norm() / reference.norm()).item()
-        rows.add(f"{name}: rel. L2 diff to eager", error, "", "")
+                output = apple().float()
+        rows.add(f"{name}: rel. L2 diff to eager", ((output - reference).norm() / reference.norm()).item(), "", "")
+        if unquantised is not None:
+            rows.add(f"{name}: rel. L2 diff to the unquantised eager pass",
+                     ((output - unquantised).norm() / unquantised.norm()).item(), "", "")
         if key == "compiled" and "no-id" in todo:
             measure("APPLE compiled, fused, no ID tokens", lambda: apple(None), device, rows, flops, ceiling,
                     args.repeats)

@@ -51,8 +51,8 @@ class GenerateConfig:
     seed: int = option(0, "noise seed, the same for every image (as the reference)")
     kv_cache: bool = option(False, "independent-condition mode with cached condition keys/values (faster, not the "
                             "paper's model)")
-    fp8: bool = option(False, "fp8 (e4m3, row-wise scaled) transformer block weights: half the memory, faster "
-                       "on Hopper; changes numerics slightly")
+    fp8: bool = option(False, "fp8 (e4m3, row-wise scaled, fast accumulation) transformer block weights: half "
+                       "the memory, faster on Hopper; changes numerics slightly")
     compile: bool = option(True, "torch.compile the transformer blocks and the VAE on a GPU (regional: ~10-20 s once per "
                            "process and batch shape, then ~1.5x faster passes; same function)")
     cuda_graphs: bool = option(True, "replay each transformer pass as one CUDA graph (GPU only)")

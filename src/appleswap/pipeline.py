@@ -143,8 +143,8 @@ class SwapPipeline:
             mode: ``student`` (clean target as condition) or ``teacher`` (condition image, usually with inversion).
             flux_path / pulid_path / lora_path: explicit files that win over the registry locations.
             null_id: null-ID tokens or an identity file; default: PuLID's IDFormer on zero inputs.
-            fp8 / offload: memory options (:func:`apply_memory_options`): e4m3 block weights with row-wise scales
-                (half the memory, changes numerics slightly); ``none`` | ``model`` (VAE in host memory between
+            fp8 / offload: memory options (:func:`apply_memory_options`): e4m3 block weights with row-wise scales and
+                fast fp8 accumulation (half the memory, changes numerics slightly); ``none`` | ``model`` (VAE in host memory between
                 uses) | ``sequential`` (also the blocks, copied in one at a time: slow, smallest GPU memory).
             fuse / compile / cuda_graphs: speed options that keep the function: stacked projection GEMMs; regional
                 ``torch.compile`` (True or a mode name; also the VAE); whole-pass CUDA graphs (both GPU only).

@@ -194,3 +194,26 @@ def test_lora_file_loads_into_a_fused_fp8_model(tmp_path):
     model.load_lora(path)
     assert model.is_fused() and fusion.fused_projection(model.flux.transformer_blocks[0], "qkv").fold_ready()
     torch.testing.assert_close(_call(model, inp), want, rtol=0, atol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fast_accum", [True, False])
+def test_every_fp8_gemm_gets_the_models_accumulation_setting(monkeypatch, fast_accum):
+    """``quantize_fp8(fast_accum=...)`` reaches each ``torch._scaled_mm`` call, separate layers and fused groups
+    alike (fast accumulation is the default: it changes which Hopper kernel runs, not the function)."""
+    model, inp = _full_model(), _inputs()
+    inp = _bf16(model, inp)
+    monkeypatch.setattr(fp8_lib, "scaled_mm_supported", lambda device: True)
+    seen = []
+    original = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: seen.append(k["use_fast_accum"]) or original(*a, **k))
+    model.quantize_fp8(**({} if fast_accum else {"fast_accum": False}))
+    try:
+        _call(model, inp)
+    except (RuntimeError, NotImplementedError) as error:
+        pytest.skip(f"torch._scaled_mm unavailable here: {error}")
+    separate = len(seen)
+    model.fuse_projections()
+    _call(model, inp)
+    assert separate > 0 and len(seen) > separate
+    assert set(seen) == {fast_accum}

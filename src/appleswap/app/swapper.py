@@ -52,8 +52,8 @@ class SwapConfig:
     id_guidance_scale: float = option(1.0, "identity strength: >1 more source identity, weaker attributes")
     image_guidance_scale: float = option(1.0, "guidance against a black condition (with ID guidance too: one batched pass)")
     guidance_scale: float = option(1.0, "FLUX distilled guidance value (paper: 1.0)")
-    fp8: bool = option(False, "fp8 transformer weights (half the GPU memory, faster on Hopper, "
-                       "slightly different numerics)")
+    fp8: bool = option(False, "fp8 transformer weights with fast fp8 accumulation (half the GPU memory, "
+                       "faster on Hopper, slightly different numerics)")
     compile: bool = option(False, "torch.compile the transformer blocks on a GPU (regional: ~10-20 s once, then "
                            "~1.5x faster passes; worth it for videos and folders; same function)")
     cuda_graphs: bool = option(False, "replay each transformer pass as one CUDA graph (GPU; best with --compile)")

@@ -496,11 +496,12 @@ class AppleTransformer(nn.Module):
             self.offloader = None
 
     def quantize_fp8(self, include_modulation: bool = False, device: torch.device | str | None = None,
-                     granularity: str = "row") -> int:
+                     granularity: str = "row", fast_accum: bool = True) -> int:
         """fp8 (e4m3; ``granularity`` "row": scales per output channel and token, "tensor": one each) weights for
         every block linear; LoRA and ID attentions stay. Changes numerics; irreversible (the bf16 weights are
         freed). ``device``: move each block there just before quantising it (load on the CPU, quantise onto the GPU
-        one block at a time). Returns the layer count.
+        one block at a time). ``fast_accum`` (default): the fp8 GEMMs accumulate in the tensor cores' own
+        accumulator, faster on Hopper (:class:`~appleswap.model.fp8.Fp8Linear`). Returns the layer count.
 
         Afterwards move the model with :meth:`place` or ``.to(device)``, never ``.to(dtype)`` (it would cast the
         fp8 buffers)."""
@@ -510,7 +511,7 @@ class AppleTransformer(nn.Module):
         if self.offloader is not None:
             raise ValueError("quantize_fp8: turn sequential offload off first (or quantise before enabling it)")
         self.unfuse_projections()  # quantise the separate layers; fuse_projections afterwards stacks them again
-        return quantize_blocks_fp8(self.flux, include_modulation, device, granularity)
+        return quantize_blocks_fp8(self.flux, include_modulation, device, granularity, fast_accum)
 
     # ---- LoRA
     def has_lora(self) -> bool:

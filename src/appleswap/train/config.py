@@ -98,8 +98,8 @@ class PseudoConfig:
     pulid: str | None = option(None, "PuLID-FLUX weights; default: registry entry `pulid_flux`")
     arcface: str | None = option(None, "ArcFace weights for the ID-similarity score")
     mixed_precision: Literal["bf16", "fp16", "no"] = option("bf16", "model dtype")
-    fp8: bool = option(False, "fp8 (e4m3, row-wise scaled) transformer block weights: faster on Hopper, half the "
-                       "memory; changes numerics slightly")
+    fp8: bool = option(False, "fp8 (e4m3, row-wise scaled, fast accumulation) transformer block weights: faster "
+                       "on Hopper, half the memory; changes numerics slightly")
     compile: bool = option(True, "torch.compile the transformer blocks and the VAE on a GPU (once per process, then "
                            "faster passes; same function)")
     cuda_graphs: bool = option(True, "replay each transformer pass as one CUDA graph (GPU only)")
