@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from appleswap.model.fusion import fused_projection, routed_fused
-from appleswap.model.kernels import ConcatInput, as_tensor, qk_norm_rope
+from appleswap.model.kernels import ConcatInput, RowModulation, as_tensor, modulate_rows, qk_norm_rope
 from appleswap.model.lora import base_linear, in_place_ok, routed_linear
 
 
@@ -56,9 +56,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: i
         torch.addcmul(shift[:, :1], main, 1 + scale[:, :1], out=main)
         torch.addcmul(shift[:, 1:2], cond, 1 + scale[:, 1:2], out=cond)
         return x
-    main = torch.addcmul(shift[:, :1], x[:, :split], 1 + scale[:, :1])
-    cond = torch.addcmul(shift[:, 1:2], x[:, split:], 1 + scale[:, 1:2])
-    return torch.cat([main, cond], dim=1)
+    return modulate_rows(x, shift, scale, split)
+
+
+def projection_input(block, group: str, norm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                     split: int | None) -> torch.Tensor | ConcatInput:
+    """``modulate(norm(x))`` as the input of the block's fused ``group``: left to the GEMM-input kernel
+    (:class:`~appleswap.model.kernels.RowModulation`, one pass where inductor ran four kernels) when the block is
+    fused and ``norm`` is FLUX's LayerNorm without affine; else computed here."""
+    if fused_projection(block, group) is None or type(norm) is not nn.LayerNorm or norm.elementwise_affine:
+        return modulate(norm(x), shift, scale, split)
+    return ConcatInput((x,), (None,), norm=RowModulation(shift, scale, split, norm.eps))
 
 
 def _cond_modulated(norm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int | None):
@@ -127,7 +135,7 @@ def double_block(block, hidden, context, temb, temb_cond, rotary, split, extras=
     main_mod = main_mod if main_mod is not None else (None, None)
     mod = branch_modulation(block.norm1.linear, temb, temb_cond, cond_mod, main_mod[0])  # (B, 1|2, 6D)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-    norm_hidden = modulate(block.norm1.norm(hidden), shift_msa, scale_msa, split)
+    norm_hidden = projection_input(block, "qkv", block.norm1.norm, hidden, shift_msa, scale_msa, split)
     cond_rows = _cond_modulated(block.norm1.norm, hidden, shift_msa, scale_msa, split)
     # text stream: the frozen *_context weights with the image timestep, as in stock FLUX
     c_mod = main_mod[1] if main_mod[1] is not None else base_linear(block.norm1_context.linear, F.silu(temb))[:, None]
@@ -183,7 +191,7 @@ def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None, con
     attn = block.attn
     mod = branch_modulation(block.norm.linear, temb, temb_cond, cond_mod, main_mod)  # (B, 1|2, 3D)
     shift, scale, gate = mod.chunk(3, dim=-1)
-    normed = modulate(block.norm.norm(tokens), shift, scale, split)
+    normed = projection_input(block, "qkv_mlp", block.norm.norm, tokens, shift, scale, split)
     query, key, value, mlp_in = _projections(block, "qkv_mlp", (attn.to_q, attn.to_k, attn.to_v, block.proj_mlp),
                                              normed, split, _cond_modulated(block.norm.norm, tokens, shift, scale, split))
     query, key = qk_norm_rope([query], [key], [attn.norm_q], [attn.norm_k], rotary, attn.head_dim)

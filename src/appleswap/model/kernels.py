@@ -11,6 +11,9 @@ streams of a double block write into the same output at their token offsets (no 
 a double block's ``ff.net.2`` reads ``[gelu(h) | z]``). Kept apart as a :class:`ConcatInput`, the pieces are read
 once and written once as the GEMM's input; for fp8 the kernel also takes each row's amax and writes e4m3 values
 and the row scale, where inductor reads the row twice (a looped reduction over ~15k columns: ~5.6 ms per pass).
+The same kernel writes the input of the q/k/v projections, ``[AdaLN(LayerNorm(x)) | z]`` with the AdaLN row of
+each token's branch (:class:`RowModulation`), where inductor ran four kernels (the norm's statistics, the
+modulation, and for fp8 the amax and the cast).
 
 Same arithmetic as the reference (``torch.nn.RMSNorm`` then diffusers' ``apply_rotary_emb``): fp32 statistics,
 one rounding to the activation dtype after the norm, one after the rotation. The kernels are registered with
@@ -47,15 +50,40 @@ def enabled() -> bool:
     return _ENABLED and triton is not None
 
 
+def modulate_rows(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int | None) -> torch.Tensor:
+    """``x * (1 + scale) + shift`` with per-branch rows: shift/scale (B, 1 or 2, D); tokens ``split:`` take row 1."""
+    if split is None:
+        return torch.addcmul(shift[:, :1], x, 1 + scale[:, :1])
+    main = torch.addcmul(shift[:, :1], x[:, :split], 1 + scale[:, :1])
+    cond = torch.addcmul(shift[:, 1:2], x[:, split:], 1 + scale[:, 1:2])
+    return torch.cat([main, cond], dim=1)
+
+
+@dataclasses.dataclass
+class RowModulation:
+    """LayerNorm without affine (``eps``), then AdaLN with per-branch rows (:func:`modulate_rows`): FLUX's
+    ``norm1`` / ``norm`` before the q/k/v projections, applied to a :class:`ConcatInput`'s first part."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    split: int | None
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return modulate_rows(F.layer_norm(x, x.shape[-1:], eps=self.eps), self.shift, self.scale, self.split)
+
+
 @dataclasses.dataclass
 class ConcatInput:
     """A projection input given as column pieces, concatenated only where needed: ``parts`` (B, N, K_i), each
     through GELU where ``gelu[i]`` names the approximation ("tanh", "none") or as it is (None), then ``tail``
-    (B, N_t, K_t) on the last N_t rows (zeros above: the folded LoRA's ``z`` on condition tokens)."""
+    (B, N_t, K_t) on the last N_t rows (zeros above: the folded LoRA's ``z`` on condition tokens). ``norm``: a
+    :class:`RowModulation` of the first part (then the only one)."""
 
     parts: tuple
     gelu: tuple
     tail: torch.Tensor | None = None
+    norm: RowModulation | None = None
 
     @property
     def shape(self) -> tuple:
@@ -68,15 +96,20 @@ class ConcatInput:
         return self.parts[0].dtype
 
     def with_tail(self, tail: torch.Tensor) -> ConcatInput:
-        return ConcatInput(self.parts, self.gelu, tail)
+        return dataclasses.replace(self, tail=tail)
 
     def rows(self, start: int) -> torch.Tensor:
         """The concatenation of rows ``start:`` (the condition tokens), as a tensor."""
-        return ConcatInput(tuple(p[:, start:] for p in self.parts), self.gelu).join()
+        norm = self.norm
+        if norm is not None and norm.split is not None:
+            norm = dataclasses.replace(norm, split=max(norm.split - start, 0))
+        return ConcatInput(tuple(p[:, start:] for p in self.parts), self.gelu, norm=norm).join()
 
     def join(self, width: int | None = None) -> torch.Tensor:
         """The concatenation as one tensor (reference path), zero-padded on the right to ``width`` columns."""
         pieces = [p if g is None else F.gelu(p, approximate=g) for p, g in zip(self.parts, self.gelu, strict=True)]
+        if self.norm is not None:
+            pieces[0] = self.norm(pieces[0])
         if self.tail is not None:
             pieces.append(F.pad(self.tail, (0, 0, self.parts[0].shape[1] - self.tail.shape[1], 0)))
         joined = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
@@ -166,13 +199,29 @@ if triton is not None:
         return 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
 
     @triton.jit
+    def _layer_norm_modulate(x, cols, row, batch, shift_ptr, mod_ptr, m_sb, m_sr, split, dtype, KA: tl.constexpr,
+                             EPS: tl.constexpr):
+        """LayerNorm (no affine) of the row's first KA columns, then ``y * (1 + scale) + shift`` with the row's
+        branch (0 before ``split``, 1 from it); rounded to ``dtype`` where the reference rounds."""
+        in_a = cols < KA
+        centred = tl.where(in_a, x - tl.sum(x, axis=0) / KA, 0.0)
+        y = (centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / KA + EPS)).to(dtype).to(tl.float32)
+        base = batch * m_sb + (row >= split).to(tl.int64) * m_sr
+        shift = tl.load(shift_ptr + base + cols, mask=in_a, other=0.0).to(tl.float32)
+        scale = tl.load(mod_ptr + base + cols, mask=in_a, other=0.0).to(tl.float32)
+        y = (y * (1.0 + scale).to(dtype).to(tl.float32) + shift).to(dtype).to(tl.float32)
+        return tl.where(in_a, y, 0.0)
+
+    @triton.jit
     def _join_rows_kernel(a_ptr, a_sb, a_sn, b_ptr, b_sb, b_sn, t_ptr, t_sb, t_sn, out_ptr, scale_ptr, rows,
-                          tail_start, width, KA: tl.constexpr, KB: tl.constexpr, KT: tl.constexpr,
-                          GELU_A: tl.constexpr, GELU_B: tl.constexpr, QUANT: tl.constexpr, FACTOR: tl.constexpr,
+                          tail_start, width, shift_ptr, mod_ptr, m_sb, m_sr, split, KA: tl.constexpr,
+                          KB: tl.constexpr, KT: tl.constexpr, GELU_A: tl.constexpr, GELU_B: tl.constexpr,
+                          NORM: tl.constexpr, EPS: tl.constexpr, QUANT: tl.constexpr, FACTOR: tl.constexpr,
                           BLOCK: tl.constexpr):
-        """One row: ``[a | b | tail]`` (GELU where flagged, rounded to the input dtype like the reference), zero
-        padded to ``width``; with QUANT its amax, e4m3 values and fp32 scale (``quantize_activation_rows``).
-        FACTOR is a constexpr: inductor passes float arguments as fp64, and fp64 cannot be cast to e4m3."""
+        """One row: ``[a | b | tail]`` (GELU where flagged, or with NORM a's LayerNorm and AdaLN, rounded to the
+        input dtype like the reference), zero padded to ``width``; with QUANT its amax, e4m3 values and fp32
+        scale (``quantize_activation_rows``). FACTOR and EPS are constexprs: inductor passes float arguments as
+        fp64, and fp64 cannot be cast to e4m3."""
         row = tl.program_id(0)
         batch = tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -180,6 +229,8 @@ if triton is not None:
         x = tl.load(a_ptr + batch * a_sb + row * a_sn + cols, mask=cols < KA, other=0.0).to(tl.float32)
         if GELU_A:
             x = _gelu_tanh(x).to(dtype).to(tl.float32)
+        if NORM:
+            x = _layer_norm_modulate(x, cols, row, batch, shift_ptr, mod_ptr, m_sb, m_sr, split, dtype, KA, EPS)
         if KB > 0:
             in_b = (cols >= KA) & (cols < KA + KB)
             b = tl.load(b_ptr + batch * b_sb + row * b_sn + (cols - KA), mask=in_b, other=0.0).to(tl.float32)
@@ -198,9 +249,11 @@ if triton is not None:
         else:
             tl.store(out_ptr + flat * width + cols, x.to(out_ptr.dtype.element_ty), mask=cols < width)
 
-    def launch_join_rows(a, b, tail, gelu_a: bool, gelu_b: bool, width: int, quantize: bool,
-                         wrap: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(joined (B, N, width): e4m3 when ``quantize`` else a's dtype, row scales (B * N, 1) fp32 or empty)."""
+    def launch_join_rows(a, b, tail, gelu_a: bool, gelu_b: bool, width: int, quantize: bool, shift=None, scale=None,
+                         split: int = -1, eps: float = 0.0, wrap: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(joined (B, N, width): e4m3 when ``quantize`` else a's dtype, row scales (B * N, 1) fp32 or empty).
+        ``shift``/``scale`` (1 or B, 1 or 2, KA), same strides: a's LayerNorm (``eps``) and AdaLN, branch 1 from
+        row ``split`` on (-1: every row branch 0)."""
         from appleswap.model.fp8 import FP8_MAX, ROUND_UP  # fp8 builds on fusion, which builds on this module
 
         batch, rows = a.shape[0], a.shape[1]
@@ -209,19 +262,39 @@ if triton is not None:
         scales = torch.empty(batch * rows if quantize else 0, 1, dtype=torch.float32, device=a.device)
         b_ = a if b is None else b
         t_ = a if tail is None else tail
+        norm = shift is not None
+        shift_, scale_ = (shift, scale) if norm else (a, a)
+        m_sb = 0 if not norm or shift.shape[0] == 1 else shift.stride(0)
         block = triton.next_power_of_2(width)
         kernel = torch.library.wrap_triton(_join_rows_kernel) if wrap else _join_rows_kernel
         kernel[(rows, batch)](
             a, a.stride(0), a.stride(1), b_, b_.stride(0), b_.stride(1), t_, t_.stride(0), t_.stride(1), out, scales,
-            rows, rows - (0 if tail is None else tail.shape[1]), width, KA=a.shape[-1],
+            rows, rows - (0 if tail is None else tail.shape[1]), width, shift_, scale_, m_sb,
+            shift_.stride(1) if norm else 0, split if split >= 0 else rows, KA=a.shape[-1],
             KB=0 if b is None else b.shape[-1], KT=0 if tail is None else tail.shape[-1], GELU_A=gelu_a,
-            GELU_B=gelu_b, QUANT=quantize, FACTOR=ROUND_UP / FP8_MAX, BLOCK=block, num_warps=16 if block > 8192 else 8)
+            GELU_B=gelu_b, NORM=norm, EPS=eps, QUANT=quantize, FACTOR=ROUND_UP / FP8_MAX, BLOCK=block,
+            num_warps=16 if block > 8192 else 8)
         return out, scales
 
     @torch.library.triton_op("appleswap::join_rows", mutates_args={})
     def _join_rows_op(a: torch.Tensor, b: torch.Tensor | None, tail: torch.Tensor | None, gelu_a: bool,
-                      gelu_b: bool, width: int, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return launch_join_rows(a, b, tail, gelu_a, gelu_b, width, quantize)
+                      gelu_b: bool, width: int, quantize: bool, shift: torch.Tensor | None = None,
+                      scale: torch.Tensor | None = None, split: int = -1,
+                      eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        return launch_join_rows(a, b, tail, gelu_a, gelu_b, width, quantize, shift, scale, split, eps)
+
+
+def _norm_applies(x: ConcatInput) -> bool:
+    """The kernel's LayerNorm + AdaLN: one part without GELU, shift and scale (1 or B, 1 or 2, K) alike."""
+    norm, first = x.norm, x.parts[0]
+    if norm is None:
+        return True
+    shift, scale = norm.shift, norm.scale
+    rows = 1 if norm.split is None else 2
+    return (len(x.parts) == 1 and x.gelu[0] is None and shift.shape == scale.shape
+            and shift.stride() == scale.stride() and shift.dim() == 3 and shift.shape[0] in (1, first.shape[0])
+            and shift.shape[1] >= rows and shift.shape[2] == first.shape[-1] and shift.stride(-1) == 1
+            and shift.dtype == first.dtype)
 
 
 def join_applies(x: ConcatInput, width: int) -> bool:
@@ -231,7 +304,7 @@ def join_applies(x: ConcatInput, width: int) -> bool:
     first = x.parts[0]
     if not (enabled() and first.is_cuda and not torch.is_grad_enabled()) or len(x.parts) > 2:
         return False
-    if any(g not in (None, "tanh") for g in x.gelu) or width < x.shape[-1] or width > 65536:
+    if any(g not in (None, "tanh") for g in x.gelu) or width < x.shape[-1] or width > 65536 or not _norm_applies(x):
         return False
     return all(p.dim() == 3 and p.stride(-1) == 1 and p.dtype == first.dtype and p.shape[0] == first.shape[0]
                for p in parts) and first.dtype in (torch.bfloat16, torch.float16)
@@ -242,7 +315,12 @@ def join_rows(x: ConcatInput, width: int, quantize: bool = False) -> tuple[torch
     ``quantize`` as e4m3 with one fp32 scale per row (flattened (B * N, 1)), else in x's dtype and an empty scale."""
     a, b = x.parts[0], x.parts[1] if len(x.parts) > 1 else None
     gelu_b = len(x.gelu) > 1 and x.gelu[1] is not None
-    return torch.ops.appleswap.join_rows(a, b, x.tail, x.gelu[0] is not None, gelu_b, width, quantize)
+    if x.norm is None:
+        return torch.ops.appleswap.join_rows(a, b, x.tail, x.gelu[0] is not None, gelu_b, width, quantize)
+    norm = x.norm
+    split = -1 if norm.split is None else norm.split
+    return torch.ops.appleswap.join_rows(a, b, x.tail, False, gelu_b, width, quantize, norm.shift, norm.scale, split,
+                                         float(norm.eps))
 
 
 def _norm_eps(norm: nn.Module | None) -> float | None:
