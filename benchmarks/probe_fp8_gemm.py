@@ -13,6 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from appleswap.bench_utils import graphed_ms
 from appleswap.model.fp8 import quantize_fp8
 
 # (name, M, K, N, count per pass) of the fused fp8 pass at 512x512 (2,560 tokens: 512 text, 1,024 image, 1,024
@@ -37,27 +38,6 @@ def operands(m: int, k: int, n: int, granularity: str):
 
 def scaled(x8, sx, w8, sw, fast: bool) -> torch.Tensor:
     return torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=fast)
-
-
-def graphed_ms(calls, replays: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            [call() for call in calls]
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        [call() for call in calls]
-    for _ in range(3):
-        graph.replay()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / replays
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

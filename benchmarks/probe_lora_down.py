@@ -13,6 +13,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from appleswap.bench_utils import graphed_ms
+
 # (K, N, count per pass) of the folded z GEMMs at FLUX size with the APPLE LoRA (r = 64)
 SHAPES = [(3072, 192, 19), (3072, 64, 19), (12288, 64, 19),  # double blocks: qkv, out, ff_out
           (3072, 256, 38), (15360, 64, 38)]  # single blocks: qkv + mlp, proj_out
@@ -35,27 +37,6 @@ def variants(parts: int):
 
 def one_pass(fn, inputs):
     return [fn(x, a) for x, a in inputs]
-
-
-def graphed_ms(fn, inputs, replays: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            one_pass(fn, inputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        one_pass(fn, inputs)
-    for _ in range(3):
-        graph.replay()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / replays
 
 
 def kernel_count(fn, inputs) -> int:
@@ -89,8 +70,9 @@ def main() -> None:
         out = one_pass(fn, inputs)
         error = max(((o.float() - r).norm() / r.norm()).item() for o, r in zip(out, reference, strict=True))
         for label, run in ((name, fn), (f"{name}, torch.compile", torch.compile(fn, dynamic=False))):
-            parts = [graphed_ms(run, group, args.replays) for group in groups]
-            print(f"| {label} | {graphed_ms(run, inputs, args.replays):.3f} | {kernel_count(run, inputs)} | "
+            parts = [graphed_ms([lambda r=run, g=group: one_pass(r, g)], args.replays) for group in groups]
+            whole = graphed_ms([lambda r=run: one_pass(r, inputs)], args.replays)
+            print(f"| {label} | {whole:.3f} | {kernel_count(run, inputs)} | "
                   f"{error:.2e} | " + " | ".join(f"{t:.3f}" for t in parts) + " |")
 
 

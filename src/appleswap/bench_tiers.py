@@ -153,7 +153,8 @@ def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, f
     layers = model.quantize_fp8(device=device)
     _peak_reset(device)
     weights = torch.cuda.memory_allocated(device) / 2**30 if _cuda(device) else float("nan")
-    rows.add("fp8: weights in memory", weights, "GiB", f"{layers} block linears e4m3, row-wise scales, fast accumulation; LoRA, ID-CA bf16")
+    rows.add("fp8: weights in memory", weights, "GiB",
+             f"{layers} block linears e4m3, row-wise scales, fast accumulation; LoRA, ID-CA bf16")
     with torch.no_grad(), sdpa_context(backend):
         modulation = model.condition_modulation(inp["text"])
         seconds = time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats)

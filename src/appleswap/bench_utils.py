@@ -50,6 +50,31 @@ def time_call(fn, device, repeats: int, warmup: int = 1, samples: list | None = 
     return statistics.median(times)
 
 
+def graphed_ms(calls, replays: int) -> float:
+    """Milliseconds per replay of one CUDA graph that runs ``calls`` in order (warmed up on a side stream first):
+    the device time of a sequence of kernels without the host's launch gaps."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            [call() for call in calls]
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        [call() for call in calls]
+    for _ in range(3):
+        graph.replay()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / replays
+
+
 def matmul_ceiling(device, dtype, size: int) -> float:
     """Measured FLOP/s of a size^3 matrix product on random data (the ceiling the fractions refer to)."""
     import torch

@@ -199,8 +199,8 @@ if triton is not None:
         return 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
 
     @triton.jit
-    def _layer_norm_modulate(x, cols, row, batch, shift_ptr, mod_ptr, m_sb, m_sr, split, dtype, KA: tl.constexpr,
-                             EPS: tl.constexpr):
+    def _layer_norm_modulate(x, cols, row, batch, shift_ptr, adaln_scale_ptr, m_sb, m_sr, split, dtype,
+                             KA: tl.constexpr, EPS: tl.constexpr):
         """LayerNorm (no affine) of the row's first KA columns, then ``y * (1 + scale) + shift`` with the row's
         branch (0 before ``split``, 1 from it); rounded to ``dtype`` where the reference rounds."""
         in_a = cols < KA
@@ -208,13 +208,13 @@ if triton is not None:
         y = (centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / KA + EPS)).to(dtype).to(tl.float32)
         base = batch * m_sb + (row >= split).to(tl.int64) * m_sr
         shift = tl.load(shift_ptr + base + cols, mask=in_a, other=0.0).to(tl.float32)
-        scale = tl.load(mod_ptr + base + cols, mask=in_a, other=0.0).to(tl.float32)
+        scale = tl.load(adaln_scale_ptr + base + cols, mask=in_a, other=0.0).to(tl.float32)
         y = (y * (1.0 + scale).to(dtype).to(tl.float32) + shift).to(dtype).to(tl.float32)
         return tl.where(in_a, y, 0.0)
 
     @triton.jit
     def _join_rows_kernel(a_ptr, a_sb, a_sn, b_ptr, b_sb, b_sn, t_ptr, t_sb, t_sn, out_ptr, scale_ptr, rows,
-                          tail_start, width, shift_ptr, mod_ptr, m_sb, m_sr, split, KA: tl.constexpr,
+                          tail_start, width, shift_ptr, adaln_scale_ptr, m_sb, m_sr, split, KA: tl.constexpr,
                           KB: tl.constexpr, KT: tl.constexpr, GELU_A: tl.constexpr, GELU_B: tl.constexpr,
                           NORM: tl.constexpr, EPS: tl.constexpr, QUANT: tl.constexpr, FACTOR: tl.constexpr,
                           BLOCK: tl.constexpr):
@@ -230,7 +230,7 @@ if triton is not None:
         if GELU_A:
             x = _gelu_tanh(x).to(dtype).to(tl.float32)
         if NORM:
-            x = _layer_norm_modulate(x, cols, row, batch, shift_ptr, mod_ptr, m_sb, m_sr, split, dtype, KA, EPS)
+            x = _layer_norm_modulate(x, cols, row, batch, shift_ptr, adaln_scale_ptr, m_sb, m_sr, split, dtype, KA, EPS)
         if KB > 0:
             in_b = (cols >= KA) & (cols < KA + KB)
             b = tl.load(b_ptr + batch * b_sb + row * b_sn + (cols - KA), mask=in_b, other=0.0).to(tl.float32)
