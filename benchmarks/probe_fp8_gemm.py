@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from appleswap.bench_utils import graphed_ms
+from appleswap.bench_utils import graphed_ms, relative_l2
 from appleswap.model.fp8 import quantize_fp8
 
 # (name, M, K, N, count per pass) of the fused fp8 pass at 512x512 (2,560 tokens: 512 text, 1,024 image, 1,024
@@ -38,10 +38,6 @@ def operands(m: int, k: int, n: int, granularity: str):
 
 def scaled(x8, sx, w8, sw, fast: bool) -> torch.Tensor:
     return torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=fast)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main() -> None:
@@ -70,8 +66,9 @@ def main() -> None:
         slow_ms, fast_ms = (graphed_ms([lambda f=f, q=quantised: scaled(*q, f)], args.replays * 5)
                             for f in (False, True))
         slow, fast = (scaled(*quantised, f) for f in (False, True))
-        print(f"{name:32s} {slow_ms:7.3f} / {fast_ms:7.3f} ms  {rel(slow, exact):.2e} / {rel(fast, exact):.2e}  "
-              f"{rel(fast, F.linear(x, w)):.2e}")
+        errors = f"{relative_l2(slow, exact):.2e} / {relative_l2(fast, exact):.2e}"
+        print(f"{name:32s} {slow_ms:7.3f} / {fast_ms:7.3f} ms  {errors}  "
+              f"{relative_l2(fast, F.linear(x, w)):.2e}")
 
 
 if __name__ == "__main__":

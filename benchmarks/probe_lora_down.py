@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from appleswap.bench_utils import graphed_ms
+from appleswap.bench_utils import graphed_ms, relative_l2
 
 # (K, N, count per pass) of the folded z GEMMs at FLUX size with the APPLE LoRA (r = 64)
 SHAPES = [(3072, 192, 19), (3072, 64, 19), (12288, 64, 19),  # double blocks: qkv, out, ff_out
@@ -68,7 +68,7 @@ def main() -> None:
     print("|---|---|---|---|" + "---|" * len(SHAPES))
     for name, fn in variants(args.parts).items():
         out = one_pass(fn, inputs)
-        error = max(((o.float() - r).norm() / r.norm()).item() for o, r in zip(out, reference, strict=True))
+        error = max(relative_l2(o, r) for o, r in zip(out, reference, strict=True))
         for label, run in ((name, fn), (f"{name}, torch.compile", torch.compile(fn, dynamic=False))):
             parts = [graphed_ms([lambda r=run, g=group: one_pass(r, g)], args.replays) for group in groups]
             whole = graphed_ms([lambda r=run: one_pass(r, inputs)], args.replays)

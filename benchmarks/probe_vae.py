@@ -14,13 +14,9 @@ import copy
 import torch
 
 from appleswap.bench import BenchConfig, build_vae
-from appleswap.bench_utils import time_call
+from appleswap.bench_utils import relative_l2, time_call
 from appleswap.model.latents import compile_vae, decode_tokens, encode_images
 from appleswap.pipeline import vae_conv_flags
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main() -> None:
@@ -51,9 +47,9 @@ def main() -> None:
             encode = time_call(lambda m=model: encode_images(m, image), args.device, args.repeats, warmup=2)
             decode = time_call(lambda m=model, t=tokens: decode_tokens(m, t, size, size), args.device, args.repeats,
                                warmup=2)
-            round_trip = _relative(decode_tokens(model, tokens, size, size), fp32_image)
-            decoded = _relative(decode_tokens(model, fp32_tokens.to(tokens.dtype), size, size), fp32_image)
-            print(f"| {name} | {encode * 1e3:.2f} | {decode * 1e3:.2f} | {_relative(tokens, fp32_tokens):.2e} | "
+            round_trip = relative_l2(decode_tokens(model, tokens, size, size), fp32_image)
+            decoded = relative_l2(decode_tokens(model, fp32_tokens.to(tokens.dtype), size, size), fp32_image)
+            print(f"| {name} | {encode * 1e3:.2f} | {decode * 1e3:.2f} | {relative_l2(tokens, fp32_tokens):.2e} | "
                   f"{round_trip:.2e} | {decoded:.2e} |")
         if args.device.startswith("cuda"):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

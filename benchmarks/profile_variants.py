@@ -26,7 +26,7 @@ from appleswap.bench import (
     swap_constants,
 )
 from appleswap.bench_tiers import swap_rows
-from appleswap.bench_utils import Rows, count_flops, matmul_ceiling, sdpa_context, sync, time_call
+from appleswap.bench_utils import Rows, count_flops, matmul_ceiling, relative_l2, sdpa_context, sync, time_call
 from appleswap.model import kernels
 
 KINDS = [("GEMM", r"gemm|nvjet|cutlass|xmma|matmul|sm90|splitk"), ("attention", r"flash|fmha|attention|cudnn"),
@@ -184,7 +184,7 @@ def main() -> None:
                         "and the N pairs of kernels with the most idle time between them")
     parser.add_argument("--fp8", action="store_true", help="quantise the blocks to fp8 (row-wise) first")
     parser.add_argument("--fp8-exact-accum", action="store_true",
-                        help="with --fp8: the fp8 GEMMs without torch._scaled_mm's use_fast_accum (the default uses it)")
+                        help="with --fp8: the fp8 GEMMs without torch._scaled_mm's use_fast_accum (default: with)")
     parser.add_argument("--swap-sdpa", default="auto", help="SDPA backend of the swap rows (auto, flash, cudnn, ...)")
     parser.add_argument("--as-swaps", action="store_true",
                         help="passes get this timestep's AdaLN rows, the prompt embedding, RoPE and the ID keys and values "
@@ -274,10 +274,9 @@ def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size, 
             measure(name, apple, device, rows, flops, ceiling, args.repeats)
             with torch.no_grad():
                 output = apple().float()
-        rows.add(f"{name}: rel. L2 diff to eager", ((output - reference).norm() / reference.norm()).item(), "", "")
+        rows.add(f"{name}: rel. L2 diff to eager", relative_l2(output, reference), "", "")
         if unquantised is not None:
-            rows.add(f"{name}: rel. L2 diff to the unquantised eager pass",
-                     ((output - unquantised).norm() / unquantised.norm()).item(), "", "")
+            rows.add(f"{name}: rel. L2 diff to the unquantised eager pass", relative_l2(output, unquantised), "", "")
         if key == "compiled" and "no-id" in todo:
             measure("APPLE compiled, fused, no ID tokens", lambda: apple(None), device, rows, flops, ceiling,
                     args.repeats)

@@ -9,7 +9,7 @@ import logging
 import time
 
 from appleswap.bench import apple_pass, pass_timestep_rows, swap_constants
-from appleswap.bench_utils import Rows, count_flops, function_flops, sdpa_context, sync, time_call
+from appleswap.bench_utils import Rows, count_flops, function_flops, relative_l2, sdpa_context, sync, time_call
 
 logger = logging.getLogger("appleswap.bench")
 
@@ -54,7 +54,7 @@ def bench_fused_eager(cfg, model, inp, device, rows: Rows, ceiling: float, backe
         separate = [time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats)]
         model.fuse_projections()
         fused = [time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats)]
-        difference = ((apple_pass(model, inp, modulation).float() - reference).norm() / reference.norm()).item()
+        difference = relative_l2(apple_pass(model, inp, modulation), reference)
         model.unfuse_projections()
         separate.append(time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats))
         model.fuse_projections()
@@ -92,7 +92,7 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
         seconds = time_call(lambda: apple_pass(model, inp, modulation, steps, constants), device, cfg.repeats,
                             warmup=2)
         per_pass = time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats, warmup=2)
-    difference = ((out - reference).norm() / reference.norm()).item()
+    difference = relative_l2(out, reference)
     rows.add(f"APPLE pass, {label}, regional torch.compile ({cfg.compile_mode})", seconds * 1e3, "ms",
              f"{flops / seconds / ceiling:.2f} of ceiling; compile {compile_seconds:.0f} s; "
              f"rel. L2 diff to eager {difference:.2g}; timestep AdaLN rows, prompt embedding, RoPE and ID keys/values "
@@ -130,8 +130,8 @@ def bench_fold_ab(cfg, model, inp, modulations, device, rows: Rows, backend: str
                 outputs[variant] = apple_pass(model, inp, *modulations).float()
         kernels.set_enabled(True)
         model.fuse_projections(fold_lora=True)
-    difference = ((outputs[True] - outputs[False]).norm() / outputs[False].norm()).item()
-    kernel_difference = ((outputs[True] - outputs["torch"]).norm() / outputs["torch"].norm()).item()
+    difference = relative_l2(outputs[True], outputs[False])
+    kernel_difference = relative_l2(outputs[True], outputs["torch"])
     for variant in variants:
         note = {True: f"; rel. L2 diff folded vs apart {difference:.2g}",
                 "torch": f"; rel. L2 diff kernels vs torch code {kernel_difference:.2g}"}.get(variant, "")
@@ -169,7 +169,7 @@ def bench_vae(cfg, vae, device, rows: Rows, size: int) -> None:
             reference = round_trip()
             compile_vae(vae)
             seconds = time_call(round_trip, device, cfg.repeats, warmup=2)
-            difference = ((round_trip() - reference).norm() / reference.norm()).item()
+            difference = relative_l2(round_trip(), reference)
             note = f"; compiled {seconds * 1e3:.1f} ms (rel. L2 diff {difference:.2g}; the compiled swaps' VAE)"
     rows.add(f"VAE encode + decode ({size}x{size})", plain * 1e3, "ms",
              f"cuDNN autotuned {tuned * 1e3:.1f} ms (eager pipeline); + channels-last {last * 1e3:.1f} ms{note}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from appleswap.bench import apple_pass
-from appleswap.bench_utils import Rows, function_flops, sdpa_context, sync, time_call
+from appleswap.bench_utils import Rows, function_flops, relative_l2, sdpa_context, sync, time_call
 
 logger = logging.getLogger("appleswap.bench")
 
@@ -159,7 +159,7 @@ def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, f
         modulation = model.condition_modulation(inp["text"])
         seconds = time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats)
         out = apple_pass(model, inp, modulation).float()
-    error = ((out - reference).norm() / reference.norm()).item()
+    error = relative_l2(out, reference)
     rows.add("fp8: APPLE pass, separate layers", seconds * 1e3, "ms",
              f"{flops / seconds / bf16_ceiling:.2f} of bf16 ceiling, {flops / seconds / fp8_ceil:.2f} of fp8 ceiling; "
              f"rel. L2 diff to unquantised {error:.3g}")
@@ -167,7 +167,7 @@ def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, f
     with torch.no_grad(), sdpa_context(backend):
         seconds = time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats)
         out = apple_pass(model, inp, modulation).float()
-    error = ((out - reference).norm() / reference.norm()).item()
+    error = relative_l2(out, reference)
     rows.add("fp8: APPLE pass, fused + LoRA folded", seconds * 1e3, "ms",
              f"{flops / seconds / bf16_ceiling:.2f} of bf16 ceiling; rel. L2 diff to unquantised {error:.3g}")
     if cfg.eager_swaps:

@@ -50,6 +50,12 @@ def time_call(fn, device, repeats: int, warmup: int = 1, samples: list | None = 
     return statistics.median(times)
 
 
+def relative_l2(a, b) -> float:
+    """``|a - b| / |b|`` in fp32: how far an output is from its reference (the difference rows of the tables)."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
 def graphed_ms(calls, replays: int) -> float:
     """Milliseconds per replay of one CUDA graph that runs ``calls`` in order (warmed up on a side stream first):
     the device time of a sequence of kernels without the host's launch gaps."""
