@@ -167,21 +167,24 @@ if triton is not None:
         tl.store(dst + positions.to(tl.int64) * (HEADS * DIM) + h * DIM + dims[None, :], out, mask=mask)
 
     def launch_qk_norm_rope(q_parts, k_parts, q_weights, k_weights, cos, sin, eps: float, head_dim: int,
-                            wrap: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                            wrap: bool = True, block: int = 32,
+                            num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         """Allocate (query, key) (B, N, H, D) and run one kernel per part. ``wrap=False`` calls the kernel
-        directly (tests under ``TRITON_INTERPRET=1``); the op wraps it for ``torch.compile``."""
+        directly (tests under ``TRITON_INTERPRET=1``); the op wraps it for ``torch.compile``. ``block`` tokens per
+        program and ``num_warps``: ``benchmarks/probe_join_rows.py`` varies them (inside a pass no setting won)."""
         first = q_parts[0]
         batch, width = first.shape[0], first.shape[-1]
         total = sum(part.shape[1] for part in q_parts)
         query = first.new_empty(batch, total, width // head_dim, head_dim)
         key = torch.empty_like(query)
         kernel = torch.library.wrap_triton(_qk_norm_rope_kernel) if wrap else _qk_norm_rope_kernel
-        offset, block = 0, 32
+        offset = 0
         for q, k, wq, wk in zip(q_parts, k_parts, q_weights, k_weights, strict=True):
             tokens = q.shape[1]
             grid = (triton.cdiv(tokens, block), 2 * (width // head_dim), batch)
             kernel[grid](q, k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), wq, wk, cos, sin, query, key,
-                         tokens, offset, total, EPS=eps, HEADS=width // head_dim, DIM=head_dim, BLOCK_T=block)
+                         tokens, offset, total, EPS=eps, HEADS=width // head_dim, DIM=head_dim, BLOCK_T=block,
+                         num_warps=num_warps)
             offset += tokens
         return query, key
 
@@ -250,10 +253,12 @@ if triton is not None:
             tl.store(out_ptr + flat * width + cols, x.to(out_ptr.dtype.element_ty), mask=cols < width)
 
     def launch_join_rows(a, b, tail, gelu_a: bool, gelu_b: bool, width: int, quantize: bool, shift=None, scale=None,
-                         split: int = -1, eps: float = 0.0, wrap: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         split: int = -1, eps: float = 0.0, wrap: bool = True,
+                         num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(joined (B, N, width): e4m3 when ``quantize`` else a's dtype, row scales (B * N, 1) fp32 or empty).
         ``shift``/``scale`` (1 or B, 1 or 2, KA), same strides: a's LayerNorm (``eps``) and AdaLN, branch 1 from
-        row ``split`` on (-1: every row branch 0)."""
+        row ``split`` on (-1: every row branch 0). ``num_warps`` per program (default 8, 16 above 8,192 columns):
+        ``benchmarks/probe_join_rows.py`` varies it (alone 4 or 8 were faster; inside a pass no setting was)."""
         from appleswap.model.fp8 import FP8_MAX, ROUND_UP  # fp8 builds on fusion, which builds on this module
 
         batch, rows = a.shape[0], a.shape[1]
@@ -273,7 +278,7 @@ if triton is not None:
             shift_.stride(1) if norm else 0, split if split >= 0 else rows, KA=a.shape[-1],
             KB=0 if b is None else b.shape[-1], KT=0 if tail is None else tail.shape[-1], GELU_A=gelu_a,
             GELU_B=gelu_b, NORM=norm, EPS=eps, QUANT=quantize, FACTOR=ROUND_UP / FP8_MAX, BLOCK=block,
-            num_warps=16 if block > 8192 else 8)
+            num_warps=num_warps or (16 if block > 8192 else 8))
         return out, scales
 
     @torch.library.triton_op("appleswap::join_rows", mutates_args={})
