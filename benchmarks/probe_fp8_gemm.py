@@ -8,12 +8,10 @@ against fp32 on the same e4m3 operands (what the accumulation adds) and against 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from appleswap.bench_utils import graphed_ms, relative_l2
+from appleswap.bench_utils import device_line, graphed_ms, probe_arguments, relative_l2
 from appleswap.model.fp8 import quantize_fp8
 
 # (name, M, K, N, count per pass) of the fused fp8 pass at 512x512 (2,560 tokens: 512 text, 1,024 image, 1,024
@@ -41,12 +39,9 @@ def scaled(x8, sx, w8, sw, fast: bool) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--replays", type=int, default=20)
-    args = parser.parse_args()
-    torch.manual_seed(0)
+    args = probe_arguments(__doc__)
     flops = sum(2 * m * k * n * count for _, m, k, n, count in SHAPES)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {flops / 1e12:.2f} TFLOP of fp8 GEMMs per pass")
+    print(f"{device_line()}; {flops / 1e12:.2f} TFLOP of fp8 GEMMs per pass")
     data = {g: [operands(m, k, n, g) for _, m, k, n, _ in SHAPES] for g in ("row", "tensor")}
     variants = {"bf16 F.linear": [lambda x=x, w=w: F.linear(x, w) for x, w, *_ in data["row"]]}
     for granularity in ("row", "tensor"):

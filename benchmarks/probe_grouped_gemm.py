@@ -11,12 +11,10 @@ whose two calls also concatenated their outputs, one copy more than the pass mak
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from appleswap.bench_utils import graphed_ms, relative_l2
+from appleswap.bench_utils import device_line, graphed_ms, probe_arguments, relative_l2
 from appleswap.model.fp8 import quantize_activation_rows, quantize_fp8
 
 # (name, K text, K image + cond (with the folded LoRA's columns), N) of the double blocks' projections
@@ -76,11 +74,8 @@ def id_calls(m: int, k: int, n: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--replays", type=int, default=20)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    args = probe_arguments(__doc__)
+    print(device_line())
     print(f"\n{'double-block pair (x 19)':26s} {'2 calls + bias':>15s} {'2 calls':>9s} {'grouped':>9s} "
           f"{'rel. L2':>9s}  (ms per pass)")
     totals = [0.0, 0.0, 0.0]

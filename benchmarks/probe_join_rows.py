@@ -9,11 +9,9 @@ and warps; bytes: queries and keys read and written).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from appleswap.bench_utils import graphed_ms
+from appleswap.bench_utils import device_line, graphed_ms, probe_arguments
 from appleswap.model.kernels import launch_join_rows, launch_qk_norm_rope
 
 COND = 1024  # condition rows (the tail z lives there)
@@ -51,13 +49,10 @@ def moved_bytes(kwargs) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--replays", type=int, default=20)
-    parser.add_argument("--warps", default="0,4,8,16,32", help="warps per program to try (0: the default)")
-    args = parser.parse_args()
-    torch.manual_seed(0)
+    args = probe_arguments(__doc__, options=[("--warps", {"default": "0,4,8,16,32",
+                                                          "help": "warps per program to try (0: the default)"})])
     warps = [int(w) for w in args.warps.split(",")]
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GB/s = bytes read + written per call / time")
+    print(f"{device_line()}; GB/s = bytes read + written per call / time")
     print(f"\n{'use (calls per pass)':36s} {'MB':>6s} {'copy GB/s':>9s}  "
           + "  ".join(f"{'w' + str(w) if w else 'default':>15s}" for w in warps) + "   (us per call / GB/s)")
     best_total, default_total = 0.0, 0.0

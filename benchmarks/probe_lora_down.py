@@ -8,12 +8,10 @@ compute them, each replayed as a CUDA graph of every z GEMM of one pass in block
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from appleswap.bench_utils import graphed_ms, relative_l2
+from appleswap.bench_utils import graphed_ms, probe_arguments, relative_l2
 
 # (K, N, count per pass) of the folded z GEMMs at FLUX size with the APPLE LoRA (r = 64)
 SHAPES = [(3072, 192, 19), (3072, 64, 19), (12288, 64, 19),  # double blocks: qkv, out, ff_out
@@ -47,12 +45,8 @@ def kernel_count(fn, inputs) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--replays", type=int, default=20)
-    parser.add_argument("--parts", type=int, default=4)
-    args = parser.parse_args()
-    torch.manual_seed(0)
+    args = probe_arguments(__doc__, options=[("--batch", {"type": int, "default": 1}),
+                                             ("--parts", {"type": int, "default": 4})])
     rows = 1024 * args.batch
     inputs = [(torch.randn(rows, k, device="cuda", dtype=torch.bfloat16),
                torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5)

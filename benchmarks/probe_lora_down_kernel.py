@@ -8,14 +8,13 @@ Compile time grows with the grid: ~2 minutes on an H100 machine.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import torch
 import torch.nn.functional as F
 from lora_down_kernel import DEFAULT_CONFIG, NORM_CONFIG, launch_lora_down  # benchmarks/, next to this script
 
-from appleswap.bench_utils import graphed_ms, relative_l2
+from appleswap.bench_utils import device_line, graphed_ms, probe_arguments, relative_l2
 from appleswap.model.kernels import ConcatInput, RowModulation
 
 COND = 1024
@@ -61,11 +60,8 @@ def configs(norm: bool, rank: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--replays", type=int, default=50)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; us per call")
+    args = probe_arguments(__doc__, replays=50)
+    print(f"{device_line()}; us per call")
     for name, count, launch in uses():
         norm = len(launch) > 7
         default_z = launch_lora_down(*launch).sum(0)

@@ -82,3 +82,19 @@ def test_fraction_of_the_ceiling_counts_the_function_not_the_folded_columns():
     with torch.no_grad():
         assert function_flops(model, lambda: apple_pass(model, inp)) == separate
     assert model.fused_fold is False
+
+
+def test_probe_arguments_parse_replays_and_options_and_seed_torch(monkeypatch):
+    import sys
+
+    import torch
+
+    from appleswap.bench_utils import probe_arguments
+
+    monkeypatch.setattr(sys, "argv", ["probe", "--replays", "7", "--batch", "3"])
+    args = probe_arguments("doc", replays=50, options=[("--batch", {"type": int, "default": 1})])
+    assert (args.replays, args.batch) == (7, 3)
+    first = torch.rand(3)
+    monkeypatch.setattr(sys, "argv", ["probe"])
+    assert probe_arguments("doc", replays=50).replays == 50
+    assert torch.equal(torch.rand(3), first)  # seeded again: the same inputs

@@ -56,6 +56,29 @@ def relative_l2(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def probe_arguments(doc: str, replays: int = 20, options: tuple = ()):
+    """The command line of the GPU probes in ``benchmarks/``: ``--replays`` (CUDA graph replays per timing) and
+    ``options`` as (flag, ``add_argument`` keywords) pairs. Seeds torch, so that two runs time the same inputs."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--replays", type=int, default=replays)
+    for flag, keywords in options:
+        parser.add_argument(flag, **keywords)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    return args
+
+
+def device_line() -> str:
+    """The GPU and torch version, the first line of every probe's output."""
+    import torch
+
+    return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+
+
 def graphed_ms(calls, replays: int) -> float:
     """Milliseconds per replay of one CUDA graph that runs ``calls`` in order (warmed up on a side stream first):
     the device time of a sequence of kernels without the host's launch gaps."""
