@@ -10,19 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from appleswap.bench_utils import Rows, time_call
+from appleswap.bench_utils import Rows, graphed_ms
 from appleswap.model import kernels
 from appleswap.model.fp8 import quantize_activation_rows
 
 
-def graph_time(fn, device: str, repeats: int = 50) -> float:
-    """Seconds per call of ``fn`` replayed from a CUDA graph (no host overhead in the figure)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_call(graph.replay, device, repeats)
+def graph_time(fn, repeats: int = 50) -> float:
+    """Microseconds per call of ``fn`` replayed from a CUDA graph (no host overhead in the figure)."""
+    return graphed_ms([fn], repeats) * 1e3
 
 
 def _agreement(got: torch.Tensor, ref: torch.Tensor) -> str:
@@ -45,9 +40,9 @@ def check_qk_norm_rope(rows: Rows, device: str, text: int = 512, image: int = 20
     with torch.no_grad():
         ref, got = reference(*args), kernels.qk_norm_rope(*args)
         rows.add("qk_norm_rope, double block (512 + 2048 tokens): agreement", 0, "", _agreement(got[0], ref[0]))
-        rows.add("qk_norm_rope: Triton kernel", graph_time(lambda: kernels.qk_norm_rope(*args), device) * 1e6, "us",
+        rows.add("qk_norm_rope: Triton kernel", graph_time(lambda: kernels.qk_norm_rope(*args)), "us",
                  "")
-        rows.add("qk_norm_rope: reference, torch.compile", graph_time(lambda: reference(*args), device) * 1e6,
+        rows.add("qk_norm_rope: reference, torch.compile", graph_time(lambda: reference(*args)),
                  "us", "")
 
 
@@ -72,9 +67,9 @@ def check_join_rows(rows: Rows, device: str, tokens: int = 2560, cond: int = 102
                 note += f"; scales {_agreement(got[1], ref[1])}"
             rows.add(f"join_rows [attn | gelu(mlp) | z], single block, {label}: agreement", 0, "", note)
             rows.add(f"join_rows {label}: Triton kernel",
-                     graph_time(lambda q=quantize: kernels.join_rows(x, width, q), device) * 1e6, "us", "")
+                     graph_time(lambda q=quantize: kernels.join_rows(x, width, q)), "us", "")
             rows.add(f"join_rows {label}: reference, torch.compile",
-                     graph_time(lambda q=quantize: compiled(attn, mlp, z, q), device) * 1e6, "us", "")
+                     graph_time(lambda q=quantize: compiled(attn, mlp, z, q)), "us", "")
 
 
 def check_compiled_join(rows: Rows, device: str, tokens: int = 2048, cond: int = 1024):
