@@ -76,12 +76,12 @@ def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = F
                          fuse: bool = True, compile: bool | str = False, cuda_graphs: bool = False,
                          vae=None) -> AppleTransformer:
     """fp8 block weights and/or sequential block offload for a transformer loaded on the CPU (or already on
-    ``device``): quantised block by block on ``device``, then everything resident placed there. Then the speed
-    options that keep the function: fused projections (weights resident on the device only; with fp8 the fused
-    GEMMs carry the LoRA in fp8 too) and regional ``torch.compile`` (``compile``: True or a torch.compile mode
-    name; without offload also of ``vae``, in the default mode: max-autotune spends minutes on its convolutions)."""
+    ``device``): quantised block by block on ``device`` (with merged fp8 condition weights unless offloaded), then
+    everything resident placed there. Then the speed options that keep the function: fused projections and regional
+    ``torch.compile`` (``compile``: True or a mode; without offload also of ``vae``, in the default mode)."""
     if fp8:
-        transformer.quantize_fp8(device=device if offload != "sequential" else None)
+        on_host = offload == "sequential"  # blocks copied in every pass: no merged condition weights to copy
+        transformer.quantize_fp8(device=None if on_host else device, merge_condition=not on_host)
     if offload == "sequential":
         transformer.enable_sequential_offload(device)
     else:

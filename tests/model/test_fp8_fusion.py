@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import appleswap.model.fp8 as fp8_lib
-from appleswap.model import fusion
+from appleswap.model import fp8_condition, fusion
 from appleswap.model.fp8 import FP8, FP8_MAX, Fp8FusedProjection, quantize_lora_columns
 from tests.model.test_speed_options import _call, _full_model, _inputs
 
@@ -86,7 +86,7 @@ def test_fp8_folded_lora_stays_within_e4m3_rounding_of_the_lora_apart(monkeypatc
         inp = _bf16(model, inp)
         monkeypatch.setattr(fp8_lib, "scaled_mm_supported", lambda device: True)
     reference = _call(model, inp)
-    model.quantize_fp8()
+    model.quantize_fp8(merge_condition=False)  # the folded form (merged condition weights: test_fp8_condition)
     calls = []
     original = fp8_lib.scaled_matmul
     monkeypatch.setattr(fp8_lib, "scaled_matmul", lambda *a: calls.append(1) or original(*a))
@@ -119,7 +119,7 @@ def test_fp8_folded_lora_stays_within_e4m3_rounding_of_the_lora_apart(monkeypatc
 def test_fp8_folded_lora_rereads_a_changed_b_and_falls_back_when_switched_off():
     model, inp = _full_model(), _inputs()
     _strong_lora(model)
-    model.quantize_fp8()
+    model.quantize_fp8(merge_condition=False)
     model.fuse_projections()
     folded = _call(model, inp)
     layer = model.flux.single_transformer_blocks[0].attn.to_v
@@ -148,15 +148,19 @@ def test_fusing_fp8_needs_row_scales():
 
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
 @torch.no_grad()
-def test_compiled_fused_fp8_equals_eager(monkeypatch):
-    """The GPU path (fp8 GEMMs with the folded LoRA) under regional torch.compile, as the GPU runs it."""
+@pytest.mark.parametrize("merge_condition", [False, True])
+def test_compiled_fused_fp8_equals_eager(monkeypatch, merge_condition):
+    """The GPU path (fp8 GEMMs with the folded LoRA, or the merged condition weights through the
+    ``scaled_mm_rows`` op) under regional torch.compile, as the GPU runs it."""
     monkeypatch.setattr(fp8_lib, "scaled_mm_supported", lambda device: True)
+    monkeypatch.setattr(fp8_condition, "scaled_mm_supported", lambda device: True)
     model, inp = _full_model(), _inputs(batch=1)
     _strong_lora(model)
     inp = _bf16(model, inp)
     reference = _call(model, inp)  # bf16, unquantised
-    model.quantize_fp8()
+    model.quantize_fp8(merge_condition=merge_condition)
     model.fuse_projections()
+    assert (fusion.fused_projection(model.flux.transformer_blocks[0], "qkv").condition is not None) == merge_condition
     try:
         eager = _call(model, inp)
     except (RuntimeError, NotImplementedError) as error:
@@ -185,7 +189,7 @@ def test_lora_file_loads_into_a_fused_fp8_model(tmp_path):
     model, inp = _full_model(), _inputs()
     _strong_lora(model)
     path = model.save_lora(tmp_path / "lora.safetensors")
-    model.quantize_fp8()
+    model.quantize_fp8(merge_condition=False)
     model.fuse_projections()
     want = _call(model, inp)
     for param in model.lora_parameters():

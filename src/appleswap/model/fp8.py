@@ -213,13 +213,17 @@ class Fp8FusedProjection(FusedProjection):
         self.compute_dtype, self.use_scaled_mm = bases[0].compute_dtype, True
         self.fast_accum = all(base.fast_accum for base in bases)
         device = bases[0].weight_fp8.device
-        extra = self._members(layers, bases, fold_lora, self.compute_dtype, device, 16)  # 16-byte fp8 rows
+        from appleswap.model.fp8_condition import ConditionWeights  # builds on this module
+
+        condition = ConditionWeights.of(layers, bases) if fold_lora else None  # merged: no folded columns
+        extra = self._members(layers, bases, fold_lora and condition is None, self.compute_dtype, device, 16)
         weight = torch.zeros(sum(self.sizes), self.in_features + extra, dtype=FP8, device=device)
         weight[:, :self.in_features] = torch.cat([base.weight_fp8 for base in bases])
         self.register_buffer("weight_fp8", weight, persistent=False)
         self.register_buffer("weight_scale", torch.cat([base.weight_scale for base in bases]), persistent=False)
         self._folded_b: list[tuple] = []  # (lora_B weight, first row, rows, first extra column, rank, scaling)
         self._b_seen: list[tuple] | None = None
+        self.condition = condition  # merged condition weights (fp8_condition), or None
         self._share_storage(bases)
 
     @property
@@ -244,7 +248,10 @@ class Fp8FusedProjection(FusedProjection):
         self.refresh_lora()
 
     def refresh_lora(self) -> bool:
-        """Quantise the folded ``B`` columns again if a ``lora_B`` weight changed since (in place or replaced)."""
+        """Quantise the folded ``B`` columns again if a ``lora_B`` weight changed since (in place or replaced).
+        With merged condition weights: mark them stale if the LoRA changed; True when that just happened."""
+        if self.condition is not None:
+            return self.condition.refresh()
         seen = [(weight.data_ptr(), weight._version) for weight, *_ in self._folded_b]
         if seen == self._b_seen:
             return False
@@ -285,8 +292,8 @@ class Fp8FusedProjection(FusedProjection):
         """Every member layer gets its own fp8 weight, scales and bias (and LoRA ``A``) storage again."""
         for layer in self.layers:
             base = _base(layer)
-            for name in ("weight_fp8", "weight_scale", "bias"):
-                if getattr(base, name) is not None:
+            for name in ("weight_fp8", "weight_scale", "bias", "condition_fp8", "condition_scale"):
+                if getattr(base, name, None) is not None:
                     setattr(base, name, getattr(base, name).clone())
             if is_lora_layer(layer):
                 for name in layer.lora_A:
@@ -295,7 +302,7 @@ class Fp8FusedProjection(FusedProjection):
 
 def quantize_blocks_fp8(flux: nn.Module, include_modulation: bool = False,
                        device: torch.device | str | None = None, granularity: str = "row",
-                       fast_accum: bool = True) -> int:
+                       fast_accum: bool = True, merge_condition: bool = True) -> int:
     """Replace every frozen ``nn.Linear`` of the double and single blocks by :class:`Fp8Linear` (in place).
 
     LoRA-wrapped layers keep their adapter; only their ``base_layer`` is quantised. Returns the number of layers.
@@ -303,8 +310,15 @@ def quantize_blocks_fp8(flux: nn.Module, include_modulation: bool = False,
     in the model dtype: they see 1-2 rows per pass (memory-bound, no fp8 GEMM) and scale every token. ``device``: each
     block is moved there just before quantising (peak: the fp8 model plus one full-precision block). ``granularity``:
     ``"row"`` (per output channel and per token) or ``"tensor"``. ``fast_accum``: see :class:`Fp8Linear`.
+    ``merge_condition`` (row-wise only): the LoRA-wrapped linears that fused groups stack also get ``W + s B A`` in
+    e4m3 for the condition rows (:mod:`~appleswap.model.fp8_condition`; faster, one more e4m3 copy of them).
     """
+    from appleswap.model.fp8_condition import attach_condition_weight
+    from appleswap.model.fusion import DOUBLE_GROUPS, SINGLE_GROUPS
+
     check_granularity(granularity)
+    stacked = {member for groups in (DOUBLE_GROUPS, SINGLE_GROUPS) for members in groups.values()
+               for member in members}
     count = 0
     for blocks in (flux.transformer_blocks, flux.single_transformer_blocks):
         for block in blocks:
@@ -317,7 +331,11 @@ def quantize_blocks_fp8(flux: nn.Module, include_modulation: bool = False,
                     full = f"{module_name}.{child_name}".lstrip(".")
                     if not include_modulation and ".linear" in f".{full}" and "norm" in full:
                         continue
-                    setattr(module, child_name, Fp8Linear.from_linear(child, granularity, fast_accum))
+                    quantized = Fp8Linear.from_linear(child, granularity, fast_accum)
+                    if (merge_condition and granularity == "row" and child_name == "base_layer"
+                            and module_name in stacked and is_lora_layer(module)):
+                        attach_condition_weight(quantized, module, child.weight)
+                    setattr(module, child_name, quantized)
                     count += 1
     logger.info("fp8: %d block linears quantised (per-%s e4m3)", count, granularity)
     return count

@@ -209,6 +209,9 @@ def routed_fused(fused: FusedProjection, x: torch.Tensor | ConcatInput, cond_sta
     """
     if cond_start is None or cond_start >= x.shape[1]:
         return list(fused.matmul(x).split(fused.sizes, dim=-1))
+    condition = getattr(fused, "condition", None)  # fp8: merged condition weights (fp8_condition)
+    if condition is not None and condition.ready():
+        return list(condition.matmul(fused, x, cond_start).split(fused.sizes, dim=-1))
     if fused.fold_ready():
         recompute = cond_rows is not None and torch.compiler.is_compiling()  # eager: the slice costs no launches
         cond = cond_rows() if recompute else _rows(x, cond_start)
