@@ -14,7 +14,7 @@ def test_tiny_bench_table():
     for name in ("matmul ceiling", "plain diffusers FLUX pass", "FLOPs per APPLE pass", "APPLE pass, SDPA auto",
                  "teacher swap + inversion (2 passes)", "student swaps, batch 2", "KV-cache mode: APPLE pass",
                  "LoRA training step (r64, checkpointing)", "APPLE pass, condition modulation once per swap",
-                 "fp8: APPLE pass, separate layers", "fp8: APPLE pass, fused + LoRA folded",
+                 "fp8: APPLE pass, separate layers", "fp8: APPLE pass, fused + merged condition weights",
                  "student swap (1 passes), fp8, eager",
                  "APPLE pass, eager, modulation once per swap, fused projections", "offload=sequential: APPLE pass, fp8",
                  "offload=sequential: student swap, fp8", "offload=model: student swap, fp8"):
@@ -27,7 +27,7 @@ def test_tiny_bench_table():
     notes = {name: note for name, _, _, note in rows.rows}
     assert float(notes["APPLE pass, condition modulation once per swap"].rsplit("max |diff| ", 1)[1]) < 1e-4
     fp8_diff = float(notes["fp8: APPLE pass, separate layers"].rsplit("unquantised ", 1)[1])
-    fused_diff = float(notes["fp8: APPLE pass, fused + LoRA folded"].rsplit("unquantised ", 1)[1])
+    fused_diff = float(notes["fp8: APPLE pass, fused + merged condition weights"].rsplit("unquantised ", 1)[1])
     assert 0 < fp8_diff < 0.1 and 0 < fused_diff < 0.1
     fused = notes["APPLE pass, eager, modulation once per swap, fused projections"]
     assert float(fused.rsplit("separate ", 1)[1]) < 1e-5

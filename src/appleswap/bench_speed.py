@@ -105,16 +105,19 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
 
 
 def bench_fold_ab(cfg, model, inp, modulations, device, rows: Rows, backend: str, label: str) -> None:
-    """Interleaved A/B (two rounds) of the compiled pass with the LoRA folded into the fused GEMMs and apart (and,
-    for fp8, the separate layers), and folded without the Triton kernels (:mod:`appleswap.model.kernels`: torch
-    code, as inductor compiles it). Leaves the model fused with the LoRA folded and the kernels on."""
+    """Interleaved A/B (two rounds) of the compiled pass with the LoRA as the pipeline runs it (bf16: folded into
+    the fused GEMMs; fp8: merged condition weights) and apart (and, for fp8, folded and the separate layers), and
+    without the Triton kernels (:mod:`appleswap.model.kernels`: torch code, as inductor compiles it). Leaves the
+    model fused as the pipeline runs it, with the kernels on."""
     import torch
 
     from appleswap.model import kernels
 
-    names = {None: "separate layers (A/B)", False: "LoRA apart (A/B)", True: "LoRA folded into the fused GEMMs (A/B)",
-             "torch": "LoRA folded, no Triton kernels (A/B)"}
-    variants = (None, False, True, "torch") if label.startswith("fp8") else (False, True, "torch")
+    fp8 = label.startswith("fp8")
+    default = "merged condition weights" if fp8 else "LoRA folded into the fused GEMMs"
+    names = {None: "separate layers (A/B)", False: "LoRA apart (A/B)", True: f"{default} (A/B)",
+             "folded": "LoRA folded into the fused GEMMs (A/B)", "torch": f"{default}, no Triton kernels (A/B)"}
+    variants = (None, False, "folded", True, "torch") if fp8 else (False, True, "torch")
     times = {variant: [] for variant in variants}
     outputs = {}
     with torch.no_grad(), sdpa_context(backend, fallback=True):
@@ -124,7 +127,7 @@ def bench_fold_ab(cfg, model, inp, modulations, device, rows: Rows, backend: str
                 if variant is None:
                     model.unfuse_projections()
                 else:
-                    model.fuse_projections(fold_lora=variant is not False)
+                    model.fuse_projections(fold_lora=variant is not False, condition_weights=variant != "folded")
                 times[variant].append(time_call(lambda: apple_pass(model, inp, *modulations), device, cfg.repeats,
                                                 warmup=2))
                 outputs[variant] = apple_pass(model, inp, *modulations).float()
@@ -133,7 +136,7 @@ def bench_fold_ab(cfg, model, inp, modulations, device, rows: Rows, backend: str
     difference = relative_l2(outputs[True], outputs[False])
     kernel_difference = relative_l2(outputs[True], outputs["torch"])
     for variant in variants:
-        note = {True: f"; rel. L2 diff folded vs apart {difference:.2g}",
+        note = {True: f"; rel. L2 diff to the LoRA apart {difference:.2g}",
                 "torch": f"; rel. L2 diff kernels vs torch code {kernel_difference:.2g}"}.get(variant, "")
         rows.add(f"APPLE pass, {label}, {names[variant]}", min(times[variant]) * 1e3, "ms",
                  f"rounds {', '.join(f'{t * 1e3:.1f}' for t in times[variant])}{note}")

@@ -163,12 +163,12 @@ def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, f
     rows.add("fp8: APPLE pass, separate layers", seconds * 1e3, "ms",
              f"{flops / seconds / bf16_ceiling:.2f} of bf16 ceiling, {flops / seconds / fp8_ceil:.2f} of fp8 ceiling; "
              f"rel. L2 diff to unquantised {error:.3g}")
-    model.fuse_projections()  # as the pipeline runs fp8: stacked fp8 GEMMs, LoRA folded in fp8
+    model.fuse_projections()  # as the pipeline runs fp8: stacked fp8 GEMMs, merged condition weights
     with torch.no_grad(), sdpa_context(backend):
         seconds = time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats)
         out = apple_pass(model, inp, modulation).float()
     error = relative_l2(out, reference)
-    rows.add("fp8: APPLE pass, fused + LoRA folded", seconds * 1e3, "ms",
+    rows.add("fp8: APPLE pass, fused + merged condition weights", seconds * 1e3, "ms",
              f"{flops / seconds / bf16_ceiling:.2f} of bf16 ceiling; rel. L2 diff to unquantised {error:.3g}")
     if cfg.eager_swaps:
         with torch.compiler.set_stance("force_eager"):  # the VAE too, if the compiled rows compiled it

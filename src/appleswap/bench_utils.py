@@ -166,7 +166,7 @@ def function_flops(model, fn) -> float:
     try:
         return count_flops(fn)
     finally:
-        model.fuse_projections(fold_lora=fold)
+        model.fuse_projections(fold_lora=fold, condition_weights=model.fused_condition)
 
 
 def backends_for(device) -> list[str]:

@@ -205,7 +205,7 @@ class Fp8FusedProjection(FusedProjection):
     in-place change.
     """
 
-    def __init__(self, layers: list[nn.Module], fold_lora: bool = True):
+    def __init__(self, layers: list[nn.Module], fold_lora: bool = True, condition_weights: bool = True):
         nn.Module.__init__(self)
         bases = [_base(layer) for layer in layers]
         if any(not isinstance(base, Fp8Linear) or base.granularity != "row" for base in bases):
@@ -215,7 +215,7 @@ class Fp8FusedProjection(FusedProjection):
         device = bases[0].weight_fp8.device
         from appleswap.model.fp8_condition import ConditionWeights  # builds on this module
 
-        condition = ConditionWeights.of(layers, bases) if fold_lora else None  # merged: no folded columns
+        condition = ConditionWeights.of(layers, bases) if fold_lora and condition_weights else None
         extra = self._members(layers, bases, fold_lora and condition is None, self.compute_dtype, device, 16)
         weight = torch.zeros(sum(self.sizes), self.in_features + extra, dtype=FP8, device=device)
         weight[:, :self.in_features] = torch.cat([base.weight_fp8 for base in bases])

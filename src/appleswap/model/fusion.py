@@ -156,19 +156,21 @@ class FusedProjection(nn.Module):
         return True
 
 
-def _projection(layers: list[nn.Module], fold_lora: bool) -> FusedProjection:
+def _projection(layers: list[nn.Module], fold_lora: bool, condition_weights: bool) -> FusedProjection:
     from appleswap.model.fp8 import Fp8FusedProjection, Fp8Linear  # fp8 builds on this module
 
-    fp8 = any(isinstance(_base(layer), Fp8Linear) for layer in layers)
-    return (Fp8FusedProjection if fp8 else FusedProjection)(layers, fold_lora)
+    if any(isinstance(_base(layer), Fp8Linear) for layer in layers):
+        return Fp8FusedProjection(layers, fold_lora, condition_weights)
+    return FusedProjection(layers, fold_lora)
 
 
-def fuse_block(block: nn.Module, fold_lora: bool = True) -> list[FusedProjection]:
+def fuse_block(block: nn.Module, fold_lora: bool = True, condition_weights: bool = True) -> list[FusedProjection]:
     """Stack the projections of one FLUX block (double or single) into :class:`FusedProjection` groups (fp8
-    layers: :class:`~appleswap.model.fp8.Fp8FusedProjection`). Returns the groups."""
+    layers: :class:`~appleswap.model.fp8.Fp8FusedProjection`, with their merged condition weights unless
+    ``condition_weights`` is False). Returns the groups."""
     groups = DOUBLE_GROUPS if hasattr(block, "norm1_context") else SINGLE_GROUPS
     modules = dict(block.named_modules())
-    fused = nn.ModuleDict({name: _projection([modules[m] for m in members], fold_lora)
+    fused = nn.ModuleDict({name: _projection([modules[m] for m in members], fold_lora, condition_weights)
                            for name, members in groups.items()})
     block.add_module(ATTRIBUTE, fused)
     return list(fused.values())

@@ -114,6 +114,7 @@ class AppleTransformer(nn.Module):
         self.graph_runner = None  # CudaGraphRunner while enable_cuda_graphs is on
         self._folded_fp8: list = []  # fused fp8 groups with a folded or merged LoRA (checked when it changes)
         self.fused_fold: bool | None = None  # fuse_projections' fold_lora while fused, None when not fused
+        self.fused_condition = True  # fuse_projections' condition_weights
 
     @property
     def dtype(self) -> torch.dtype:
@@ -431,13 +432,14 @@ class AppleTransformer(nn.Module):
         self._model_changed()
         self._kernels = {"double": double_block, "single": single_block, "id": _id_residual}
 
-    def fuse_projections(self, fold_lora: bool = True) -> int:
+    def fuse_projections(self, fold_lora: bool = True, condition_weights: bool = True) -> int:
         """Stack the linears that read the same tokens (q/k/v and MLP-in) into one GEMM per block and fold the
         condition LoRA into those GEMMs (:mod:`appleswap.model.fusion`): same function; the LoRA columns raised the
         measured H100 peak from 26.1 to 26.6-26.8 GiB at FLUX size. ``fold_lora=False`` keeps the LoRA apart (for
         A/B timing). Call it after moving the model to its device and loading the LoRA (a later ``.to(device)``
         still computes the same, but stores the fused weights twice). After :meth:`quantize_fp8` it stacks the fp8
-        weights (:class:`~appleswap.model.fp8.Fp8FusedProjection`). Returns the number of fused blocks."""
+        weights (:class:`~appleswap.model.fp8.Fp8FusedProjection`) and uses their merged condition weights
+        (``condition_weights=False``: the fold instead, for A/B timing). Returns the number of fused blocks."""
         self._model_changed()
         from appleswap.model.fusion import fuse_block
 
@@ -445,10 +447,10 @@ class AppleTransformer(nn.Module):
             raise ValueError("fuse_projections: turn sequential offload off first")
         self.unfuse_projections()  # fusing again (e.g. after a LoRA change) starts from separate layers
         blocks = list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks)
-        groups = [group for block in blocks for group in fuse_block(block, fold_lora)]
+        groups = [group for block in blocks for group in fuse_block(block, fold_lora, condition_weights)]
         self._folded_fp8 = [group for group in groups
                             if getattr(group, "_folded_b", None) or getattr(group, "condition", None) is not None]
-        self.fused_fold = fold_lora
+        self.fused_fold, self.fused_condition = fold_lora, condition_weights
         return len(blocks)
 
     def is_fused(self) -> bool:
