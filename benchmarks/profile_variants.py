@@ -294,10 +294,37 @@ def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size, 
             measure(f"{name}, LoRA off", apple, device, rows, flops, ceiling, args.repeats)
             model.flux.enable_adapters()
             model.enable_cuda_graphs(graphs)
+    if "sustained" in todo:
+        setup(model, "fold", True, True)
+        sustained_rows(model, apple, device, rows, cfg.steps)
     if "swaps" in todo:
         setup(model, "fold", True, True)
         swap_rows(cfg, model, vae, inp, device, size, args.swap_sdpa, f"compiled + CUDA graph, SDPA {args.swap_sdpa}",
                   rows, batch=2)
+
+
+def sustained_rows(model, apple, device, rows, steps: int) -> None:
+    """Is a swap's step slower than one timed pass because of the host or because of the GPU's clocks? The graphed
+    pass ``steps`` times in a row through the model (the host's per-pass work included) and as bare graph replays
+    (device only), one synchronisation at the end of each; against one pass timed alone."""
+    with torch.no_grad():
+        for _ in range(3):
+            apple()
+        sync(device)
+        recordings = list(model.graph_runner.recordings.values())  # none off CUDA
+        calls = [("through the model", apple)] + [("bare graph replays", r.graph.replay) for r in recordings[:1]]
+        timings = {}
+        for name, call in calls * 2:
+            start = time.perf_counter()
+            for _ in range(steps):
+                call()
+            sync(device)
+            timings.setdefault(name, []).append((time.perf_counter() - start) / steps * 1e3)
+            time.sleep(2)  # the same rest before each
+        single = time_call(apple, device, 5, warmup=1)
+    for name, values in timings.items():
+        rows.add(f"graphed pass, {steps} in a row, {name}", min(values), "ms",
+                 f"rounds {', '.join(f'{v:.2f}' for v in values)}; one pass timed alone {single * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

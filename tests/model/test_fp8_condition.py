@@ -116,7 +116,10 @@ def test_changed_lora_runs_apart_and_reload_merges_again(tmp_path, caplog):
     x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(1))  # the stale group: the LoRA apart
     for got, layer in zip(fusion.routed_fused(group, x, 24), group.layers, strict=True):
         torch.testing.assert_close(got, routed_linear(layer, x, 24), rtol=1e-5, atol=1e-5)
-    model.fuse_projections()  # fused again with a LoRA that the merged weights do not hold: folded instead
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        model.fuse_projections()  # fused again with a LoRA that the merged weights do not hold: folded instead
+    assert "1 fused fp8 groups fold the LoRA in" in caplog.text
     group = fusion.fused_projection(model.flux.single_transformer_blocks[0], "qkv_mlp")
     assert group.condition is None and group.fold_ready()
     model.load_lora(path)  # the LoRA they were merged with: merged again, the first output exactly

@@ -451,7 +451,19 @@ class AppleTransformer(nn.Module):
         self._folded_fp8 = [group for group in groups
                             if getattr(group, "_folded_b", None) or getattr(group, "condition", None) is not None]
         self.fused_fold, self.fused_condition = fold_lora, condition_weights
+        if condition_weights:
+            self._warn_unmerged(groups)
         return len(blocks)
+
+    @staticmethod
+    def _warn_unmerged(groups: list) -> None:
+        """Say so when merged fp8 condition weights exist but hold another LoRA than the one loaded now."""
+        unmerged = [group for group in groups if getattr(group, "condition", False) is None and group.fold_adapter
+                    and any(getattr(getattr(layer, "base_layer", None), "condition_lora", None) is not None
+                            for layer in group.layers)]
+        if unmerged:
+            logger.warning("%d fused fp8 groups fold the LoRA in: it is not the one merged when the model was "
+                           "quantised (quantise after loading the LoRA for the faster merged weights)", len(unmerged))
 
     def is_fused(self) -> bool:
         from appleswap.model.fusion import ATTRIBUTE
