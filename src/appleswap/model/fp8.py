@@ -203,6 +203,10 @@ class Fp8FusedProjection(FusedProjection):
     layers keep it in the model dtype: the difference is measured in ``benchmarks/RESULTS.md``). ``B`` is read
     when fusing; :meth:`refresh_lora` (called by ``AppleTransformer.forward``) quantises it again after an
     in-place change.
+
+    Where the members hold merged condition weights (:mod:`~appleswap.model.fp8_condition`, stored by
+    :func:`quantize_blocks_fp8`) and ``condition_weights`` is True, the group uses them instead of the fold: no LoRA
+    columns, the condition rows multiplied by ``W + s B A``.
     """
 
     def __init__(self, layers: list[nn.Module], fold_lora: bool = True, condition_weights: bool = True):

@@ -10,8 +10,9 @@ the LoRA's cost goes. It costs memory: one more e4m3 copy of every LoRA-wrapped 
 
 ``W'`` is quantised from the full-precision ``W`` when the model is quantised (:func:`attach_condition_weight`),
 once; quantising ``dequant(W_fp8) + s B A`` instead would round ``W`` twice and lose most of a small ``s B A``. The
-layer keeps a checksum of the LoRA it merged; a fused group uses the merged weights only while every member's
-adapter, scale and LoRA tensors still match (:class:`ConditionWeights`), else the LoRA runs apart, exactly.
+layer keeps a checksum of the LoRA it merged: fusing uses the merged weights only while every member's adapter,
+scale and LoRA match it (:class:`ConditionWeights`), else it folds the LoRA in as before; a LoRA changed in place
+while fused, or switched off, runs apart (exact).
 """
 
 from __future__ import annotations
@@ -26,17 +27,9 @@ from torch import nn
 from appleswap.model import kernels
 from appleswap.model.fp8 import MIN_ROWS, dequantize_fp8, quantize_activation_rows, quantize_fp8, scaled_mm_supported
 from appleswap.model.kernels import ConcatInput
-from appleswap.model.lora import _active_adapters, is_lora_layer
+from appleswap.model.lora import _active_adapters, is_lora_layer, plain_adapter
 
 logger = logging.getLogger(__name__)
-
-
-def plain_adapter(layer: nn.Module) -> str | None:
-    """The name of ``layer``'s one active adapter if it is a plain LoRA (no dropout, no DoRA), else None."""
-    active = _active_adapters(layer) if is_lora_layer(layer) else []
-    if len(active) != 1 or not isinstance(layer.lora_dropout[active[0]], nn.Identity):
-        return None
-    return None if getattr(layer, "use_dora", {}).get(active[0], False) else active[0]
 
 
 def lora_checksum(layer: nn.Module, adapter: str) -> tuple[float, ...]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from appleswap.model import kernels
 from appleswap.model.kernels import ConcatInput
-from appleswap.model.lora import _active_adapters, add_to_rows, is_lora_layer, lora_delta
+from appleswap.model.lora import _active_adapters, add_to_rows, is_lora_layer, lora_delta, plain_adapter
 
 DOUBLE_GROUPS = {"qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
                  "add_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
@@ -48,15 +48,13 @@ def _foldable_adapter(layers: list[nn.Module], dtype: torch.dtype, device: torch
     for layer in layers:
         if not is_lora_layer(layer):
             continue
-        active = _active_adapters(layer)
-        if len(active) != 1 or not isinstance(layer.lora_dropout[active[0]], nn.Identity):
+        name = plain_adapter(layer)
+        if name is None:
             return None
-        if getattr(layer, "use_dora", {}).get(active[0], False):
-            return None
-        weights = (layer.lora_A[active[0]].weight, layer.lora_B[active[0]].weight)
+        weights = (layer.lora_A[name].weight, layer.lora_B[name].weight)
         if any(w.dtype != dtype or w.device != device for w in weights):
             return None
-        names.add(active[0])
+        names.add(name)
     return names.pop() if len(names) == 1 else None
 
 
@@ -241,15 +239,9 @@ def _rows(x: torch.Tensor | ConcatInput, start: int) -> torch.Tensor:
 def stacked_lora_deltas(fused: FusedProjection, cond: torch.Tensor) -> list[torch.Tensor] | None:
     """The members' LoRA deltas with ONE down-projection: their ``lora_A`` matrices stacked (r x members rows),
     then each member's ``lora_B`` on its slice. None unless every member has exactly one active plain adapter."""
-    adapters = []
-    for layer in fused.layers:
-        names = _active_adapters(layer) if is_lora_layer(layer) else []
-        if len(names) != 1:
-            return None
-        name = names[0]
-        if not isinstance(layer.lora_dropout[name], nn.Identity) or getattr(layer, "use_dora", {}).get(name, False):
-            return None
-        adapters.append((layer, name))
+    adapters = [(layer, plain_adapter(layer)) for layer in fused.layers]
+    if any(name is None for _, name in adapters):
+        return None
     stacked = torch.cat([layer.lora_A[name].weight for layer, name in adapters])
     down = F.linear(cond.to(stacked.dtype), stacked)
     ranks = [layer.lora_A[name].weight.shape[0] for layer, name in adapters]

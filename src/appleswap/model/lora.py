@@ -44,6 +44,15 @@ def _active_adapters(layer: nn.Module) -> list[str]:
     return [name for name in layer.active_adapters if name in layer.lora_A]
 
 
+def plain_adapter(layer: nn.Module) -> str | None:
+    """The name of ``layer``'s one active adapter if it is a plain LoRA (no dropout, no DoRA), else None: the
+    adapters that fused GEMMs can fold or merge."""
+    active = _active_adapters(layer) if is_lora_layer(layer) else []
+    if len(active) != 1 or not isinstance(layer.lora_dropout[active[0]], nn.Identity):
+        return None
+    return None if getattr(layer, "use_dora", {}).get(active[0], False) else active[0]
+
+
 def lora_delta(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """Sum over active adapters of ``scaling * B(A(dropout(x)))``, or None when no adapter is active."""
     delta = None
