@@ -66,7 +66,8 @@ class ClockLog:
 
 def passes(model, inp, device, count: int, clocks: ClockLog, label: str) -> float:
     with torch.no_grad():
-        modulation, rows = model.condition_modulation(inp["text"]), pass_timestep_rows(model, inp)
+        modulation = model.condition_modulation(inp["text"])
+        rows = pass_timestep_rows(model, inp, modulation)
         apple_pass(model, inp, modulation, rows)
         sync(device)
         start = time.time()

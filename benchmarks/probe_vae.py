@@ -15,8 +15,7 @@ import torch
 
 from appleswap.bench import BenchConfig, build_vae
 from appleswap.bench_utils import relative_l2, time_call
-from appleswap.model.latents import compile_vae, decode_tokens, encode_images
-from appleswap.pipeline import vae_conv_flags
+from appleswap.model.latents import compile_vae, decode_tokens, encode_images, vae_conv_flags
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 profiler; prints the wall time, the device-busy time, the largest idle gaps of the device (with the kernels
 around them) and the host operations with the most time.
 
-    PYTHONPATH=src python benchmarks/profile_swap.py [--tiny --device cpu] [--steps 28] [--trace trace.json]
+    PYTHONPATH=src python benchmarks/profile_swap.py [--tiny --device cpu] [--steps 28] [--fp8] [--trace trace.json]
 """
 
 from __future__ import annotations
@@ -59,12 +59,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--trace", help="also write a Chrome trace here")
+    parser.add_argument("--fp8", action="store_true", help="quantise the blocks to fp8 (row-wise) first")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = BenchConfig(tiny=args.tiny, steps=args.steps, repeats=1)
     size, dtype = (64, torch.float32) if args.tiny else (512, torch.bfloat16)
     flux, vae = build_models(cfg, args.device, dtype)
     model = build_apple(flux, cfg, 64 if args.tiny else 2048)
+    if args.fp8:
+        model.quantize_fp8(device=args.device)
     model.fuse_projections()
     if args.device.startswith("cuda"):
         model.compile_blocks()
@@ -96,6 +99,8 @@ def main() -> None:
     for gap, at, before, after in gaps[:25]:
         print(f"  gap {gap:7.2f} ms at {at:8.1f} ms  after {before}  before {after}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    if args.device.startswith("cuda"):  # the device side: the passes' kernels and the VAE's
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=60))
     stages = [e for e in prof.key_averages() if e.key.startswith("stage:")]
     for event in sorted(stages, key=lambda e: -e.cpu_time_total):
         print(f"  {event.key:32s} host {event.cpu_time_total / 1e3:8.1f} ms over {event.count} call(s)")
@@ -110,7 +115,8 @@ def passes_back_to_back(model, inp, device, steps: int) -> None:
     from appleswap.bench_utils import time_call
 
     with torch.no_grad():
-        modulation, rows = model.condition_modulation(inp["text"]), pass_timestep_rows(model, inp)
+        modulation = model.condition_modulation(inp["text"])
+        rows = pass_timestep_rows(model, inp, modulation)
         for count in (3, steps, 3):
             seconds = time_call(lambda n=count: [apple_pass(model, inp, modulation, rows) for _ in range(n)], device,
                                 repeats=3)

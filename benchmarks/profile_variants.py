@@ -239,7 +239,7 @@ def eager_output(model, inp) -> torch.Tensor:
 def run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size, unquantised=None) -> None:
     with torch.no_grad():
         modulation = model.condition_modulation(inp["text"])
-        step_rows = pass_timestep_rows(model, inp) if args.as_swaps else None
+        step_rows = pass_timestep_rows(model, inp, modulation) if args.as_swaps else None
         constants = swap_constants(model, inp) if args.as_swaps else None
 
     def apple(id_tokens=inp["id_tokens"]):

@@ -140,9 +140,11 @@ def swap_constants(model, inp):
     return model.pass_constants(inp["text"], inp["ids"], inp["id_tokens"], condition=True)
 
 
-def pass_timestep_rows(model, inp):
-    """The main tokens' AdaLN rows of the benchmark pass's timestep, precomputed as a swap does."""
-    return model.timestep_modulation(inp["t"][:1], inp["text"], float(inp["g"][0])).step(0)
+def pass_timestep_rows(model, inp, modulation=None):
+    """The main tokens' AdaLN rows of the benchmark pass's timestep, precomputed as a swap does (with the
+    condition's ``modulation`` rows beside them, as a swap's step table holds them)."""
+    rows = model.timestep_modulation(inp["t"][:1], inp["text"], float(inp["g"][0]))
+    return (rows if modulation is None else model.joined_modulation(rows, modulation)).step(0)
 
 
 def plain_pass(flux, inp):

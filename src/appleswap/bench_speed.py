@@ -76,7 +76,8 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
 
     inp = make_inputs(cfg, model.flux, 1, size)
     with torch.no_grad():
-        modulation, steps = model.condition_modulation(inp["text"]), pass_timestep_rows(model, inp)
+        modulation = model.condition_modulation(inp["text"])
+        steps = pass_timestep_rows(model, inp, modulation)
         constants = swap_constants(model, inp)  # FLOPs: the pass as swaps run it (0.08 % fewer than all in the pass)
         flops = function_flops(model, lambda: apple_pass(model, inp, modulation, steps, constants))
         reference = apple_pass(model, inp, modulation).float()
@@ -149,8 +150,7 @@ def bench_vae(cfg, vae, device, rows: Rows, size: int) -> None:
     the bench compiles the blocks). The compiled swap rows after this one use the compiled VAE."""
     import torch
 
-    from appleswap.model.latents import compile_vae, decode_tokens, encode_images
-    from appleswap.pipeline import vae_conv_flags
+    from appleswap.model.latents import compile_vae, decode_tokens, encode_images, vae_conv_flags
 
     image = torch.rand(1, 3, size, size, device=device)
 

@@ -28,6 +28,7 @@ from appleswap.model.latents import (
     image_ids,
     placement,
     prepare_noise,
+    vae_conv_flags,
     vae_scale_factor,
 )
 from appleswap.model.text import DEFAULT_PROMPT, load_text_embeddings
@@ -96,14 +97,6 @@ def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = F
     if cuda_graphs and on_cuda and offload != "sequential":
         transformer.enable_cuda_graphs()
     return transformer
-
-
-def vae_conv_flags():
-    """cuDNN autotuning for the VAE's convolutions (fixed shapes per job: the fastest algorithm is searched once per
-    shape); other cuDNN settings as they are. Restored on exit."""
-    cudnn = torch.backends.cudnn
-    return cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
-                       allow_tf32=cudnn.allow_tf32)
 
 
 def _is_identity_file(value: Any) -> bool:
@@ -261,7 +254,7 @@ class SwapPipeline:
             cache = self.transformer.build_condition_cache(conds, self.text, positions)
             conds = None
         elif conds is not None:  # the condition's AdaLN rows: constant over the steps (and swaps)
-            modulation = self._memo(("condition",), lambda: self.transformer.condition_modulation(self.text))
+            modulation = self._condition_rows()
 
         constants = {}  # per batch size: prompt embedding, RoPE and ID keys/values, computed at the first pass
 
@@ -286,12 +279,19 @@ class SwapPipeline:
         return get_schedule(num_steps, image_seq_len)
 
     def step_table(self, sigmas: torch.Tensor, order: int = 1, inverse: bool = False,
-                   guidance_scale: float = 1.0) -> StepTable:
-        """The timestep-dependent AdaLN rows for every model call of a solver over ``sigmas``, computed at once."""
+                   guidance_scale: float = 1.0, condition: bool = False) -> StepTable:
+        """The timestep-dependent AdaLN rows for every model call of a solver over ``sigmas``, computed at once;
+        with the condition branch's rows beside them when the passes carry ``condition`` tokens."""
         calls = call_sigmas(sigmas, order, inverse)
-        rows = self._memo(("timesteps", calls.numpy().tobytes(), guidance_scale),
-                          lambda: self.transformer.timestep_modulation(calls, self.text, guidance_scale))
+        key = ("timesteps", calls.numpy().tobytes(), guidance_scale)
+        rows = self._memo(key, lambda: self.transformer.timestep_modulation(calls, self.text, guidance_scale))
+        if condition:
+            rows = self._memo((*key, "condition"),
+                              lambda: self.transformer.joined_modulation(rows, self._condition_rows()))
         return StepTable(rows, calls, self.device)
+
+    def _condition_rows(self):
+        return self._memo(("condition",), lambda: self.transformer.condition_modulation(self.text))
 
     def _memo(self, key: tuple, compute):
         """Rows that only the prompt, the schedule and the weights determine, kept for the next swaps (a job of
@@ -360,7 +360,7 @@ class SwapPipeline:
             x = torch.cat([prepare_noise(1, height, width, generator=torch.Generator().manual_seed(s),
                                          vae_scale=vae_scale_factor(self.vae), dtype=dtype) for s in seeds])
             x = x.to(device)
-        steps = self.step_table(sigmas, sampler_order, guidance_scale=guidance_scale)
+        steps = self.step_table(sigmas, sampler_order, guidance_scale=guidance_scale, condition=not kv_cache)
         model = self.denoiser(cond_tokens, id_tokens, positions, guidance_scale=guidance_scale,
                               image_guidance_scale=image_guidance_scale, id_guidance_scale=id_guidance_scale,
                               black=black, id_weight=id_weight, kv_cache=kv_cache, steps=steps)
@@ -393,7 +393,7 @@ class SwapPipeline:
         condition = cond_tokens if inverse_cond.endswith("trgCond") else None
         x0 = self.encode_latents(targets, sample=False, seeds=[0] * batch)
         order, parity, kv_cache = solver
-        steps = self.step_table(sigmas, order, inverse=True)
+        steps = self.step_table(sigmas, order, inverse=True, condition=condition is not None and not kv_cache)
         model = self.denoiser(condition, ids, positions, kv_cache=kv_cache, steps=steps)  # guidance 1 (reference)
         x = invert(model, x0, sigmas, order=order, parity_wrong_midpoint=parity, disable=not progress)
         steps.verify()

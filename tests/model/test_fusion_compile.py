@@ -75,8 +75,9 @@ def test_regional_compile_equals_eager_and_reuses_one_graph_per_block_kind():
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
         again = _call(model, dict(inp, latents=inp["latents"] * 0.5, timestep=inp["timestep"] * 0.5))
         torch.testing.assert_close(again, _eager_reference(inp), rtol=1e-4, atol=1e-4)
-        # 2 double + 2 single blocks + 3 ID attentions ran; a graph per call would give 7 or more
-        assert counters["stats"]["unique_graphs"] <= 4
+        # 2 double + 2 single blocks + 3 ID attentions ran: a graph per block kind, and one for the last single
+        # block (it returns its image rows alone); a graph per call would give 7 or more
+        assert counters["stats"]["unique_graphs"] <= 5
     finally:
         torch._dynamo.reset()
 

@@ -101,6 +101,41 @@ def test_timestep_modulation_table_equals_per_pass_modulation():
 
 
 @torch.no_grad()
+def test_step_table_joined_with_condition_rows_gives_the_same_passes(monkeypatch):
+    """The condition's AdaLN rows beside each step's image-stream rows: each block reads [main; condition] as one
+    view of the step's row (no concatenation); the passes equal the separate rows' (with the condition, without it,
+    fused), and a joined table built from another prompt's condition rows changes them."""
+    from appleswap.model import blocks
+
+    model, inp = _full_model(), _inputs(batch=2)
+    table = model.timestep_modulation(torch.tensor([1.0, 0.7, 0.3]), inp["text"], guidance=3.5)
+    modulation = model.condition_modulation(inp["text"])
+    joined = model.joined_modulation(table, modulation)
+    assert joined.with_condition and joined.rows.shape == (3, table.rows.shape[1] + (2 * 6 * 32 + 2 * 3 * 32))
+    assert model.joined_modulation(joined, modulation) is joined
+    same = dict(inp, timestep=torch.tensor([0.7, 0.7]), guidance=torch.tensor([3.5, 3.5]))
+    rows_joined, cat = [], torch.cat  # concatenations of one-token rows: the per-block [main; condition] rows
+    monkeypatch.setattr(blocks.torch, "cat", lambda pieces, *a, **k: rows_joined.append(
+        all(p.shape[1] == 1 for p in pieces)) or cat(pieces, *a, **k))
+    separate = _call(model, same, modulation=modulation, timestep_modulation=table.step(1))
+    assert rows_joined.count(True) == 4  # one per block
+    rows_joined.clear()
+    together = _call(model, same, modulation=modulation, timestep_modulation=joined.step(1))
+    monkeypatch.undo()
+    torch.testing.assert_close(together, separate, rtol=1e-5, atol=1e-5)
+    assert rows_joined.count(True) == 0
+    no_cond = dict(same, condition=None)
+    torch.testing.assert_close(_call(model, no_cond, timestep_modulation=joined.step(1)),
+                               _call(model, no_cond, timestep_modulation=table.step(1)), rtol=1e-5, atol=1e-5)
+    other = model.condition_modulation(tiny_text(1, seed=3))
+    changed = _call(model, same, modulation=modulation, timestep_modulation=model.joined_modulation(table, other).step(1))
+    assert not torch.allclose(changed, separate, atol=1e-3)
+    model.fuse_projections()
+    torch.testing.assert_close(_call(model, same, modulation=modulation, timestep_modulation=joined.step(1)),
+                               separate, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_pass_constants_equal_per_pass_computation():
     """The prompt embedding, RoPE and ID keys/values computed once per swap give the same passes (with and without
     the condition, one ID for the batch or one per image, fused too); they are what the pass uses (another
@@ -129,12 +164,20 @@ def test_pass_constants_equal_per_pass_computation():
         _call(model, dict(inp, id_tokens=None), constants=model.pass_constants(inp["text"], IDS, ids, False))
 
 
-def test_in_place_id_residual_equals_training_path():
+def test_in_place_id_residual_equals_training_path(monkeypatch):
+    """Inference adds the ID residuals in place and runs the last single block's queries, MLP and proj_out on the
+    image rows alone; training runs every row. Same output."""
+    from appleswap.model import blocks
+
     model, inp = _full_model(), _inputs()
+    queries, attention = [], blocks.joint_attention
+    monkeypatch.setattr(blocks, "joint_attention", lambda q, *a, **k: queries.append(q.shape[1]) or attention(q, *a, **k))
     with torch.no_grad():
         inference = _call(model, inp)
     with torch.enable_grad():
         training = _call(model, inp)
+    rows = 8 + 256 + 256  # text + image + condition tokens; 4 blocks per pass, the last one on image rows alone
+    assert queries == [rows, rows, rows, 256] + [rows] * 4
     torch.testing.assert_close(inference, training.detach(), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert (_call(model, inp, id_weight=0.0) - inference).abs().max() > 1e-4  # the ID path is active

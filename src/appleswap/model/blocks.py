@@ -25,8 +25,11 @@ def branch_modulation(linear, temb: torch.Tensor | None, temb_cond: torch.Tensor
     """AdaLN parameters for the main tokens and (LoRA on) for the condition: (B, 1 or 2, k * D).
 
     ``cond_mod``: the condition's row precomputed once per swap (:func:`condition_modulation`), (1 or B, 1, k * D).
-    ``main``: the main tokens' row precomputed for this timestep (``AppleTransformer.timestep_modulation``).
+    ``main``: the main tokens' row precomputed for this timestep (``AppleTransformer.timestep_modulation``), or
+    both rows (1, 2, k * D) when the step table holds them joined (``AppleTransformer.joined_modulation``).
     """
+    if main is not None and main.shape[1] == 2:  # [main; condition], a view of the step's row: no concatenation
+        return main if temb_cond is not None else main[:, :1]
     if main is None and cond_mod is None:  # both rows from one matmul (the training path)
         emb = F.silu(temb)[:, None]  # (B, 1, D)
         if temb_cond is None:
@@ -111,6 +114,11 @@ class AttentionExtras:
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.cached.pop(0) if self.cached else None
 
+    def query_rows(self, rows: slice) -> AttentionExtras:
+        """The same options for queries ``rows`` only (the mask's rows sliced; the lists shared)."""
+        mask = None if self.mask is None else self.mask[rows]
+        return dataclasses.replace(self, mask=mask)
+
 
 def joint_attention(query, key, value, extras: AttentionExtras | None = None) -> torch.Tensor:
     """SDPA over all tokens (query and key already normalised and rotated); (B, N, H, Dh) in, (B, N, H*Dh) out."""
@@ -185,9 +193,14 @@ def _base_feed_forward(ff, x: torch.Tensor) -> torch.Tensor:
     return base_linear(net[2], net[1](x))
 
 
-def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None, cond_mod=None, main_mod=None):
+def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None, cond_mod=None, main_mod=None,
+                 image_rows=None):
     """One ``FluxSingleTransformerBlock`` over ``tokens`` = [text; image; cond] (B, N, D); ``main_mod``: this
-    timestep's AdaLN row (1 or B, 1, 3D), precomputed."""
+    timestep's AdaLN row (1 or B, 1, 3D), precomputed.
+
+    ``image_rows``: (start, stop) for the last block, whose output the model reads only on the image tokens: every
+    token still gives keys and values, but the queries, the MLP's second half and ``proj_out`` run on those rows
+    alone (~60% of their work; same result). Returns just those rows then."""
     attn = block.attn
     mod = branch_modulation(block.norm.linear, temb, temb_cond, cond_mod, main_mod)  # (B, 1|2, 3D)
     shift, scale, gate = mod.chunk(3, dim=-1)
@@ -195,6 +208,10 @@ def single_block(block, tokens, temb, temb_cond, rotary, split, extras=None, con
     query, key, value, mlp_in = _projections(block, "qkv_mlp", (attn.to_q, attn.to_k, attn.to_v, block.proj_mlp),
                                              normed, split, _cond_modulated(block.norm.norm, tokens, shift, scale, split))
     query, key = qk_norm_rope([query], [key], [attn.norm_q], [attn.norm_k], rotary, attn.head_dim)
+    if image_rows is not None:  # main-branch rows only from here on (image tokens come before the condition)
+        rows = slice(*image_rows)
+        query, mlp_in, tokens, split = query[:, rows], mlp_in[:, rows], tokens[:, rows], None
+        extras = None if extras is None else extras.query_rows(rows)
     attn_out = joint_attention(query, key, value.unflatten(-1, (-1, attn.head_dim)), extras)
     cond_rows = None if split is None else lambda: torch.cat([attn_out[:, split:], block.act_mlp(mlp_in[:, split:])], 2)
     if isinstance(block.act_mlp, nn.GELU):  # GELU applied where the GEMM input is written (kernels.ConcatInput)

@@ -26,6 +26,14 @@ def compile_vae(vae, mode: str | None = None):
     return vae
 
 
+def vae_conv_flags():
+    """cuDNN autotuning for the VAE's convolutions (fixed shapes per job: the fastest algorithm is searched once per
+    shape); other cuDNN settings as they are. Restored on exit."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
+                       allow_tf32=cudnn.allow_tf32)
+
+
 def vae_scale_factor(vae) -> int:
     """Pixels per latent cell (8 for the FLUX VAE): 2 ** (number of resolution levels - 1)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)

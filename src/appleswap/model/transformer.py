@@ -70,12 +70,14 @@ class TimestepModulation:
 
     They depend only on the timestep, the guidance and the pooled prompt, so a swap computes them for its whole
     schedule at once (one matmul per layer reads each weight once instead of once per step) and passes
-    :meth:`step` to each pass."""
+    :meth:`step` to each pass. ``with_condition``: each block's image-stream row is followed by the condition's
+    (:meth:`AppleTransformer.joined_modulation`), so a pass reads both as one view."""
 
     rows: torch.Tensor
+    with_condition: bool = False
 
     def step(self, index: int) -> TimestepModulation:
-        return TimestepModulation(self.rows[index:index + 1])
+        return TimestepModulation(self.rows[index:index + 1], self.with_condition)
 
 
 @dataclasses.dataclass
@@ -293,14 +295,19 @@ class AppleTransformer(nn.Module):
         text_len = context.shape[1]
         tokens = torch.cat([context, hidden], dim=1)
         split = text_len + length if has_cond else None
-        for n in range(len(self.flux.single_transformer_blocks)):
+        num_single = len(self.flux.single_transformer_blocks)
+        for n in range(num_single):
+            # only the last block's image rows are read: without autograd it returns just those (training runs it
+            # whole, so the LoRA weights that only act on its other rows keep their zero gradients, as in the reference)
+            last = n == num_single - 1 and not torch.is_grad_enabled()
             with self._block(num_double + n) as block:
                 tokens = self._run(self._kernels["single"], block, tokens, temb, temb_cond, rotary, split, extras,
                                    None if rows is None else rows[num_double + n],
-                                   None if main_rows is None else main_rows[num_double + n])
-            tokens = self._add_id(self._ca_single.get(n), tokens, text_len, length, id_tokens, id_weight,
-                                  id_keys_values)
-        return tokens[:, text_len:text_len + length]
+                                   None if main_rows is None else main_rows[num_double + n],
+                                   (text_len, text_len + length) if last else None)
+            start = 0 if last else text_len
+            tokens = self._add_id(self._ca_single.get(n), tokens, start, length, id_tokens, id_weight, id_keys_values)
+        return tokens if tokens.shape[1] == length else tokens[:, text_len:text_len + length]
 
     @staticmethod
     def _independent_mask(text_len: int, length: int, device) -> torch.Tensor:
@@ -346,13 +353,28 @@ class AppleTransformer(nn.Module):
                 rows.append(condition_modulation(linear, temb))
         return ConditionModulation(temb, rows)
 
-    def _modulation_widths(self) -> list[int]:
-        """Output widths of the main tokens' AdaLN linears in :class:`TimestepModulation` order."""
-        widths = []
+    def _modulation_widths(self, with_condition: bool = False) -> list[int]:
+        """Output widths of the main tokens' AdaLN linears in :class:`TimestepModulation` order (the image-stream
+        rows doubled ``with_condition``)."""
+        widths, factor = [], 2 if with_condition else 1
         for block in self.flux.transformer_blocks:
-            widths += [block.norm1.linear.out_features, block.norm1_context.linear.out_features]
-        widths += [block.norm.linear.out_features for block in self.flux.single_transformer_blocks]
+            widths += [factor * block.norm1.linear.out_features, block.norm1_context.linear.out_features]
+        widths += [factor * block.norm.linear.out_features for block in self.flux.single_transformer_blocks]
         return widths + [self.flux.norm_out.linear.out_features]
+
+    @torch.no_grad()
+    def joined_modulation(self, table: TimestepModulation, condition: ConditionModulation) -> TimestepModulation:
+        """``table`` with the condition's AdaLN row after each block's image-stream row, at every step: a pass then
+        takes a block's [main; condition] rows as one view of its step's row, where it concatenated them (two
+        small kernels per block). Once per schedule and prompt; the pass's result is the same."""
+        if table.with_condition:
+            return table
+        pieces = list(table.rows.split(self._modulation_widths(), dim=-1))
+        num_double, steps = len(self.flux.transformer_blocks), table.rows.shape[0]
+        image = [2 * n for n in range(num_double)] + list(range(2 * num_double, len(pieces) - 1))
+        for index, row in zip(image, condition.rows, strict=True):
+            pieces[index] = torch.cat([pieces[index], row.reshape(1, -1).to(table.rows).expand(steps, -1)], dim=-1)
+        return TimestepModulation(torch.cat(pieces, dim=-1), with_condition=True)
 
     @torch.no_grad()
     def timestep_modulation(self, timesteps: torch.Tensor, text: TextEmbeddings,
@@ -387,13 +409,17 @@ class AppleTransformer(nn.Module):
         return tuple((t.data_ptr(), t._version) for t in tensors), tuple(switches)
 
     def _split_timestep_rows(self, modulation: TimestepModulation | None):
-        """(per-block rows, norm_out row) as views (1, 1, width) of one step's row, or (None, None)."""
+        """(per-block rows, norm_out row) as views (1, 1, width) of one step's row, or (None, None); the image
+        streams' rows (1, 2, width) when joined with the condition's."""
         if modulation is None:
             return None, None
         if modulation.rows.shape[0] != 1:
             raise ValueError("timestep_modulation: pass one step's rows (TimestepModulation.step(i))")
-        pieces = [piece[:, None] for piece in modulation.rows.split(self._modulation_widths(), dim=-1)]
+        pieces = modulation.rows.split(self._modulation_widths(modulation.with_condition), dim=-1)
         num_double = len(self.flux.transformer_blocks)
+        image = [2 * n for n in range(num_double)] + list(range(2 * num_double, len(pieces) - 1))
+        branches = 2 if modulation.with_condition else 1  # image streams: [main; condition] rows
+        pieces = [p.unflatten(-1, (branches, -1)) if n in image else p[:, None] for n, p in enumerate(pieces)]
         per_block = [(pieces[2 * n], pieces[2 * n + 1]) for n in range(num_double)] + pieces[2 * num_double:-1]
         return per_block, pieces[-1]
 
