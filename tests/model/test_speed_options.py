@@ -266,3 +266,30 @@ def test_fp8_scaled_mm_path_through_the_whole_model(monkeypatch, granularity):
     assert len(calls) > 10  # the projections took the fp8 GEMM; the AdaLN linears (1-2 rows) did not
     error = (fast - weight_only).norm() / weight_only.norm()
     assert 0 < error < 0.1, error
+
+
+def test_modulation_state_follows_weights_adapters_and_switches():
+    """The key that caches the AdaLN rows changes with an in-place weight change, a new LoRA adapter (its layers
+    listed anew), another adapter's weights and the adapters' switches; it stays put otherwise."""
+    from peft import LoraConfig
+
+    flux = build_tiny_transformer(num_layers=2, num_single_layers=2)
+    model = AppleTransformer(flux)
+    first = model.modulation_state()
+    assert model.modulation_state() == first
+    with torch.no_grad():
+        flux.single_transformer_blocks[1].norm.linear.weight.mul_(2)  # in place: same storage, new version
+    changed = model.modulation_state()
+    assert changed != first
+    lora_lib.add_condition_lora(flux, lora_lib.apple_target_modules(2, 2), 4)
+    with_lora = model.modulation_state()
+    assert len(with_lora[0]) > len(changed[0]) and with_lora[1]
+    flux.add_adapter(LoraConfig(r=2, target_modules=["norm.linear"]), adapter_name="second")
+    flux.set_adapter("second")
+    second = model.modulation_state()
+    assert len(second[0]) > len(with_lora[0]) and second[1] != with_lora[1]
+    with torch.no_grad():
+        flux.single_transformer_blocks[0].norm.linear.lora_B["second"].weight.add_(1)
+    assert model.modulation_state()[0] != second[0]
+    flux.disable_adapters()
+    assert model.modulation_state()[1] != second[1]
