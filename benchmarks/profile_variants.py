@@ -186,8 +186,6 @@ def main() -> None:
     parser.add_argument("--fp8-folded", action="store_true",
                         help="with --fp8: fold the condition LoRA into the fused GEMMs instead of merged e4m3 "
                              "condition weights (the A/B of round 12)")
-    parser.add_argument("--fp8-bf16-id", action="store_true",
-                        help="with --fp8: keep the ID cross-attentions' query and output projections in bf16")
     parser.add_argument("--fp8-exact-accum", action="store_true",
                         help="with --fp8: the fp8 GEMMs without torch._scaled_mm's use_fast_accum (default: with)")
     parser.add_argument("--swap-sdpa", default="auto", help="SDPA backend of the swap rows (auto, flash, cudnn, ...)")
@@ -225,8 +223,7 @@ def main() -> None:
     unquantised = None
     if args.fp8:
         unquantised = eager_output(model, inp)
-        model.quantize_fp8(device=device, fast_accum=not args.fp8_exact_accum, merge_condition=not args.fp8_folded,
-                          id_attention=not args.fp8_bf16_id)
+        model.quantize_fp8(device=device, fast_accum=not args.fp8_exact_accum, merge_condition=not args.fp8_folded)
     run_variants(model, vae, inp, device, rows, ceiling, args, todo, cfg, size, unquantised)
     print(rows.table())
 

@@ -207,9 +207,6 @@ def test_fp8_pipeline_is_close_to_full_precision(weights, student, faces):
     reference = student(ids, faces[0], num_steps=2, output_type="pt")
     pipe = SwapPipeline.from_pretrained(weights, "student", dtype=torch.float32, device="cpu", fp8=True)
     assert isinstance(pipe.transformer.flux.single_transformer_blocks[0].proj_mlp.base_layer, Fp8Linear)
-    id_attention = pipe.transformer.id_attentions[0]  # query and output projections; keys / values once per swap
-    assert isinstance(id_attention.to_q, Fp8Linear) and isinstance(id_attention.to_out, Fp8Linear)
-    assert type(id_attention.to_kv) is torch.nn.Linear
     out = pipe(ids, faces[0], num_steps=2, output_type="pt")
     difference = (out - reference).abs().mean().item()
     assert 0 < difference < 0.05, difference  # fp8 changes numerics a little, not the picture

@@ -154,7 +154,7 @@ def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, f
     _peak_reset(device)
     weights = torch.cuda.memory_allocated(device) / 2**30 if _cuda(device) else float("nan")
     rows.add("fp8: weights in memory", weights, "GiB",
-             f"{layers} linears e4m3 (blocks, ID-CA query / output), row-wise scales, fast accumulation; LoRA bf16")
+             f"{layers} block linears e4m3, row-wise scales, fast accumulation; LoRA, ID-CA bf16")
     with torch.no_grad(), sdpa_context(backend):
         modulation = model.condition_modulation(inp["text"])
         seconds = time_call(lambda: apple_pass(model, inp, modulation), device, cfg.repeats)

@@ -63,7 +63,7 @@ def test_merged_condition_weights_compute_the_lora_on_condition_rows_only(monkey
     model.flux.disable_adapters()
     reference_off = _call(model, inp)
     model.flux.enable_adapters()
-    model.quantize_fp8(id_attention=False)  # the blocks' error alone (fp8 ID cross-attentions: test_speed_options)
+    model.quantize_fp8()
     try:
         separate = _call(model, inp)  # fp8 base layers, the LoRA apart in the model dtype
     except (RuntimeError, NotImplementedError) as error:

@@ -86,9 +86,7 @@ def test_fp8_folded_lora_stays_within_e4m3_rounding_of_the_lora_apart(monkeypatc
         inp = _bf16(model, inp)
         monkeypatch.setattr(fp8_lib, "scaled_mm_supported", lambda device: True)
     reference = _call(model, inp)
-    # the folded form (merged condition weights: test_fp8_condition); the ID path in bf16, so that the error
-    # measured is the blocks' (fp8 ID cross-attentions: test_speed_options)
-    model.quantize_fp8(merge_condition=False, id_attention=False)
+    model.quantize_fp8(merge_condition=False)  # the folded form (merged condition weights: test_fp8_condition)
     calls = []
     original = fp8_lib.scaled_matmul
     monkeypatch.setattr(fp8_lib, "scaled_matmul", lambda *a: calls.append(1) or original(*a))

@@ -225,11 +225,8 @@ def test_fp8_transformer_close_to_full_precision_and_keeps_lora(granularity):
     reference = _call(model, inp)
     lora_before = [p.clone() for p in model.lora_parameters()]
     count = model.quantize_fp8(granularity=granularity)
-    quantised = list(model.flux.transformer_blocks) + list(model.flux.single_transformer_blocks)
-    assert count == sum(isinstance(m, Fp8Linear) for b in quantised + list(model.id_attentions) for m in b.modules())
-    id_attention = model.id_attentions[0]  # query and output projections; keys / values once per swap, kept
-    assert isinstance(id_attention.to_q, Fp8Linear) and isinstance(id_attention.to_out, Fp8Linear)
-    assert type(id_attention.to_kv) is nn.Linear
+    blocks = list(model.flux.transformer_blocks) + list(model.flux.single_transformer_blocks)
+    assert count == sum(isinstance(m, Fp8Linear) for b in blocks for m in b.modules()) > 0
     q_layer = model.flux.transformer_blocks[0].attn.to_q
     assert lora_lib.is_lora_layer(q_layer) and isinstance(q_layer.base_layer, Fp8Linear)
     assert q_layer.base_layer.granularity == granularity

@@ -12,8 +12,8 @@ Changes numerics (measured and labelled in ``benchmarks/RESULTS.md``). Two scale
 On a GPU with fp8 tensor cores (compute capability >= 8.9) the product runs in fp8 with fp32 accumulation.
 Elsewhere (CPU, few rows such as the AdaLN modulation, shapes that are not multiples of 16, fp32 activations) the
 weight is dequantised with the same scales and multiplied in the activation dtype (weight-only fp8: half the
-memory, the same rounding of the weights). The LoRA (``lora_A``/``lora_B``) stays in the model dtype; the ID
-cross-attentions' query and output projections are quantised too (:func:`quantize_id_attentions_fp8`).
+memory, the same rounding of the weights). The LoRA (``lora_A``/``lora_B``) and the ID cross-attentions stay in
+the model dtype.
 """
 
 from __future__ import annotations
@@ -342,21 +342,4 @@ def quantize_blocks_fp8(flux: nn.Module, include_modulation: bool = False,
                     setattr(module, child_name, quantized)
                     count += 1
     logger.info("fp8: %d block linears quantised (per-%s e4m3)", count, granularity)
-    return count
-
-
-def quantize_id_attentions_fp8(attentions: nn.ModuleList, device: torch.device | str | None = None,
-                               granularity: str = "row", fast_accum: bool = True) -> int:
-    """:class:`Fp8Linear` for each ID cross-attention's ``to_q`` and ``to_out`` (over the image tokens at every
-    pass: 40 bf16 GEMMs, ~0.8 ms of an fp8 pass on an H100); ``to_kv`` reads the 32 ID tokens once per swap and
-    stays. Returns the number of layers."""
-    count = 0
-    for attention in attentions:
-        if device is not None:
-            attention.to(device)
-        for name in ("to_q", "to_out"):
-            layer = getattr(attention, name)
-            if type(layer) is nn.Linear:
-                setattr(attention, name, Fp8Linear.from_linear(layer, granularity, fast_accum))
-                count += 1
     return count

@@ -548,11 +548,9 @@ class AppleTransformer(nn.Module):
             self.offloader = None
 
     def quantize_fp8(self, include_modulation: bool = False, device: torch.device | str | None = None,
-                     granularity: str = "row", fast_accum: bool = True, merge_condition: bool = True,
-                     id_attention: bool = True) -> int:
+                     granularity: str = "row", fast_accum: bool = True, merge_condition: bool = True) -> int:
         """fp8 (e4m3; ``granularity`` "row": scales per output channel and token, "tensor": one each) weights for
-        every block linear and (``id_attention``) the ID cross-attentions' query and output projections; the LoRA
-        stays. Changes numerics; irreversible (the bf16 weights are
+        every block linear; LoRA and ID attentions stay. Changes numerics; irreversible (the bf16 weights are
         freed). ``device``: move each block there just before quantising it (load on the CPU, quantise onto the GPU
         one block at a time). ``fast_accum`` (default): the fp8 GEMMs accumulate in the tensor cores' own
         accumulator, faster on Hopper (:class:`~appleswap.model.fp8.Fp8Linear`). ``merge_condition`` (default):
@@ -563,15 +561,12 @@ class AppleTransformer(nn.Module):
         Afterwards move the model with :meth:`place` or ``.to(device)``, never ``.to(dtype)`` (it would cast the
         fp8 buffers)."""
         self._model_changed()
-        from appleswap.model.fp8 import quantize_blocks_fp8, quantize_id_attentions_fp8
+        from appleswap.model.fp8 import quantize_blocks_fp8
 
         if self.offloader is not None:
             raise ValueError("quantize_fp8: turn sequential offload off first (or quantise before enabling it)")
         self.unfuse_projections()  # quantise the separate layers; fuse_projections afterwards stacks them again
-        count = quantize_blocks_fp8(self.flux, include_modulation, device, granularity, fast_accum, merge_condition)
-        if id_attention:
-            count += quantize_id_attentions_fp8(self.id_attentions, device, granularity, fast_accum)
-        return count
+        return quantize_blocks_fp8(self.flux, include_modulation, device, granularity, fast_accum, merge_condition)
 
     # ---- LoRA
     def has_lora(self) -> bool:
