@@ -15,6 +15,7 @@ import torch
 
 from appleswap.bench import BenchConfig, _pipe, build_apple, build_models, make_inputs
 from appleswap.bench_utils import sync
+from appleswap.model.latents import compile_vae
 
 
 def device_gaps(prof) -> tuple[float, list[tuple[float, float, str, str]]]:
@@ -69,9 +70,10 @@ def main() -> None:
     if args.fp8:
         model.quantize_fp8(device=args.device)
     model.fuse_projections()
-    if args.device.startswith("cuda"):
+    if args.device.startswith("cuda"):  # as the pipeline's compile=True, cuda_graphs=True
         model.compile_blocks()
         model.enable_cuda_graphs()
+        compile_vae(vae)
     inp = make_inputs(cfg, flux, 1, size)
     pipe, target = _pipe(model, vae, inp), torch.rand(1, 3, size, size, device=args.device)
 
