@@ -15,7 +15,7 @@ import torch
 
 from appleswap.bench import BenchConfig, _pipe, build_apple, build_models, make_inputs
 from appleswap.bench_utils import sync
-from appleswap.model.latents import compile_vae
+from appleswap.model.latents import compile_vae, graph_vae_encoder
 
 
 def device_gaps(prof) -> tuple[float, list[tuple[float, float, str, str]]]:
@@ -74,6 +74,7 @@ def main() -> None:
         model.compile_blocks()
         model.enable_cuda_graphs()
         compile_vae(vae)
+        graph_vae_encoder(vae)
     inp = make_inputs(cfg, flux, 1, size)
     pipe, target = _pipe(model, vae, inp), torch.rand(1, 3, size, size, device=args.device)
 

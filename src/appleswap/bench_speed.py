@@ -73,6 +73,7 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
 
     from appleswap.bench import make_inputs
     from appleswap.bench_tiers import swap_breakdown, swap_rows
+    from appleswap.model.latents import graph_vae_encoder
 
     inp = make_inputs(cfg, model.flux, 1, size)
     with torch.no_grad():
@@ -100,9 +101,12 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
              f"precomputed per swap (as swaps run; all computed in the pass: {per_pass * 1e3:.1f} ms)")
     if model.is_fused():
         bench_fold_ab(cfg, model, inp, (modulation, steps, constants), device, rows, backend, label)
+    graphs = cfg.cuda_graphs and str(device).startswith("cuda")
+    graph_vae_encoder(vae, graphs)  # as the pipeline runs it with cuda_graphs=True
     swap_rows(cfg, model, vae, inp, device, size, backend, f"{label}, compiled", rows, batch=cfg.batch)
     swap_breakdown(cfg, model, vae, inp, device, size, backend, f"{label}, compiled", rows)
     model.enable_cuda_graphs(False)
+    graph_vae_encoder(vae, False)
 
 
 def bench_fold_ab(cfg, model, inp, modulations, device, rows: Rows, backend: str, label: str) -> None:

@@ -25,6 +25,7 @@ from appleswap.model.latents import (
     compile_vae,
     decode_tokens,
     encode_images,
+    graph_vae_encoder,
     image_ids,
     placement,
     prepare_noise,
@@ -78,8 +79,8 @@ def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = F
                          vae=None) -> AppleTransformer:
     """fp8 block weights and/or sequential block offload for a transformer loaded on the CPU (or already on
     ``device``): quantised block by block on ``device`` (with merged fp8 condition weights unless offloaded), then
-    everything resident placed there. Then the speed options that keep the function: fused projections and regional
-    ``torch.compile`` (``compile``: True or a mode; without offload also of ``vae``, in the default mode)."""
+    everything resident placed there. Then the speed options that keep the function: fused projections, regional
+    ``torch.compile`` (True or a mode) and CUDA graphs; without offload also ``vae``'s (compiled, encoder graphed)."""
     if fp8:
         on_host = offload == "sequential"  # blocks copied in every pass: no merged condition weights to copy
         transformer.quantize_fp8(device=None if on_host else device, merge_condition=not on_host)
@@ -90,17 +91,16 @@ def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = F
     if fuse and offload != "sequential":
         transformer.fuse_projections()
     on_cuda = torch.device(device).type == "cuda"  # compile and graphs pay off on GPUs only
+    own_vae = vae is not None and offload == "none"  # a VAE that stays on the GPU
     if compile and on_cuda:
         transformer.compile_blocks(mode=compile if isinstance(compile, str) else None)
-        if vae is not None and offload == "none":
+        if own_vae:
             compile_vae(vae)
     if cuda_graphs and on_cuda and offload != "sequential":
         transformer.enable_cuda_graphs()
+        if own_vae:
+            graph_vae_encoder(vae)
     return transformer
-
-
-def _is_identity_file(value: Any) -> bool:
-    return isinstance(value, (str, Path)) and str(value).endswith(".safetensors")
 
 
 @dataclasses.dataclass
@@ -207,7 +207,7 @@ class SwapPipeline:
 
         if isinstance(source, torch.Tensor):
             return source[None] if source.ndim == 2 else source
-        if _is_identity_file(source):
+        if isinstance(source, (str, Path)) and str(source).endswith(".safetensors"):  # an identity file
             return load_identity(source)[0]
         if self.identity_encoder is None:
             from appleswap.identity.encoder import IdentityEncoder

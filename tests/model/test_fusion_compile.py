@@ -146,3 +146,28 @@ def test_compiled_vae_encodes_and_decodes_as_eager_with_the_same_state_dict():
         assert not torch.allclose(encode_images(vae, other), tokens, atol=1e-3)
     finally:
         torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_graphed_vae_encoder_gives_the_same_latents_through_the_graph_runner():
+    """``graph_vae_encoder`` routes encodes (posterior mode and seeded samples) through a CUDA-graph runner that
+    returns the posterior's parameters (on the CPU it runs the encoder as it is); switching it off restores the plain
+    path."""
+    from appleswap.bench import BenchConfig, build_vae
+    from appleswap.model.latents import encode_images, graph_vae_encoder
+
+    torch.manual_seed(0)
+    vae = build_vae(BenchConfig(tiny=True), "cpu", torch.float32)
+    images = torch.rand(2, 3, 64, 64)
+    mode = encode_images(vae, images)
+    sampled = encode_images(vae, images, sample=True, generator=torch.Generator().manual_seed(3))
+    graph_vae_encoder(vae)
+    calls, run = [], vae.apple_encoder_graph.fn
+    vae.apple_encoder_graph.fn = lambda pixels: calls.append(pixels.shape) or run(pixels)
+    torch.testing.assert_close(encode_images(vae, images), mode, rtol=0, atol=0)
+    torch.testing.assert_close(encode_images(vae, images, sample=True, generator=torch.Generator().manual_seed(3)),
+                               sampled, rtol=0, atol=0)
+    assert calls == [(2, 3, 64, 64)] * 2
+    graph_vae_encoder(vae, False)
+    assert not hasattr(vae, "apple_encoder_graph")
+    torch.testing.assert_close(encode_images(vae, images), mode, rtol=0, atol=0)
