@@ -43,7 +43,7 @@ from appleswap.sampling import (
     with_batched_guidance,
 )
 from appleswap.sampling.schedule import schedule_from_scheduler_config
-from appleswap.sampling.steps import StepTable, call_sigmas
+from appleswap.sampling.steps import StepTable, call_sigmas, upload
 
 logger = logging.getLogger(__name__)
 
@@ -359,16 +359,16 @@ class SwapPipeline:
         else:
             x = torch.cat([prepare_noise(1, height, width, generator=torch.Generator().manual_seed(s),
                                          vae_scale=vae_scale_factor(self.vae), dtype=dtype) for s in seeds])
-            x = x.to(device)
+            x = upload(x, device)  # queued: the host goes on while the GPU encodes
         steps = self.step_table(sigmas, sampler_order, guidance_scale=guidance_scale, condition=not kv_cache)
         model = self.denoiser(cond_tokens, id_tokens, positions, guidance_scale=guidance_scale,
                               image_guidance_scale=image_guidance_scale, id_guidance_scale=id_guidance_scale,
                               black=black, id_weight=id_weight, kv_cache=kv_cache, steps=steps)
         sampler = sample_euler if sampler_order == 1 else sample_midpoint
         tokens = sampler(model, x, sigmas, disable=not progress)  # sigmas on the CPU: checked without a GPU wait
-        steps.verify()
         with self._vae() as vae:
             images = decode_tokens(vae, tokens, height, width)
+        steps.verify()  # the host waits here, after queueing the decode behind the last steps
         if output_type == "pt":
             return images
         return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)

@@ -52,3 +52,17 @@ def test_step_table_hands_out_rows_in_order_and_catches_misuse():
     wrong(sigmas[1:2])  # the first call at the second sigma: the row would be wrong
     with pytest.raises(RuntimeError, match="other sigmas"):
         wrong.verify()
+
+
+def test_upload_queues_host_tensors_for_cuda_through_pinned_memory(monkeypatch):
+    """Host tensors bound for a CUDA device go through pinned memory with a non-blocking copy (the host does not wait
+    for the GPU's queue); everything else is a plain ``.to``."""
+    from appleswap.sampling.steps import upload
+
+    x = torch.randn(4, 3)
+    assert upload(x, None) is x and upload(x, "cpu") is x
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append((str(a[0]), k)) or self)
+    assert upload(x, "cuda:0") is x
+    assert calls == ["pin", ("cuda:0", {"non_blocking": True})]

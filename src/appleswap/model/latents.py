@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from appleswap.sampling.steps import upload
+
 
 def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and dtype of a model's first weight (e.g. the VAE's ``encoder.conv_in``); diffusers' ``.device`` and
@@ -141,4 +143,4 @@ def prepare_noise(batch: int, height: int, width: int, *, generator: torch.Gener
     latent_h, latent_w = _latent_size(height, width, vae_scale)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     noise = torch.randn((batch, channels, latent_h, latent_w), generator=generator, device=gen_device, dtype=dtype)
-    return pack_latents(noise.to(device))
+    return pack_latents(upload(noise, device))

@@ -25,6 +25,15 @@ def call_sigmas(sigmas: torch.Tensor, order: int = 1, inverse: bool = False) -> 
     return torch.stack([starts, starts + (ends - starts) / 2], dim=1).reshape(-1)
 
 
+def upload(tensor: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """``tensor`` (on the host) moved to ``device`` without making the host wait: a copy from pageable memory waits
+    for the GPU's queue to drain (the VAE encode at the start of a swap) before the host may prepare the rest.
+    Through pinned memory (the caching host allocator keeps it until the copy has run) it is queued instead."""
+    if device is None or torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class StepTable:
     """Row k of ``table`` (anything with ``step(k)``, e.g. ``TimestepModulation``) for the k-th call.
 
@@ -34,7 +43,7 @@ class StepTable:
     """
 
     def __init__(self, table, sigmas: torch.Tensor, device: torch.device | str):
-        self.table, self.sigmas = table, sigmas.to(device, torch.float32)
+        self.table, self.sigmas = table, upload(sigmas.float(), device)
         self.calls = 0
         self.mismatch = torch.zeros((), device=device)
 
