@@ -370,12 +370,15 @@ class AppleTransformer(nn.Module):
         small kernels per block). Once per schedule and prompt; the pass's result is the same."""
         if table.with_condition:
             return table
-        pieces = list(table.rows.split(self._modulation_widths(), dim=-1))
-        num_double, steps = len(self.flux.transformer_blocks), table.rows.shape[0]
-        image = [2 * n for n in range(num_double)] + list(range(2 * num_double, len(pieces) - 1))
-        for index, row in zip(image, condition.rows, strict=True):
+        pieces, steps = list(table.rows.split(self._modulation_widths(), dim=-1)), table.rows.shape[0]
+        for index, row in zip(self._image_stream_rows(), condition.rows, strict=True):
             pieces[index] = torch.cat([pieces[index], row.reshape(1, -1).to(table.rows).expand(steps, -1)], dim=-1)
         return TimestepModulation(torch.cat(pieces, dim=-1), with_condition=True)
+
+    def _image_stream_rows(self) -> list[int]:
+        """Indices of the image streams' AdaLN rows among :meth:`_modulation_widths` (the condition's counterparts)."""
+        num_double = len(self.flux.transformer_blocks)
+        return [2 * n for n in range(num_double)] + [2 * num_double + n for n in range(len(self.flux.single_transformer_blocks))]
 
     @torch.no_grad()
     def timestep_modulation(self, timesteps: torch.Tensor, text: TextEmbeddings,
@@ -424,8 +427,7 @@ class AppleTransformer(nn.Module):
         if modulation.rows.shape[0] != 1:
             raise ValueError("timestep_modulation: pass one step's rows (TimestepModulation.step(i))")
         pieces = modulation.rows.split(self._modulation_widths(modulation.with_condition), dim=-1)
-        num_double = len(self.flux.transformer_blocks)
-        image = [2 * n for n in range(num_double)] + list(range(2 * num_double, len(pieces) - 1))
+        num_double, image = len(self.flux.transformer_blocks), set(self._image_stream_rows())
         branches = 2 if modulation.with_condition else 1  # image streams: [main; condition] rows
         pieces = [p.unflatten(-1, (branches, -1)) if n in image else p[:, None] for n, p in enumerate(pieces)]
         per_block = [(pieces[2 * n], pieces[2 * n + 1]) for n in range(num_double)] + pieces[2 * num_double:-1]
