@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(stop.code or 0)
         print(stop.code, file=sys.stderr)
         return EXIT_NOTHING
-    except Exception as error:  # the one place an error meets the user: one line, never a traceback
+    except Exception as error:  # noqa: BLE001  (the one place an error meets the user: one line, no traceback)
         if getattr(args, "log_level", "info") == "debug":
             traceback.print_exc()
         print(error_line(args.command, error), file=sys.stderr)

@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 
-
 EXIT_OK, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2
 EXIT_INTERRUPTED = 130
 EXIT_STATUS_HELP = """\
