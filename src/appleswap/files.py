@@ -291,15 +291,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     is left as it was (absent or the previous complete version)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise _naming(error, path) from error
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         commit_temporary(tmp, path)
+    except OSError as error:  # name the output the user asked for, not our temporary file
+        if error.errno is None or error.filename not in (None, str(tmp), tmp):
+            raise
+        raise _naming(error, path) from error
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """The same OSError (same errno, so the same subclass) naming ``path``."""
+    if error.errno is None:
+        return error
+    return OSError(error.errno, error.strerror or os.strerror(error.errno), str(path))
 
 
 @contextlib.contextmanager

@@ -93,6 +93,9 @@ def run_jobs(engine, identity, sources: list[str], jobs: list[tuple[Path, Path]]
             raise_if_environment(error, output)
             log.error("%s", error)
             result = {"target": str(target), "status": "error", "error": str(error)}
+        except OSError as error:  # disk full, no permission...: stop the batch with the path and the cause
+            raise_if_environment(error, output)
+            raise
         results.append(result)
     return results
 
