@@ -39,11 +39,11 @@ PHOTOS = ("obama1.jpg", "biden2.jpg", "obama3.jpg")
 def _mount(*args: str) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
-    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+    return subprocess.run(["mount", *args], check=False, capture_output=True).returncode == 0
 
 
 def _umount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
 @contextlib.contextmanager
@@ -60,8 +60,8 @@ def read_only(folder: Path):
             _umount(folder)
         return
     modes = {path: path.stat().st_mode for path in [folder, *folder.rglob("*")] if path.is_dir()}
-    for path in modes:
-        path.chmod(stat.S_IMODE(modes[path]) & ~0o222)
+    for path, mode in modes.items():
+        path.chmod(stat.S_IMODE(mode) & ~0o222)
     try:
         yield folder
     finally:
