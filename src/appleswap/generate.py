@@ -239,6 +239,8 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
         save_json(cfg.output / "generate_config.json", config_dict)
     if not work:
         return []
+    if cfg.mode == "teacher" and all(p.condition is None for p in work):  # a usage error, not a bad pair
+        raise ValueError("teacher mode needs condition images (--condition-dir or a 'condition' CSV column)")
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
