@@ -287,3 +287,25 @@ def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path, fa
     _one_line_error(capsys.readouterr().err, "internal error: TypeError: planted bug", "--log-level debug")
     assert main(["preprocess", str(src), str(tmp_path / "o"), "--log-level", "debug", "--no-progress"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_what_counts_as_a_fault_of_the_environment(tmp_path):
+    """The classification every command relies on: machine faults (by errno or device message) vs bad inputs/bugs."""
+    full = files.environment_fault(OSError(errno.ENOSPC, "No space left on device", "/data/x.png"))
+    assert full is not None and str(full).startswith("/data/x.png: no space left on the device")
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = PermissionError(errno.EACCES, "Permission denied", "/out")
+    assert "permission denied" in str(files.environment_fault(wrapped))
+    assert "read-only" in str(files.environment_fault(OSError(errno.EROFS, "x"), path="/w/cache.bin"))
+    assert "/w/cache.bin" in str(files.environment_fault(OSError(errno.EROFS, "x"), path="/w/cache.bin"))
+    assert files.environment_fault(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")) is not None
+    assert files.environment_fault(AssertionError("Torch not compiled with CUDA enabled")) is not None
+    unreadable = files.ImageLoadError("a.jpg: not a readable image")
+    unreadable.__cause__ = PermissionError(errno.EACCES, "Permission denied", "a.jpg")
+    for bad_input_or_bug in (unreadable, ValueError("no face"), FileNotFoundError(errno.ENOENT, "gone", "x"),
+                             KeyError("k"), TypeError("bug")):
+        assert files.environment_fault(bad_input_or_bug) is None, bad_input_or_bug
+    fault = files.environment_fault(OSError(errno.ENOSPC, "No space left on device", "/d/f"))
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(fault))) == str(fault)  # crosses the worker pool unchanged

@@ -95,7 +95,8 @@ def environment_fault(error: BaseException, path: str | Path | None = None) -> E
         if isinstance(current, OSError) and current.errno in ENVIRONMENT_ERRNOS:
             where = current.filename if current.filename is not None else path
             return EnvironmentFault(ENVIRONMENT_ERRNOS[current.errno], where, _hint(current.errno))
-        if isinstance(current, (RuntimeError, MemoryError)) and not isinstance(current, NotImplementedError):
+        if isinstance(current, (RuntimeError, MemoryError, AssertionError)) and not isinstance(
+                current, NotImplementedError):  # torch reports a missing CUDA build with an AssertionError
             text = str(current)
             if isinstance(current, MemoryError) or any(marker in text for marker in DEVICE_ERROR_MARKERS):
                 first = text.strip().splitlines()[0] if text.strip() else type(current).__name__

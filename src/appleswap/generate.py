@@ -202,6 +202,24 @@ def _pair_inputs(pair: Pair, tokens: SourceTokens, cfg: GenerateConfig) -> tuple
     return target, condition, tokens(pair)
 
 
+def _ready_pairs(pairs: list[Pair], tokens: SourceTokens, cfg: GenerateConfig,
+                 failures: list[str] | None) -> tuple[list[Pair], list[tuple]]:
+    """The pairs whose inputs load, with those inputs; a bad pair is logged and appended to ``failures``."""
+    from appleswap.files import raise_if_environment
+
+    ready, inputs = [], []
+    for pair in pairs:
+        try:
+            inputs.append(_pair_inputs(pair, tokens, cfg))
+            ready.append(pair)
+        except (ValueError, FileNotFoundError) as error:
+            raise_if_environment(error, pair.target)
+            logger.error("pair %s: %s", pair.name, error)
+            if failures is not None:
+                failures.append(f"{pair.name}: {error}")
+    return ready, inputs
+
+
 def _swap_batch(pipe, inputs: list[tuple], cfg: GenerateConfig) -> np.ndarray:
     import torch
 
@@ -224,7 +242,7 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
     import torch
     from tqdm.auto import tqdm
 
-    from appleswap.files import raise_if_environment, save_image, save_json
+    from appleswap.files import save_image, save_json
     from appleswap.pipeline import SwapPipeline
 
     if (cfg.data is None) == (cfg.pairs is None):
@@ -249,16 +267,7 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
                                         cuda_graphs=cfg.cuda_graphs)
     tokens, written = SourceTokens(pipe, cfg.ids_dir, cfg.size), []
     for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"generate [{rank}/{world}]", unit="batch"):
-        batch, inputs = [], []
-        for pair in work[start:start + cfg.batch_size]:
-            try:
-                inputs.append(_pair_inputs(pair, tokens, cfg))
-                batch.append(pair)
-            except (ValueError, FileNotFoundError) as error:
-                raise_if_environment(error, pair.target)
-                logger.error("pair %s: %s", pair.name, error)
-                if failures is not None:
-                    failures.append(f"{pair.name}: {error}")
+        batch, inputs = _ready_pairs(work[start:start + cfg.batch_size], tokens, cfg, failures)
         if not batch:
             continue
         results = _swap_batch(pipe, inputs, cfg)

@@ -127,6 +127,19 @@ def _empty_report(config: EvalConfig, device: str, total: int, excluded: list[di
             "networks": {}, "fallbacks": [], "cache": {}, "metrics": {}, "per_pair": []}
 
 
+def _label_metrics(summary: dict[str, dict], identity_failures: dict[str, int], expression_fallback: bool) -> None:
+    """Unit, direction, description and (identity metrics) the failure count of every metric entry."""
+    for name, entry in summary.items():
+        base = name.split("/")[0]
+        entry["unit"] = unit_of(name)
+        if base in IDENTITY_METRICS:
+            entry["failures"] = identity_failures[name.split("/")[1]]
+        entry.setdefault("higher_is_better", base not in LOWER_IS_BETTER)
+        entry.setdefault("what", DESCRIPTIONS.get(base, "") + (" (fallback: mesh ratios, other units)"
+                                                               if base == "expression" and expression_fallback
+                                                               else ""))
+
+
 def evaluate(config: EvalConfig, paths: WeightPaths, device: str = "cpu") -> dict:
     """Score every pair and return the report dict (written by the caller).
 
@@ -163,14 +176,7 @@ def evaluate(config: EvalConfig, paths: WeightPaths, device: str = "cpu") -> dic
     networks["fid"] = inception.label if inception else "missing weights"
     summary = {name: stats.bootstrap_mean(values, resamples=config.bootstrap) for name, values in per_pair.items()}
     summary.update(_set_metrics(pairs, inception, config, cache))
-    for name, entry in summary.items():
-        base = name.split("/")[0]
-        entry["unit"] = unit_of(name)
-        if base in IDENTITY_METRICS:
-            entry["failures"] = identity_failures[name.split("/")[1]]
-        entry.setdefault("higher_is_better", base not in LOWER_IS_BETTER)
-        entry.setdefault("what", DESCRIPTIONS.get(base, "") + (" (fallback: mesh ratios, other units)"
-                                                               if base == "expression" and expr_x.fallback else ""))
+    _label_metrics(summary, identity_failures, expression_fallback=expr_x.fallback)
     rows = [{"id": p.id, "source": str(p.source), "target": str(p.target), "swap": str(p.swap) if p.swap else None,
              **{name: _finite(values[i]) for name, values in per_pair.items()}} for i, p in enumerate(pairs)]
     log.info("feature cache: %d hits, %d computed", cache.hits, cache.misses)
