@@ -278,8 +278,8 @@ def _fsync_folder(folder: Path) -> None:
 def commit_temporary(tmp: str | Path, path: str | Path) -> Path:
     """Give a finished temporary file the umask's mode, fsync it and rename it onto ``path`` (same folder)."""
     tmp, path = Path(tmp), Path(path)
+    _fsync_file(tmp)  # before the chmod: a umask of 0o777 would leave nothing to open the file with
     os.chmod(tmp, output_mode())
-    _fsync_file(tmp)
     os.replace(tmp, path)
     _fsync_folder(path.parent)
     return path
