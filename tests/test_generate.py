@@ -82,3 +82,17 @@ def test_cli_smoke(weights, data, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "cli" / "000.png").is_file() and (tmp_path / "cli" / "generate_config.json").is_file()
+
+
+def test_a_bad_pair_is_reported_and_the_rest_written(weights, data, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    (copy / "trg" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    failures: list[str] = []
+    written = generate(_config(copy, tmp_path / "out", grid=False), weights_dir=weights, device="cpu",
+                       failures=failures)
+    assert [p.name for p in written] == ["000.png", "002.png"]
+    assert len(failures) == 1 and failures[0].startswith("001: ") and "not a readable image" in failures[0]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["000.png", "002.png"]

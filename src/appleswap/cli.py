@@ -6,9 +6,18 @@ import argparse
 import importlib
 import importlib.util
 import sys
+import traceback
 
 from appleswap import __version__
-from appleswap.cli_common import HelpFormatter, inference_blas_defaults, setup_logging
+from appleswap.cli_common import (
+    EXIT_INTERRUPTED,
+    EXIT_NOTHING,
+    EXIT_STATUS_HELP,
+    HelpFormatter,
+    inference_blas_defaults,
+    setup_logging,
+    with_exit_status_help,
+)
 
 # subcommand modules in pipeline order; each exposes add_parser(subparsers) and run(args) -> int
 COMMAND_MODULES = (
@@ -35,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             "evaluate.\nWeights load from --weights-dir or $APPLESWAP_HOME; `appleswap weights check` lists them."
         ),
         formatter_class=HelpFormatter,
+        epilog=EXIT_STATUS_HELP,
     )
     parser.add_argument("--version", action="version", version=f"appleswap {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -42,7 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
         if importlib.util.find_spec(name) is None:
             continue
         importlib.import_module(name).add_parser(subparsers)
+    _add_exit_status_help(subparsers)
     return parser
+
+
+def _add_exit_status_help(subparsers: argparse._SubParsersAction) -> None:
+    """Every subcommand's --help ends with the one shared exit-status rule (nested subcommands too)."""
+    for sub in dict.fromkeys(subparsers.choices.values()):
+        sub.epilog = with_exit_status_help(sub.epilog)
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_exit_status_help(action)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,12 +79,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("appleswap: interrupted; finished outputs are kept, run the same command again to resume",
               file=sys.stderr)
-        return 130
-    except (FileNotFoundError, ValueError) as error:
+        return EXIT_INTERRUPTED
+    except SystemExit as stop:  # a command's own usage stop: its message, the shared code
+        if stop.code is None or isinstance(stop.code, int):
+            return int(stop.code or 0)
+        print(stop.code, file=sys.stderr)
+        return EXIT_NOTHING
+    except Exception as error:  # noqa: BLE001  (the one place an error meets the user: one line, no traceback)
         if getattr(args, "log_level", "info") == "debug":
-            raise
-        print(f"appleswap {args.command}: error: {error}", file=sys.stderr)
-        return 2
+            traceback.print_exc()
+        print(error_line(args.command, error), file=sys.stderr)
+        return EXIT_NOTHING
+
+
+def error_line(command: str, error: BaseException) -> str:
+    """The user's one-line message: the environment fault (path and cause), the bad input, or a labelled bug."""
+    from appleswap.files import environment_fault
+
+    fault = environment_fault(error)
+    if fault is not None:
+        return f"appleswap {command}: error: {fault}"
+    if isinstance(error, (FileNotFoundError, ValueError, NotADirectoryError, IsADirectoryError)):
+        return f"appleswap {command}: error: {error}"
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return f"appleswap {command}: error: {where}{error.strerror or error}"
+    return (f"appleswap {command}: internal error: {type(error).__name__}: {error} "
+            "(run again with --log-level debug for the traceback, and please report it)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,35 @@ import argparse
 import logging
 import os
 
+EXIT_OK, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2
+EXIT_INTERRUPTED = 130
+EXIT_STATUS_HELP = """\
+exit status (every appleswap command):
+  0  all done
+  1  some items failed (bad or unreadable inputs, no face): the rest are written; the summary lists the failures
+  2  nothing done, a usage error, or the run stopped on a fault of the machine (disk full, no permission,
+     read-only folder, missing device): the message names the path and the cause; finished outputs are kept
+     and running the same command again retries what was not done
+  130 interrupted (Ctrl-C); run the same command again to resume
+"""
+
+
+def exit_status(done: int, failed: int) -> int:
+    """The shared rule: 0 when nothing failed, 1 when some items failed but others were done, 2 when none was done.
+
+    ``done`` counts finished items (including ones finished by an earlier run), ``failed`` the bad inputs."""
+    if failed == 0 and done > 0:
+        return EXIT_OK
+    return EXIT_PARTIAL if done > 0 else EXIT_NOTHING
+
+
+def with_exit_status_help(epilog: str | None) -> str:
+    """``epilog`` followed by the shared exit-status text (once)."""
+    epilog = (epilog or "").rstrip("\n")
+    if EXIT_STATUS_HELP in epilog:
+        return epilog
+    return f"{epilog}\n\n{EXIT_STATUS_HELP}" if epilog else EXIT_STATUS_HELP
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults and keeps the description's line breaks (for examples)."""

@@ -1,14 +1,23 @@
-"""Robust file I/O shared by every stage: image decoding with clear errors, and atomic writes.
+"""Robust file I/O shared by every stage: image decoding with clear errors, atomic writes, and the error model.
 
-Every writer goes through a temporary file in the same folder followed by ``os.replace``, so a killed job never
-leaves a half-written output behind (resumable stages rely on "file exists" meaning "file is complete").
+Every writer goes through a temporary file in the same folder, flushed to disk with ``fsync``, then ``os.replace``d
+onto the final name, so a killed job or a full disk never leaves a half-written output behind (resumable stages
+rely on "file exists" meaning "file is complete"). Outputs get the usual ``0666 & ~umask`` mode.
+
+Two kinds of failure, handled differently by every command:
+- a bad input (:class:`ImageLoadError`, other ``ValueError``): recorded per item, the batch goes on, not retried;
+- a fault of the environment (:func:`environment_fault`: disk full, no permission, read-only file system, a missing
+  device): the command stops with one line naming the path and the cause, nothing is recorded against the item,
+  so running the same command again (with space, permission, the device) retries it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +33,100 @@ MIN_IMAGE_SIDE = 64
 
 class ImageLoadError(ValueError):
     """An input file is not a usable photo; the message says why and names the file."""
+
+
+# errno values that mean "the machine, not the input": retried on the next run, never recorded against an item
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device (disk full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "input/output error (failing disk or lost network mount)",
+    errno.ENODEV: "no such device",
+    errno.ENXIO: "no such device or address",
+    errno.EMFILE: "too many open files",
+    errno.ENFILE: "too many open files in the system",
+    errno.ENOMEM: "out of memory",
+}
+DEVICE_ERROR_MARKERS = ("CUDA out of memory", "out of memory", "No CUDA GPUs are available",
+                        "Torch not compiled with CUDA", "CUDA driver", "CUDA error", "no kernel image",
+                        "Found no NVIDIA driver", "device-side assert", "MPS backend out of memory")
+
+
+class EnvironmentFault(RuntimeError):
+    """A fault of the machine (disk full, permission, read-only folder, missing device), not of the input.
+
+    Commands stop on it with its one-line message; the item it hit is not recorded as failed, so a rerun retries it.
+    ``path`` names the file or folder, ``cause`` says what went wrong in words.
+    """
+
+    def __init__(self, cause: str, path: str | Path | None = None, hint: str = "") -> None:
+        self.cause, self.path, self.hint = cause, (str(path) if path is not None else None), hint
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(f"{where}{cause}" + (f"; {hint}" if hint else ""))
+
+    def __reduce__(self):  # crosses process boundaries (preprocess workers) with its fields
+        return (type(self), (self.cause, self.path, self.hint))
+
+
+def raise_if_environment(error: BaseException, path: str | Path | None = None) -> None:
+    """Re-raise ``error`` as its :class:`EnvironmentFault` when it is one; per-item error handlers call this first
+    so a full disk or a permission problem stops the run instead of being recorded against the item."""
+    fault = environment_fault(error, path)
+    if fault is not None:
+        raise fault from error
+
+
+def environment_fault(error: BaseException, path: str | Path | None = None) -> EnvironmentFault | None:
+    """The :class:`EnvironmentFault` that ``error`` stands for, or None when it is not one (a bad input, a bug).
+
+    Looks through ``__cause__``/``__context__`` so a wrapped ``OSError`` is still recognised; ``path`` is used when
+    the error does not name its own file.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, EnvironmentFault):
+            return current
+        if isinstance(current, ValueError):  # classified as a bad input (e.g. ImageLoadError of an unreadable file)
+            return None
+        if isinstance(current, OSError) and current.errno in ENVIRONMENT_ERRNOS:
+            where = current.filename if current.filename is not None else path
+            return EnvironmentFault(ENVIRONMENT_ERRNOS[current.errno], where, _hint(current.errno))
+        if isinstance(current, (RuntimeError, MemoryError, AssertionError)) and not isinstance(
+                current, NotImplementedError):  # torch reports a missing CUDA build with an AssertionError
+            text = str(current)
+            if isinstance(current, MemoryError) or any(marker in text for marker in DEVICE_ERROR_MARKERS):
+                first = text.strip().splitlines()[0] if text.strip() else type(current).__name__
+                return EnvironmentFault(f"device or memory failure: {first}", path,
+                                        "check --device, free memory or use a smaller --batch-size")
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _hint(code: int) -> str:
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space and run the same command again (finished outputs are kept)"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "choose a writable folder or fix its permissions, then run the same command again"
+    return "run the same command again once it is fixed"
+
+
+def cache_dir(*parts: str) -> Path:
+    """The folder for caches: ``$APPLESWAP_CACHE``, else ``$XDG_CACHE_HOME/appleswap`` (``~/.cache/appleswap``;
+    ``%LOCALAPPDATA%`` on Windows, ``~/Library/Caches`` on macOS). Never the weights folder, which may be read-only."""
+    root = os.environ.get("APPLESWAP_CACHE")
+    if not root:
+        if sys.platform == "win32":
+            base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        elif sys.platform == "darwin":
+            base = str(Path.home() / "Library" / "Caches")
+        else:
+            base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = str(Path(base) / "appleswap")
+    return Path(root).expanduser().joinpath(*parts)
 
 
 def is_image_path(path: str | Path) -> bool:
@@ -104,9 +207,7 @@ def save_image(path: str | Path, array: np.ndarray, *, pnginfo: dict[str, str] |
 
 def save_json(path: str | Path, data: Any) -> Path:
     path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default))
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:
@@ -129,20 +230,107 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
     return path
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``/proc``), else by a set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def output_mode() -> int:
+    """The mode of a new output file: ``0666 & ~umask`` (what ``open(..., 'w')`` would create)."""
+    return 0o666 & ~current_umask()
+
+
+def _fsync_file(path: Path) -> None:
+    """Push a closed file's data to the disk, so a full disk is reported here and not after the rename."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); folders cannot be opened this way on Windows."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as error:  # some file systems refuse fsync on folders; the data itself is already synced
+        if error.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def commit_temporary(tmp: str | Path, path: str | Path) -> Path:
+    """Give a finished temporary file the umask's mode, fsync it and rename it onto ``path`` (same folder)."""
+    tmp, path = Path(tmp), Path(path)
+    _fsync_file(tmp)  # before the chmod: a umask of 0o777 would leave nothing to open the file with
+    os.chmod(tmp, output_mode())
+    os.replace(tmp, path)
+    _fsync_folder(path.parent)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path next to ``path`` for a writer to fill and close; on success the file is fsynced, given
+    the umask's mode and renamed onto ``path`` in one step. On any error the temporary file is removed and ``path``
+    is left as it was (absent or the previous complete version)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise _naming(error, path) from error
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
-        os.replace(tmp, path)
+        commit_temporary(tmp, path)
+    except OSError as error:  # name the output the user asked for, not our temporary file
+        if error.errno is None or error.filename not in (None, str(tmp), tmp):
+            raise
+        raise _naming(error, path) from error
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """The same OSError (same errno, so the same subclass) naming ``path``."""
+    if error.errno is None:
+        return error
+    return OSError(error.errno, error.strerror or os.strerror(error.errno), str(path))
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
+    """``open(path, mode)`` that is atomic: the handle writes a temporary file that replaces ``path`` on success."""
+    if "b" in mode:
+        encoding = None
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as handle:
+        yield handle
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """``Path.write_text`` through :func:`atomic_path`."""
+    with atomic_write(path) as handle:
+        handle.write(text)
+    return Path(path)
 
 
 def read_tensor_file(path: str | Path, what: str = "weights") -> dict:

@@ -191,16 +191,41 @@ def _source_picture(pair: Pair, size: int) -> np.ndarray:
     return load_rgb(pair.source, size)
 
 
-def _swap_batch(pipe, batch: list[Pair], tokens: SourceTokens, cfg: GenerateConfig) -> np.ndarray:
+def _pair_inputs(pair: Pair, tokens: SourceTokens, cfg: GenerateConfig) -> tuple:
+    """(target, condition or None, ID tokens) of one pair; ValueError / FileNotFoundError for a bad pair."""
+    target = load_rgb(pair.target, cfg.size)
+    condition = None
+    if cfg.mode == "teacher":
+        if pair.condition is None:
+            raise ValueError("teacher mode needs condition images (--condition-dir or a 'condition' CSV column)")
+        condition = load_rgb(pair.condition, cfg.size)
+    return target, condition, tokens(pair)
+
+
+def _ready_pairs(pairs: list[Pair], tokens: SourceTokens, cfg: GenerateConfig,
+                 failures: list[str] | None) -> tuple[list[Pair], list[tuple]]:
+    """The pairs whose inputs load, with those inputs; a bad pair is logged and appended to ``failures``."""
+    from appleswap.files import raise_if_environment
+
+    ready, inputs = [], []
+    for pair in pairs:
+        try:
+            inputs.append(_pair_inputs(pair, tokens, cfg))
+            ready.append(pair)
+        except (ValueError, FileNotFoundError) as error:
+            raise_if_environment(error, pair.target)
+            logger.error("pair %s: %s", pair.name, error)
+            if failures is not None:
+                failures.append(f"{pair.name}: {error}")
+    return ready, inputs
+
+
+def _swap_batch(pipe, inputs: list[tuple], cfg: GenerateConfig) -> np.ndarray:
     import torch
 
-    targets = [load_rgb(p.target, cfg.size) for p in batch]
-    conditions = None
-    if cfg.mode == "teacher":
-        if any(p.condition is None for p in batch):
-            raise ValueError("teacher mode needs condition images (--condition-dir or a 'condition' CSV column)")
-        conditions = [load_rgb(p.condition, cfg.size) for p in batch]
-    ids = torch.cat([tokens(p) for p in batch])
+    targets = [target for target, _, _ in inputs]
+    conditions = [condition for _, condition, _ in inputs] if cfg.mode == "teacher" else None
+    ids = torch.cat([ids for _, _, ids in inputs])
     return pipe(ids, targets, condition=conditions, invert=cfg.invert, num_steps=cfg.num_steps,
                 inverse_steps=cfg.inverse_steps, inverse_cond=cfg.inverse_cond, inversion_order=cfg.inversion_order,
                 parity_wrong_midpoint=cfg.parity_wrong_midpoint, guidance_scale=cfg.guidance_scale,
@@ -209,8 +234,11 @@ def _swap_batch(pipe, batch: list[Pair], tokens: SourceTokens, cfg: GenerateConf
 
 
 def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str | None = None,
-             config_dict: dict | None = None) -> list[Path]:
-    """Run the swaps this process owns; returns the written result paths."""
+             config_dict: dict | None = None, failures: list[str] | None = None) -> list[Path]:
+    """Run the swaps this process owns; returns the written result paths.
+
+    A bad pair (unreadable image, no face in the source) is logged, appended to ``failures`` and skipped (it has no
+    output, so the next run tries it again); a fault of the machine (disk full, permission) stops the run."""
     import torch
     from tqdm.auto import tqdm
 
@@ -229,6 +257,8 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
         save_json(cfg.output / "generate_config.json", config_dict)
     if not work:
         return []
+    if cfg.mode == "teacher" and all(p.condition is None for p in work):  # a usage error, not a bad pair
+        raise ValueError("teacher mode needs condition images (--condition-dir or a 'condition' CSV column)")
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
@@ -237,8 +267,10 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
                                         cuda_graphs=cfg.cuda_graphs)
     tokens, written = SourceTokens(pipe, cfg.ids_dir, cfg.size), []
     for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"generate [{rank}/{world}]", unit="batch"):
-        batch = work[start:start + cfg.batch_size]
-        results = _swap_batch(pipe, batch, tokens, cfg)
+        batch, inputs = _ready_pairs(work[start:start + cfg.batch_size], tokens, cfg, failures)
+        if not batch:
+            continue
+        results = _swap_batch(pipe, inputs, cfg)
         for pair, result in zip(batch, results):
             if cfg.grid:
                 condition = pair.condition if cfg.mode == "teacher" else pair.target
@@ -263,11 +295,19 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from appleswap.cli_common import EXIT_OK, exit_status
     from appleswap.config import config_to_dict, load_config_file, resolve_config
 
     file_data = load_config_file(args.config)
     section = file_data.get("generate", file_data) if isinstance(file_data.get("generate"), dict) else file_data
     cfg = resolve_config(GenerateConfig, args, section)
-    written = generate(cfg, weights_dir=args.weights_dir, device=args.device, config_dict=config_to_dict(cfg))
-    print(f"appleswap generate: wrote {len(written)} result(s) to {cfg.output}")
-    return 0
+    failures: list[str] = []
+    written = generate(cfg, weights_dir=args.weights_dir, device=args.device, config_dict=config_to_dict(cfg),
+                       failures=failures)
+    for line in failures:
+        print(f"FAILED: {line}")
+    print(f"appleswap generate: wrote {len(written)} result(s) to {cfg.output}"
+          + (f"; {len(failures)} pair(s) failed" if failures else ""))
+    if not failures:
+        return EXIT_OK  # every pair of this shard has its output (this run's or an earlier one's)
+    return exit_status(len(written), len(failures))

@@ -160,8 +160,7 @@ class SwapPipeline:
         vae = load_vae(flux, dtype=dtype, device="cpu" if offload != "none" else device)
         apply_memory_options(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile,
                              cuda_graphs=cuda_graphs, vae=vae)
-        cache = Path(text_cache_dir) if text_cache_dir else root / "cache" / "text_embeddings"
-        text = load_text_embeddings(flux, prompt, cache, max_sequence_length=max_sequence_length, device=device,
+        text = load_text_embeddings(flux, prompt, text_cache_dir, max_sequence_length=max_sequence_length, device=device,
                                     dtype=dtype)
         scheduler_file = Path(flux) / "scheduler" / "scheduler_config.json"
         scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}

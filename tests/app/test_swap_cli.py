@@ -82,3 +82,15 @@ def test_batch_goes_on_after_a_corrupt_video(engine, identity, tmp_path, faces_d
     assert results[0]["status"] == "error" and "bad.mp4" in results[0]["error"]
     assert results[1]["status"] == "ok" and (tmp_path / "out" / "b.png").is_file()
     assert not (tmp_path / "out" / "bad.mp4").exists()
+
+
+def test_video_without_a_face_fails_like_a_photo_without_one(engine, identity, tmp_path):
+    """One rule for photos and videos: no face swapped means a failed target (exit 1 or 2), and no output."""
+    from appleswap.app.swap_cli import run_jobs
+    from appleswap.app.video import write_video
+
+    clip = write_video(tmp_path / "wall.mp4", [np.full((64, 64, 3), 120, np.uint8)] * 3, 10)
+    output = tmp_path / "out" / "wall.mp4"
+    [result] = run_jobs(engine, identity, ["obama.jpg"], [(clip, output)], progress=False)
+    assert result["status"] == "error" and "no face was swapped" in result["error"]
+    assert not output.exists()

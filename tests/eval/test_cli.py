@@ -25,12 +25,45 @@ def layout(tmp_path, faces_dir):
     return tmp_path, swapped
 
 
-def _run(tmp_path, faces_dir, swapped, out, *extra):
+def _run(tmp_path, faces_dir, swapped, out, *extra, code=0):
     argv = ["eval", "--pairs", str(tmp_path / "pairs.csv"), "--sources", str(faces_dir), "--targets",
             str(faces_dir), "--swapped", str(swapped), "--out", str(out), "--cache", str(tmp_path / "cache"),
             "--bootstrap", "200", "--set-resamples", "3", "--log-level", "warning", *extra]
-    assert main(argv) == 0
+    assert main(argv) == code
     return json.loads((out / "report.json").read_text())
+
+
+def test_bad_pairs_are_excluded_and_missing_swaps_count_as_failures(layout, faces_dir, capsys):
+    """A 32x32 swap and a corrupt one are excluded with their reasons, a missing swap is a failure in the identity
+    means (similarity 0, retrieval miss), and the report of the good pair still comes out (exit 1)."""
+    from PIL import Image
+
+    tmp_path, swapped = layout
+    Image.new("RGB", (32, 32), (120, 90, 80)).save(swapped / "p1.jpg")  # too small
+    (swapped / "p2.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")  # not decodable
+    rows = (tmp_path / "pairs.csv").read_text() + "p2,obama1.jpg,biden.jpg\np3,biden2.jpg,obama.jpg\n"
+    (tmp_path / "pairs.csv").write_text(rows)  # p3 has no swap file at all
+    report = _run(tmp_path, faces_dir, swapped, tmp_path / "bad", "--weights-dir", str(tmp_path / "none"), code=1)
+    excluded = {row["id"]: row["reason"] for row in report["excluded"]}
+    assert set(excluded) == {"p1", "p2"}
+    assert "too small" in excluded["p1"] and "not a readable image" in excluded["p2"]
+    assert report["pairs"] == 2 and report["pairs_listed"] == 4 and report["missing_swaps"] == 1
+    by_id = {row["id"]: row for row in report["per_pair"]}
+    assert set(by_id) == {"p0", "p3"} and by_id["p3"]["swap"] is None
+    assert by_id["p3"]["id_sim/dlib"] == 0.0 and by_id["p3"]["id_top1/dlib"] == 0.0 and by_id["p3"]["pose"] is None
+    similarity = report["metrics"]["id_sim/dlib"]
+    assert similarity["n"] == 2 and similarity["failures"] == 1  # the missing swap is in the mean, as a failure
+    assert similarity["mean"] == pytest.approx(by_id["p0"]["id_sim/dlib"] / 2)
+    assert report["metrics"]["id_top1/dlib"]["mean"] == 50.0 and report["metrics"]["pose"]["n"] == 1
+    printed = capsys.readouterr().out
+    assert "EXCLUDED pair p1" in printed and "1 missing swaps count as failures" in printed
+    assert "Excluded pairs (2)" in (tmp_path / "bad" / "report.html").read_text()
+
+    for name in ("p0.jpg", "p3.jpg"):  # now no pair is usable: a report that says why, exit 2
+        Image.new("RGB", (16, 16)).save(swapped / name)
+    empty = _run(tmp_path, faces_dir, swapped, tmp_path / "none_left", "--weights-dir", str(tmp_path / "none"),
+                 code=2)
+    assert empty["pairs"] == 0 and len(empty["excluded"]) == 4 and empty["metrics"] == {}
 
 
 def test_fallback_run_cache_reuse_html_and_compare(layout, faces_dir, capsys):
@@ -38,7 +71,8 @@ def test_fallback_run_cache_reuse_html_and_compare(layout, faces_dir, capsys):
     report = _run(tmp_path, faces_dir, swapped, tmp_path / "a", "--weights-dir", str(tmp_path / "none"))
     metrics = report["metrics"]
     assert set(report["fallbacks"]) == {"dlib", "pose_pnp", "mesh_expression", "mask_mesh"}
-    assert metrics["id_top1/dlib"]["mean"] == 1.0  # each swap shows its source's person
+    assert metrics["id_top1/dlib"]["mean"] == 100.0  # each swap shows its source's person (retrieval in %)
+    assert metrics["id_top1/dlib"]["unit"] == "%" and report["excluded"] == []
     for name in ("pose", "expression", "gaze", "skin", "lighting"):
         assert metrics[name]["mean"] == pytest.approx(0.0, abs=1e-6), name
     assert metrics["fid"]["mean"] is None and "not computed" in metrics["fid"]["note"]

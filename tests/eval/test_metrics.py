@@ -93,10 +93,30 @@ def test_bootstrap_and_paired_difference():
     summary = stats.bootstrap_mean(np.append(values, np.nan))
     assert summary["ci_low"] < 2.0 < summary["ci_high"] and summary["missing"] == 1 and summary["n"] == 400
     better = values - 0.5 + rng.normal(0, 0.1, 400)
-    result = stats.paired_difference(values, better)
+    result = stats.paired_test(values, better)
     assert result["significant"] and result["p_value"] < 0.01 and result["diff"] == pytest.approx(-0.5, abs=0.05)
+    assert result["ci_low"] < -0.5 < result["ci_high"] < 0 and result["p_wilcoxon"] < 0.01
     noise = values + rng.normal(0, 0.1, 400)
-    assert not stats.paired_difference(values, noise)["significant"]
+    assert not stats.paired_test(values, noise)["significant"]
+
+
+def test_paired_test_matches_textbook_values_and_its_wording():
+    """Student's paired t on a hand-computable set: d = (1, 2, 3, 4, 5) - 0 -> mean 3, sd sqrt(2.5), t = 3 / sqrt(0.5)
+    = 4.2426 with 4 df; p (two-sided) = 0.01324 (t table). The verdict follows p < alpha and nothing else."""
+    from appleswap.eval.compare import verdict
+
+    a = np.zeros(5)
+    b = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    result = stats.paired_test(a, b)
+    assert result["diff"] == pytest.approx(3.0) and result["p_value"] == pytest.approx(0.013236, abs=2e-6)
+    half_width = 2.776445 * np.sqrt(2.5) / np.sqrt(5)  # t(0.975, 4) * sd / sqrt(n)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((3 - half_width, 3 + half_width), abs=1e-5)
+    assert result["significant"] and verdict({**result, "better": "B"}).startswith("significant (p < 0.05)")
+    strict = stats.paired_test(a, b, alpha=0.01)
+    assert not strict["significant"] and verdict(strict) == "not significant (p >= 0.01)"
+    # p = 0.51 must never read "significant" (the finding in issue 24)
+    shifted = stats.paired_test(np.zeros(4), np.array([-1.0, 1.0, 2.0, -1.3]))
+    assert shifted["p_value"] > 0.3 and not shifted["significant"] and "not significant" in verdict(shifted)
 
 
 def test_helper_scorers_for_other_stages(faces_dir, tmp_path):
@@ -131,11 +151,12 @@ def test_compare_reports_flags_paired_and_set_differences():
     rows_b = [{"id": str(i), "pose": float(v - 1.0)} for i, v in enumerate(pose_a)]
     a = {"metrics": {"pose": {"mean": 3.0}, "fid": {"mean": 10.0, "ci_low": 9.0, "ci_high": 11.0}}, "per_pair": rows_a}
     b = {"metrics": {"pose": {"mean": 2.0}, "fid": {"mean": 10.5, "ci_low": 9.5, "ci_high": 11.5}}, "per_pair": rows_b}
-    results = {row["metric"]: row for row in compare_reports(a, b, resamples=500)}
+    results = {row["metric"]: row for row in compare_reports(a, b)}
     assert results["pose"]["significant"] and results["pose"]["better"] == "B"
     assert results["pose"]["diff"] == pytest.approx(-1.0)
     assert not results["fid"]["significant"] and results["fid"]["test"].startswith("interval overlap")
-    assert "significant, B better" in format_comparison(list(results.values()))
+    table = format_comparison(list(results.values()))
+    assert "significant (p < 0.05), B better" in table and "95% intervals overlap (no test)" in table
 
 
 def test_alignment_crops_put_the_face_where_the_networks_expect_it(frontal):

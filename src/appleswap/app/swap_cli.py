@@ -21,7 +21,6 @@ EPILOG = """examples:
   appleswap swap -s me1.jpg me2.jpg -t photos/ -o swapped/ --output-pattern "{target}_swapped{ext}"
   appleswap swap -s me.safetensors -t clip.mp4 -o clip_swapped.mp4 --face-selector reference --reference-face them.jpg
   appleswap swap -s me.jpg -t target.jpg -o out.png --model teacher --id-guidance-scale 1.5
-exit status: 0 all done, 1 some targets failed (the others are written), 2 nothing could be done.
 """
 
 
@@ -78,17 +77,25 @@ def run_jobs(engine, identity, sources: list[str], jobs: list[tuple[Path, Path]]
     from tqdm import tqdm
 
     from appleswap.app.video import is_video_path
+    from appleswap.files import raise_if_environment
 
     results = []
     for target, output in tqdm(jobs, desc="targets", unit="file", disable=not progress or len(jobs) < 2):
         try:
             if is_video_path(target):
                 result = engine.swap_video_file(identity, sources, target, output, progress=progress)
+                if result.get("frames_swapped") == 0:  # as a photo without a face: a failed target, no output
+                    output.unlink(missing_ok=True)
+                    raise ValueError(f"{target}: no face was swapped in any frame")
             else:
                 result = engine.swap_image_file(identity, sources, target, output)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, FileNotFoundError) as error:  # a bad target; faults of the machine stop the batch
+            raise_if_environment(error, output)
             log.error("%s", error)
             result = {"target": str(target), "status": "error", "error": str(error)}
+        except OSError as error:  # disk full, no permission...: stop the batch with the path and the cause
+            raise_if_environment(error, output)
+            raise
         results.append(result)
     return results
 
@@ -96,6 +103,7 @@ def run_jobs(engine, identity, sources: list[str], jobs: list[tuple[Path, Path]]
 def run(args: argparse.Namespace) -> int:
     from appleswap.app.engine import SwapEngine
     from appleswap.app.swapper import SwapConfig, swap_section
+    from appleswap.cli_common import exit_status
     from appleswap.config import load_config_file, resolve_config
 
     config = resolve_config(SwapConfig, args, swap_section(load_config_file(args.config))).check()
@@ -114,6 +122,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"{result['target']}: FAILED: {result['error']}")
     print(f"appleswap swap: {len(done)} of {len(results)} done; outputs are labelled AI-generated"
           + (" and watermarked" if config.watermark else ""))
-    if not done:
-        return 2
-    return 0 if len(done) == len(results) else 1
+    return exit_status(len(done), len(results) - len(done))

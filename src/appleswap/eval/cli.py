@@ -21,6 +21,8 @@ def add_parser(subparsers) -> None:
         description=(
             "Score swapped faces against their sources and targets (FFHQ protocol: --pairs ffhq, 1,000 pairs).\n"
             "Writes <out>/report.json (every number with a 95% bootstrap interval) and <out>/report.html.\n"
+            "A pair with an unreadable or too small image is excluded and listed with its reason; a missing swap\n"
+            "counts as a failure (ID similarity 0, retrieval miss). Retrieval is in % everywhere.\n"
             "Missing weights switch a metric to an embedded fallback, named in the report.\n"
             "  appleswap eval --pairs ffhq --sources FFHQ/images512 --targets FFHQ/images512 --swapped out/ "
             "--reference FFHQ/images512\n  appleswap eval compare runA/report.json runB/report.json"),
@@ -38,11 +40,12 @@ def run(args: argparse.Namespace) -> int:
         return _compare(args)
     if args.action == "flicker":
         return _flicker(args)
+    from appleswap.cli_common import exit_status
     from appleswap.eval.networks import WeightPaths
     from appleswap.eval.report_html import render_html
     from appleswap.eval.runner import evaluate
     from appleswap.eval.settings import EvalConfig
-    from appleswap.files import atomic_path, save_json
+    from appleswap.files import save_json, write_text_atomic
 
     config = resolve_config(EvalConfig, args, load_config_file(getattr(args, "config", None)))
     if not config.swapped:
@@ -53,25 +56,26 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(config, paths, device)
     out = Path(config.out)
     save_json(out / "report.json", report)
-    with atomic_path(out / "report.html") as tmp:
-        tmp.write_text(render_html(report, config.grid))
+    write_text_atomic(out / "report.html", render_html(report, config.grid))
     _print_summary(report)
     print(f"wrote {out / 'report.json'} and {out / 'report.html'}")
-    return 0
+    return exit_status(report["pairs"], len(report["excluded"]))
 
 
 def _print_summary(report: dict) -> None:
-    print(f"{report['pairs']} pairs, {report['swaps_found']} swaps found")
+    print(f"{report['pairs']} of {report['pairs_listed']} pairs scored, {report['swaps_found']} swaps found"
+          + (f"; {report['missing_swaps']} missing swaps count as failures (ID similarity 0, retrieval miss)"
+             if report["missing_swaps"] else ""))
     for name, entry in report["metrics"].items():
         if entry.get("mean") is None:
             print(f"  {name:<28} -   {entry.get('note', '')}")
             continue
-        scale = 100.0 if name.startswith(("id_top1", "id_top5")) else 1.0
-        interval = (f"[{scale * entry['ci_low']:.3f}, {scale * entry['ci_high']:.3f}]"
-                    if entry.get("ci_low") is not None else "")
-        print(f"  {name:<28} {scale * entry['mean']:.4f}  {interval}")
+        interval = f"[{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]" if entry.get("ci_low") is not None else ""
+        print(f"  {name:<28} {entry['mean']:.4f} {entry.get('unit', ''):<8} {interval}")
     if report.get("fallbacks"):
         print(f"  fallbacks used: {', '.join(report['fallbacks'])}")
+    for row in report["excluded"]:
+        print(f"  EXCLUDED pair {row['id']}: {row['reason']}")
 
 
 def _compare(args: argparse.Namespace) -> int:

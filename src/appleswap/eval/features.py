@@ -19,7 +19,7 @@ from tqdm import tqdm
 from appleswap.eval.cache import FeatureCache
 from appleswap.eval.masks import ID_CLASSES, FaceMasker, select
 from appleswap.eval.mesh import NUM_POINTS, face_mesh_points, five_points
-from appleswap.files import load_image
+from appleswap.files import ImageLoadError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,11 @@ def id_mask(face: dict) -> np.ndarray:
 
 
 def extract_all(extractor: Extractor, jobs: list[Job], cache: FeatureCache, faces: dict[Path, dict],
-                batch_size: int = 16) -> dict[Job, dict[str, np.ndarray]]:
-    """Features of every job (deduplicated), from the cache where possible, computing the rest in batches."""
+                batch_size: int = 16, unreadable: dict[Path, str] | None = None) -> dict[Job, dict[str, np.ndarray]]:
+    """Features of every job (deduplicated), from the cache where possible, computing the rest in batches.
+
+    With ``unreadable`` given, an image that cannot be used (corrupt, too small) is left out and its reason stored
+    there (path -> reason) instead of stopping the run."""
     results: dict[Job, dict[str, np.ndarray]] = {}
     todo: list[tuple[Job, str]] = []
     for job in dict.fromkeys(jobs):
@@ -89,22 +92,35 @@ def extract_all(extractor: Extractor, jobs: list[Job], cache: FeatureCache, face
     bar = tqdm(total=len(todo), desc=f"{extractor.name}", unit="img", leave=False)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        images = [load_image(job.image) for job, _ in chunk]
+        count, images = len(chunk), []
+        for job, key in list(chunk):
+            try:
+                images.append(load_image(job.image))
+            except ImageLoadError as error:
+                if unreadable is None:
+                    raise
+                unreadable[job.image] = str(error)
+                chunk.remove((job, key))
+        if not chunk:
+            bar.update(count)
+            continue
         own = [faces.get(job.image, {}) for job, _ in chunk]
         masks = [faces.get(job.mask_from or job.image, {}) for job, _ in chunk]
         for (job, key), features in zip(chunk, extractor.compute(images, own, masks)):
             cache.put(extractor.name, key, features)
             results[job] = features
-        bar.update(len(chunk))
+        bar.update(count)
     bar.close()
     return results
 
 
-def compute_faces(paths: list[Path], masker: FaceMasker, cache: FeatureCache) -> dict[Path, dict]:
-    """The face record (mesh, classes, thumbnail) of every image; the base of most other features."""
+def compute_faces(paths: list[Path], masker: FaceMasker, cache: FeatureCache,
+                  unreadable: dict[Path, str] | None = None) -> dict[Path, dict]:
+    """The face record (mesh, classes, thumbnail) of every image; the base of most other features. Images that
+    cannot be used go to ``unreadable`` (path -> reason) when it is given."""
     extractor = Extractor("face", f"face-1-{masker.version}", "MediaPipe mesh + " + masker.source + " classes",
                           lambda images, _own, _masks: [face_record(im, masker) for im in images])
-    found = extract_all(extractor, [Job(p) for p in paths], cache, {}, batch_size=8)
+    found = extract_all(extractor, [Job(p) for p in paths], cache, {}, batch_size=8, unreadable=unreadable)
     return {job.image: record for job, record in found.items()}
 
 

@@ -69,8 +69,11 @@ def find_image(name: str, folder: Path | None) -> Path | None:
 
 
 def load_pairs(pairs: str | Path, swapped: str | Path | None, sources: str | Path | None = None,
-               targets: str | Path | None = None) -> list[Pair]:
-    """Resolve every pair to files; a missing source or target is an error, a missing swap is recorded."""
+               targets: str | Path | None = None, excluded: list[dict] | None = None) -> list[Pair]:
+    """Resolve every pair to files; a missing swap is recorded (a failure of the swap method).
+
+    A pair whose source or target is missing is excluded: appended to ``excluded`` as ``{"id", "reason"}`` when
+    that list is given (else it is an error); when no pair resolves at all, FileNotFoundError names the first ones."""
     source_dir = Path(sources) if sources else None
     target_dir = Path(targets) if targets else None
     swap_dir = Path(swapped) if swapped else None
@@ -88,10 +91,15 @@ def load_pairs(pairs: str | Path, swapped: str | Path | None, sources: str | Pat
         elif swap_dir is not None:
             swap = find_image(row["id"], swap_dir) or find_image(Path(row["target"]).stem, swap_dir)
         resolved.append(Pair(row["id"], source, target, swap))
-    if errors:
+    if errors and (excluded is None or not resolved):
         shown = "; ".join(errors[:5]) + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else "")
         raise FileNotFoundError(f"--pairs {pairs}: images not found: {shown} (check --sources / --targets)")
+    for error in errors:
+        pair_id, reason = error.split(": ", 1)
+        excluded.append({"id": pair_id.removeprefix("pair "), "reason": f"{reason} not found"})
+        log.warning("%s not found; pair excluded", error)
     missing = sum(p.swap is None for p in resolved)
     if swap_dir is not None and missing:
-        log.warning("%d of %d swaps missing in %s; they count as failures", missing, len(resolved), swap_dir)
+        log.warning("%d of %d swaps missing in %s; they count as failures (ID similarity 0, retrieval miss; "
+                    "not scored by the attribute metrics)", missing, len(resolved), swap_dir)
     return resolved

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 LOWER_IS_BETTER = ("pose", "expression", "gaze", "skin", "lighting", "fid", "kid")
 DESCRIPTIONS = {
     "id_sim": "cosine to the paired source (higher is better)",
-    "id_top1": "source retrieved first among all sources (% in the page, fraction in the JSON)",
-    "id_top5": "source among the 5 nearest (% in the page, fraction in the JSON)",
+    "id_top1": "source retrieved first among all sources, % of pairs (higher is better)",
+    "id_top5": "source among the 5 nearest, % of pairs (higher is better)",
     "pose": "L2 of yaw/pitch/roll difference to the target, degrees",
     "expression": "L2 of expression coefficients to the target",
     "gaze": "angle between swap and target gaze, degrees",
@@ -32,6 +32,18 @@ DESCRIPTIONS = {
     "fid": "Frechet Inception distance to the reference set",
     "kid": "kernel Inception distance to the reference set",
 }
+UNITS = {"id_sim": "cosine", "id_top1": "%", "id_top5": "%", "pose": "degrees", "expression": "L2",
+         "gaze": "degrees", "skin": "dE2000", "lighting": "L* RMS", "fid": "FID", "kid": "KID"}
+MISSING_SWAP_RULE = ("a missing swap, or one without a detectable face, counts as a failure: ID similarity 0 and a "
+                     "retrieval miss (both included in the means); pose, expression, gaze, skin and lighting cannot "
+                     "score it and leave it out (their n says how many pairs were scored)")
+
+
+def unit_of(metric: str) -> str:
+    """The one unit a metric is reported in (JSON, terminal and page alike)."""
+    return UNITS.get(metric.split("/")[0], "")
+
+
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:12px 0}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f0f0f0;cursor:pointer}
 td.l,th.l{text-align:left}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:12px}
@@ -56,24 +68,27 @@ def _thumb(path: str | None, size: int = 128) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _fmt(value, percent: bool = False) -> str:
+def _fmt(value) -> str:
     if value is None:
         return "-"
-    return f"{100 * value:.1f}" if percent else f"{value:.3f}"
+    return f"{value:.3f}"
 
 
 def _metric_rows(report: dict) -> str:
     rows = []
     for name, entry in report["metrics"].items():
         base = name.split("/")[0]
-        percent = base in ("id_top1", "id_top5")
-        interval = (f"[{_fmt(entry.get('ci_low'), percent)}, {_fmt(entry.get('ci_high'), percent)}]"
+        interval = (f"[{_fmt(entry.get('ci_low'))}, {_fmt(entry.get('ci_high'))}]"
                     if entry.get("ci_low") is not None else "-")
         note = entry.get("note") or entry.get("what") or DESCRIPTIONS.get(base, "")
         counts = f"{entry.get('n', '-')}" + (f" ({entry['missing']} missing)" if entry.get("missing") else "")
         arrow = "&darr;" if base in LOWER_IS_BETTER else "&uarr;"
-        rows.append(f"<tr><td class=l>{html.escape(name)} {arrow}</td><td>{_fmt(entry.get('mean'), percent)}</td>"
-                    f"<td>{interval}</td><td>{counts}</td><td class=l>{html.escape(note)}</td></tr>")
+        if entry.get("failures"):
+            counts += f" ({entry['failures']} failures)"
+        unit = html.escape(entry.get("unit") or unit_of(name))
+        rows.append(f"<tr><td class=l>{html.escape(name)} {arrow}</td><td class=l>{unit}</td>"
+                    f"<td>{_fmt(entry.get('mean'))}</td><td>{interval}</td><td>{counts}</td>"
+                    f"<td class=l>{html.escape(note)}</td></tr>")
     return "\n".join(rows)
 
 
@@ -108,6 +123,14 @@ def _grid(report: dict, key: str | None, count: int, columns: list[str]) -> str:
     return f"<div class=grid>{''.join(cards)}</div>"
 
 
+def _excluded(report: dict) -> str:
+    rows = report.get("excluded") or []
+    if not rows:
+        return ""
+    items = "".join(f"<li>{html.escape(row['id'])}: {html.escape(row['reason'])}</li>" for row in rows)
+    return f"<h2>Excluded pairs ({len(rows)})</h2><ul>{items}</ul>"
+
+
 def render_html(report: dict, grid: int = 60) -> str:
     """The report page as one HTML string."""
     columns = [name for name in report["metrics"] if report["per_pair"] and name in report["per_pair"][0]]
@@ -120,8 +143,10 @@ def render_html(report: dict, grid: int = 60) -> str:
 <h1>appleswap evaluation</h1>
 <p class=small>{report['pairs']} pairs, {report['swaps_found']} swaps found, device {html.escape(report['device'])},
 created {html.escape(report['created'])}. Intervals: 95% bootstrap.</p>
-<h2>Metrics</h2><table><thead><tr><th class=l>metric</th><th>mean</th><th>95% CI</th><th>n</th>
+<h2>Metrics</h2><table><thead><tr><th class=l>metric</th><th class=l>unit</th><th>mean</th><th>95% CI</th><th>n</th>
 <th class=l>what</th></tr></thead><tbody>{_metric_rows(report)}</tbody></table>
+<p class=small>Missing swaps: {html.escape(report.get('missing_swaps_rule', MISSING_SWAP_RULE))}.</p>
+{_excluded(report)}
 <h2>Models used</h2><ul>{networks}</ul>
 <h2>Worst pairs first{f' (by {html.escape(primary)})' if primary else ''}</h2>{_grid(report, primary, grid, columns)}
 <h2>All pairs</h2><p class=small>Click a column header to sort.</p>{_pair_table(report, columns)}

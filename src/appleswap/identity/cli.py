@@ -97,6 +97,7 @@ def _factory(args: argparse.Namespace, options: EncoderOptions):
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    from appleswap.cli_common import exit_status
     from appleswap.identity.prepare import run_prepare_ids
 
     config = _config(PrepareIdsConfig, args, "prepare_ids")
@@ -107,7 +108,7 @@ def run_prepare(args: argparse.Namespace) -> int:
           f"done, {len(stats.failed)} failed; null ID: {stats.null}")
     for line in stats.failed[:20]:
         print(f"  failed: {line}")
-    return 1 if stats.failed else 0
+    return exit_status(stats.written + stats.imported + stats.skipped, len(stats.failed))
 
 
 def run_identity(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from appleswap.files import is_image_path, load_image, save_json
+from appleswap.files import commit_temporary, is_image_path, load_image, save_json
 from appleswap.identity.store import FORMAT, TOKENS_KEY, load_reference_npy
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def write_tokens(path: Path, tokens: torch.Tensor, metadata: dict[str, str]) -> 
     tensor = (tensor[None] if tensor.ndim == 2 else tensor).contiguous()
     try:
         save_file({TOKENS_KEY: tensor}, str(tmp), metadata={"format": FORMAT, **metadata})
-        os.replace(tmp, path)
+        commit_temporary(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

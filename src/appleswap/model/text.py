@@ -19,12 +19,22 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "a photo of human face"
 CLIP_MAX_LENGTH = 77
+TEXT_CACHE_FOLDER = "text_embeddings"
 
 
 def cache_file(cache_dir: str | Path, flux_path: str | Path, prompt: str, max_sequence_length: int) -> Path:
-    """Cache file for this model folder name, prompt and T5 length."""
-    key = f"{Path(flux_path).name}|{prompt}|{max_sequence_length}".encode()
+    """Cache file for this model folder (its absolute path: one cache folder serves every weights folder), prompt and
+    T5 length."""
+    key = f"{Path(flux_path).resolve()}|{prompt}|{max_sequence_length}".encode()
     return Path(cache_dir) / f"text_{hashlib.sha256(key).hexdigest()[:20]}.safetensors"
+
+
+def legacy_cache_files(flux_path: str | Path, prompt: str, max_sequence_length: int) -> list[Path]:
+    """Where earlier versions wrote the cache inside the weights folder (read, never written: it may be read-only)."""
+    flux = Path(flux_path)
+    key = f"{flux.name}|{prompt}|{max_sequence_length}".encode()
+    name = f"text_{hashlib.sha256(key).hexdigest()[:20]}.safetensors"
+    return [flux.parent / "cache" / TEXT_CACHE_FOLDER / name, flux / "appleswap_text_cache" / name]
 
 
 def save_text_embeddings(path: str | Path, text: TextEmbeddings, prompt: str) -> Path:
@@ -78,13 +88,17 @@ def load_text_embeddings(flux_path: str | Path, prompt: str = DEFAULT_PROMPT, ca
 
     Args:
         flux_path: the diffusers FLUX folder (its text encoders are only loaded on a cache miss).
-        cache_dir: where cache files live (None: ``<flux_path>/appleswap_text_cache``).
+        cache_dir: where cache files live (None: ``files.cache_dir("text_embeddings")``, i.e. under
+            ``$APPLESWAP_CACHE``; never the weights folder, which may be read-only).
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else Path(flux_path) / "appleswap_text_cache"
+    from appleswap.files import cache_dir as user_cache_dir
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else user_cache_dir(TEXT_CACHE_FOLDER)
     path = cache_file(cache_dir, flux_path, prompt, max_sequence_length)
-    if path.is_file():
-        logger.debug("text embeddings from cache %s", path)
-        return read_text_embeddings(path).to(device=device, dtype=dtype)
+    for found in [path, *legacy_cache_files(flux_path, prompt, max_sequence_length)]:
+        if found.is_file():
+            logger.debug("text embeddings from cache %s", found)
+            return read_text_embeddings(found).to(device=device, dtype=dtype)
     logger.info("encoding the prompt %r once (cache: %s)", prompt, path)
     text = encode_prompt(flux_path, prompt, max_sequence_length, device=device, dtype=torch.float32)
     save_text_embeddings(path, text, prompt)

@@ -13,7 +13,9 @@ examples:
   appleswap preprocess data/vgg data/vgg --aligned --landmarks reference      # reuse the authors' 3dmm/ + iris/
 
 INPUT is a folder of photos, a flat folder of aligned faces, or an identity tree <identity>/<name>.jpg.
-Killed runs resume where they stopped: run the same command again. Per-file errors go to OUTPUT/manifest.json.
+Killed runs resume where they stopped: run the same command again. Per-file errors (bad inputs) go to
+OUTPUT/manifest.json and are not retried; a fault of the machine (disk full, permission) stops the run and the
+next run retries the file it hit.
 """
 
 
@@ -46,8 +48,14 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(PreprocessConfig, args, file_data)
     summary = run_preprocess(args.input, args.output, config, progress=not args.no_progress,
                              weights_dir=args.weights_dir, device=args.device)
-    print(json.dumps(summary, indent=2))
-    errors = summary["status"].get("error", 0)
-    if errors:
-        print(f"{errors} input(s) failed; see {args.output}/manifest.json (records with status 'error')")
-    return 0 if summary["faces"] > 0 or not summary["finished"] else 1
+    from appleswap.cli_common import exit_status
+
+    print(json.dumps({k: v for k, v in summary.items() if k != "failed"}, indent=2))
+    failed = summary["failed"]
+    for line in failed[:20]:
+        print(f"FAILED: {line}")
+    if failed:
+        more = " (first 20 shown)" if len(failed) > 20 else ""
+        print(f"{len(failed)} input(s) failed{more}; see {args.output}/manifest.json (records with status 'error')")
+    done = summary["finished"] - len(failed)
+    return exit_status(done, len(failed))

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import os
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from appleswap.config import option
-from appleswap.files import save_json
+from appleswap.files import EnvironmentFault, save_json
 from appleswap.preprocess.layout import InputItem, discover_inputs, record_path
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,13 @@ class PreprocessConfig:
 _WORKER: Any = None
 
 
-def _init_worker(config: PreprocessConfig, output_root: str, input_root: str, runtime: dict[str, Any]) -> None:
+def _init_worker(config: PreprocessConfig, output_root: str, input_root: str, runtime: dict[str, Any],
+                 parent_pid: int | None = None) -> None:
     global _WORKER
+    if parent_pid is not None:  # a pool worker: never outlive the run (kill -9 of the parent included)
+        from appleswap.workers import die_with_parent
+
+        die_with_parent(parent_pid)
     logging.getLogger("absl").setLevel(logging.ERROR)
     from appleswap.preprocess.worker import FaceWorker
 
@@ -168,18 +174,23 @@ def _run_items(items: list[InputItem], config: PreprocessConfig, output_root: Pa
                 yield _tick(bar, _process(item))
             return
         context = multiprocessing.get_context("spawn")
+        initargs = (config, str(output_root), str(input_root), runtime, os.getpid())
         with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                         initargs=(config, str(output_root), str(input_root), runtime)) as pool:
-            queue = iter(items)
-            running = {pool.submit(_process, item) for item in _take(queue, 2 * workers)}
-            while running:
-                finished, running = futures.wait(running, return_when=futures.FIRST_COMPLETED)
-                running |= {pool.submit(_process, item) for item in _take(queue, len(finished))}
-                for future in finished:
-                    yield _tick(bar, future.result())
+                                         initargs=initargs) as pool:
+            try:
+                queue = iter(items)
+                running = {pool.submit(_process, item) for item in _take(queue, 2 * workers)}
+                while running:
+                    finished, running = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+                    running |= {pool.submit(_process, item) for item in _take(queue, len(finished))}
+                    for future in finished:
+                        yield _tick(bar, future.result())
+            except BaseException:  # stop queued work at once; running items finish or fail on their own
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     except BrokenProcessPool as error:
-        raise RuntimeError("a preprocessing worker died (out of memory or a crash in a native library); finished "
-                           "inputs are kept: run the same command again to resume") from error
+        raise EnvironmentFault("a preprocessing worker died (out of memory or a crash in a native library)",
+                               hint="finished inputs are kept: run the same command again to resume") from error
     finally:
         bar.close()
 
@@ -225,7 +236,8 @@ def finalize(items: list[InputItem], output_root: Path, config: PreprocessConfig
         from appleswap.preprocess.preview import write_preview
 
         write_preview(output_root, records, output_root / "preview.jpg")
-    return {"inputs": len(items), "finished": len(records), "faces": faces, "status": counts}
+    failed = [record.get("error") or record["input"] for record in records if record["status"] == "error"]
+    return {"inputs": len(items), "finished": len(records), "faces": faces, "status": counts, "failed": failed}
 
 
 def _save_scores(path: Path, scores: dict[str, dict[str, float]]) -> None:

@@ -19,7 +19,7 @@ from appleswap.faces.align import AlignedFace, align_face, invert_matrix
 from appleswap.faces.landmarks import FaceLandmarks, get_landmark_provider
 from appleswap.faces.mesh_mask import landmark_classes, mesh_classes
 from appleswap.faces.segmap import colorize, face_mask
-from appleswap.files import ImageLoadError, atomic_path, load_image, save_image
+from appleswap.files import ImageLoadError, atomic_path, load_image, raise_if_environment, save_image
 from appleswap.preprocess.condition import (
     IRIS_COLOR,
     LANDMARK_COLOR,
@@ -58,6 +58,7 @@ class FaceWorker:
         except ValueError as error:
             return {**record, "status": "error", "error": f"{item.path}: {error}"}
         except Exception as error:
+            raise_if_environment(error, item.path)  # disk full, permission...: stop, retried on the next run
             log.exception("unexpected failure on %s", item.path)
             return {**record, "status": "error", "error": f"{item.path}: {type(error).__name__}: {error}"}
         record["image_size"] = [int(image.shape[1]), int(image.shape[0])]
@@ -69,6 +70,7 @@ class FaceWorker:
                 if fit is not None and face["status"] == "ok":
                     face["tddfa"] = _save_fit(paths, fit)
             except Exception as error:
+                raise_if_environment(error, paths.image)
                 log.exception("failure on face %d of %s", index, item.path)
                 face = {"name": paths.name, "status": "error", "error": f"{item.path}: face {index}: {error}"}
             face.update(detection)

@@ -11,7 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-from appleswap.cli_common import HelpFormatter, common_parser
+from appleswap.cli_common import HelpFormatter, common_parser, exit_status
 from appleswap.config import add_config_args, load_config_file, resolve_config
 from appleswap.train.config import PseudoConfig
 
@@ -55,13 +55,18 @@ def run(args: argparse.Namespace) -> int:
         fp8=config.fp8, compile=config.compile, cuda_graphs=config.cuda_graphs)
     generator = PseudoGenerator(pipeline, num_steps=config.num_steps, guidance=config.guidance)
     scorer = build_scorer(config, args.weights_dir, root, device) if config.score else None
-    done = generate_pairs(generator, shard(pairs, rank, world), root=root, out_dir=out_dir,
-                          id_cache=Path(config.id_cache), condition_folder=config.condition_folder,
-                          resolution=args.resolution, scorer=scorer)
+    failures: list[str] = []
+    mine = shard(pairs, rank, world)
+    done = generate_pairs(generator, mine, root=root, out_dir=out_dir, id_cache=Path(config.id_cache),
+                          condition_folder=config.condition_folder, resolution=args.resolution, scorer=scorer,
+                          failures=failures)
     if config.score:
         merge_scores(out_dir)
-    print(f"rank {rank}/{world}: generated {done}, shard of {len(shard(pairs, rank, world))}; output in {out_dir}")
-    return 0
+    for line in failures:
+        print(f"FAILED: {line}")
+    print(f"rank {rank}/{world}: generated {done}, shard of {len(mine)}"
+          + (f", {len(failures)} failed" if failures else "") + f"; output in {out_dir}")
+    return exit_status(len(mine) - len(failures), len(failures))
 
 
 def _wait_for_manifest(out_dir: Path, config: PseudoConfig) -> list:

@@ -53,11 +53,15 @@ class PseudoGenerator:
 
 
 def generate_pairs(generator: PseudoGenerator, pairs: list, *, root: Path, out_dir: Path, id_cache: Path,
-                   condition_folder: str, resolution: int, scorer: Callable | None = None) -> int:
-    """Write every missing output of ``pairs`` (one rank's shard); returns how many were generated."""
+                   condition_folder: str, resolution: int, scorer: Callable | None = None,
+                   failures: list[str] | None = None) -> int:
+    """Write every missing output of ``pairs`` (one rank's shard); returns how many were generated.
+
+    A pair whose inputs are bad (unreadable image or condition, missing ID tokens) is logged, appended to
+    ``failures`` and skipped; a fault of the machine (disk full, permission) stops the run, and a rerun resumes."""
     from tqdm import tqdm
 
-    from appleswap.files import save_image, save_json
+    from appleswap.files import raise_if_environment, save_image, save_json
     from appleswap.train.data import IdTokenStore, image_path, load_rgb
     from appleswap.train.pairs import SCORE_DIR
 
@@ -67,10 +71,18 @@ def generate_pairs(generator: PseudoGenerator, pairs: list, *, root: Path, out_d
         out = out_dir / pair.file_name
         if out.is_file():
             continue
-        target = load_rgb(image_path(root, pair.target), resolution)[None]
-        condition = load_rgb(root / pair.target.identity / condition_folder / f"{pair.target.name}.png",
-                             resolution)[None]
-        result = generator.swap(target, condition, raw.tokens(pair.source))
+        try:
+            target = load_rgb(image_path(root, pair.target), resolution)[None]
+            condition = load_rgb(root / pair.target.identity / condition_folder / f"{pair.target.name}.png",
+                                 resolution)[None]
+            tokens = raw.tokens(pair.source)
+        except (ValueError, FileNotFoundError) as error:
+            raise_if_environment(error, out)
+            log.error("%s: %s", pair.file_name, error)
+            if failures is not None:
+                failures.append(f"{pair.file_name}: {error}")
+            continue
+        result = generator.swap(target, condition, tokens)
         image = (result[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
         if scorer is not None:  # scores first: an existing PNG always has its scores
             save_json(out_dir / SCORE_DIR / f"{out.stem}.json", scorer(pair, image))
