@@ -1,18 +1,29 @@
-"""Issue 4: seconds per optimizer step and peak memory of the full teacher training step, swept over batch size.
+"""The teacher training step as it runs, against a plain diffusers + peft LoRA step of the same shape.
 
 Everything a real step pays for, with random weights built on the device (no downloads): the full FLUX.1
 transformer in bf16 with 20 PuLID ID cross-attentions and a fresh rank-64 LoRA on APPLE's target modules (fp32,
-the only trainable tensors, through ``train.build.prepare_lora`` with gradient checkpointing), the FLUX VAE
-architecture (diffusers config values of FLUX's ``vae``), the ID-loss network (SimSwap ArcFace or IR-SE50) and
-LPIPS-VGG, all driven by the real ``train.teacher.training_step`` with AdamW. The ID and LPIPS gates are set to
-t <= 1 so every sample decodes and pays for both losses (the worst case of a real step).
+the only trainable tensors, through ``train.build.prepare_lora``), the FLUX VAE architecture, the ID-loss network
+(SimSwap ArcFace or IR-SE50) and LPIPS-VGG, all driven by the real ``train.teacher.training_step`` with AdamW.
 
-The sweep (1, 2, 4, 8, 12, 16, ...) stops at the first ``torch.OutOfMemoryError`` and reports the largest batch
-that fit. ``--memory-cap-gib`` limits this process's share of a bigger card (an H100 80GB has 79.6 GiB), so the
-"largest batch on an 80 GB card" can be read off an H200 too. ``--tiny --device cpu`` runs the same code path on
-a tiny config (CPU smoke test of the benchmark itself).
+Recipes (``--recipes``, rows in this order):
 
-    PYTHONPATH=src python benchmarks/bench_train_step.py --repeats 3 --memory-cap-gib 79.6
+* ``plain``: diffusers ``FluxTransformer2DModel`` + a peft LoRA (same targets, rank, fp32 LoRA), the same tokens
+  (512 text + 2,048 image: the image and condition latents side by side), diffusers' gradient checkpointing,
+  flow-matching MSE, AdamW. No VAE, no ID cross-attention, no auxiliary loss: the field's baseline step.
+* ``worst``: APPLE's step with the ID and LPIPS gates forced open (every sample decodes and pays for both).
+* ``paper``: the paper recipe as it runs: ID + LPIPS only where t <= 0.35 (logit-normal t: ~27 % of samples),
+  10 % dropout of text / condition / ID; every block recomputed in backward, eager blocks, multi-tensor AdamW.
+* ``fused``, ``compiled``, ``partial``: the paper recipe plus, cumulatively, the fused AdamW, the regional
+  torch.compile of the training blocks, and gradient checkpointing on ``--checkpoint-fraction`` of the blocks.
+
+Each row is the mean over ``--repeats`` steps on different batches (so the t <= 0.35 gate opens as often as in
+training) after ``--warmup`` steps; the fraction of the bf16 ceiling counts the transformer's model FLOPs (forward
++ the input-gradient backward, no recomputation; measured with FlopCounterMode) against a matmul measured in the
+same run. ``--loader`` times the real data loader (JPEG/PNG decoding of the preprocessed layout, ID tokens) on
+CPU workers. ``--sweep`` finds the largest batch of the last recipe.
+
+    PYTHONPATH=src python benchmarks/bench_train_step.py --batch 4 --repeats 6 --loader
+    PYTHONPATH=src python benchmarks/bench_train_step.py --tiny --device cpu --recipes paper,partial --repeats 1
 """
 
 from __future__ import annotations
@@ -25,10 +36,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("appleswap.bench_train_step")
 FULL_ID_DIM, TINY_ID_DIM = 2048, 64
+RECIPES = ("plain", "worst", "paper", "fused", "compiled", "partial")
 
 
 @dataclasses.dataclass
@@ -39,6 +52,8 @@ class BatchRow:
     seconds: float | None = None
     peak_gib: float = float("nan")
     note: str = ""
+    recipe: str = ""
+    fraction: float = float("nan")
 
     @property
     def samples_per_s(self) -> float:
@@ -49,11 +64,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test of the benchmark)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--recipes", default=",".join(RECIPES),
+                        help=f"comma-separated rows, in order (default: all of {', '.join(RECIPES)})")
+    parser.add_argument("--batch", type=int, default=4, help="batch of the recipe rows")
+    parser.add_argument("--checkpoint-fraction", type=float, default=0.5,
+                        help="share of the blocks recomputed in backward in the 'partial' row")
+    parser.add_argument("--sweep", action="store_true",
+                        help="after the rows, the last recipe over larger batches up to the first OOM")
     parser.add_argument("--batches", default=None,
-                        help="comma-separated batch sizes (default: 1,2,4,8 then every 4 up to --max-batch)")
+                        help="--sweep's batch sizes, comma-separated (default: 1,2,4,8 then every 4 up to --max-batch)")
     parser.add_argument("--max-batch", type=int, default=64, help="last batch size of the default sweep")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per batch size (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per batch size before timing")
+    parser.add_argument("--repeats", type=int, default=6, help="timed steps per row (mean; each on new indices)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row before timing (compiles)")
+    parser.add_argument("--loader", action="store_true", help="also time the real data loader on CPU workers")
+    parser.add_argument("--loader-workers", type=int, default=8, help="DataLoader workers of --loader")
     parser.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (alpha = rank)")
     parser.add_argument("--id-net", choices=("arcface", "irse50"), default="arcface",
                         help="ID-loss network: SimSwap ArcFace (the paper's) or IR-SE50")
@@ -162,38 +186,264 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_batch(parts: Any, optimizer: Any, batch_size: int, args: argparse.Namespace, device: Any) -> BatchRow:
-    """Warm-up steps, then the median of ``repeats`` timed optimizer steps and the peak memory of them all."""
+
+def paper_batch(batch_size: int, resolution: int, id_dim: int, start: int, dropout: bool = True) -> dict[str, Any]:
+    """A batch of dataset indices ``start..``, with the training dropouts drawn as the dataset draws them."""
+    import random
+
     import torch
 
-    from appleswap.train.teacher import LossSettings, example_batch, training_step
+    from appleswap.train.data import Dropout, apply_dropout
+    from appleswap.train.teacher import example_batch
 
-    settings = LossSettings(id_loss_max_t=1.0, lpips_max_t=1.0)  # every sample pays for ID + LPIPS
-    resolution, id_dim = (64, TINY_ID_DIM) if args.tiny else (512, FULL_ID_DIM)
-    batch = example_batch(batch_size, resolution, id_dim, seed=batch_size)
+    batch = example_batch(batch_size, resolution, id_dim, seed=start)
+    batch["index"] = torch.arange(start, start + batch_size)
+    if dropout:
+        null = torch.zeros(32, id_dim)
+        for i in range(batch_size):
+            sample = {key: batch[key][i] for key in ("condition", "id_tokens")}
+            apply_dropout(sample, Dropout().draw(random.Random(f"0:0:{start + i}:drop")), null)
+            batch["drop_text"][i] = sample["drop_text"]
+            batch["condition"][i], batch["id_tokens"][i] = sample["condition"], sample["id_tokens"]
+    return batch
+
+
+def time_steps(step: Callable[[int], dict], batch_size: int, args: argparse.Namespace, device: Any, label: str,
+               flops_per_sample: float, ceiling: float) -> BatchRow:
+    """Warm-up steps, then the mean of ``repeats`` steps (each on new indices) and the peak memory of them all."""
+    import torch
+
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(args.warmup):
-        training_step(parts, batch, settings, optimizer)
+    for n in range(args.warmup):
+        step(10_000 + n * batch_size)
     sync(device)
-    times, logs = [], {}
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        logs = training_step(parts, batch, settings, optimizer)
-        sync(device)
-        times.append(time.perf_counter() - start)
+    start, gated, logs = time.perf_counter(), [], {}
+    for n in range(args.repeats):
+        logs = step(n * batch_size)
+        gated.append(logs.get("gated", float("nan")))
+    sync(device)
+    seconds = (time.perf_counter() - start) / args.repeats
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-    note = (f"loss fm {logs['loss/fm']:.3g}, id {logs.get('loss/id', float('nan')):.3g}, "
-            f"lpips {logs.get('loss/lpips', float('nan')):.3g}")
-    return BatchRow(batch_size, statistics.median(times), peak, note)
+    fraction = flops_per_sample * batch_size / seconds / ceiling if ceiling else float("nan")
+    note = ", ".join(f"{key.removeprefix('loss/')} {logs[key]:.3g}" for key in ("loss/fm", "loss/id", "loss/lpips")
+                     if key in logs)
+    if "gated" in logs:
+        note = f"{statistics.fmean(gated):.0%} of samples through ID + LPIPS; last loss {note}"
+    return BatchRow(batch_size, seconds, peak, note, label, fraction)
+
+
+def apple_step(parts: Any, optimizer: Any, settings: Any, batch_size: int, args: argparse.Namespace):
+    from appleswap.train.teacher import training_step
+
+    resolution, id_dim = (64, TINY_ID_DIM) if args.tiny else (512, FULL_ID_DIM)
+    threshold = max(settings.id_loss_max_t, settings.lpips_max_t)
+
+    def step(start: int) -> dict:
+        batch = paper_batch(batch_size, resolution, id_dim, start, dropout=settings.id_loss_max_t < 1)
+        logs = training_step(parts, batch, settings, optimizer)
+        logs["gated"] = float(_gate_share(settings, batch["index"], threshold))
+        return logs
+    return step
+
+
+def _gate_share(settings: Any, indices: Any, threshold: float) -> float:
+    """Share of the batch whose t (drawn as compute_loss draws it) opens the ID / LPIPS gate."""
+    from appleswap.train import losses
+    from appleswap.train.teacher import sample_generator
+
+    ts = [float(losses.sample_timesteps(1, mean=settings.logit_mean, std=settings.logit_std,
+                                        generator=sample_generator(settings.seed, 0, int(i)))[0]) for i in indices]
+    return sum(t <= threshold for t in ts) / len(ts)
+
+
+def transformer_flops(model: Any, batch: dict, parts: Any) -> float:
+    """Model FLOPs of one sample: forward + input-gradient backward (2 x forward), no recomputation counted."""
+    import torch
+
+    from appleswap.model.latents import image_ids, vae_scale_factor
+    from appleswap.train.teacher import batch_text, encode_posterior, sample_generator
+
+    with torch.no_grad():
+        device, dtype = model.device, model.dtype
+        latents = encode_posterior(parts.vae, batch["target"][:1], [sample_generator(0, 0, 0)]).to(device, dtype)
+        size = batch["target"].shape[-1]
+        text = batch_text(parts, batch["drop_text"][:1], device, dtype)
+        ids = image_ids(size, size, device=device, vae_scale=vae_scale_factor(parts.vae))
+        t = torch.full((1,), 0.5, device=device, dtype=dtype)
+        forward = count_flops(lambda: model(latents, t, text=text, img_ids=ids, condition=latents,
+                                            id_tokens=batch["id_tokens"][:1].to(device, dtype), guidance=t))
+    return 2 * forward
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def plain_rows(args: argparse.Namespace, device: Any, batch_size: int, ceiling: float) -> list[BatchRow]:
+    """The baseline: diffusers FLUX + peft LoRA of the same targets / rank, same tokens, FM loss, AdamW."""
+    import torch
+    from peft import LoraConfig
+
+    from appleswap.bench import BenchConfig, build_models
+    from appleswap.model.lora import apple_target_modules
+
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    flux, vae = build_models(BenchConfig(tiny=args.tiny), device, dtype)
+    del vae
+    targets = apple_target_modules(len(flux.transformer_blocks), len(flux.single_transformer_blocks))
+    flux.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                target_modules=targets))
+    flux.requires_grad_(False)
+    params = [p for n, p in flux.named_parameters() if "lora_" in n]
+    for param in params:
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    flux.enable_gradient_checkpointing()
+    flux.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-3)
+    config, text_len = flux.config, 8 if args.tiny else args.text_tokens
+    image_len = 2 * (32 * 32 if args.tiny else 64 * 64 // 4)  # image + condition tokens (2 x 1,024 at 512 px)
+    generator = torch.Generator().manual_seed(0)
+
+    def inputs(batch: int) -> dict:
+        def rand(*shape):
+            return torch.randn(*shape, generator=generator).to(device, dtype)
+        return {"hidden_states": rand(batch, image_len, config.in_channels),
+                "encoder_hidden_states": rand(batch, text_len, config.joint_attention_dim),
+                "pooled_projections": rand(batch, config.pooled_projection_dim),
+                "timestep": torch.rand(batch, generator=generator).to(device, dtype),
+                "guidance": torch.ones(batch, device=device, dtype=dtype),
+                "img_ids": torch.zeros(image_len, 3, device=device, dtype=dtype),
+                "txt_ids": torch.zeros(text_len, 3, device=device, dtype=dtype)}
+
+    def step(_start: int) -> dict:
+        batch = inputs(batch_size)
+        target = torch.randn(batch["hidden_states"].shape, generator=generator).to(device)
+        prediction = flux(**batch, return_dict=False)[0].float()
+        loss = torch.nn.functional.mse_loss(prediction, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {}
+
+    with torch.no_grad():
+        flops = 2 * count_flops(lambda: flux(**inputs(1), return_dict=False))
+    return [time_steps(step, batch_size, args, device, "plain diffusers + peft (FM loss only)", flops, ceiling)]
+
+
+def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_size: int, ceiling: float,
+               parts: Any) -> tuple[list[BatchRow], Callable[[int], BatchRow] | None]:
+    """The APPLE recipes on one set of parts; returns the rows and a runner of the last recipe (for --sweep)."""
+    import torch
+
+    from appleswap.train.build import make_optimizer
+    from appleswap.train.config import TrainConfig
+    from appleswap.train.teacher import LossSettings
+
+    model = parts.transformer
+    params = [p for p in model.parameters() if p.requires_grad]
+    resolution, id_dim = (64, TINY_ID_DIM) if args.tiny else (512, FULL_ID_DIM)
+    flops = transformer_flops(model, paper_batch(1, resolution, id_dim, 0), parts)
+    labels = {"worst": "APPLE, ID + LPIPS on every sample (worst case)",
+              "paper": "APPLE paper recipe (t <= 0.35 gates, 10 % dropouts)",
+              "fused": "+ fused AdamW",
+              "compiled": "+ regional torch.compile of the blocks",
+              "partial": f"+ checkpointing on {args.checkpoint_fraction:.0%} of the blocks"}
+    rows, runner = [], None
+    for recipe in recipes:
+        fused = recipe in ("fused", "compiled", "partial")
+        settings = LossSettings(id_loss_max_t=1.0, lpips_max_t=1.0) if recipe == "worst" else LossSettings()
+        optimizer = make_optimizer(params, TrainConfig(learning_rate=1e-4, weight_decay=1e-3, fused_adamw=fused))
+        if recipe in ("compiled", "partial"):
+            model.compile_blocks()
+        else:
+            model.uncompile_blocks()
+        model.enable_gradient_checkpointing(args.checkpoint_fraction if recipe == "partial" else 1.0)
+
+        def run_batch(size, settings=settings, optimizer=optimizer, label=labels[recipe]):
+            return time_steps(apple_step(parts, optimizer, settings, size, args), size, args, device, label,
+                              flops, ceiling)
+        try:
+            rows.append(run_batch(batch_size))
+        except torch.OutOfMemoryError as error:
+            logger.warning("%s: out of memory (%s)", recipe, str(error).splitlines()[0][:120])
+            rows.append(BatchRow(batch_size, None, float("nan"), "out of memory", labels[recipe]))
+        free_after_oom(optimizer, device)
+        logger.info("%s: %s", recipe, rows[-1])
+        runner = run_batch
+    return rows, runner
+
+
+def loader_rate(workers: int, batch_size: int, images: int, resolution: int, tiny: bool) -> float:
+    """Samples/s of the real teacher DataLoader (JPEG target + source, PNG condition, ID tokens, dropouts) over a
+    preprocessed layout written from the test photos."""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        root, cache = write_loader_dataset(Path(folder), images, resolution, TINY_ID_DIM if tiny else FULL_ID_DIM)
+        from appleswap.train.config import CONDITION_FOLDER
+        from appleswap.train.data import IdTokenStore, TeacherDataset, index_targets
+
+        data = TeacherDataset(root, index_targets(root, CONDITION_FOLDER, 5.1), IdTokenStore(cache),
+                              condition_folder=CONDITION_FOLDER, resolution=resolution)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, shuffle=True,
+                                             pin_memory=torch.cuda.is_available(), drop_last=True)
+        for _ in loader:  # warm-up epoch: worker start, page cache
+            pass
+        start, count = time.perf_counter(), 0
+        for _ in range(2):
+            for batch in loader:
+                count += len(batch["index"])
+        return count / (time.perf_counter() - start)
+
+
+def write_loader_dataset(folder: Path, images: int, resolution: int, id_dim: int) -> tuple[Path, Path]:
+    """``images`` 512 px JPEGs + condition PNGs in 8 identity folders (cut from the repo's test photos), score.json
+    and a prepare-ids cache: the files and formats the teacher dataset reads."""
+    import json
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from appleswap.identity.store import save_identity
+    from appleswap.train.config import CONDITION_FOLDER
+
+    photos = sorted((Path(__file__).resolve().parents[1] / "tests" / "data" / "faces").glob("*.jpg"))
+    rng = np.random.default_rng(0)
+    root, cache, scores = folder / "data", folder / "ids", {}
+    for n in range(images):
+        identity, name = f"id{n % 8}", f"img{n:04d}"
+        photo = Image.open(photos[n % len(photos)]).convert("RGB")
+        side = min(photo.size)
+        left, top = rng.integers(0, photo.width - side + 1), rng.integers(0, photo.height - side + 1)
+        crop = photo.crop((left, top, left + side, top + side)).resize((resolution, resolution))
+        (root / identity / CONDITION_FOLDER).mkdir(parents=True, exist_ok=True)
+        crop.save(root / identity / f"{name}.jpg", quality=95)
+        crop.save(root / identity / CONDITION_FOLDER / f"{name}.png")
+        save_identity(cache / "masked" / identity / f"{name}.safetensors", torch.randn(1, 32, id_dim))
+        scores[f"{identity}/{name}"] = {"aes": 6.0}
+    save_identity(cache / "null.safetensors", torch.zeros(1, 32, id_dim))
+    (root / "score.json").write_text(json.dumps(scores))
+    return root, cache
 
 
 def free_after_oom(optimizer: Any, device: Any) -> None:
     """Drop gradients and cached blocks left by a failed step (called outside the ``except`` block)."""
     import torch
 
-    optimizer.zero_grad(set_to_none=True)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -233,14 +483,20 @@ def largest_fit(rows: list[BatchRow]) -> int:
 
 
 def format_table(rows: list[BatchRow]) -> str:
-    lines = ["| batch | s / step | samples / s | peak memory (GiB) | note |", "|---|---|---|---|---|"]
+    lines = ["| step | batch | s / step | samples / s | x plain | of bf16 ceiling | peak memory (GiB) | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    plain = next((r for r in rows if r.recipe.startswith("plain") and r.seconds), None)
     for row in rows:
         if row.seconds is None:
             status = "OOM" if row.note == "out of memory" else "-"
-            lines.append(f"| {row.batch} | {status} | - | - | {row.note} |")
-        else:
-            lines.append(f"| {row.batch} | {row.seconds:.3f} | {row.samples_per_s:.3f} | {row.peak_gib:.2f} | "
-                         f"{row.note} |")
+            lines.append(f"| {row.recipe} | {row.batch} | {status} | - | - | - | - | {row.note} |")
+            continue
+        loader = row.recipe.startswith("data loader")
+        speedup = f"{row.samples_per_s / plain.samples_per_s:.2f}" if plain and not loader else "-"
+        fraction = f"{row.fraction:.3f}" if row.fraction == row.fraction else "-"
+        peak = f"{row.peak_gib:.2f}" if row.peak_gib == row.peak_gib else "-"
+        lines.append(f"| {row.recipe} | {row.batch} | {row.seconds:.3f} | {row.samples_per_s:.3f} | {speedup} | "
+                     f"{fraction} | {peak} | {row.note} |")
     return "\n".join(lines)
 
 
@@ -270,30 +526,47 @@ def environment() -> str:
 
 
 def run(args: argparse.Namespace) -> tuple[list[BatchRow], str]:
-    """Build once, sweep the batch sizes; returns the rows and the header line."""
+    """The recipes in order at ``--batch``, then (``--sweep``) the last recipe over batch sizes."""
     import torch
+
+    from appleswap.bench_utils import matmul_ceiling
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN SDPA backward crashed at these shapes (gpu_notes)
         torch.backends.cuda.matmul.allow_tf32 = True
     card = card_summary(device, args.memory_cap_gib)
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown:
+        raise ValueError(f"--recipes: unknown {unknown}; choose from {', '.join(RECIPES)}")
+    ceiling = matmul_ceiling(device, torch.bfloat16, 8192) if device.type == "cuda" else 0.0
     start = time.perf_counter()
     deadline = start + args.time_budget_s if args.time_budget_s else None
-    parts = build_parts(args, device)
-    params = [p for p in parts.transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-3)
-    build_s = time.perf_counter() - start
-    weights = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    trainable = sum(p.numel() for p in params) / 1e6
-    logger.info("built in %.1f s: %.1f M trainable, %.2f GiB allocated", build_s, trainable, weights)
-    rows = sweep(lambda b: time_batch(parts, optimizer, b, args, device), batch_sizes(args.batches, args.max_batch),
-                 lambda: free_after_oom(optimizer, device), deadline)
+    rows: list[BatchRow] = []
+    if "plain" in recipes:
+        rows += plain_rows(args, device, args.batch, ceiling)
+        free_after_oom(None, device)  # the plain model went with plain_rows' frame
+    apple = [r for r in recipes if r != "plain"]
+    trainable = 0.0
+    if apple:
+        parts = build_parts(args, device)
+        trainable = sum(p.numel() for p in parts.transformer.parameters() if p.requires_grad) / 1e6
+        found, runner = apple_rows(args, device, apple, args.batch, ceiling, parts)
+        rows += found
+        if args.sweep and runner is not None:
+            sizes = [b for b in batch_sizes(args.batches, args.max_batch) if b > args.batch]
+            rows += sweep(runner, sizes, lambda: free_after_oom(None, device), deadline)
+    if args.loader:
+        rate = loader_rate(args.loader_workers, args.batch, 64, 64 if args.tiny else 512, args.tiny)
+        rows.append(BatchRow(args.batch, args.batch / rate, float("nan"),
+                             f"{args.loader_workers} CPU workers, JPEG/PNG decode + ID tokens",
+                             "data loader alone"))
     id_name = f"arcface {'1,1,1,1' if args.tiny else args.arcface_layers}" if args.id_net == "arcface" else "irse50"
     header = (f"APPLE teacher training step ({'tiny' if args.tiny else 'full FLUX.1'} config, random weights): "
-              f"{card}; {environment()}; LoRA r{args.lora_rank} ({trainable:.1f} M "
-              f"trainable, fp32), gradient checkpointing, ID loss ({id_name}) + LPIPS-VGG on every sample, "
-              f"AdamW; median of {args.repeats} after {args.warmup} warm-up; weights {weights:.2f} GiB")
+              f"{card}; {environment()}; LoRA r{args.lora_rank} ({trainable:.1f} M trainable, fp32); ID loss "
+              f"({id_name}) + LPIPS-VGG; mean of {args.repeats} steps after {args.warmup} warm-up; "
+              f"bf16 matmul ceiling {ceiling / 1e12:.0f} TFLOP/s")
     return rows, header
 
 
@@ -303,8 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, header = run(args)
     print(header)
     print(format_table(rows))
-    stopped = "stopped at the first OOM" if ran_out_of_memory(rows) else "no OOM in the sweep"
-    print(f"largest batch that fit: {largest_fit(rows)} ({stopped})")
+    if args.sweep:
+        stopped = "stopped at the first OOM" if ran_out_of_memory(rows) else "no OOM in the sweep"
+        print(f"largest batch that fit: {largest_fit(rows)} ({stopped})")
     return 0
 
 

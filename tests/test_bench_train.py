@@ -27,23 +27,38 @@ def bench():
 
 
 def _table_rows(text: str) -> list[list[str]]:
-    lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| batch")]
+    lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| step")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
 
-def test_tiny_mode_prints_one_row_per_batch(bench, capsys):
-    assert bench.main(["--tiny", "--device", "cpu", "--batches", "1,2", "--repeats", "1", "--warmup", "1",
-                       "--log-level", "WARNING"]) == 0
+def test_tiny_recipes_and_sweep_print_their_rows(bench, capsys):
+    """The worst case opens both gates for every sample; the paper recipe with partial checkpointing runs and
+    sweeps on; each row's samples/s is its batch over its seconds."""
+    assert bench.main(["--tiny", "--device", "cpu", "--recipes", "worst,partial", "--batch", "2", "--repeats", "1",
+                       "--warmup", "0", "--sweep", "--batches", "3", "--log-level", "WARNING"]) == 0
     out = capsys.readouterr().out
     assert "tiny config" in out and "LoRA r64" in out and "ID loss (arcface 1,1,1,1) + LPIPS-VGG" in out
     rows = _table_rows(out)
-    assert [row[0] for row in rows] == ["1", "2"]
-    for batch, seconds, samples, _, note in rows:
+    assert [(row[0], row[1]) for row in rows] == [
+        ("APPLE, ID + LPIPS on every sample (worst case)", "2"),
+        ("+ checkpointing on 50% of the blocks", "2"), ("+ checkpointing on 50% of the blocks", "3")]
+    for _, batch, seconds, samples, *_ in rows:
         assert float(seconds) > 0 and math.isclose(float(samples), int(batch) / float(seconds), rel_tol=0.01)
-        # every sample decoded and paid for both auxiliary losses (gates at t <= 1)
-        values = dict(part.strip().split(" ")[-2:] for part in note.removeprefix("loss ").split(","))
-        assert all(math.isfinite(float(values[k])) and float(values[k]) > 0 for k in ("fm", "id", "lpips"))
-    assert "largest batch that fit: 2 (no OOM in the sweep)" in out
+    worst_note = rows[0][-1]
+    assert worst_note.startswith("100% of samples through ID + LPIPS")
+    values = dict(part.strip().split(" ")[-2:] for part in worst_note.split("last loss ")[1].split(","))
+    assert all(math.isfinite(float(values[k])) and float(values[k]) > 0 for k in ("fm", "id", "lpips"))
+    assert "largest batch that fit: 3 (no OOM in the sweep)" in out
+
+
+def test_paper_batches_draw_the_dataset_dropouts(bench):
+    """The benchmark's batches drop text / condition / ID as the dataset does (about 10 % each over many)."""
+    batches = [bench.paper_batch(8, 16, 4, start) for start in range(0, 400, 8)]
+    text = torch.cat([b["drop_text"] for b in batches]).float().mean()
+    condition = torch.cat([(b["condition"].flatten(1).abs().sum(1) == 0) for b in batches]).float().mean()
+    identity = torch.cat([(b["id_tokens"].flatten(1).abs().sum(1) == 0) for b in batches]).float().mean()
+    for share in (text, condition, identity):
+        assert 0.05 < float(share) < 0.15, (text, condition, identity)
 
 
 def test_sweep_stops_at_first_oom(bench):
@@ -59,7 +74,8 @@ def test_sweep_stops_at_first_oom(bench):
     assert tried == [1, 2, 4, 8] and freed == [True]
     assert bench.largest_fit(rows) == 4 and bench.ran_out_of_memory(rows)
     table = bench.format_table(rows)
-    assert "| 8 | OOM | - | - | out of memory |" in table and "| 4 | 2.000 | 2.000 | 14.00 |" in table
+    assert "| 8 | OOM | - | - | - | - | out of memory |" in table
+    assert "| 4 | 2.000 | 2.000 | - | - | 14.00 |" in table
 
 
 def test_batch_sizes_and_time_budget(bench):

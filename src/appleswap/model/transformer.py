@@ -111,6 +111,7 @@ class AppleTransformer(nn.Module):
         self._ca_double = {block: n for n, block in enumerate(doubles)}
         self._ca_single = {block: len(doubles) + n for n, block in enumerate(singles)}
         self.gradient_checkpointing = False
+        self.checkpointed_blocks: frozenset[int] = frozenset()  # block indices (doubles first) recomputed in backward
         self.offloader = None  # BlockOffloader while sequential offload is on
         self._kernels = {"double": double_block, "single": single_block, "id": _id_residual}  # compile_blocks swaps
         self.graph_runner = None  # CudaGraphRunner while enable_cuda_graphs is on
@@ -130,12 +131,21 @@ class AppleTransformer(nn.Module):
         """Where the passes run (the token embedder's weight; it stays there under every offload tier)."""
         return next(self.flux.x_embedder.parameters()).device
 
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute each block (and ID cross-attention) in backward to save activation memory."""
-        self.gradient_checkpointing = True
+    def enable_gradient_checkpointing(self, fraction: float = 1.0) -> None:
+        """Recompute blocks (and ID cross-attentions) in backward to save activation memory.
 
-    def _run(self, fn, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+        ``fraction`` < 1 keeps the activations of the last blocks (doubles first, then singles): less recomputation
+        for more memory, the same gradients."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"checkpoint fraction {fraction} must be in [0, 1]")
+        blocks = len(self.flux.transformer_blocks) + len(self.flux.single_transformer_blocks)
+        self.gradient_checkpointing = True
+        self.checkpointed_blocks = frozenset(range(round(fraction * blocks)))
+
+    def _run(self, fn, *args, block: int | None = None):
+        """``fn(*args)``, recomputed in backward when checkpointing covers ``block`` (None: any block's ID part)."""
+        covered = block is None or block in self.checkpointed_blocks
+        if self.gradient_checkpointing and covered and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
@@ -291,7 +301,7 @@ class AppleTransformer(nn.Module):
             with self._block(n) as block:
                 context, hidden = self._run(self._kernels["double"], block, hidden, context, temb, temb_cond, rotary, split,
                                             extras, None if rows is None else rows[n],
-                                            None if main_rows is None else main_rows[n])
+                                            None if main_rows is None else main_rows[n], block=n)
             hidden = self._add_id(self._ca_double.get(n), hidden, 0, length, id_tokens, id_weight, id_keys_values)
         text_len = context.shape[1]
         tokens = torch.cat([context, hidden], dim=1)
@@ -305,7 +315,7 @@ class AppleTransformer(nn.Module):
                 tokens = self._run(self._kernels["single"], block, tokens, temb, temb_cond, rotary, split, extras,
                                    None if rows is None else rows[num_double + n],
                                    None if main_rows is None else main_rows[num_double + n],
-                                   (text_len, text_len + length) if last else None)
+                                   (text_len, text_len + length) if last else None, block=num_double + n)
             start = 0 if last else text_len
             tokens = self._add_id(self._ca_single.get(n), tokens, start, length, id_tokens, id_weight, id_keys_values)
         return tokens if tokens.shape[1] == length else tokens[:, text_len:text_len + length]

@@ -52,9 +52,26 @@ def prepare_lora(transformer: torch.nn.Module, config: TrainConfig) -> None:
         param.data = param.data.float()
         param.requires_grad_(True)
     if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        transformer.enable_gradient_checkpointing(config.checkpoint_fraction)
     count = sum(p.numel() for p in transformer.lora_parameters())
     log.info("trainable LoRA parameters: %.1f M", count / 1e6)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the LoRA parameters: the fused single-kernel update where torch has one for their device (CUDA),
+    else the multi-tensor one; both compute the same update."""
+    devices = {p.device.type for p in params}
+    fused = bool(config.fused_adamw) and devices == {"cuda"}
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                             fused=fused or None)
+
+
+def apply_training_speed(transformer: torch.nn.Module, config: TrainConfig, device: torch.device) -> None:
+    """The speed options of a training run that act on the model (``compile``: regional torch.compile of the
+    block functions, on a GPU only; the CPU keeps eager blocks, which tests compare against)."""
+    if config.compile and torch.device(device).type == "cuda":
+        transformer.compile_blocks()
+        log.info("training: transformer blocks compiled (regional torch.compile)")
 
 
 def build_parts(config: TrainConfig, weights_dir: str | None, device: torch.device) -> TrainParts:
@@ -67,6 +84,7 @@ def build_parts(config: TrainConfig, weights_dir: str | None, device: torch.devi
     pulid = locate("pulid_flux", weights_dir, explicit=config.pulid)
     transformer = load_apple_transformer(flux, pulid_path=pulid, dtype=dtype, device=device)
     prepare_lora(transformer, config)
+    apply_training_speed(transformer, config, device)
     vae = load_vae(flux, dtype=dtype, device=device).requires_grad_(False)
     text = load_text_embeddings(flux, config.prompt, device=device, dtype=dtype)
     empty = load_text_embeddings(flux, "", device=device, dtype=dtype)

@@ -61,6 +61,13 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "accelerate states kept (LoRA files are always kept)")
     seed: int = option(0, "seed of data order, dropout, t and noise")
     num_workers: int = option(2, "DataLoader workers")
+    # speed options: each keeps the function (tests/train/test_training_speed.py compares them with the plain step)
+    compile: bool = option(False, "torch.compile the transformer blocks for training (GPU: a one-time compile, then "
+                                  "faster steps; same gradients)")
+    fused_adamw: bool = option(True, "AdamW as one fused kernel where torch has it (CUDA); same update")
+    checkpoint_fraction: float = option(1.0, "share of the transformer blocks recomputed in backward when "
+                                             "gradient_checkpointing is on (1 = all; less is faster and needs more "
+                                             "memory; same gradients)")
 
 
 @dataclasses.dataclass(frozen=True)

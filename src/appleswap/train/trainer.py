@@ -16,6 +16,7 @@ from appleswap.config import config_to_dict
 from appleswap.files import save_image
 from appleswap.model.latents import image_ids, prepare_noise, vae_scale_factor
 from appleswap.train import checkpoint as ckpt
+from appleswap.train.build import make_optimizer
 from appleswap.train.teacher import (
     TrainParts,
     batch_text,
@@ -131,7 +132,7 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
     transformer = parts.transformer
     transformer.train()
     params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config)
     model, optimizer = accelerator.prepare(transformer, optimizer)
     sampler = GlobalBatchSampler(len(train_set), config.batch_size, accelerator.process_index,
                                  accelerator.num_processes, config.seed)
@@ -151,7 +152,8 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
     while step < config.max_steps:
         train_set.set_epoch(epoch)
         sampler.set_position(epoch, position)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers,
+                                             pin_memory=accelerator.device.type == "cuda")
         for batch in loader:
             with accelerator.accumulate(model):
                 logs = training_step(parts, _to_device(batch, accelerator.device), config, optimizer,
