@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 os.environ.pop("APPLESWAP_HOME", None)
+os.environ["APPLESWAP_CACHE"] = tempfile.mkdtemp(prefix="appleswap-test-cache-")  # caches never land in ~/.cache
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -64,6 +64,11 @@ class GenerateConfig:
     grid: bool = option(True, "also write grid/<name>_grid.png (source | condition | result)")
     shard: str | None = option(None, "'i/n': take pairs i::n (default: RANK/WORLD_SIZE from torchrun)")
     limit: int | None = option(None, "only the first N pairs (after sorting, before sharding)")
+    watermark: bool = option(True, "embed the invisible watermark that `appleswap verify` detects")
+    watermark_key: int | None = option(None, "private watermark key (default: appleswap's public key)")
+    c2pa_key: str | None = option(None, "PEM private key that signs the C2PA content credentials (with --c2pa-cert; "
+                                  "default: a local self-signed key in the cache folder)")
+    c2pa_cert: str | None = option(None, "PEM certificate chain of --c2pa-key, signer first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,13 +213,30 @@ def _swap_batch(pipe, batch: list[Pair], tokens: SourceTokens, cfg: GenerateConf
                 seed=cfg.seed, kv_cache=cfg.kv_cache)
 
 
+def output_labeller(cfg: GenerateConfig):
+    """``label(path, image, pair)``: write a result watermarked (unless --no-watermark), labelled and C2PA-signed."""
+    from appleswap.app import watermark
+    from appleswap.app.credentials import configure_credentials
+    from appleswap.app.provenance import write_labelled_output
+
+    configure_credentials(cfg.c2pa_key, cfg.c2pa_cert)
+    key = (watermark.DEFAULT_KEY if cfg.watermark_key is None else cfg.watermark_key) if cfg.watermark else None
+    model = f"appleswap-{cfg.mode}" + (f" + {cfg.lora.name}" if cfg.lora else "")
+
+    def label(path: Path, image: np.ndarray, pair: Pair) -> Path:
+        return write_labelled_output(path, image, model=model, parent=pair.target, watermark_key=key,
+                                     source=pair.source.name, target=pair.target.name, steps=cfg.num_steps,
+                                     seed=cfg.seed, id_guidance_scale=cfg.id_guidance_scale)
+    return label
+
+
 def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str | None = None,
              config_dict: dict | None = None) -> list[Path]:
     """Run the swaps this process owns; returns the written result paths."""
     import torch
     from tqdm.auto import tqdm
 
-    from appleswap.files import save_image, save_json
+    from appleswap.files import save_json
     from appleswap.pipeline import SwapPipeline
 
     if (cfg.data is None) == (cfg.pairs is None):
@@ -236,6 +258,7 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
                                         fp8=cfg.fp8, offload=cfg.offload, compile=cfg.compile,
                                         cuda_graphs=cfg.cuda_graphs)
     tokens, written = SourceTokens(pipe, cfg.ids_dir, cfg.size), []
+    label = output_labeller(cfg)
     for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"generate [{rank}/{world}]", unit="batch"):
         batch = work[start:start + cfg.batch_size]
         results = _swap_batch(pipe, batch, tokens, cfg)
@@ -243,8 +266,8 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
             if cfg.grid:
                 condition = pair.condition if cfg.mode == "teacher" else pair.target
                 panels = [_source_picture(pair, cfg.size), load_rgb(condition, cfg.size), result]
-                save_image(cfg.output / "grid" / f"{pair.name}_grid.png", preview_grid(panels, cfg.size))
-            written.append(save_image(cfg.output / f"{pair.name}.png", result))  # last: marks the pair done
+                label(cfg.output / "grid" / f"{pair.name}_grid.png", preview_grid(panels, cfg.size), pair)
+            written.append(label(cfg.output / f"{pair.name}.png", result, pair))  # last: marks the pair done
     return written
 
 
