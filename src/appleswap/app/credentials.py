@@ -34,7 +34,7 @@ C2PA_MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", "
              ".mp4": "video/mp4", ".mov": "video/quicktime"}
 COMPOSITE_AI = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
 RECORD_ASSERTION = "appleswap.provenance"
-LOCAL_ORGANISATION = "appleswap local signer (self-signed, not trusted)"
+LOCAL_ORGANISATION = "appleswap local (self-signed)"
 KEY_ENV, CERT_ENV = "APPLESWAP_C2PA_KEY", "APPLESWAP_C2PA_CERT"
 UNTRUSTED_CODES = {"signingCredential.untrusted"}  # only says no trust list vouches for the signer
 

@@ -112,7 +112,7 @@ def embed_watermark(image: np.ndarray, key: int = DEFAULT_KEY, strength: float =
     if min(image.shape[:2]) < 16:
         raise ValueError(f"image {image.shape[1]}x{image.shape[0]} is too small for a watermark (< 16 px)")
     delta = watermark_delta(image, key, strength)
-    return np.clip(np.rint(image.astype(np.float32) + delta[..., None]), 0, 255).astype(np.uint8)
+    return np.clip(image.astype(np.int16) + np.rint(delta).astype(np.int16)[..., None], 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------- detection
