@@ -251,6 +251,7 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
         save_json(cfg.output / "generate_config.json", config_dict)
     if not work:
         return []
+    label = output_labeller(cfg)  # before the model loads: an unusable --c2pa-key fails at once
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
@@ -258,7 +259,6 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
                                         fp8=cfg.fp8, offload=cfg.offload, compile=cfg.compile,
                                         cuda_graphs=cfg.cuda_graphs)
     tokens, written = SourceTokens(pipe, cfg.ids_dir, cfg.size), []
-    label = output_labeller(cfg)
     for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"generate [{rank}/{world}]", unit="batch"):
         batch = work[start:start + cfg.batch_size]
         results = _swap_batch(pipe, batch, tokens, cfg)
