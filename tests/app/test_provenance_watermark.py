@@ -102,6 +102,14 @@ def test_watermark_survives_edit(marked, edit):
     assert result.detected, f"{edit}: z {result.score:.1f}"
 
 
+def test_lattice_is_measured_to_a_tenth_of_a_pixel(photo, marked):
+    # the tile is 64 px per 1024 px of the longer side; halving the picture halves it
+    expected = 64 * max(photo.shape[:2]) / 1024 * 0.5
+    result = detect_watermark(_resize(marked, 0.5))
+    assert result.period == pytest.approx(expected, abs=0.1)
+    assert min(abs(result.angle - a) for a in (-180, -90, 0, 90, 180)) < 0.2
+
+
 def test_watermark_is_keyed(marked):
     assert detect_watermark(marked).detected
     assert not detect_watermark(marked, key=DEFAULT_KEY + 1).detected
