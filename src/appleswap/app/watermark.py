@@ -171,8 +171,8 @@ def _subpixel_peak(acf: np.ndarray, lag: np.ndarray, radius: int = 3) -> tuple[n
 
 def _refine_lattice(acf: np.ndarray, basis: np.ndarray, reach: int = 4) -> tuple[np.ndarray, float]:
     """Least-squares lattice basis (rows: b1, b2 as (row, col) lags) from the peaks at i*b1 + j*b2, and its score:
-    the mean autocorrelation at b1, b2, b1 + b2 and b1 - b2 (a finer false lattice misses some of those peaks, a
-    coarser true sub-lattice has them farther out, where the autocorrelation is lower)."""
+    the lowest autocorrelation at b1, b2, b1 + b2 and b1 - b2 (a false finer lattice misses at least one of
+    those peaks, a coarser true sub-lattice has them farther out, where the autocorrelation is lower)."""
     limit = 0.45 * min(acf.shape)
     indices, lags = [], []
     for i in range(-reach, reach + 1):
@@ -194,7 +194,7 @@ def _refine_lattice(acf: np.ndarray, basis: np.ndarray, reach: int = 4) -> tuple
     for i, j in ((1, 0), (0, 1), (1, 1), (1, -1)):
         found = _subpixel_peak(acf, i * solved[0] + j * solved[1], radius=1)
         values.append(found[1] if found is not None else 0.0)
-    return solved, float(np.mean(values))
+    return solved, float(np.min(values))
 
 
 def _lattice_candidates(acf: np.ndarray) -> list[np.ndarray]:
@@ -220,10 +220,24 @@ def _lattice_candidates(acf: np.ndarray) -> list[np.ndarray]:
     for basis, score in scored:
         if len(chosen) == LATTICE_CANDIDATES - 1 or score == -np.inf:
             break
+        # a tile period that is not a whole number of pixels samples the peaks off-centre, so a coarser
+        # sub-lattice (2 tiles) can score higher than the true one: take the finest lattice this one is a
+        # sub-lattice of, if its peaks are at least half as high (a false finer lattice has ~0 at its points)
+        finer = [other for other, other_score in scored if other_score >= 0.5 * score and _refines(other, basis)]
+        if finer:
+            basis = min(finer, key=lambda other: abs(np.linalg.det(other)))
         if all(not _same_lattice(basis, other) for other in chosen):
             chosen.append(basis)
     chosen.append(np.array([[TILE, 0.0], [0.0, TILE]]))
     return chosen
+
+
+def _refines(fine: np.ndarray, coarse: np.ndarray) -> bool:
+    """Whether every vector of ``coarse`` is a whole combination of ``fine``'s (a finer lattice containing it)."""
+    if abs(np.linalg.det(fine)) < 1.0 or abs(np.linalg.det(fine)) >= abs(np.linalg.det(coarse)) - 1.0:
+        return False
+    coords = np.linalg.solve(fine.T, coarse.T)
+    return bool(np.allclose(coords, np.rint(coords), atol=0.05))
 
 
 def _same_lattice(a: np.ndarray, b: np.ndarray) -> bool:
