@@ -66,7 +66,10 @@ def verify_file(path: str | Path, key: int | None = None, max_frames: int = 16) 
         return Verdict(str(path), read_video_provenance(path), result.score, result.detected, len(frames),
                        c2pa_json(read_c2pa(path)))
     image = load_image(path, min_side=8)
-    result = watermark.detect_watermark(image, key)
+    try:
+        result = watermark.detect_watermark(image, key)
+    except ValueError:  # too small to carry a findable mark: the label and credentials still count
+        result = watermark.WatermarkResult(False, 0.0, watermark.DETECT_THRESHOLD)
     return Verdict(str(path), read_image_provenance(path), result.score, result.detected,
                    c2pa=c2pa_json(read_c2pa(path)))
 
