@@ -6,7 +6,7 @@ The region (``--face-mask mesh``, the default) is the face of the MediaPipe mesh
 target keeps its own) of the target crop united with that of the generated crop, dilated a little so the feather
 straddles the face edge; when the mesh finds no face in either crop, or with ``--face-mask ellipse``, it is a
 fixed FFHQ ellipse.
-The watermark (on by default) is the one deliberate exception: it changes luminance by about one grey level
+The watermark (on by default) is the one deliberate exception: it changes luminance by one to two grey levels
 everywhere, invisibly, so that ``appleswap verify`` can tell the picture was made here.
 """
 
