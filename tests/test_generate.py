@@ -82,6 +82,12 @@ def test_cli_smoke(weights, data, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "cli" / "000.png").is_file() and (tmp_path / "cli" / "generate_config.json").is_file()
+    from appleswap.app.verify_cli import verify_file
+
+    verdict = verify_file(tmp_path / "cli" / "000.png")  # every output labelled, signed and watermarked
+    assert verdict.provenance["model"] == "appleswap-student" and verdict.provenance["target"] == "000.png"
+    assert verdict.provenance["watermark"]  # (a 64 px picture of the tiny model's noise is too small to find it)
+    assert verdict.c2pa_valid and verdict.c2pa["actions"] == ["c2pa.opened", "c2pa.edited"]
 
 
 def test_a_bad_pair_is_reported_and_the_rest_written(weights, data, tmp_path):

@@ -275,18 +275,19 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def commit_temporary(tmp: str | Path, path: str | Path) -> Path:
-    """Give a finished temporary file the umask's mode, fsync it and rename it onto ``path`` (same folder)."""
+def commit_temporary(tmp: str | Path, path: str | Path, mode: int | None = None) -> Path:
+    """Give a finished temporary file the umask's mode (or ``mode``, e.g. 0o600 for a private key), fsync it and
+    rename it onto ``path`` (same folder)."""
     tmp, path = Path(tmp), Path(path)
     _fsync_file(tmp)  # before the chmod: a umask of 0o777 would leave nothing to open the file with
-    os.chmod(tmp, output_mode())
+    os.chmod(tmp, output_mode() if mode is None else mode)
     os.replace(tmp, path)
     _fsync_folder(path.parent)
     return path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` for a writer to fill and close; on success the file is fsynced, given
     the umask's mode and renamed onto ``path`` in one step. On any error the temporary file is removed and ``path``
     is left as it was (absent or the previous complete version)."""
@@ -300,7 +301,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        commit_temporary(tmp, path)
+        commit_temporary(tmp, path, mode)
     except OSError as error:  # name the output the user asked for, not our temporary file
         if error.errno is None or error.filename not in (None, str(tmp), tmp):
             raise

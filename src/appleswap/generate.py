@@ -64,6 +64,11 @@ class GenerateConfig:
     grid: bool = option(True, "also write grid/<name>_grid.png (source | condition | result)")
     shard: str | None = option(None, "'i/n': take pairs i::n (default: RANK/WORLD_SIZE from torchrun)")
     limit: int | None = option(None, "only the first N pairs (after sorting, before sharding)")
+    watermark: bool = option(True, "embed the invisible watermark that `appleswap verify` detects")
+    watermark_key: int | None = option(None, "private watermark key (default: appleswap's public key)")
+    c2pa_key: str | None = option(None, "PEM private key that signs the C2PA content credentials (with --c2pa-cert; "
+                                  "default: a local self-signed key in the cache folder)")
+    c2pa_cert: str | None = option(None, "PEM certificate chain of --c2pa-key, signer first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +238,23 @@ def _swap_batch(pipe, inputs: list[tuple], cfg: GenerateConfig) -> np.ndarray:
                 seed=cfg.seed, kv_cache=cfg.kv_cache)
 
 
+def output_labeller(cfg: GenerateConfig):
+    """``label(path, image, pair)``: write a result watermarked (unless --no-watermark), labelled and C2PA-signed."""
+    from appleswap.app import watermark
+    from appleswap.app.credentials import configure_credentials
+    from appleswap.app.provenance import write_labelled_output
+
+    configure_credentials(cfg.c2pa_key, cfg.c2pa_cert)
+    key = (watermark.DEFAULT_KEY if cfg.watermark_key is None else cfg.watermark_key) if cfg.watermark else None
+    model = f"appleswap-{cfg.mode}" + (f" + {cfg.lora.name}" if cfg.lora else "")
+
+    def label(path: Path, image: np.ndarray, pair: Pair) -> Path:
+        return write_labelled_output(path, image, model=model, parent=pair.target, watermark_key=key,
+                                     source=pair.source.name, target=pair.target.name, steps=cfg.num_steps,
+                                     seed=cfg.seed, id_guidance_scale=cfg.id_guidance_scale)
+    return label
+
+
 def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str | None = None,
              config_dict: dict | None = None, failures: list[str] | None = None) -> list[Path]:
     """Run the swaps this process owns; returns the written result paths.
@@ -242,7 +264,7 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
     import torch
     from tqdm.auto import tqdm
 
-    from appleswap.files import save_image, save_json
+    from appleswap.files import save_json
     from appleswap.pipeline import SwapPipeline
 
     if (cfg.data is None) == (cfg.pairs is None):
@@ -259,6 +281,7 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
         return []
     if cfg.mode == "teacher" and all(p.condition is None for p in work):  # a usage error, not a bad pair
         raise ValueError("teacher mode needs condition images (--condition-dir or a 'condition' CSV column)")
+    label = output_labeller(cfg)  # before the model loads: an unusable --c2pa-key fails at once
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
@@ -275,8 +298,8 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
             if cfg.grid:
                 condition = pair.condition if cfg.mode == "teacher" else pair.target
                 panels = [_source_picture(pair, cfg.size), load_rgb(condition, cfg.size), result]
-                save_image(cfg.output / "grid" / f"{pair.name}_grid.png", preview_grid(panels, cfg.size))
-            written.append(save_image(cfg.output / f"{pair.name}.png", result))  # last: marks the pair done
+                label(cfg.output / "grid" / f"{pair.name}_grid.png", preview_grid(panels, cfg.size), pair)
+            written.append(label(cfg.output / f"{pair.name}.png", result, pair))  # last: marks the pair done
     return written
 
 

@@ -43,7 +43,10 @@ def test_swap_folder_with_bad_files(tmp_path, faces_dir, app_weights, capsys):
     record = read_image_provenance(out / "obama-biden2.jpg")
     assert record["ai_generated"] and record["source"] == ["obama.jpg"] and "student" in record["model"]
     assert (record["steps"], record["seed"]) == (1, 3)  # config file, then the flag over it
+    capsys.readouterr()
     assert main(["verify", str(out / "obama-biden2.jpg")]) == 0
+    shown = capsys.readouterr().out  # label, signed credentials and watermark, all three
+    assert "labelled AI-generated" in shown and "C2PA valid, AI-generated" in shown and "watermark FOUND" in shown
 
 
 def test_source_without_face_exits_2(tmp_path, faces_dir, app_weights, capsys):

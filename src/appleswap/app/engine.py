@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from appleswap.app import watermark as wm
+from appleswap.app.credentials import configure_credentials, sign_file_in_place
 from appleswap.app.provenance import provenance_record, save_labelled_image, video_tags
 from appleswap.app.swapper import FaceSwapper, SwapConfig
 from appleswap.app.tracking import FaceTracker
@@ -43,6 +44,7 @@ class SwapEngine:
         from appleswap.identity.encoder import IdentityEncoder
 
         config = config.check()
+        configure_credentials(config.c2pa_key, config.c2pa_cert)  # fails fast on an unusable key
         check_weights(config.model, weights_dir)
         generator = load_generator(config, weights_dir, device)
         encoder = IdentityEncoder.from_pretrained(weights_dir, device=generator.device)
@@ -126,10 +128,16 @@ class SwapEngine:
     def swap_image_file(self, identity: Any, sources: Sequence[str | Path], target: str | Path,
                         output: str | Path) -> dict[str, Any]:
         outcome = self.swap_image(identity, load_image(target), str(target))
-        record = self.record(sources, target, faces_swapped=len(outcome.swapped))
-        save_labelled_image(output, outcome.image, record, quality=self.config.output_image_quality)
+        self.save_output(output, outcome.image, sources, target, faces_swapped=len(outcome.swapped))
         boxes = [f.box.round(1).tolist() for f in outcome.swapped]
         return {"target": str(target), "output": str(output), "faces": boxes, "status": "ok"}
+
+    def save_output(self, output: str | Path, image: np.ndarray, sources: Sequence[str | Path], target: str | Path,
+                    **extra: Any) -> Path:
+        """Write a swapped (already watermarked) photo with its label and signed C2PA credentials, ``target`` as
+        the edited parent: the one writer for every front end (CLI, web UI)."""
+        record = self.record(sources, target, **extra)
+        return save_labelled_image(output, image, record, quality=self.config.output_image_quality, parent=target)
 
     def swap_video_file(self, identity: Any, sources: Sequence[str | Path], target: str | Path,
                         output: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -141,6 +149,7 @@ class SwapEngine:
         record = self.record(sources, target)
         info = process_video(target, output, processor, chunk_size=cfg.chunk_size, settings=settings,
                              tags=video_tags(record), keep_audio=cfg.keep_audio, progress=progress)
+        sign_file_in_place(output, record, parent=target)
         if processor.frames_swapped == 0:
             log.warning("%s: no face was swapped in any processed frame", target)
         return {"target": str(target), "output": str(output), "frames": info.frame_count,

@@ -1,13 +1,18 @@
-"""Machine-readable "AI-generated" labels on every output: PNG text chunks, EXIF + XMP for JPEG/WebP, MP4 tags.
+"""Machine-readable "AI-generated" labels on every output: signed C2PA content credentials, plus PNG text chunks,
+EXIF + XMP for JPEG/WebP and MP4 tags.
 
 Why several carriers: PNG viewers read tEXt, photo tools read EXIF UserComment, content-credential aware tools
 read XMP's IPTC ``DigitalSourceType``; video players show the MP4 ``comment``. All carry the same JSON record.
+Only the C2PA manifest is signed, so only it proves who made the file and that nothing changed since
+(:mod:`appleswap.app.credentials`); every metadata carrier is lost when a picture is re-saved by another program,
+which is what the pixel watermark (:mod:`appleswap.app.watermark`) is for.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import html
+import io
 import json
 import re
 from pathlib import Path
@@ -17,13 +22,15 @@ import numpy as np
 from PIL import ExifTags, Image, PngImagePlugin
 
 from appleswap import __version__
+from appleswap.app import watermark
+from appleswap.app.credentials import C2PA_MIME, Credentials, sign_c2pa
 from appleswap.files import atomic_path
 
 PROVENANCE_KEY = "appleswap:provenance"
 VIDEO_TAG = "appleswap_provenance"
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
 LABEL = "AI-generated: face swapped with appleswap"
-WATERMARK_SCHEME = "appleswap-dct-ss-v1"
+WATERMARK_SCHEME = "appleswap-tiled-v2"
 _USER_COMMENT_ASCII = b"ASCII\x00\x00\x00"
 _FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
 
@@ -70,8 +77,10 @@ def _exif(record: dict[str, Any]) -> Image.Exif:
     return exif
 
 
-def save_labelled_image(path: str | Path, image: np.ndarray, record: dict[str, Any], quality: int = 95) -> Path:
-    """Write ``image`` atomically with the provenance record in every carrier its format supports."""
+def save_labelled_image(path: str | Path, image: np.ndarray, record: dict[str, Any], quality: int = 95, *,
+                        parent: str | Path | None = None, signer: Credentials | None = None) -> Path:
+    """Write ``image`` atomically with the provenance record in every carrier its format supports, and a C2PA
+    manifest signed with ``signer`` (default: :func:`default_credentials`); ``parent``: the photo that was edited."""
     path = Path(path)
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -87,9 +96,23 @@ def save_labelled_image(path: str | Path, image: np.ndarray, record: dict[str, A
         kwargs["pnginfo"] = info
     else:
         kwargs.update(exif=_exif(record).tobytes(), xmp=xmp_packet(record), quality=quality)
+    encoded = io.BytesIO()
+    pil.save(encoded, format=fmt, **kwargs)
+    encoded.seek(0)
     with atomic_path(path) as tmp:
-        pil.save(tmp, format=fmt, **kwargs)
+        sign_c2pa(encoded, tmp, record, mime=C2PA_MIME[path.suffix.lower()], parent=parent, signer=signer)
     return path
+
+
+def write_labelled_output(path: str | Path, image: np.ndarray, *, model: str, parent: str | Path | None = None,
+                          watermark_key: int | None = watermark.DEFAULT_KEY, signer: Credentials | None = None,
+                          quality: int = 95, **extra: Any) -> Path:
+    """The one call every writer of a generated picture makes: watermark it (``watermark_key=None``: no mark),
+    record tool / version / model (+ ``extra``), and write it with the label and signed C2PA credentials."""
+    if watermark_key is not None:
+        image = watermark.embed_watermark(image, watermark_key)
+    record = provenance_record(model, watermarked=watermark_key is not None, **extra)
+    return save_labelled_image(path, image, record, quality, parent=parent, signer=signer)
 
 
 def _from_xmp(xmp: Any) -> dict[str, Any] | None:

@@ -6,7 +6,7 @@ The region (``--face-mask mesh``, the default) is the face of the MediaPipe mesh
 target keeps its own) of the target crop united with that of the generated crop, dilated a little so the feather
 straddles the face edge; when the mesh finds no face in either crop, or with ``--face-mask ellipse``, it is a
 fixed FFHQ ellipse.
-The watermark (on by default) is the one deliberate exception: it changes luminance by about one grey level
+The watermark (on by default) is the one deliberate exception: it changes luminance by one to two grey levels
 everywhere, invisibly, so that ``appleswap verify`` can tell the picture was made here.
 """
 
@@ -65,6 +65,9 @@ class SwapConfig:
     face_mask_blur: float = option(0.06, "feather width of the paste-back mask, as a fraction of the crop")
     watermark: bool = option(True, "embed the invisible watermark that `appleswap verify` detects")
     watermark_key: int | None = option(None, "private watermark key (default: appleswap's public key)")
+    c2pa_key: str | None = option(None, "PEM private key that signs the C2PA content credentials (with --c2pa-cert; "
+                                  "default: a local self-signed key in the cache folder)")
+    c2pa_cert: str | None = option(None, "PEM certificate chain of --c2pa-key, signer first")
     output_pattern: str = option("{source}-{target}{ext}", "output file name for folder targets")
     output_image_quality: int = option(95, "JPEG/WebP quality of image outputs")
     keep_audio: bool = option(True, "copy the target video's audio track")

@@ -52,6 +52,15 @@ class PseudoGenerator:
                              output_type="pt").cpu()
 
 
+def label_training_output(path: Path, image: np.ndarray, parent: Path) -> Path:
+    """A pseudo-triplet written with the AI-generated label and signed C2PA credentials, but no pixel watermark:
+    the student learns from these pixels, and a keyed pattern in every target would teach it to paint the mark."""
+    from appleswap.app.provenance import write_labelled_output
+
+    return write_labelled_output(path, image, model="appleswap-teacher (pseudo-triplet)", parent=parent,
+                                 watermark_key=None)
+
+
 def generate_pairs(generator: PseudoGenerator, pairs: list, *, root: Path, out_dir: Path, id_cache: Path,
                    condition_folder: str, resolution: int, scorer: Callable | None = None,
                    failures: list[str] | None = None) -> int:
@@ -61,7 +70,7 @@ def generate_pairs(generator: PseudoGenerator, pairs: list, *, root: Path, out_d
     ``failures`` and skipped; a fault of the machine (disk full, permission) stops the run, and a rerun resumes."""
     from tqdm import tqdm
 
-    from appleswap.files import raise_if_environment, save_image, save_json
+    from appleswap.files import raise_if_environment, save_json
     from appleswap.train.data import IdTokenStore, image_path, load_rgb
     from appleswap.train.pairs import SCORE_DIR
 
@@ -86,7 +95,7 @@ def generate_pairs(generator: PseudoGenerator, pairs: list, *, root: Path, out_d
         image = (result[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
         if scorer is not None:  # scores first: an existing PNG always has its scores
             save_json(out_dir / SCORE_DIR / f"{out.stem}.json", scorer(pair, image))
-        save_image(out, image)
+        label_training_output(out, image, parent=image_path(root, pair.target))
         done += 1
     return done
 
