@@ -51,6 +51,15 @@ Mode = Literal["student", "teacher"]
 InverseCond = Literal["noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond"]
 INVERSE_CONDS = ("noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond")
 DEFAULT_VIT_TOKENS = 577  # EVA02-CLIP-L-336: 24 x 24 patches + CLS (shapes the null ID)
+NOISE_STREAMS = {"condition": 1, "black_condition": 2}  # posterior noises, each a stream of its own (issue M8)
+
+
+def derived_seed(seed: int, stream: str) -> int:
+    """The seed of a posterior noise (``stream`` in NOISE_STREAMS) for noise seed ``seed``: derived, so each swap
+    stays deterministic, but independent of the start noise x_T (drawn with ``seed`` itself). One generator for
+    both would give the same numbers on the CPU, and the condition tokens would carry a scaled copy of x_T."""
+    state = np.random.SeedSequence([seed, NOISE_STREAMS[stream]]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))  # below 2**63: a valid torch seed
 
 
 def images_to_tensor(images: Any, name: str) -> torch.Tensor:
@@ -118,6 +127,11 @@ class SwapPipeline:
     offload: str = "none"  # "none" | "model" (VAE on the host between uses) | "sequential" (+ transformer blocks)
     compute_device: torch.device | None = None  # where the VAE runs when offloaded (default: the transformer's)
     rows_memo: dict = dataclasses.field(default_factory=dict, repr=False)  # see _memo
+    # settings --parity changes (appleswap.parity): the defaults are the corrected behaviour
+    id_dtype: str = "float32"  # identity encoder precision (the release: bfloat16)
+    black_condition: Literal["mode", "sample"] = "mode"  # image guidance's black latent (release: a sample)
+    inversion_order: int = 1  # default of __call__'s inversion_order (release FFHQ teacher script: 2)
+    parity_wrong_midpoint: bool = False  # default of __call__'s parity_wrong_midpoint (release: True)
 
     @classmethod
     def from_pretrained(cls, weights_dir: str | Path | None = None, mode: Mode = "student", *,
@@ -128,7 +142,7 @@ class SwapPipeline:
                         null_id: torch.Tensor | str | Path | None = None,
                         vit_tokens: int = DEFAULT_VIT_TOKENS, fp8: bool = False,
                         offload: str = "none", fuse: bool = True, compile: bool | str = False,
-                        cuda_graphs: bool = False) -> SwapPipeline:
+                        cuda_graphs: bool = False, parity: bool = False) -> SwapPipeline:
         """Load FLUX, PuLID ID cross-attentions, the mode's LoRA and the cached prompt through the registry.
 
         Args:
@@ -141,6 +155,8 @@ class SwapPipeline:
                 uses) | ``sequential`` (also the blocks, copied in one at a time: slow, smallest GPU memory).
             fuse / compile / cuda_graphs: speed options that keep the function: stacked projection GEMMs; regional
                 ``torch.compile`` (True or a mode name; also the VAE); whole-pass CUDA graphs (both GPU only).
+            parity: the released code's behaviour where it differs from ours (``appleswap.parity``, docs/fidelity.md):
+                bf16 identity encoder, sampled black latent, its ``--second_order`` inversion by default.
         """
         from appleswap.cli_common import pick_device
         from appleswap.model.loading import load_apple_transformer, load_vae
@@ -168,6 +184,11 @@ class SwapPipeline:
         pipe = cls(transformer, vae, text, mode, None, scheduler_config, root, offload=offload,
                    compute_device=torch.device(device))
         pipe.null_id = pipe._load_null_id(null_id, pulid, vit_tokens)
+        if parity:
+            from appleswap.parity import parity_settings
+
+            for name, value in parity_settings("pipeline").items():
+                setattr(pipe, name, value)
         return pipe
 
     def _load_null_id(self, null_id, pulid: Path, vit_tokens: int) -> torch.Tensor | None:
@@ -212,7 +233,8 @@ class SwapPipeline:
         if self.identity_encoder is None:
             from appleswap.identity.encoder import IdentityEncoder
 
-            self.identity_encoder = IdentityEncoder.from_pretrained(self.weights_dir, device=str(self.device))
+            self.identity_encoder = IdentityEncoder.from_pretrained(self.weights_dir, device=str(self.device),
+                                                                    dtype=getattr(torch, self.id_dtype))
         photos = images_to_tensor(source, "source")
         arrays = [(p.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for p in photos]
         return self.identity_encoder.encode_identity(arrays)
@@ -309,7 +331,7 @@ class SwapPipeline:
     @torch.no_grad()
     def __call__(self, source: Any, target: Any, *, condition: Any = None, invert: bool = False,
                  num_steps: int = 28, inverse_steps: int | None = None, inverse_cond: InverseCond = "noID_trgCond",
-                 inversion_order: int = 1, parity_wrong_midpoint: bool = False, sampler_order: int = 1,
+                 inversion_order: int | None = None, parity_wrong_midpoint: bool | None = None, sampler_order: int = 1,
                  guidance_scale: float = 1.0, image_guidance_scale: float = 1.0, id_guidance_scale: float = 1.0,
                  seed: int | Sequence[int] = 0, id_weight: float = 1.0, target_id: Any = None, kv_cache: bool = False,
                  progress: bool = False, output_type: Literal["np", "pt"] = "np"):
@@ -322,11 +344,12 @@ class SwapPipeline:
             invert: attribute-aware inversion of the target before regeneration (spec §7).
             inverse_steps: inversion depth in steps (default ``num_steps``; fewer = partial, resumed correctly).
             inverse_cond: conditions during inversion (``noID_trgCond`` = attribute-only, the paper's choice).
-            inversion_order / sampler_order: 1 = Euler (reference), 2 = midpoint.
-            parity_wrong_midpoint: reproduce the reference's ``--second_order`` inversion (parity runs only).
+            inversion_order / sampler_order: 1 = Euler (reference), 2 = midpoint (default: the pipeline's, 1).
+            parity_wrong_midpoint: reproduce the reference's ``--second_order`` inversion (default: the pipeline's).
             guidance_scale: FLUX distilled guidance for text and image (the condition always gets 1).
             image_guidance_scale / id_guidance_scale: guidance against a black condition / the null ID.
-            seed: noise seed, one for all images or one per image (the reference uses 0 for every image).
+            seed: noise seed, one for all images or one per image (the reference uses 0 for every image); the
+                condition latent's posterior noise comes from :func:`derived_seed`.
             target_id: the target's ID (tokens, file or photos) for ``trgID_*`` inversion (default: from target).
             kv_cache: independent-condition mode with cached condition keys/values (faster; not the paper's model).
         Returns:
@@ -347,12 +370,16 @@ class SwapPipeline:
             raise ValueError(f"seed: {len(seeds)} seeds for {batch} images")
         id_tokens = self._batch_ids(self.encode_source(source), batch, "source")
         positions = image_ids(height, width, device=device, vae_scale=vae_scale_factor(self.vae))
-        cond_tokens = self.encode_latents(conditions, sample=True, seeds=seeds)
+        cond_tokens = self.encode_latents(conditions, sample=True, seeds=[derived_seed(s, "condition") for s in seeds])
         black = None
         if image_guidance_scale != 1.0:
-            black = self.encode_latents(torch.zeros_like(targets[:1]), sample=False, seeds=[0])
+            black = self.encode_latents(torch.zeros_like(targets[:1]), sample=self.black_condition == "sample",
+                                        seeds=[derived_seed(seeds[0], "black_condition")])
         sigmas = self.schedule(num_steps, positions.shape[0])
         if invert:
+            inversion_order = self.inversion_order if inversion_order is None else inversion_order
+            if parity_wrong_midpoint is None:
+                parity_wrong_midpoint = self.parity_wrong_midpoint and inversion_order == 2
             sigmas = inversion_sigmas(sigmas, inverse_steps or num_steps)
             x = self._invert(targets, cond_tokens, positions, sigmas, inverse_cond, target_id,
                              (inversion_order, parity_wrong_midpoint, kv_cache), progress)
