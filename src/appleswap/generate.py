@@ -64,6 +64,8 @@ class GenerateConfig:
     grid: bool = option(True, "also write grid/<name>_grid.png (source | condition | result)")
     shard: str | None = option(None, "'i/n': take pairs i::n (default: RANK/WORLD_SIZE from torchrun)")
     limit: int | None = option(None, "only the first N pairs (after sorting, before sharding)")
+    parity: bool = option(False, "do what the authors' scripts do, quirks included (docs/fidelity.md): their "
+                          "--second_order inversion for the teacher, bf16 ID encoder, sampled black latent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +145,24 @@ def select_work(pairs: list[Pair], output: Path, rank: int, world: int, limit: i
     return [p for p in pairs[rank::world] if not (output / f"{p.name}.png").is_file()]
 
 
+SOURCE_LONG_SIDE = 1024  # PuLID's resize_numpy_image_long(image, 1024) before face detection
+
+
+def load_source(path: Path, long_side: int = SOURCE_LONG_SIDE) -> np.ndarray:
+    """A source photo as uint8 (H, W, 3) with its aspect ratio: shrunk (area) only when its long side exceeds
+    ``long_side``, as the authors' scripts do before face detection, ArcFace and EVA-CLIP (never squashed)."""
+    import cv2
+
+    from appleswap.files import load_image
+
+    image = load_image(path)
+    scale = long_side / max(image.shape[:2])
+    if scale < 1:
+        size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return image
+
+
 def load_rgb(path: Path, size: int) -> np.ndarray:
     """An image as uint8 (size, size, 3), bicubic-resized when needed (as the reference's PIL resize)."""
     from PIL import Image
@@ -180,7 +200,7 @@ class SourceTokens:
                     raise FileNotFoundError(f"--ids-dir: {candidate} missing for source {source}")
                 source = candidate
             if source.suffix != ".safetensors":
-                source = load_rgb(source, self.size)
+                source = load_source(source)
             self.cache[pair.source] = self.pipe.encode_source(source if not isinstance(source, Path) else str(source))
         return self.cache[pair.source].to(torch.float32)
 
@@ -215,8 +235,10 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
     from tqdm.auto import tqdm
 
     from appleswap.files import save_image, save_json
+    from appleswap.parity import apply_parity
     from appleswap.pipeline import SwapPipeline
 
+    cfg = apply_parity(cfg, "generate")
     if (cfg.data is None) == (cfg.pairs is None):
         raise ValueError("give exactly one of --data (src/ + trg/ folder) or --pairs (CSV)")
     if cfg.output is None:
@@ -234,7 +256,7 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
     pipe = SwapPipeline.from_pretrained(weights_dir, cfg.mode, lora_path=cfg.lora, device=device, dtype=dtype,
                                         fp8=cfg.fp8, offload=cfg.offload, compile=cfg.compile,
-                                        cuda_graphs=cfg.cuda_graphs)
+                                        cuda_graphs=cfg.cuda_graphs, parity=cfg.parity)
     tokens, written = SourceTokens(pipe, cfg.ids_dir, cfg.size), []
     for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"generate [{rank}/{world}]", unit="batch"):
         batch = work[start:start + cfg.batch_size]
@@ -264,10 +286,11 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from appleswap.config import config_to_dict, load_config_file, resolve_config
+    from appleswap.parity import apply_parity
 
     file_data = load_config_file(args.config)
     section = file_data.get("generate", file_data) if isinstance(file_data.get("generate"), dict) else file_data
-    cfg = resolve_config(GenerateConfig, args, section)
+    cfg = apply_parity(resolve_config(GenerateConfig, args, section), "generate")
     written = generate(cfg, weights_dir=args.weights_dir, device=args.device, config_dict=config_to_dict(cfg))
     print(f"appleswap generate: wrote {len(written)} result(s) to {cfg.output}")
     return 0

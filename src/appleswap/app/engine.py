@@ -38,6 +38,8 @@ class SwapEngine:
     @classmethod
     def load(cls, config: SwapConfig, weights_dir: str | Path | None = None, device: str | None = None) -> SwapEngine:
         """Load every model through the registry (``MissingWeightError`` names what is missing and where)."""
+        import torch
+
         from appleswap.app.generation import check_weights, load_generator
         from appleswap.identity.align import arcface_crop
         from appleswap.identity.encoder import IdentityEncoder
@@ -45,7 +47,8 @@ class SwapEngine:
         config = config.check()
         check_weights(config.model, weights_dir)
         generator = load_generator(config, weights_dir, device)
-        encoder = IdentityEncoder.from_pretrained(weights_dir, device=generator.device)
+        encoder = IdentityEncoder.from_pretrained(weights_dir, device=generator.device,
+                                                  dtype=getattr(torch, generator.pipeline.id_dtype))
         generator.pipeline.identity_encoder = encoder  # one encoder for sources, references and the pipeline
 
         def embed(frame: np.ndarray, keypoints: Sequence[np.ndarray]) -> np.ndarray:
