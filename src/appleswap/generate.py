@@ -149,8 +149,9 @@ SOURCE_LONG_SIDE = 1024  # PuLID's resize_numpy_image_long(image, 1024) before f
 
 
 def load_source(path: Path, long_side: int = SOURCE_LONG_SIDE) -> np.ndarray:
-    """A source photo as uint8 (H, W, 3) with its aspect ratio: shrunk (area) only when its long side exceeds
-    ``long_side``, as the authors' scripts do before face detection, ArcFace and EVA-CLIP (never squashed)."""
+    """A source photo as uint8 (H, W, 3) with its aspect ratio, shrunk only when its long side exceeds
+    ``long_side`` (Lanczos, sides truncated), as the authors' scripts do before face detection, ArcFace and
+    EVA-CLIP; never squashed to a square."""
     import cv2
 
     from appleswap.files import load_image
@@ -158,8 +159,8 @@ def load_source(path: Path, long_side: int = SOURCE_LONG_SIDE) -> np.ndarray:
     image = load_image(path)
     scale = long_side / max(image.shape[:2])
     if scale < 1:
-        size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        size = (int(image.shape[1] * scale), int(image.shape[0] * scale))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LANCZOS4)
     return image
 
 
