@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from appleswap.files import images_to_tensor
 from appleswap.model.latents import (
     compile_vae,
     decode_tokens,
@@ -34,6 +35,7 @@ from appleswap.model.latents import (
 )
 from appleswap.model.text import DEFAULT_PROMPT, load_text_embeddings
 from appleswap.model.transformer import AppleTransformer, TextEmbeddings
+from appleswap.parity import parity_settings
 from appleswap.sampling import (
     get_schedule,
     inversion_sigmas,
@@ -43,6 +45,7 @@ from appleswap.sampling import (
     with_batched_guidance,
 )
 from appleswap.sampling.schedule import schedule_from_scheduler_config
+from appleswap.sampling.seeds import derived_seed
 from appleswap.sampling.steps import StepTable, call_sigmas, upload
 
 logger = logging.getLogger(__name__)
@@ -51,36 +54,6 @@ Mode = Literal["student", "teacher"]
 InverseCond = Literal["noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond"]
 INVERSE_CONDS = ("noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond")
 DEFAULT_VIT_TOKENS = 577  # EVA02-CLIP-L-336: 24 x 24 patches + CLS (shapes the null ID)
-NOISE_STREAMS = {"condition": 1, "black_condition": 2}  # posterior noises, each a stream of its own (issue M8)
-
-
-def derived_seed(seed: int, stream: str) -> int:
-    """The seed of a posterior noise (``stream`` in NOISE_STREAMS) for noise seed ``seed``: derived, so each swap
-    stays deterministic, but independent of the start noise x_T (drawn with ``seed`` itself). One generator for
-    both would give the same numbers on the CPU, and the condition tokens would carry a scaled copy of x_T."""
-    state = np.random.SeedSequence([seed, NOISE_STREAMS[stream]]).generate_state(1, np.uint64)[0]
-    return int(state >> np.uint64(1))  # below 2**63: a valid torch seed
-
-
-def images_to_tensor(images: Any, name: str) -> torch.Tensor:
-    """uint8 (H, W, 3) / (B, H, W, 3) arrays, a list of them, paths, or a float (B, 3, H, W) tensor -> (B, 3, H, W)."""
-    from appleswap.files import load_image
-
-    if isinstance(images, torch.Tensor):
-        tensor = images[None] if images.ndim == 3 else images
-        if tensor.ndim != 4 or tensor.shape[1] != 3:
-            raise ValueError(f"{name}: tensor must be (B, 3, H, W) in [0, 1], got {tuple(tensor.shape)}")
-        return tensor.float()
-    if isinstance(images, (str, Path)):
-        images = [load_image(images)]
-    elif isinstance(images, np.ndarray):
-        images = [images] if images.ndim == 3 else list(images)
-    arrays = [load_image(i) if isinstance(i, (str, Path)) else np.asarray(i) for i in images]
-    if not arrays or any(a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 for a in arrays):
-        raise ValueError(f"{name}: expected uint8 RGB images (H, W, 3)")
-    if len({a.shape for a in arrays}) != 1:
-        raise ValueError(f"{name}: images differ in size {sorted({a.shape for a in arrays})}")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = False, offload: str = "none",
@@ -127,8 +100,7 @@ class SwapPipeline:
     offload: str = "none"  # "none" | "model" (VAE on the host between uses) | "sequential" (+ transformer blocks)
     compute_device: torch.device | None = None  # where the VAE runs when offloaded (default: the transformer's)
     rows_memo: dict = dataclasses.field(default_factory=dict, repr=False)  # see _memo
-    # settings --parity changes (appleswap.parity): the defaults are the corrected behaviour
-    id_dtype: str = "float32"  # identity encoder precision (the release: bfloat16)
+    id_dtype: str = "float32"  # identity encoder precision; --parity (appleswap.parity): the release's bfloat16
     black_condition: Literal["mode", "sample"] = "mode"  # image guidance's black latent (release: a sample)
     inversion_order: int = 1  # default of __call__'s inversion_order (release FFHQ teacher script: 2)
     parity_wrong_midpoint: bool = False  # default of __call__'s parity_wrong_midpoint (release: True)
@@ -155,8 +127,7 @@ class SwapPipeline:
                 uses) | ``sequential`` (also the blocks, copied in one at a time: slow, smallest GPU memory).
             fuse / compile / cuda_graphs: speed options that keep the function: stacked projection GEMMs; regional
                 ``torch.compile`` (True or a mode name; also the VAE); whole-pass CUDA graphs (both GPU only).
-            parity: the released code's behaviour where it differs from ours (``appleswap.parity``, docs/fidelity.md):
-                bf16 identity encoder, sampled black latent, its ``--second_order`` inversion by default.
+            parity: the release's behaviour where ours differs (``appleswap.parity`` rows ``pipeline``).
         """
         from appleswap.cli_common import pick_device
         from appleswap.model.loading import load_apple_transformer, load_vae
@@ -182,13 +153,8 @@ class SwapPipeline:
         scheduler_file = Path(flux) / "scheduler" / "scheduler_config.json"
         scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
         pipe = cls(transformer, vae, text, mode, None, scheduler_config, root, offload=offload,
-                   compute_device=torch.device(device))
+                   compute_device=torch.device(device), **(parity_settings("pipeline") if parity else {}))
         pipe.null_id = pipe._load_null_id(null_id, pulid, vit_tokens)
-        if parity:
-            from appleswap.parity import parity_settings
-
-            for name, value in parity_settings("pipeline").items():
-                setattr(pipe, name, value)
         return pipe
 
     def _load_null_id(self, null_id, pulid: Path, vit_tokens: int) -> torch.Tensor | None:
@@ -348,8 +314,7 @@ class SwapPipeline:
             parity_wrong_midpoint: reproduce the reference's ``--second_order`` inversion (default: the pipeline's).
             guidance_scale: FLUX distilled guidance for text and image (the condition always gets 1).
             image_guidance_scale / id_guidance_scale: guidance against a black condition / the null ID.
-            seed: noise seed, one for all images or one per image (the reference uses 0 for every image); the
-                condition latent's posterior noise comes from :func:`derived_seed`.
+            seed: noise seed, one for all images or one per image (the reference uses 0 for every image).
             target_id: the target's ID (tokens, file or photos) for ``trgID_*`` inversion (default: from target).
             kv_cache: independent-condition mode with cached condition keys/values (faster; not the paper's model).
         Returns:
@@ -377,9 +342,6 @@ class SwapPipeline:
                                         seeds=[derived_seed(seeds[0], "black_condition")])
         sigmas = self.schedule(num_steps, positions.shape[0])
         if invert:
-            inversion_order = self.inversion_order if inversion_order is None else inversion_order
-            if parity_wrong_midpoint is None:
-                parity_wrong_midpoint = self.parity_wrong_midpoint and inversion_order == 2
             sigmas = inversion_sigmas(sigmas, inverse_steps or num_steps)
             x = self._invert(targets, cond_tokens, positions, sigmas, inverse_cond, target_id,
                              (inversion_order, parity_wrong_midpoint, kv_cache), progress)
@@ -420,6 +382,8 @@ class SwapPipeline:
         condition = cond_tokens if inverse_cond.endswith("trgCond") else None
         x0 = self.encode_latents(targets, sample=False, seeds=[0] * batch)
         order, parity, kv_cache = solver
+        order = self.inversion_order if order is None else order  # None: the pipeline's (--parity: 2, its midpoint)
+        parity = self.parity_wrong_midpoint and order == 2 if parity is None else parity
         steps = self.step_table(sigmas, order, inverse=True, condition=condition is not None and not kv_cache)
         model = self.denoiser(condition, ids, positions, kv_cache=kv_cache, steps=steps)  # guidance 1 (reference)
         x = invert(model, x0, sigmas, order=order, parity_wrong_midpoint=parity, disable=not progress)
