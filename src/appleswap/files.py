@@ -21,10 +21,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 100_000_000  # 100 MP; larger files are refused as possible decompression bombs
@@ -350,3 +353,24 @@ def read_tensor_file(path: str | Path, what: str = "weights") -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, RuntimeError: a corrupt or code-carrying file
         raise ValueError(f"{what} {path}: not a tensor file loadable with weights_only=True ({error})") from error
+
+
+def images_to_tensor(images: Any, name: str) -> torch.Tensor:
+    """uint8 (H, W, 3) / (B, H, W, 3) arrays, a list of them, paths, or a float (B, 3, H, W) tensor -> (B, 3, H, W)."""
+    import torch
+
+    if isinstance(images, torch.Tensor):
+        tensor = images[None] if images.ndim == 3 else images
+        if tensor.ndim != 4 or tensor.shape[1] != 3:
+            raise ValueError(f"{name}: tensor must be (B, 3, H, W) in [0, 1], got {tuple(tensor.shape)}")
+        return tensor.float()
+    if isinstance(images, (str, Path)):
+        images = [load_image(images)]
+    elif isinstance(images, np.ndarray):
+        images = [images] if images.ndim == 3 else list(images)
+    arrays = [load_image(i) if isinstance(i, (str, Path)) else np.asarray(i) for i in images]
+    if not arrays or any(a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 for a in arrays):
+        raise ValueError(f"{name}: expected uint8 RGB images (H, W, 3)")
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"{name}: images differ in size {sorted({a.shape for a in arrays})}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0

@@ -69,6 +69,8 @@ class GenerateConfig:
     c2pa_key: str | None = option(None, "PEM private key that signs the C2PA content credentials (with --c2pa-cert; "
                                   "default: a local self-signed key in the cache folder)")
     c2pa_cert: str | None = option(None, "PEM certificate chain of --c2pa-key, signer first")
+    parity: bool = option(False, "do what the authors' scripts do, quirks included (docs/fidelity.md): their "
+                          "--second_order inversion for the teacher, bf16 ID encoder, sampled black latent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +150,25 @@ def select_work(pairs: list[Pair], output: Path, rank: int, world: int, limit: i
     return [p for p in pairs[rank::world] if not (output / f"{p.name}.png").is_file()]
 
 
+SOURCE_LONG_SIDE = 1024  # PuLID's resize_numpy_image_long(image, 1024) before face detection
+
+
+def load_source(path: Path, long_side: int = SOURCE_LONG_SIDE) -> np.ndarray:
+    """A source photo as uint8 (H, W, 3) with its aspect ratio, shrunk only when its long side exceeds
+    ``long_side`` (Lanczos, sides truncated), as the authors' scripts do before face detection, ArcFace and
+    EVA-CLIP; never squashed to a square."""
+    import cv2
+
+    from appleswap.files import load_image
+
+    image = load_image(path)
+    scale = long_side / max(image.shape[:2])
+    if scale < 1:
+        size = (int(image.shape[1] * scale), int(image.shape[0] * scale))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LANCZOS4)
+    return image
+
+
 def load_rgb(path: Path, size: int) -> np.ndarray:
     """An image as uint8 (size, size, 3), bicubic-resized when needed (as the reference's PIL resize)."""
     from PIL import Image
@@ -185,7 +206,7 @@ class SourceTokens:
                     raise FileNotFoundError(f"--ids-dir: {candidate} missing for source {source}")
                 source = candidate
             if source.suffix != ".safetensors":
-                source = load_rgb(source, self.size)
+                source = load_source(source)
             self.cache[pair.source] = self.pipe.encode_source(source if not isinstance(source, Path) else str(source))
         return self.cache[pair.source].to(torch.float32)
 
@@ -265,8 +286,10 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
     from tqdm.auto import tqdm
 
     from appleswap.files import save_json
+    from appleswap.parity import apply_parity
     from appleswap.pipeline import SwapPipeline
 
+    cfg = apply_parity(cfg, "generate")
     if (cfg.data is None) == (cfg.pairs is None):
         raise ValueError("give exactly one of --data (src/ + trg/ folder) or --pairs (CSV)")
     if cfg.output is None:
@@ -287,7 +310,7 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
     pipe = SwapPipeline.from_pretrained(weights_dir, cfg.mode, lora_path=cfg.lora, device=device, dtype=dtype,
                                         fp8=cfg.fp8, offload=cfg.offload, compile=cfg.compile,
-                                        cuda_graphs=cfg.cuda_graphs)
+                                        cuda_graphs=cfg.cuda_graphs, parity=cfg.parity)
     tokens, written = SourceTokens(pipe, cfg.ids_dir, cfg.size), []
     for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"generate [{rank}/{world}]", unit="batch"):
         batch, inputs = _ready_pairs(work[start:start + cfg.batch_size], tokens, cfg, failures)
@@ -320,10 +343,11 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from appleswap.cli_common import EXIT_OK, exit_status
     from appleswap.config import config_to_dict, load_config_file, resolve_config
+    from appleswap.parity import apply_parity
 
     file_data = load_config_file(args.config)
     section = file_data.get("generate", file_data) if isinstance(file_data.get("generate"), dict) else file_data
-    cfg = resolve_config(GenerateConfig, args, section)
+    cfg = apply_parity(resolve_config(GenerateConfig, args, section), "generate")
     failures: list[str] = []
     written = generate(cfg, weights_dir=args.weights_dir, device=args.device, config_dict=config_to_dict(cfg),
                        failures=failures)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from appleswap.files import images_to_tensor
 from appleswap.model.latents import (
     compile_vae,
     decode_tokens,
@@ -34,6 +35,7 @@ from appleswap.model.latents import (
 )
 from appleswap.model.text import DEFAULT_PROMPT, load_text_embeddings
 from appleswap.model.transformer import AppleTransformer, TextEmbeddings
+from appleswap.parity import parity_settings
 from appleswap.sampling import (
     get_schedule,
     inversion_sigmas,
@@ -43,6 +45,7 @@ from appleswap.sampling import (
     with_batched_guidance,
 )
 from appleswap.sampling.schedule import schedule_from_scheduler_config
+from appleswap.sampling.seeds import derived_seed
 from appleswap.sampling.steps import StepTable, call_sigmas, upload
 
 logger = logging.getLogger(__name__)
@@ -51,27 +54,6 @@ Mode = Literal["student", "teacher"]
 InverseCond = Literal["noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond"]
 INVERSE_CONDS = ("noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond")
 DEFAULT_VIT_TOKENS = 577  # EVA02-CLIP-L-336: 24 x 24 patches + CLS (shapes the null ID)
-
-
-def images_to_tensor(images: Any, name: str) -> torch.Tensor:
-    """uint8 (H, W, 3) / (B, H, W, 3) arrays, a list of them, paths, or a float (B, 3, H, W) tensor -> (B, 3, H, W)."""
-    from appleswap.files import load_image
-
-    if isinstance(images, torch.Tensor):
-        tensor = images[None] if images.ndim == 3 else images
-        if tensor.ndim != 4 or tensor.shape[1] != 3:
-            raise ValueError(f"{name}: tensor must be (B, 3, H, W) in [0, 1], got {tuple(tensor.shape)}")
-        return tensor.float()
-    if isinstance(images, (str, Path)):
-        images = [load_image(images)]
-    elif isinstance(images, np.ndarray):
-        images = [images] if images.ndim == 3 else list(images)
-    arrays = [load_image(i) if isinstance(i, (str, Path)) else np.asarray(i) for i in images]
-    if not arrays or any(a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 for a in arrays):
-        raise ValueError(f"{name}: expected uint8 RGB images (H, W, 3)")
-    if len({a.shape for a in arrays}) != 1:
-        raise ValueError(f"{name}: images differ in size {sorted({a.shape for a in arrays})}")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = False, offload: str = "none",
@@ -118,6 +100,10 @@ class SwapPipeline:
     offload: str = "none"  # "none" | "model" (VAE on the host between uses) | "sequential" (+ transformer blocks)
     compute_device: torch.device | None = None  # where the VAE runs when offloaded (default: the transformer's)
     rows_memo: dict = dataclasses.field(default_factory=dict, repr=False)  # see _memo
+    id_dtype: str = "float32"  # identity encoder precision; --parity (appleswap.parity): the release's bfloat16
+    black_condition: Literal["mode", "sample"] = "mode"  # image guidance's black latent (release: a sample)
+    inversion_order: int = 1  # default of __call__'s inversion_order (release FFHQ teacher script: 2)
+    parity_wrong_midpoint: bool = False  # default of __call__'s parity_wrong_midpoint (release: True)
 
     @classmethod
     def from_pretrained(cls, weights_dir: str | Path | None = None, mode: Mode = "student", *,
@@ -128,7 +114,7 @@ class SwapPipeline:
                         null_id: torch.Tensor | str | Path | None = None,
                         vit_tokens: int = DEFAULT_VIT_TOKENS, fp8: bool = False,
                         offload: str = "none", fuse: bool = True, compile: bool | str = False,
-                        cuda_graphs: bool = False) -> SwapPipeline:
+                        cuda_graphs: bool = False, parity: bool = False) -> SwapPipeline:
         """Load FLUX, PuLID ID cross-attentions, the mode's LoRA and the cached prompt through the registry.
 
         Args:
@@ -141,6 +127,7 @@ class SwapPipeline:
                 uses) | ``sequential`` (also the blocks, copied in one at a time: slow, smallest GPU memory).
             fuse / compile / cuda_graphs: speed options that keep the function: stacked projection GEMMs; regional
                 ``torch.compile`` (True or a mode name; also the VAE); whole-pass CUDA graphs (both GPU only).
+            parity: the release's behaviour where ours differs (``appleswap.parity`` rows ``pipeline``).
         """
         from appleswap.cli_common import pick_device
         from appleswap.model.loading import load_apple_transformer, load_vae
@@ -165,7 +152,7 @@ class SwapPipeline:
         scheduler_file = Path(flux) / "scheduler" / "scheduler_config.json"
         scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
         pipe = cls(transformer, vae, text, mode, None, scheduler_config, root, offload=offload,
-                   compute_device=torch.device(device))
+                   compute_device=torch.device(device), **(parity_settings("pipeline") if parity else {}))
         pipe.null_id = pipe._load_null_id(null_id, pulid, vit_tokens)
         return pipe
 
@@ -211,7 +198,8 @@ class SwapPipeline:
         if self.identity_encoder is None:
             from appleswap.identity.encoder import IdentityEncoder
 
-            self.identity_encoder = IdentityEncoder.from_pretrained(self.weights_dir, device=str(self.device))
+            self.identity_encoder = IdentityEncoder.from_pretrained(self.weights_dir, device=str(self.device),
+                                                                    dtype=getattr(torch, self.id_dtype))
         photos = images_to_tensor(source, "source")
         arrays = [(p.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for p in photos]
         return self.identity_encoder.encode_identity(arrays)
@@ -308,7 +296,7 @@ class SwapPipeline:
     @torch.no_grad()
     def __call__(self, source: Any, target: Any, *, condition: Any = None, invert: bool = False,
                  num_steps: int = 28, inverse_steps: int | None = None, inverse_cond: InverseCond = "noID_trgCond",
-                 inversion_order: int = 1, parity_wrong_midpoint: bool = False, sampler_order: int = 1,
+                 inversion_order: int | None = None, parity_wrong_midpoint: bool | None = None, sampler_order: int = 1,
                  guidance_scale: float = 1.0, image_guidance_scale: float = 1.0, id_guidance_scale: float = 1.0,
                  seed: int | Sequence[int] = 0, id_weight: float = 1.0, target_id: Any = None, kv_cache: bool = False,
                  progress: bool = False, output_type: Literal["np", "pt"] = "np"):
@@ -321,8 +309,8 @@ class SwapPipeline:
             invert: attribute-aware inversion of the target before regeneration (spec §7).
             inverse_steps: inversion depth in steps (default ``num_steps``; fewer = partial, resumed correctly).
             inverse_cond: conditions during inversion (``noID_trgCond`` = attribute-only, the paper's choice).
-            inversion_order / sampler_order: 1 = Euler (reference), 2 = midpoint.
-            parity_wrong_midpoint: reproduce the reference's ``--second_order`` inversion (parity runs only).
+            inversion_order / sampler_order: 1 = Euler (reference), 2 = midpoint (default: the pipeline's, 1).
+            parity_wrong_midpoint: reproduce the reference's ``--second_order`` inversion (default: the pipeline's).
             guidance_scale: FLUX distilled guidance for text and image (the condition always gets 1).
             image_guidance_scale / id_guidance_scale: guidance against a black condition / the null ID.
             seed: noise seed, one for all images or one per image (the reference uses 0 for every image).
@@ -346,10 +334,11 @@ class SwapPipeline:
             raise ValueError(f"seed: {len(seeds)} seeds for {batch} images")
         id_tokens = self._batch_ids(self.encode_source(source), batch, "source")
         positions = image_ids(height, width, device=device, vae_scale=vae_scale_factor(self.vae))
-        cond_tokens = self.encode_latents(conditions, sample=True, seeds=seeds)
+        cond_tokens = self.encode_latents(conditions, sample=True, seeds=[derived_seed(s, "condition") for s in seeds])
         black = None
         if image_guidance_scale != 1.0:
-            black = self.encode_latents(torch.zeros_like(targets[:1]), sample=False, seeds=[0])
+            black = self.encode_latents(torch.zeros_like(targets[:1]), sample=self.black_condition == "sample",
+                                        seeds=[derived_seed(seeds[0], "black_condition")])
         sigmas = self.schedule(num_steps, positions.shape[0])
         if invert:
             sigmas = inversion_sigmas(sigmas, inverse_steps or num_steps)
@@ -392,6 +381,8 @@ class SwapPipeline:
         condition = cond_tokens if inverse_cond.endswith("trgCond") else None
         x0 = self.encode_latents(targets, sample=False, seeds=[0] * batch)
         order, parity, kv_cache = solver
+        order = self.inversion_order if order is None else order  # None: the pipeline's (--parity: 2, its midpoint)
+        parity = self.parity_wrong_midpoint and order == 2 if parity is None else parity
         steps = self.step_table(sigmas, order, inverse=True, condition=condition is not None and not kv_cache)
         model = self.denoiser(condition, ids, positions, kv_cache=kv_cache, steps=steps)  # guidance 1 (reference)
         x = invert(model, x0, sigmas, order=order, parity_wrong_midpoint=parity, disable=not progress)

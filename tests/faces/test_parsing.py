@@ -51,7 +51,16 @@ def test_parse_batch_matches_single(parser, faces_dir, photo, photo_classes):
     other = load_image(faces_dir / "biden2.jpg")
     batch = parser.parse_batch([photo, other])
     assert [m.shape for m in batch] == [photo.shape[:2], other.shape[:2]]
-    np.testing.assert_array_equal(batch[0], photo_classes)
+    # batched convolutions may round differently from single ones, so an exact tie of the two best classes may
+    # go either way: pixels may differ only where the single pass's top-2 logits are within float tolerance
+    differ = batch[0] != photo_classes
+    if differ.any():
+        logits = parser.logits_batch([photo])
+        logits = torch.nn.functional.interpolate(logits, photo.shape[:2], mode="bilinear", align_corners=False)[0]
+        top2 = logits.topk(2, dim=0).values
+        margin = (top2[0] - top2[1]).numpy()[differ]
+        assert margin.max() <= 1e-5 * float(logits.abs().max()), f"{differ.sum()} pixels differ beyond a tie"
+    assert differ.mean() < 1e-4
     assert parser.parse_batch([]) == []
 
 

@@ -121,7 +121,7 @@ def test_reference_layout_and_condition(full_run):
     condition = load_image(paths.png("blur"))
     assert image.shape == (512, 512, 3)
     assert np.array_equal(condition[~mask & ~dots], image[~mask & ~dots])  # sharp target outside the mask
-    assert np.array_equal(np.asarray(Image.open(paths.png("mask_intersection"))) > 0, mask)
+    assert np.array_equal(load_image(paths.png("mask_intersection")) > 0, np.repeat(mask[..., None], 3, axis=2))
     assert (out / "preview.jpg").is_file() and (out / "manifest.json").is_file()
 
 

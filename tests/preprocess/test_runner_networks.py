@@ -138,10 +138,12 @@ def test_min_aesthetic_filters_faces(weights, aligned_dir, tmp_path):
 
 
 def test_parity_option_reaches_the_segmenters(weights, tiny_occlusion):
+    from appleswap.parity import apply_parity
     from appleswap.preprocess.worker import load_segmenters
 
     for parity, flip in ((False, "none"), (True, "only")):
-        config = PreprocessConfig(aligned=True, parser="auto", occlusion="auto", parity=parity)
+        config = apply_parity(PreprocessConfig(aligned=True, parser="auto", occlusion="auto", parity=parity),
+                              "preprocess")
         parser, occlusion, _ = load_segmenters(config, weights, "cpu")
         assert parser.parity_double_norm is parity and occlusion.flip == flip
 

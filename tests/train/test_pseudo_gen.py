@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from appleswap.model.latents import decode_tokens, encode_images, image_ids, vae_scale_factor
-from appleswap.pipeline import SwapPipeline
+from appleswap.pipeline import SwapPipeline, derived_seed
 from appleswap.sampling import invert, sample_euler
 from appleswap.train.pseudo_gen import PseudoGenerator
 from tests.fixtures.tiny_flux import make_tiny_weights, one_thread, tiny_id_tokens  # noqa: F401
@@ -18,11 +18,12 @@ def weights(tmp_path_factory):
 
 
 def _by_hand(pipe: SwapPipeline, target, condition, source, null, steps: int) -> torch.Tensor:
-    """Invert the target (posterior mode) under its condition latent (posterior sample, seed 0) and the null ID,
-    then regenerate from that noise with the source ID and the same condition; decode."""
+    """Invert the target (posterior mode) under its condition latent (posterior sample from seed 0's condition
+    stream) and the null ID, then regenerate from that noise with the source ID and the same condition; decode."""
     model, vae = pipe.transformer, pipe.vae
     ids = image_ids(64, 64, vae_scale=vae_scale_factor(vae))
-    cond = encode_images(vae, condition, sample=True, generator=torch.Generator().manual_seed(0))
+    cond = encode_images(vae, condition, sample=True,
+                         generator=torch.Generator().manual_seed(derived_seed(0, "condition")))
     sigmas = pipe.schedule(steps, ids.shape[0])
     guidance = torch.ones(1)
 

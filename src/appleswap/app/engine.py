@@ -39,6 +39,8 @@ class SwapEngine:
     @classmethod
     def load(cls, config: SwapConfig, weights_dir: str | Path | None = None, device: str | None = None) -> SwapEngine:
         """Load every model through the registry (``MissingWeightError`` names what is missing and where)."""
+        import torch
+
         from appleswap.app.generation import check_weights, load_generator
         from appleswap.identity.align import arcface_crop
         from appleswap.identity.encoder import IdentityEncoder
@@ -47,7 +49,8 @@ class SwapEngine:
         configure_credentials(config.c2pa_key, config.c2pa_cert)  # fails fast on an unusable key
         check_weights(config.model, weights_dir)
         generator = load_generator(config, weights_dir, device)
-        encoder = IdentityEncoder.from_pretrained(weights_dir, device=generator.device)
+        encoder = IdentityEncoder.from_pretrained(weights_dir, device=generator.device,
+                                                  dtype=getattr(torch, generator.pipeline.id_dtype))
         generator.pipeline.identity_encoder = encoder  # one encoder for sources, references and the pipeline
 
         def embed(frame: np.ndarray, keypoints: Sequence[np.ndarray]) -> np.ndarray:

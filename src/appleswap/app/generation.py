@@ -102,5 +102,6 @@ def load_generator(config: SwapConfig, weights_dir: str | Path | None = None,
     dtype = getattr(torch, config.dtype) if device != "cpu" else torch.float32
     pipeline = SwapPipeline.from_pretrained(weights_dir, mode=config.model, device=device, dtype=dtype,
                                             fp8=config.fp8, offload=config.offload,
-                                            compile=config.compile, cuda_graphs=config.cuda_graphs)
+                                            compile=config.compile, cuda_graphs=config.cuda_graphs,
+                                            parity=config.parity)
     return PipelineGenerator(pipeline, config, size=config.size)

@@ -105,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
     from appleswap.app.swapper import SwapConfig, swap_section
     from appleswap.cli_common import exit_status
     from appleswap.config import load_config_file, resolve_config
+    from appleswap.parity import apply_parity
 
-    config = resolve_config(SwapConfig, args, swap_section(load_config_file(args.config))).check()
+    config = apply_parity(resolve_config(SwapConfig, args, swap_section(load_config_file(args.config))), "swap")
+    config = config.check()
     if config.face_selector == "reference" and not config.reference_face:
         raise ValueError("--face-selector reference needs --reference-face PHOTO")
     check_sources(args.source)

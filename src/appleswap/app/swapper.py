@@ -75,6 +75,8 @@ class SwapConfig:
     landmark_smoothing: float = option(0.6, "video: keypoint smoothing along each face track, 0 = off (< 1)")
     shared_noise: bool = option(True, "video: the same initial noise for every frame (less flicker)")
     dtype: Literal["bfloat16", "float16", "float32"] = option("bfloat16", "model precision on GPU (CPU: float32)")
+    parity: bool = option(False, "the model as the authors' scripts run it (docs/fidelity.md): bf16 ID encoder, "
+                          "sampled black latent, their --second_order inversion for the teacher")
 
     def check(self) -> SwapConfig:
         """Validate combinations and values (the web UI builds configs without argparse's choices)."""

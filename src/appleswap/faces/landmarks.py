@@ -47,6 +47,7 @@ class FaceLandmarks:
     iris: np.ndarray | None = None  # (10, 2) float32
     mesh: np.ndarray | None = None  # (478, 2) float32
     segmap: np.ndarray | None = None  # (H, W) uint8 class ids
+    segmap_intersection: np.ndarray | None = None  # the same, occluded pixels removed (the authors' files)
     lm68_canvas: np.ndarray | None = None
     iris_canvas: np.ndarray | None = None
 
@@ -118,8 +119,9 @@ class ReferenceLandmarks:
 
     ``key`` is ``"<identity>/<name>"`` (or ``"<name>"`` for a flat folder) relative to ``root``. The drawings are
     kept verbatim (``lm68_canvas``, ``iris_canvas``) so conditions built from them match the reference's;
-    the points are the dot centres (fewer than 68 where dots merge), for the manifest. A
-    ``segmap_intersection/<name>.png`` found there becomes ``segmap`` (face classes recovered from its colours).
+    the points are the dot centres (fewer than 68 where dots merge), for the manifest. The full
+    ``segmap/<name>.png`` and the occlusion-intersected ``segmap_intersection/<name>.png`` found there become
+    ``segmap`` and ``segmap_intersection`` (face classes recovered from their colours).
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -127,12 +129,12 @@ class ReferenceLandmarks:
         if not self.root.is_dir():
             raise FileNotFoundError(f"reference landmark root {self.root} is not a folder")
 
-    def paths(self, key: str) -> tuple[Path, Path, Path]:
-        """The landmark drawing, the iris drawing and the intersected segmap of ``key``."""
+    def paths(self, key: str) -> tuple[Path, Path, Path, Path]:
+        """The landmark drawing, the iris drawing, the full and the intersected segmap of ``key``."""
         folder, name = _split_key(key)
         base = self.root / folder
         return (base / "3dmm" / name / f"{name}_ldm68.png", base / "iris" / f"{name}.png",
-                base / "segmap_intersection" / f"{name}.png")
+                base / "segmap" / f"{name}.png", base / "segmap_intersection" / f"{name}.png")
 
     def __call__(self, aligned_image: np.ndarray | None = None, key: str | None = None) -> FaceLandmarks:
         from appleswap.files import load_image
@@ -141,7 +143,7 @@ class ReferenceLandmarks:
             raise ValueError("the reference landmark provider needs key='<identity>/<name>'")
         from appleswap.faces.segmap import classes_from_colors
 
-        lm_path, iris_path, segmap_path = self.paths(key)
+        lm_path, iris_path, segmap_path, intersection_path = self.paths(key)
         if not lm_path.is_file():
             raise ValueError(f"no face: reference landmark file {lm_path} is missing (3DDFA found no face there)")
         lm_canvas = load_image(lm_path, min_side=1)
@@ -149,10 +151,10 @@ class ReferenceLandmarks:
         if iris_canvas is None:
             log.warning("%s: no reference iris drawing at %s", key, iris_path)
         iris = blob_centroids(iris_canvas) if iris_canvas is not None else None
-        segmap = classes_from_colors(load_image(segmap_path, min_side=1)) if segmap_path.is_file() else None
-        return FaceLandmarks(
-            lm68=blob_centroids(lm_canvas), iris=iris, segmap=segmap, lm68_canvas=lm_canvas, iris_canvas=iris_canvas
-        )
+        segmap, intersection = (classes_from_colors(load_image(path, min_side=1)) if path.is_file() else None
+                                for path in (segmap_path, intersection_path))
+        return FaceLandmarks(lm68=blob_centroids(lm_canvas), iris=iris, segmap=segmap,
+                             segmap_intersection=intersection, lm68_canvas=lm_canvas, iris_canvas=iris_canvas)
 
 
 def _split_key(key: str) -> tuple[str, str]:

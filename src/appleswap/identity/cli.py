@@ -42,6 +42,7 @@ class EncoderOptions:
                                 "default: the registry's facexlib_parsing, else the MediaPipe mesh")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "EVA-CLIP / IDFormer precision")
     det_size: int = option(640, "SCRFD input size in pixels (square), as PuLID's det_size")
+    parity: bool = option(False, "the encoder as the authors run it (docs/fidelity.md): bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +53,12 @@ class PrepareIdsConfig(EncoderOptions):
 
 
 def _config(cls: type, args: argparse.Namespace, section: str):
+    from appleswap.parity import apply_parity
+
     file_data = load_config_file(args.config)
     if isinstance(file_data.get(section), dict):
         file_data = file_data[section]
-    return resolve_config(cls, args, file_data)
+    return apply_parity(resolve_config(cls, args, file_data), section.replace("_", "-"))
 
 
 def add_parser(subparsers) -> None:

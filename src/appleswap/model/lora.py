@@ -9,6 +9,7 @@ on the condition slice only.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -23,6 +24,7 @@ ADAPTER_NAME = "default"
 DOUBLE_TARGETS = ("norm1.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.2")
 SINGLE_TARGETS = ("norm.linear", "proj_mlp", "proj_out", "attn.to_q", "attn.to_k", "attn.to_v")
 FILE_PREFIX = "transformer."  # FluxPipeline.save_lora_weights prefix
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata: the adapter's LoraConfig, keys prefixed
 _LORA_KEY = re.compile(r"^(?:transformer\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
@@ -161,8 +163,36 @@ def add_condition_lora(flux: nn.Module, modules: list[str], rank: int, alpha: fl
     flux.add_adapter(config, adapter_name=ADAPTER_NAME)
 
 
+def lora_file_metadata(flux: nn.Module) -> dict[str, str]:
+    """Safetensors metadata naming the adapter's rank and alpha as diffusers' ``save_lora_weights`` writes it, so
+    a loader (:func:`load_lora_into`, diffusers) uses the scale alpha / rank that training used (issue M5)."""
+    config = flux.peft_config[ADAPTER_NAME]
+    entries = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+    return {"format": "pt", METADATA_KEY: json.dumps({FILE_PREFIX + k: v for k, v in entries.items()}, indent=2,
+                                                     sort_keys=True)}
+
+
+def read_lora_alpha(path: str | Path) -> float | None:
+    """The alpha recorded in a LoRA file's metadata (diffusers' key), or None: files without it (the authors')
+    are used at scale 1, alpha = rank, as their loader does."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get(METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError as error:
+        raise ValueError(f"{path}: unreadable {METADATA_KEY} metadata ({error})") from error
+    if config.get(FILE_PREFIX + "use_rslora") or config.get(FILE_PREFIX + "alpha_pattern"):
+        raise ValueError(f"{path}: rsLoRA / per-module alphas are not supported")
+    alpha = config.get(FILE_PREFIX + "lora_alpha")
+    return None if alpha is None else float(alpha)
+
+
 def load_lora_into(flux: nn.Module, path: str | Path, rank: int | None = None) -> int:
-    """Create the adapter from the file (rank from the file) and load its weights; returns the rank."""
+    """Create the adapter from the file (rank and alpha from the file) and load its weights; returns the rank."""
     from peft import set_peft_model_state_dict
 
     state = read_lora_file(path)
@@ -172,7 +202,7 @@ def load_lora_into(flux: nn.Module, path: str | Path, rank: int | None = None) -
     check_lora_shapes(flux, state, file_rank, str(path))
     if ADAPTER_NAME in getattr(flux, "peft_config", {}):
         flux.delete_adapters(ADAPTER_NAME)
-    add_condition_lora(flux, modules, file_rank, init=False)
+    add_condition_lora(flux, modules, file_rank, alpha=read_lora_alpha(path), init=False)
     result = set_peft_model_state_dict(flux, state, adapter_name=ADAPTER_NAME)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:

@@ -597,12 +597,14 @@ class AppleTransformer(nn.Module):
         return [p for name, p in self.flux.named_parameters() if ".lora_" in name]
 
     def save_lora(self, path: str | Path) -> Path:
-        """Write the adapter as safetensors with the reference keys (``transformer.<module>.lora_A.weight``)."""
+        """Write the adapter as safetensors with the reference keys (``transformer.<module>.lora_A.weight``), its
+        rank and alpha in diffusers' metadata."""
         from appleswap.files import save_tensors
 
         if not self.has_lora():
             raise ValueError("save_lora: this transformer has no LoRA adapter (add_lora or load_lora first)")
-        return save_tensors(path, lora_lib.lora_state_dict(self.flux))
+        metadata = lora_lib.lora_file_metadata(self.flux)
+        return save_tensors(path, lora_lib.lora_state_dict(self.flux), metadata=metadata)
 
     def load_lora(self, path: str | Path, rank: int | None = None) -> int:
         """Load a LoRA file (reference or our own); the rank is read from the file. Returns the rank.

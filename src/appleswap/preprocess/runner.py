@@ -43,8 +43,12 @@ class PreprocessConfig:
     clip_dir: str | None = option(None, "CLIP ViT-L/14 folder for the aesthetic score (default: registry)")
     aesthetic_head: str | None = option(None, "LAION aesthetic MLP head file (default: registry)")
     min_aesthetic: float | None = option(None, "skip faces scoring below this (implies --aesthetic)")
-    parity: bool = option(False, "reproduce the reference's segmentation quirks (parser input normalised twice, "
-                                 "flip-only occlusion inference) so conditions match what the released teacher saw")
+    parity: bool = option(False, "do what the authors' scripts do (docs/fidelity.md): parser and occlusion "
+                                 "models, 3DDFA-V3 landmarks, their segmentation quirks; conditions as the released "
+                                 "teacher saw them")
+    parser_double_norm: bool = option(False, "normalise the parser input twice, as the release (--parity)")
+    occlusion_flip: Literal["none", "average", "only"] = option(
+        "none", "occlusion views: plain, plain + mirrored, or the release's mirrored only (--parity)")
     inpainting: bool = option(False, "also write the inpainting-baseline condition (black face region)")
     preview: bool = option(False, "write preview.jpg: photo | landmarks | mask | condition per face")
     workers: int = option(1, "worker processes (0: one per CPU core)")
@@ -90,7 +94,9 @@ def run_preprocess(input_dir: str | Path, output_dir: str | Path, config: Prepro
 
     ``weights_dir`` / ``device`` are only used by the optional networks (parser, occlusion, aesthetic, 3DDFA).
     """
-    config = config or PreprocessConfig()
+    from appleswap.parity import apply_parity
+
+    config = apply_parity(config or PreprocessConfig(), "preprocess")
     input_root, output_root = Path(input_dir), Path(output_dir)
     _check_config(config, input_root, output_root)
     items = discover_inputs(input_root)

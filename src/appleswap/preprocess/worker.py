@@ -133,19 +133,23 @@ class FaceWorker:
             self._iris_fallback = get_landmark_provider("mediapipe")
         return self._iris_fallback
 
-    def _classes(self, image: np.ndarray, landmarks: FaceLandmarks) -> tuple[np.ndarray, np.ndarray]:
-        """Full class map and its occlusion intersection (the one that feeds the condition)."""
+    def _classes(self, image: np.ndarray, landmarks: FaceLandmarks) -> tuple[np.ndarray | None, np.ndarray]:
+        """Full class map and its occlusion intersection (the one that feeds the condition). The full map is None
+        when only the authors' intersected map is known: it must never be written as their full ``segmap/``."""
+        visible = np.asarray(self.occlusion.visible(image), dtype=bool) if self.occlusion is not None else None
+        full, intersected = landmarks.segmap, landmarks.segmap_intersection  # the authors' maps (reference)
+        if self.parser is None and (full is not None or intersected is not None):
+            if visible is None:
+                return full, intersected if intersected is not None else full
+            return full, intersect_classes(full if full is not None else intersected, visible)
         if self.parser is not None:
             classes = np.asarray(self.parser.parse(image), dtype=np.uint8)
-        elif landmarks.segmap is not None:
-            classes = np.asarray(landmarks.segmap, dtype=np.uint8)
         elif landmarks.mesh is not None:
             classes = mesh_classes(landmarks.mesh, image.shape)
         elif landmarks.lm68 is not None and len(landmarks.lm68) == 68:
             classes = landmark_classes(landmarks.lm68, image.shape)
         else:  # e.g. reference drawings without a segmap: fall back to the MediaPipe mesh of this crop
             classes = mesh_classes(self._mediapipe()(image).mesh, image.shape)
-        visible = np.asarray(self.occlusion.visible(image), dtype=bool) if self.occlusion is not None else None
         return classes, intersect_classes(classes, visible)
 
     def _write_face(self, item: InputItem, aligned: AlignedFace, landmarks: FaceLandmarks,
@@ -166,7 +170,8 @@ class FaceWorker:
         iris_canvas = landmarks.iris_canvas if landmarks.iris_canvas is not None else _iris_rgb(image, landmarks)
         outputs = {
             paths.lm68: lm_canvas, paths.iris: iris_canvas,
-            paths.png("segmap"): colorize(classes), paths.png("mask"): _mask(classes),
+            paths.png("segmap"): None if classes is None else colorize(classes),
+            paths.png("mask"): None if classes is None else _mask(classes),
             paths.png("segmap_intersection"): colorize(inter), paths.png("mask_intersection"): _mask(inter),
         }
         for fill in ("blur", "black") if self.config.inpainting else ("blur",):
@@ -233,7 +238,8 @@ def _points(points: np.ndarray | None) -> list | None:
 
 
 def _mask(classes: np.ndarray) -> np.ndarray:
-    return face_mask(classes).astype(np.uint8) * 255
+    """White-on-black RGB, as the authors write ``mask/`` and ``mask_intersection/`` (their blur.py reads RGB)."""
+    return np.repeat(face_mask(classes).astype(np.uint8)[..., None] * 255, 3, axis=2)
 
 
 def _lm_rgb(image: np.ndarray, landmarks: FaceLandmarks) -> np.ndarray:
@@ -264,12 +270,11 @@ def load_segmenters(config: Any, weights_dir: str | None = None, device: str | N
     if (path := resolve(config.parser, "face_parser")) is not None:
         from appleswap.faces.parsing import FaceParser
 
-        parser = FaceParser.from_file(path, device=device, parity_double_norm=bool(getattr(config, "parity", False)))
+        parser = FaceParser.from_file(path, device=device, parity_double_norm=config.parser_double_norm)
     if (path := resolve(config.occlusion, "occlusion_deeplabv3")) is not None:
         from appleswap.faces.occlusion import OcclusionSegmenter
 
-        occlusion = OcclusionSegmenter.from_file(path, device=device,
-                                                 flip="only" if getattr(config, "parity", False) else "none")
+        occlusion = OcclusionSegmenter.from_file(path, device=device, flip=config.occlusion_flip)
     if config.aesthetic or config.min_aesthetic is not None:
         from appleswap.preprocess.aesthetic import AestheticScorer
 

@@ -92,7 +92,9 @@ def save_checkpoint(folder: Path, *, transformer: Any, optimizer: torch.optim.Op
     """
     folder.mkdir(parents=True, exist_ok=True)
     if lora_state is not None:
-        save_tensors(folder / LORA_FILE, lora_state)
+        from appleswap.model.lora import lora_file_metadata
+
+        save_tensors(folder / LORA_FILE, lora_state, metadata=lora_file_metadata(transformer.flux))
     else:
         transformer.save_lora(folder / LORA_FILE)
     if optimizer is not None:

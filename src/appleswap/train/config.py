@@ -107,6 +107,7 @@ class PseudoConfig:
     mixed_precision: Literal["bf16", "fp16", "no"] = option("bf16", "model dtype")
     fp8: bool = option(False, "fp8 (e4m3, row-wise scaled, fast accumulation) transformer block weights: faster "
                        "on Hopper, half the memory; changes numerics slightly")
+    parity: bool = option(False, "the authors' pseudo-generation settings (docs/fidelity.md)")
     compile: bool = option(True, "torch.compile the transformer blocks and the VAE on a GPU (once per process, then "
                            "faster passes; same function)")
     cuda_graphs: bool = option(True, "replay each transformer pass as one CUDA graph (GPU only)")

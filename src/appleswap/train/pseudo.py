@@ -36,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from appleswap.train.scores import build_scorer
 
     data = load_config_file(args.config)
+    from appleswap.parity import apply_parity
+
     config = resolve_config(PseudoConfig, args, data["pseudo"] if isinstance(data.get("pseudo"), dict) else data)
+    config = apply_parity(config, "pseudo")
     if config.dataset_root is None or config.id_cache is None:
         raise ValueError("`dataset_root` and `id_cache` are required (config file or --dataset-root/--id-cache)")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     pipeline = SwapPipeline.from_pretrained(
         args.weights_dir, "teacher", flux_path=config.flux, pulid_path=config.pulid, lora_path=config.teacher,
         device=str(device), dtype=dtype, prompt=config.prompt, null_id=IdTokenStore(config.id_cache).null(),
-        fp8=config.fp8, compile=config.compile, cuda_graphs=config.cuda_graphs)
+        fp8=config.fp8, compile=config.compile, cuda_graphs=config.cuda_graphs, parity=config.parity)
     generator = PseudoGenerator(pipeline, num_steps=config.num_steps, guidance=config.guidance)
     scorer = build_scorer(config, args.weights_dir, root, device) if config.score else None
     failures: list[str] = []

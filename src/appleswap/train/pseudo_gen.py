@@ -48,6 +48,7 @@ class PseudoGenerator:
         """(1, 3, H, W) target and condition in [0, 1], source tokens (32, D) -> (1, 3, H, W) swap in [0, 1]."""
         source = source_tokens.reshape(1, *source_tokens.shape[-2:])
         return self.pipeline(source, target, condition=condition, invert=True, inverse_cond="noID_trgCond",
+                             inversion_order=1, parity_wrong_midpoint=False,  # the release's pseudo script: Euler
                              num_steps=self.num_steps, guidance_scale=self.guidance, seed=self.seed,
                              output_type="pt").cpu()
 
