@@ -5,7 +5,7 @@
 
 ``source`` is ID tokens (a tensor), an identity file, or photos of the source person (encoded by the identity
 stage). ``target`` is the aligned target; the teacher also needs ``condition`` (the blurred-face + landmarks
-image) and usually runs with ``invert=True`` (attribute-aware inversion, spec §7).
+image) and usually runs with ``invert=True`` (attribute-aware inversion, docs/method.md: Inversion).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from appleswap.devices import upload
 from appleswap.model.latents import (
     compile_vae,
     decode_tokens,
@@ -43,7 +44,7 @@ from appleswap.sampling import (
     with_batched_guidance,
 )
 from appleswap.sampling.schedule import schedule_from_scheduler_config
-from appleswap.sampling.steps import StepTable, call_sigmas, upload
+from appleswap.sampling.steps import StepTable, call_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class SwapPipeline:
             fuse / compile / cuda_graphs: speed options that keep the function: stacked projection GEMMs; regional
                 ``torch.compile`` (True or a mode name; also the VAE); whole-pass CUDA graphs (both GPU only).
         """
-        from appleswap.cli_common import pick_device
+        from appleswap.devices import pick_device
         from appleswap.model.loading import load_apple_transformer, load_vae
         from appleswap.model.offload import check_tier
         from appleswap.weights import locate
@@ -319,7 +320,7 @@ class SwapPipeline:
             source: ID tokens (32, D) / (B, 32, D), an identity ``.safetensors`` file, or photo(s) of one person.
             target: aligned target(s): uint8 (H, W, 3) arrays, paths, or a (B, 3, H, W) tensor in [0, 1].
             condition: the condition image(s) (teacher: required; student: default = the clean target).
-            invert: attribute-aware inversion of the target before regeneration (spec §7).
+            invert: attribute-aware inversion of the target before regeneration (docs/method.md: Inversion).
             inverse_steps: inversion depth in steps (default ``num_steps``; fewer = partial, resumed correctly).
             inverse_cond: conditions during inversion (``noID_trgCond`` = attribute-only, the paper's choice).
             inversion_order / sampler_order: 1 = Euler (reference), 2 = midpoint.

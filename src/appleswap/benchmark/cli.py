@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     inference_blas_defaults()  # also under ``python -m appleswap.benchmark``, before any CUDA work
     from appleswap.benchmark.table import environment, run_bench  # torch: only when the command runs
-    from appleswap.cli_common import pick_device
+    from appleswap.devices import pick_device
 
     cfg = resolve_config(BenchConfig, args, load_config_file(args.config))
     device = pick_device(args.device)

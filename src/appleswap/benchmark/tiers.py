@@ -10,7 +10,7 @@ import torch
 from appleswap.benchmark.models import apple_pass, make_inputs, student_pipeline
 from appleswap.benchmark.swaps import _cuda, _peak, _peak_reset, swap_rows
 from appleswap.benchmark.utils import Rows, function_flops, relative_l2, sdpa_context, sync, time_call
-from appleswap.model.fp8 import quantize_fp8
+from appleswap.model.fp8_linear import quantize_fp8
 
 logger = logging.getLogger("appleswap.benchmark")
 

@@ -55,7 +55,7 @@ class ReconNet(nn.Module):
 
 def load_reconnet(path: str | Path, device: str | torch.device = "cpu") -> ReconNet:
     """ReconNet from Deep3DFaceRecon's ``epoch_20.pth`` (key ``net_recon``, weights only) or a bare state dict."""
-    from appleswap.eval.pose import _layers_from_state
+    from appleswap.face_metrics.pose import _layers_from_state
 
     state = read_tensor_file(path, "Deep3DFaceRecon weights")
     state = state.get("net_recon", state)

@@ -21,7 +21,7 @@ FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365
 # per eye: outer corner, inner corner, upper lid, lower lid, iris centre (subject's right eye = image left)
 RIGHT_EYE = (33, 133, 159, 145, 468)
 LEFT_EYE = (263, 362, 386, 374, 473)
-NOSE_TIP, CHIN, MOUTH_RIGHT, MOUTH_LEFT = 1, 152, 61, 291
+NOSE_TIP, MOUTH_RIGHT, MOUTH_LEFT = 1, 61, 291
 NUM_POINTS = 478
 
 _LOCK = threading.Lock()
