@@ -23,10 +23,8 @@ import torch
 
 from appleswap.devices import upload
 from appleswap.model.latents import (
-    compile_vae,
     decode_tokens,
     encode_images,
-    graph_vae_encoder,
     image_ids,
     placement,
     prepare_noise,
@@ -45,6 +43,7 @@ from appleswap.sampling import (
 )
 from appleswap.sampling.schedule import schedule_from_scheduler_config
 from appleswap.sampling.steps import StepTable, call_sigmas
+from appleswap.speed import attach_speed
 
 logger = logging.getLogger(__name__)
 
@@ -73,35 +72,6 @@ def images_to_tensor(images: Any, name: str) -> torch.Tensor:
     if len({a.shape for a in arrays}) != 1:
         raise ValueError(f"{name}: images differ in size {sorted({a.shape for a in arrays})}")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-
-
-def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = False, offload: str = "none",
-                         fuse: bool = True, compile: bool | str = False, cuda_graphs: bool = False,
-                         vae=None) -> AppleTransformer:
-    """fp8 block weights and/or sequential block offload for a transformer loaded on the CPU (or already on
-    ``device``): quantised block by block on ``device`` (with merged fp8 condition weights unless offloaded), then
-    everything resident placed there. Then the speed options that keep the function: fused projections, regional
-    ``torch.compile`` (True or a mode) and CUDA graphs; without offload also ``vae``'s (compiled, encoder graphed)."""
-    if fp8:
-        on_host = offload == "sequential"  # blocks copied in every pass: no merged condition weights to copy
-        transformer.quantize_fp8(device=None if on_host else device, merge_condition=not on_host)
-    if offload == "sequential":
-        transformer.enable_sequential_offload(device)
-    else:
-        transformer.place(device)
-    if fuse and offload != "sequential":
-        transformer.fuse_projections()
-    on_cuda = torch.device(device).type == "cuda"  # compile and graphs pay off on GPUs only
-    own_vae = vae is not None and offload == "none"  # a VAE that stays on the GPU
-    if compile and on_cuda:
-        transformer.compile_blocks(mode=compile if isinstance(compile, str) else None)
-        if own_vae:
-            compile_vae(vae)
-    if cuda_graphs and on_cuda and offload != "sequential":
-        transformer.enable_cuda_graphs()
-        if own_vae:
-            graph_vae_encoder(vae)
-    return transformer
 
 
 @dataclasses.dataclass
@@ -137,7 +107,7 @@ class SwapPipeline:
             mode: ``student`` (clean target as condition) or ``teacher`` (condition image, usually with inversion).
             flux_path / pulid_path / lora_path: explicit files that win over the registry locations.
             null_id: null-ID tokens or an identity file; default: PuLID's IDFormer on zero inputs.
-            fp8 / offload: memory options (:func:`apply_memory_options`): e4m3 block weights with row-wise scales and
+            fp8 / offload: memory options (:mod:`appleswap.speed`): e4m3 block weights with row-wise scales and
                 fast fp8 accumulation (half the memory, changes numerics slightly); ``none`` | ``model`` (VAE in host memory between
                 uses) | ``sequential`` (also the blocks, copied in one at a time: slow, smallest GPU memory).
             fuse / compile / cuda_graphs: speed options that keep the function: stacked projection GEMMs; regional
@@ -159,7 +129,7 @@ class SwapPipeline:
         transformer = load_apple_transformer(flux, pulid_path=pulid, lora_path=lora, dtype=dtype,
                                              device="cpu" if fp8 or offload == "sequential" else device)
         vae = load_vae(flux, dtype=dtype, device="cpu" if offload != "none" else device)
-        apply_memory_options(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile,
+        attach_speed(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile,
                              cuda_graphs=cuda_graphs, vae=vae)
         cache = Path(text_cache_dir) if text_cache_dir else root / "cache" / "text_embeddings"
         text = load_text_embeddings(flux, prompt, cache, max_sequence_length=max_sequence_length, device=device,
