@@ -35,7 +35,7 @@ def test_every_profile_computes_the_reference_function(reference, profile):
     model, inp, expected = reference
     fast = attach_speed(copy.deepcopy(model), "cpu", **dataclasses.asdict(speed_options(profile)))
     difference = _relative(_call(fast, inp), expected)
-    if speed_options(profile).fp8:
+    if profile in ("fp8", "offload"):  # the profiles that quantise the blocks to e4m3
         assert 0 < difference < 0.1, difference  # e4m3 rounding, bounded
     else:
         assert difference < 1e-5, difference
