@@ -107,8 +107,8 @@ def batch_sizes(spec: str | None, max_batch: int) -> list[int]:
 
 def build_transformer(tiny: bool, rank: int, device: Any, dtype: Any) -> tuple[Any, Any]:
     """(AppleTransformer with random ID-CAs and a trainable fp32 LoRA + checkpointing, VAE), random weights."""
-    from appleswap.bench import BenchConfig, build_models
-    from appleswap.bench_utils import init_random_
+    from appleswap.benchmark.models import BenchConfig, build_models
+    from appleswap.benchmark.utils import init_random_
     from appleswap.model.id_attention import build_id_attentions, id_attention_layout
     from appleswap.model.transformer import AppleTransformer
     from appleswap.train.build import prepare_lora
@@ -133,7 +133,7 @@ def build_loss_networks(tiny: bool, id_net: str, device: Any, layers: tuple[int,
     import lpips
     import torch
 
-    from appleswap.eval.arcface import IRSE50
+    from appleswap.face_metrics.arcface import IRSE50
     from appleswap.train.arcface import ArcFaceResNet
     from appleswap.train.losses import IdentityLoss
 
@@ -262,6 +262,7 @@ def transformer_flops(model: Any, batch: dict, parts: Any) -> float:
     """Model FLOPs of one sample: forward + input-gradient backward (2 x forward), no recomputation counted."""
     import torch
 
+    from appleswap.benchmark.utils import count_flops
     from appleswap.model.latents import image_ids, vae_scale_factor
     from appleswap.train.teacher import batch_text, encode_posterior, sample_generator
 
@@ -277,21 +278,13 @@ def transformer_flops(model: Any, batch: dict, parts: Any) -> float:
     return 2 * forward
 
 
-def count_flops(fn: Callable[[], Any]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
 def plain_rows(args: argparse.Namespace, device: Any, batch_size: int, ceiling: float) -> list[BatchRow]:
     """The baseline: diffusers FLUX + peft LoRA of the same targets / rank, same tokens, FM loss, AdamW."""
     import torch
     from peft import LoraConfig
 
-    from appleswap.bench import BenchConfig, build_models
+    from appleswap.benchmark.models import BenchConfig, build_models
+    from appleswap.benchmark.utils import count_flops
     from appleswap.model.lora import apple_target_modules
 
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -529,7 +522,7 @@ def run(args: argparse.Namespace) -> tuple[list[BatchRow], str]:
     """The recipes in order at ``--batch``, then (``--sweep``) the last recipe over batch sizes."""
     import torch
 
-    from appleswap.bench_utils import matmul_ceiling
+    from appleswap.benchmark.utils import matmul_ceiling
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":

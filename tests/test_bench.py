@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from appleswap.bench import BenchConfig, run_bench
+from appleswap.benchmark.settings import BenchConfig
+from appleswap.benchmark.table import run_bench
 from tests.fixtures.tiny_flux import one_thread  # noqa: F401
 
 
@@ -64,8 +65,8 @@ def test_fraction_of_the_ceiling_counts_the_function_not_the_folded_columns():
     """The folded LoRA's zero columns are GPU work, not FLOPs of the function: the fractions must not count them."""
     import torch
 
-    from appleswap.bench import apple_pass, build_apple, build_models, make_inputs
-    from appleswap.bench_utils import count_flops, function_flops
+    from appleswap.benchmark.models import apple_pass, build_apple, build_models, make_inputs
+    from appleswap.benchmark.utils import count_flops, function_flops
 
     cfg = BenchConfig(tiny=True)
     flux, _ = build_models(cfg, "cpu", torch.float32)
@@ -84,17 +85,14 @@ def test_fraction_of_the_ceiling_counts_the_function_not_the_folded_columns():
     assert model.fused_fold is False
 
 
-def test_probe_arguments_parse_replays_and_options_and_seed_torch(monkeypatch):
+def test_module_entry_point_is_the_bench_command():
+    """``python -m appleswap.benchmark`` parses the bench options itself (no ``bench bench`` in its usage)."""
+    import subprocess
     import sys
+    from pathlib import Path
 
-    import torch
-
-    from appleswap.bench_utils import probe_arguments
-
-    monkeypatch.setattr(sys, "argv", ["probe", "--replays", "7", "--batch", "3"])
-    args = probe_arguments("doc", replays=50, options=[("--batch", {"type": int, "default": 1})])
-    assert (args.replays, args.batch) == (7, 3)
-    first = torch.rand(3)
-    monkeypatch.setattr(sys, "argv", ["probe"])
-    assert probe_arguments("doc", replays=50).replays == 50
-    assert torch.equal(torch.rand(3), first)  # seeded again: the same inputs
+    src = Path(__file__).resolve().parents[1] / "src"
+    result = subprocess.run([sys.executable, "-m", "appleswap.benchmark", "--help"], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(src), "PATH": ""}, check=True)
+    assert result.stdout.startswith("usage: python -m appleswap.benchmark")
+    assert "bench bench" not in result.stdout and "--compile" in result.stdout and "--weights-dir" in result.stdout

@@ -201,7 +201,7 @@ def test_swap_builds_pass_constants_once_and_avoids_diffusers_module_walks(weigh
 
 
 def test_fp8_pipeline_is_close_to_full_precision(weights, student, faces):
-    from appleswap.model.fp8 import Fp8Linear
+    from appleswap.model.fp8_linear import Fp8Linear
 
     ids = tiny_id_tokens(1)
     reference = student(ids, faces[0], num_steps=2, output_type="pt")

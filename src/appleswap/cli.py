@@ -31,7 +31,7 @@ COMMAND_MODULES = (
     "appleswap.train.cli",  # train teacher|student
     "appleswap.train.pseudo",  # pseudo: pseudo-triplets from the teacher
     "appleswap.eval.cli",  # eval: the FFHQ protocol and reports
-    "appleswap.bench",  # bench: GPU speed and memory table
+    "appleswap.benchmark.cli",  # bench: GPU speed and memory table
 )
 INFERENCE_COMMANDS = ("generate", "swap", "app", "pseudo", "eval", "bench")  # see inference_blas_defaults
 

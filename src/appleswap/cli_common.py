@@ -64,15 +64,6 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format="%(levelname)s %(name)s: %(message)s")
 
 
-def pick_device(requested: str | None) -> str:
-    """The torch device string for ``--device`` (cuda when available and nothing was asked)."""
-    if requested:
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 BLAS_WORKSPACE_ENV = "CUBLASLT_WORKSPACE_SIZE"
 
 
@@ -85,6 +76,3 @@ def inference_blas_defaults() -> None:
     cuBLASLt call, so this runs before any CUDA work. Training keeps PyTorch's default."""
     os.environ.setdefault(BLAS_WORKSPACE_ENV, "0")
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import types
 import typing
 from pathlib import Path
@@ -175,6 +174,3 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
     return convert(config)
 
-
-def print_error(message: str) -> None:
-    print(f"appleswap: error: {message}", file=sys.stderr)

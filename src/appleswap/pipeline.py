@@ -5,7 +5,7 @@
 
 ``source`` is ID tokens (a tensor), an identity file, or photos of the source person (encoded by the identity
 stage). ``target`` is the aligned target; the teacher also needs ``condition`` (the blurred-face + landmarks
-image) and usually runs with ``invert=True`` (attribute-aware inversion, spec §7).
+image) and usually runs with ``invert=True`` (attribute-aware inversion, docs/method.md: Inversion).
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from appleswap.devices import upload
 from appleswap.files import images_to_tensor
 from appleswap.model.latents import (
-    compile_vae,
     decode_tokens,
     encode_images,
-    graph_vae_encoder,
     image_ids,
     placement,
     prepare_noise,
@@ -46,7 +45,8 @@ from appleswap.sampling import (
 )
 from appleswap.sampling.schedule import schedule_from_scheduler_config
 from appleswap.sampling.seeds import derived_seed
-from appleswap.sampling.steps import StepTable, call_sigmas, upload
+from appleswap.sampling.steps import StepTable, call_sigmas
+from appleswap.speed import attach_speed
 
 logger = logging.getLogger(__name__)
 
@@ -56,33 +56,6 @@ INVERSE_CONDS = ("noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond")
 DEFAULT_VIT_TOKENS = 577  # EVA02-CLIP-L-336: 24 x 24 patches + CLS (shapes the null ID)
 
 
-def apply_memory_options(transformer: AppleTransformer, device, *, fp8: bool = False, offload: str = "none",
-                         fuse: bool = True, compile: bool | str = False, cuda_graphs: bool = False,
-                         vae=None) -> AppleTransformer:
-    """fp8 block weights and/or sequential block offload for a transformer loaded on the CPU (or already on
-    ``device``): quantised block by block on ``device`` (with merged fp8 condition weights unless offloaded), then
-    everything resident placed there. Then the speed options that keep the function: fused projections, regional
-    ``torch.compile`` (True or a mode) and CUDA graphs; without offload also ``vae``'s (compiled, encoder graphed)."""
-    if fp8:
-        on_host = offload == "sequential"  # blocks copied in every pass: no merged condition weights to copy
-        transformer.quantize_fp8(device=None if on_host else device, merge_condition=not on_host)
-    if offload == "sequential":
-        transformer.enable_sequential_offload(device)
-    else:
-        transformer.place(device)
-    if fuse and offload != "sequential":
-        transformer.fuse_projections()
-    on_cuda = torch.device(device).type == "cuda"  # compile and graphs pay off on GPUs only
-    own_vae = vae is not None and offload == "none"  # a VAE that stays on the GPU
-    if compile and on_cuda:
-        transformer.compile_blocks(mode=compile if isinstance(compile, str) else None)
-        if own_vae:
-            compile_vae(vae)
-    if cuda_graphs and on_cuda and offload != "sequential":
-        transformer.enable_cuda_graphs()
-        if own_vae:
-            graph_vae_encoder(vae)
-    return transformer
 
 
 @dataclasses.dataclass
@@ -122,14 +95,14 @@ class SwapPipeline:
             mode: ``student`` (clean target as condition) or ``teacher`` (condition image, usually with inversion).
             flux_path / pulid_path / lora_path: explicit files that win over the registry locations.
             null_id: null-ID tokens or an identity file; default: PuLID's IDFormer on zero inputs.
-            fp8 / offload: memory options (:func:`apply_memory_options`): e4m3 block weights with row-wise scales and
+            fp8 / offload: memory options (:mod:`appleswap.speed`): e4m3 block weights with row-wise scales and
                 fast fp8 accumulation (half the memory, changes numerics slightly); ``none`` | ``model`` (VAE in host memory between
                 uses) | ``sequential`` (also the blocks, copied in one at a time: slow, smallest GPU memory).
             fuse / compile / cuda_graphs: speed options that keep the function: stacked projection GEMMs; regional
                 ``torch.compile`` (True or a mode name; also the VAE); whole-pass CUDA graphs (both GPU only).
             parity: the release's behaviour where ours differs (``appleswap.parity`` rows ``pipeline``).
         """
-        from appleswap.cli_common import pick_device
+        from appleswap.devices import pick_device
         from appleswap.model.loading import load_apple_transformer, load_vae
         from appleswap.model.offload import check_tier
         from appleswap.weights import locate
@@ -145,7 +118,7 @@ class SwapPipeline:
         transformer = load_apple_transformer(flux, pulid_path=pulid, lora_path=lora, dtype=dtype,
                                              device="cpu" if fp8 or offload == "sequential" else device)
         vae = load_vae(flux, dtype=dtype, device="cpu" if offload != "none" else device)
-        apply_memory_options(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile,
+        attach_speed(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile,
                              cuda_graphs=cuda_graphs, vae=vae)
         text = load_text_embeddings(flux, prompt, text_cache_dir, max_sequence_length=max_sequence_length, device=device,
                                     dtype=dtype)
@@ -306,7 +279,7 @@ class SwapPipeline:
             source: ID tokens (32, D) / (B, 32, D), an identity ``.safetensors`` file, or photo(s) of one person.
             target: aligned target(s): uint8 (H, W, 3) arrays, paths, or a (B, 3, H, W) tensor in [0, 1].
             condition: the condition image(s) (teacher: required; student: default = the clean target).
-            invert: attribute-aware inversion of the target before regeneration (spec §7).
+            invert: attribute-aware inversion of the target before regeneration (docs/method.md: Inversion).
             inverse_steps: inversion depth in steps (default ``num_steps``; fewer = partial, resumed correctly).
             inverse_cond: conditions during inversion (``noID_trgCond`` = attribute-only, the paper's choice).
             inversion_order / sampler_order: 1 = Euler (reference), 2 = midpoint (default: the pipeline's, 1).

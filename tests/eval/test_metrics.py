@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appleswap.eval import dlib_id, expression, gaze, lighting, pose, skin, stats
+from appleswap.eval import dlib_id, gaze, lighting, skin, stats
 from appleswap.eval.flicker import flicker_scores
 from appleswap.eval.identity import retrieval_hits
 from appleswap.eval.masks import SKIN_CLASSES, mesh_classes, select
-from appleswap.eval.mesh import face_mesh_points
+from appleswap.face_metrics import expression, pose
+from appleswap.face_metrics.mesh import face_mesh_points
 from appleswap.files import load_image
 
 
@@ -160,8 +161,9 @@ def test_compare_reports_flags_paired_and_set_differences():
 
 
 def test_alignment_crops_put_the_face_where_the_networks_expect_it(frontal):
-    from appleswap.eval.glint import ARCFACE_TEMPLATE, arcface_crop
-    from appleswap.eval.mesh import five_points
+    from appleswap.face_metrics.mesh import five_points
+    from appleswap.identity.align import ARCFACE_TEMPLATE_112 as ARCFACE_TEMPLATE
+    from appleswap.identity.align import arcface_crop
 
     image, mesh, _, _ = frontal
     points = five_points(mesh)

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from appleswap.eval import arcface, expression, fid, glint, pose
+from appleswap.eval import fid, glint
+from appleswap.face_metrics import arcface, expression, pose
 from appleswap.files import load_image
+from appleswap.identity.align import ARCFACE_TEMPLATE_112, arcface_crop
 from tests.eval import tiny_weights
 
 
@@ -122,8 +124,8 @@ def test_frechet_and_kid_numbers():
 def test_glint_onnx_recogniser_and_arcface_crop(tmp_path, faces_dir):
     recogniser = glint.GlintRecognizer(tiny_weights.tiny_glint_onnx(tmp_path / "glintr100.onnx"))
     image = load_image(faces_dir / "biden2.jpg")
-    points = glint.ARCFACE_TEMPLATE * 4 + 100  # a face 4x the template size at (100, 100)
-    crop = glint.arcface_crop(image, points)
+    points = ARCFACE_TEMPLATE_112 * 4 + 100  # a face 4x the template size at (100, 100)
+    crop = arcface_crop(image, points)
     np.testing.assert_allclose(crop, image[100:100 + 448:4, 100:100 + 448:4], atol=40)
     embeddings = recogniser.embed([crop, crop[:, ::-1].copy()])
     assert embeddings.shape == (2, 512) and np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)

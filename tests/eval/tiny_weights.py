@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from appleswap.eval.arcface import IRSE50
-from appleswap.eval.expression import ReconNet
 from appleswap.eval.fid import FIDInception
-from appleswap.eval.pose import HopeNet
+from appleswap.face_metrics.arcface import IRSE50
+from appleswap.face_metrics.expression import ReconNet
+from appleswap.face_metrics.pose import HopeNet
 
 TINY_UNITS = (1, 1, 1, 1)
 TINY_CHANNELS = (8, 16, 24, 32)

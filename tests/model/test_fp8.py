@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-import appleswap.model.fp8 as fp8_lib
-from appleswap.model.fp8 import (
+import appleswap.model.fp8_linear as fp8_lib
+from appleswap.model.fp8 import quantize_blocks_fp8
+from appleswap.model.fp8_linear import (
     FP8,
     Fp8Linear,
     dequantize_fp8,
     quantize_activation,
     quantize_activation_rows,
-    quantize_blocks_fp8,
     quantize_fp8,
     scaled_matmul,
 )

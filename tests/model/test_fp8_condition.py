@@ -10,9 +10,9 @@ import logging
 import pytest
 import torch
 
-import appleswap.model.fp8 as fp8_lib
+import appleswap.model.fp8_linear as fp8_lib
 from appleswap.model import fp8_condition, fusion
-from appleswap.model.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
+from appleswap.model.fp8_linear import FP8_MAX, dequantize_fp8, quantize_fp8
 from appleswap.model.lora import routed_linear
 from tests.model.test_fp8_fusion import _bf16, _relative, _strong_lora
 from tests.model.test_speed_options import _call, _full_model, _inputs

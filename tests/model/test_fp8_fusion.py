@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import appleswap.model.fp8 as fp8_lib
+import appleswap.model.fp8_linear as fp8_lib
 from appleswap.model import fp8_condition, fusion
-from appleswap.model.fp8 import FP8, FP8_MAX, Fp8FusedProjection, quantize_lora_columns
+from appleswap.model.fp8 import Fp8FusedProjection
+from appleswap.model.fp8_linear import FP8, FP8_MAX, quantize_lora_columns
 from tests.model.test_speed_options import _call, _full_model, _inputs
 
 

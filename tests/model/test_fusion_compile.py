@@ -126,7 +126,7 @@ def test_folded_lora_follows_adapter_switches_scaling_and_reloads(tmp_path):
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
 @torch.no_grad()
 def test_compiled_vae_encodes_and_decodes_as_eager_with_the_same_state_dict():
-    from appleswap.bench import BenchConfig, build_vae
+    from appleswap.benchmark.models import BenchConfig, build_vae
     from appleswap.model.latents import compile_vae, decode_tokens, encode_images
 
     torch._dynamo.reset()
@@ -153,7 +153,7 @@ def test_graphed_vae_encoder_gives_the_same_latents_through_the_graph_runner():
     """``graph_vae_encoder`` routes encodes (posterior mode and seeded samples) through a CUDA-graph runner that
     returns the posterior's parameters (on the CPU it runs the encoder as it is); switching it off restores the plain
     path."""
-    from appleswap.bench import BenchConfig, build_vae
+    from appleswap.benchmark.models import BenchConfig, build_vae
     from appleswap.model.latents import encode_images, graph_vae_encoder
 
     torch.manual_seed(0)

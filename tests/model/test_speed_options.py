@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from appleswap.model import lora as lora_lib
-from appleswap.model.fp8 import Fp8Linear
+from appleswap.model.fp8_linear import Fp8Linear
 from appleswap.model.latents import image_ids
 from appleswap.model.loading import build_id_attentions_from_weights
 from appleswap.model.offload import BlockOffloader, ModelOffloader, check_tier
@@ -245,7 +245,7 @@ def test_fp8_transformer_close_to_full_precision_and_keeps_lora(granularity):
 @pytest.mark.parametrize("granularity", ["row", "tensor"])
 def test_fp8_scaled_mm_path_through_the_whole_model(monkeypatch, granularity):
     """The GPU code path (activations quantised per call, ``torch._scaled_mm``) run on the CPU in bf16."""
-    import appleswap.model.fp8 as fp8_lib
+    import appleswap.model.fp8_linear as fp8_lib
 
     model, inp = _full_model(), _inputs()
     model.flux.to(torch.bfloat16)

@@ -1,4 +1,4 @@
-"""The condition image against the reference recipe (spec §1.1-1.3, §1.5), on a real aligned face."""
+"""The condition image against the reference recipe (docs/method.md: Preprocessing), on a real aligned face."""
 
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def test_step_table_hands_out_rows_in_order_and_catches_misuse():
 def test_upload_queues_host_tensors_for_cuda_through_pinned_memory(monkeypatch):
     """Host tensors bound for a CUDA device go through pinned memory with a non-blocking copy (the host does not wait
     for the GPU's queue); everything else is a plain ``.to``."""
-    from appleswap.sampling.steps import upload
+    from appleswap.devices import upload
 
     x = torch.randn(4, 3)
     assert upload(x, None) is x and upload(x, "cpu") is x

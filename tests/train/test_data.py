@@ -1,4 +1,4 @@
-"""Dataset indexing, pairing and dropout of the teacher and the student (spec §5.1, §8.6)."""
+"""Dataset indexing, pairing and dropout of the teacher and the student (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The pseudo-triplet generator runs the swap pipeline: the result is spec §7's procedure written out by hand."""
+"""The pseudo-triplet generator runs the swap pipeline: the result is the inversion of docs/method.md written out by
+hand."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The model call of a swap: aligned 512 crops -> swapped crops, via ``SwapPipeline`` (student or teacher).
 
-Student (default): the clean aligned target is the condition, no preprocessing (spec §9). Teacher: the target
+Student (default): the clean aligned target is the condition, no preprocessing (docs/method.md). Teacher: the target
 crop is turned into its condition image (8x8 low-frequency face + 68 landmarks + iris, drawn from the MediaPipe
-mesh, spec §3) and the target is inverted attribute-aware before regeneration (spec §7).
+mesh, docs/method.md) and the target is inverted attribute-aware before regeneration (docs/method.md).
 """
 
 from __future__ import annotations
@@ -20,24 +20,16 @@ log = logging.getLogger(__name__)
 
 
 def teacher_condition(crop: np.ndarray, landmarker: Any) -> np.ndarray:
-    """The teacher's condition image for an aligned crop; ValueError when the mesh finds no face in it."""
+    """The teacher's condition image for an aligned crop (face classes from its MediaPipe mesh); ValueError when the
+    mesh finds no face in it."""
     from appleswap.faces.mesh_mask import landmark_classes, mesh_classes
-    from appleswap.preprocess.condition import (
-        IRIS_COLOR,
-        LANDMARK_COLOR,
-        build_condition,
-        canvas_to_rgb,
-        draw_iris,
-        draw_landmarks,
-    )
+    from appleswap.preprocess.condition import teacher_condition as condition_image
 
     landmarks = landmarker(crop)
     shape = crop.shape
     classes = mesh_classes(landmarks.mesh, shape) if landmarks.mesh is not None else landmark_classes(
         landmarks.lm68, shape)
-    lm_canvas = canvas_to_rgb(draw_landmarks(shape, landmarks.lm68), LANDMARK_COLOR)
-    iris_canvas = None if landmarks.iris is None else canvas_to_rgb(draw_iris(shape, landmarks.iris), IRIS_COLOR)
-    return build_condition(crop, classes, lm_canvas, iris_canvas, fill="blur")
+    return condition_image(crop, classes, landmarks)
 
 
 class PipelineGenerator:
@@ -95,7 +87,7 @@ def load_generator(config: SwapConfig, weights_dir: str | Path | None = None,
     """Build the pipeline through the weights registry (``MissingWeightError`` names any missing file)."""
     import torch
 
-    from appleswap.cli_common import pick_device
+    from appleswap.devices import pick_device
     from appleswap.pipeline import SwapPipeline
 
     device = pick_device(device)

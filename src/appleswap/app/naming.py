@@ -10,7 +10,6 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-DEFAULT_PATTERN = "{source}-{target}{ext}"
 _FIELDS = {"source", "source_name", "target", "target_name", "ext", "target_extension", "index"}
 
 

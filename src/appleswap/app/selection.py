@@ -71,9 +71,3 @@ def select_faces(faces: Sequence[Any], mode: str = "one", *, order: str = "large
     distances = cosine_distance(embeddings, reference)
     return [i for i in ordered if distances[i] < distance]
 
-
-def nearest_face(faces: Sequence[Any], embeddings: np.ndarray, reference: np.ndarray) -> int | None:
-    """The index of the face most similar to ``reference`` (None when there are no faces)."""
-    if not len(faces):
-        return None
-    return int(np.argmin(cosine_distance(embeddings, reference)))

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from appleswap.cli_common import HelpFormatter, common_parser, pick_device
+from appleswap.cli_common import HelpFormatter, common_parser
 from appleswap.config import add_config_args, load_config_file, resolve_config
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "flicker":
         return _flicker(args)
     from appleswap.cli_common import exit_status
+    from appleswap.devices import pick_device
     from appleswap.eval.networks import WeightPaths
     from appleswap.eval.report_html import render_html
     from appleswap.eval.runner import evaluate

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from appleswap.eval.cache import FeatureCache
 from appleswap.eval.masks import ID_CLASSES, FaceMasker, select
-from appleswap.eval.mesh import NUM_POINTS, face_mesh_points, five_points
+from appleswap.face_metrics.mesh import NUM_POINTS, face_mesh_points, five_points
 from appleswap.files import ImageLoadError, load_image
 
 log = logging.getLogger(__name__)

@@ -61,7 +61,7 @@ def read_frames(path: str | Path, limit: int = 0) -> list[np.ndarray]:
 
 def video_flicker(swapped: str | Path, target: str | Path | None = None, limit: int = 0) -> np.ndarray:
     """Per-transition flicker of a swapped video, on the face (mesh of each target frame, else swap frame)."""
-    from appleswap.eval.mesh import face_mesh_points, mesh_face_mask
+    from appleswap.face_metrics.mesh import face_mesh_points, mesh_face_mask
 
     frames = read_frames(swapped, limit)
     reference = read_frames(target, len(frames)) if target else None

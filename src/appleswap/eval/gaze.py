@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from appleswap.eval.mesh import LEFT_EYE, RIGHT_EYE
+from appleswap.face_metrics.mesh import LEFT_EYE, RIGHT_EYE
 
 VERSION = "iris-gaze-1"
 EYEBALL_RADIUS_PER_WIDTH = 0.43

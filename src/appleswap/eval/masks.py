@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from appleswap.eval.mesh import FACE_OVAL
+from appleswap.face_metrics.mesh import FACE_OVAL
 from appleswap.faces.segmap import CLASS_IDS
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,3 @@ class FaceMasker:
 def select(classes: np.ndarray, ids: tuple[int, ...]) -> np.ndarray:
     return np.isin(classes, ids)
 
-
-def resize_classes(classes: np.ndarray, size: int) -> np.ndarray:
-    return cv2.resize(classes, (size, size), interpolation=cv2.INTER_NEAREST)

@@ -13,10 +13,12 @@ import logging
 import numpy as np
 import torch
 
-from appleswap.eval import arcface, dlib_id, expression, fid, glint, pose
+from appleswap.eval import dlib_id, fid, glint
 from appleswap.eval.features import Extractor, id_mask, mesh_or_none, nan_features, points5_or_none
 from appleswap.eval.gaze import VERSION as GAZE_VERSION
 from appleswap.eval.gaze import gaze_vector
+from appleswap.face_metrics import arcface, expression, pose
+from appleswap.identity.align import arcface_crop
 from appleswap.weights import MissingWeightError, locate
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ def identity_extractors(paths: WeightPaths, device: str, id_mask_from: str) -> l
                 if points is None:
                     out.append(nan_features(embedding=(512,)))
                 else:
-                    out.append({"embedding": recogniser.embed([glint.arcface_crop(image, points)])[0]})
+                    out.append({"embedding": recogniser.embed([arcface_crop(image, points, recogniser.size)])[0]})
             return out
 
         extractors.append(Extractor("glintr100", glint.VERSION, "antelopev2 glintr100 (not used in training)",

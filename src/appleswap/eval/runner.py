@@ -27,10 +27,10 @@ from appleswap.eval.networks import (
     pose_extractor,
 )
 from appleswap.eval.pairs import Pair, load_pairs
-from appleswap.eval.pose import pose_error
 from appleswap.eval.report_html import DESCRIPTIONS, LOWER_IS_BETTER, MISSING_SWAP_RULE, unit_of
 from appleswap.eval.settings import EvalConfig
 from appleswap.eval.skin import skin_tone_difference
+from appleswap.face_metrics.pose import pose_error
 from appleswap.files import is_image_path
 
 log = logging.getLogger(__name__)

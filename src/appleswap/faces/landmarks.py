@@ -8,12 +8,12 @@ unchanged. "3ddfa-v3" loads the 3DMM landmarker (``appleswap.faces.tddfa``) from
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
+
+from appleswap.faces.points import FaceLandmarks, LandmarkProvider
 
 log = logging.getLogger(__name__)
 
@@ -34,37 +34,6 @@ IRIS_MESH = np.arange(468, 478)  # subject's right iris (centre 468, ring 469-47
 # eye contours in the 68 layout, for checks and the eye masks
 RIGHT_EYE_68 = np.arange(36, 42)
 LEFT_EYE_68 = np.arange(42, 48)
-
-
-@dataclasses.dataclass
-class FaceLandmarks:
-    """Landmarks of one face in the pixel coordinates of the image they were found on.
-
-    ``lm68_canvas`` / ``iris_canvas`` carry the reference drawings verbatim when points came from files.
-    """
-
-    lm68: np.ndarray  # (68, 2) float32; (N, 2) when recovered from a reference drawing
-    iris: np.ndarray | None = None  # (10, 2) float32
-    mesh: np.ndarray | None = None  # (478, 2) float32
-    segmap: np.ndarray | None = None  # (H, W) uint8 class ids
-    segmap_intersection: np.ndarray | None = None  # the same, occluded pixels removed (the authors' files)
-    lm68_canvas: np.ndarray | None = None
-    iris_canvas: np.ndarray | None = None
-
-    def transformed(self, matrix: np.ndarray) -> FaceLandmarks:
-        """The same points mapped through a 2x3 affine ``matrix`` (canvases and segmap are dropped)."""
-
-        def apply(points: np.ndarray | None) -> np.ndarray | None:
-            if points is None:
-                return None
-            pts = np.asarray(points, dtype=np.float64)
-            return (pts @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
-
-        return FaceLandmarks(lm68=apply(self.lm68), iris=apply(self.iris), mesh=apply(self.mesh))
-
-
-class LandmarkProvider(Protocol):
-    def __call__(self, aligned_image: np.ndarray, key: str | None = None) -> FaceLandmarks: ...
 
 
 def mesh_to_lm68(mesh: np.ndarray) -> np.ndarray:

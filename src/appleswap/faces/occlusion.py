@@ -1,6 +1,6 @@
 """The APPLE release's occlusion-aware face segmenter (DeepLabV3+ / ResNetV1c-101) without mmcv or mmsegmentation.
 
-The release runs ``preprocess/deeplabv3plus_celebA_train_wo_natocc_wsot.py`` through mmseg (spec §1.3): ResNetV1c
+The release runs ``preprocess/deeplabv3plus_celebA_train_wo_natocc_wsot.py`` through mmseg (docs/method.md): ResNetV1c
 (deep stem, strides 1/2/1/1, dilations 1/1/2/4, contract_dilation), a DepthwiseSeparableASPPHead (2048->512, ASPP
 dilations 1/12/24/36, c1 256->48, 2 classes) and an FCN auxiliary head. Every module here is named like mmseg's so
 ``deeplabv3_iter_27600.pth`` loads strictly (``backbone.stem.*``, ``backbone.layerN.*``, ``decode_head.*``, mmcv

@@ -1,4 +1,4 @@
-"""BiSeNet 19-class CelebAMask-HQ face parser in plain PyTorch, loaded from local weights (spec §1.3).
+"""BiSeNet 19-class CelebAMask-HQ face parser in plain PyTorch, loaded from local weights (docs/method.md).
 
 Architecture: ResNet-18 context path, two attention-refinement modules, a feature-fusion module that takes the
 ResNet 1/8 feature in place of the (removed) spatial path, and three output heads (only the main one is used at
@@ -265,7 +265,7 @@ class FaceParser:
             batch.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         x = torch.stack(batch).to(self.device, torch.float32) / 255.0
         x = (x - self._mean) / self._std
-        if self.parity_double_norm:  # SpecificNorm of the APPLE condition script (spec §1.3)
+        if self.parity_double_norm:  # SpecificNorm of the APPLE condition script (docs/method.md: Preprocessing)
             x = (x - 0.5) / 0.5
         return x
 

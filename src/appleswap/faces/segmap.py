@@ -1,4 +1,4 @@
-"""The 19 CelebAMask-HQ face-parsing classes and the reference's colour table (spec §1.3).
+"""The 19 CelebAMask-HQ face-parsing classes and the reference's colour table (docs/method.md: Preprocessing).
 
 Every face-mask source (the BiSeNet parser, the occlusion intersection, the landmark-mesh default) produces a
 class map with these ids, so condition building and the saved ``segmap*/`` pictures do not depend on the source.

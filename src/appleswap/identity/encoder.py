@@ -96,7 +96,7 @@ class IdentityEncoder:
         ``parser_path`` (a BiSeNet ``parsing_bisenet.pth`` / ``FaceParser.pth``) wins over the registry's
         ``facexlib_parsing``; without either the MediaPipe mesh supplies the face classes.
         """
-        from appleswap.cli_common import pick_device
+        from appleswap.devices import pick_device
         from appleswap.weights import MissingWeightError, locate
 
         device = pick_device(device)

@@ -3,7 +3,7 @@
 The condition LoRA acts on condition tokens only. In bf16 the fused GEMMs fold it in (:mod:`fusion`): extra
 reduction columns ``[x | z] [W | B]^T`` with ``z = s A x`` on the condition rows. In fp8 that fold costs ~2 ms
 per pass beyond its GEMM columns: the ``z`` products and the kernels that write their inputs (the condition rows'
-GELU and concatenation again). Measured on an H100 (``benchmarks/probe_condition_weights.py``), two fp8 GEMMs over
+GELU and concatenation again). Measured on an H100 (a probe of round 12 in git history), two fp8 GEMMs over
 row slices of the same quantised input, ``W`` for the text and image rows and ``W'`` for the condition rows,
 take as long as the one folded GEMM plus ``z``: so with a second e4m3 weight for the condition rows the rest of
 the LoRA's cost goes. It costs memory: one more e4m3 copy of every LoRA-wrapped block linear (5.3 GiB at FLUX size).
@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from appleswap.model import kernels
-from appleswap.model.fp8 import MIN_ROWS, dequantize_fp8, quantize_activation_rows, quantize_fp8, scaled_mm_supported
+from appleswap.model.fp8_linear import (
+    MIN_ROWS,
+    dequantize_fp8,
+    quantize_activation_rows,
+    quantize_fp8,
+    scaled_mm_supported,
+)
 from appleswap.model.kernels import ConcatInput
 from appleswap.model.lora import _active_adapters, is_lora_layer, plain_adapter
 

@@ -154,21 +154,18 @@ class FusedProjection(nn.Module):
         return True
 
 
-def _projection(layers: list[nn.Module], fold_lora: bool, condition_weights: bool) -> FusedProjection:
-    from appleswap.model.fp8 import Fp8FusedProjection, Fp8Linear  # fp8 builds on this module
-
-    if any(isinstance(_base(layer), Fp8Linear) for layer in layers):
-        return Fp8FusedProjection(layers, fold_lora, condition_weights)
-    return FusedProjection(layers, fold_lora)
-
-
-def fuse_block(block: nn.Module, fold_lora: bool = True, condition_weights: bool = True) -> list[FusedProjection]:
-    """Stack the projections of one FLUX block (double or single) into :class:`FusedProjection` groups (fp8
-    layers: :class:`~appleswap.model.fp8.Fp8FusedProjection`, with their merged condition weights unless
+def fuse_block(block: nn.Module, fold_lora: bool = True, condition_weights: bool = True,
+               projection: Callable[[list[nn.Module], bool, bool], FusedProjection] | None = None,
+               ) -> list[FusedProjection]:
+    """Stack the projections of one FLUX block (double or single) into :class:`FusedProjection` groups, each made
+    by ``projection(layers, fold_lora, condition_weights)`` (default: the bf16 group; for fp8 layers
+    :func:`appleswap.model.fp8.fused_projection_for`, which keeps their merged condition weights unless
     ``condition_weights`` is False). Returns the groups."""
+    if projection is None:
+        projection = lambda layers, fold, _: FusedProjection(layers, fold)
     groups = DOUBLE_GROUPS if hasattr(block, "norm1_context") else SINGLE_GROUPS
     modules = dict(block.named_modules())
-    fused = nn.ModuleDict({name: _projection([modules[m] for m in members], fold_lora, condition_weights)
+    fused = nn.ModuleDict({name: projection([modules[m] for m in members], fold_lora, condition_weights)
                            for name, members in groups.items()})
     block.add_module(ATTRIBUTE, fused)
     return list(fused.values())

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
+from appleswap.model.fp8_linear import FP8_MAX, ROUND_UP
+
 try:  # Triton ships with PyPI's CUDA builds of torch; the reference path needs nothing
     import triton
     import triton.language as tl
@@ -171,7 +173,7 @@ if triton is not None:
                             num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         """Allocate (query, key) (B, N, H, D) and run one kernel per part. ``wrap=False`` calls the kernel
         directly (tests under ``TRITON_INTERPRET=1``); the op wraps it for ``torch.compile``. ``block`` tokens per
-        program and ``num_warps``: ``benchmarks/probe_join_rows.py`` varies them (inside a pass no setting won)."""
+        program and ``num_warps``: varying them made no difference inside a pass (``benchmarks/RESULTS.md``)."""
         first = q_parts[0]
         batch, width = first.shape[0], first.shape[-1]
         total = sum(part.shape[1] for part in q_parts)
@@ -258,8 +260,7 @@ if triton is not None:
         """(joined (B, N, width): e4m3 when ``quantize`` else a's dtype, row scales (B * N, 1) fp32 or empty).
         ``shift``/``scale`` (1 or B, 1 or 2, KA), same strides: a's LayerNorm (``eps``) and AdaLN, branch 1 from
         row ``split`` on (-1: every row branch 0). ``num_warps`` per program (default 8, 16 above 8,192 columns):
-        ``benchmarks/probe_join_rows.py`` varies it (alone 4 or 8 were faster; inside a pass no setting was)."""
-        from appleswap.model.fp8 import FP8_MAX, ROUND_UP  # fp8 builds on fusion, which builds on this module
+        alone 4 or 8 were faster, inside a pass no setting was (``benchmarks/RESULTS.md``)."""
 
         batch, rows = a.shape[0], a.shape[1]
         dtype = torch.float8_e4m3fn if quantize else a.dtype

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from appleswap.sampling.steps import upload
+from appleswap.devices import upload
+from appleswap.model.cuda_graph import CudaGraphRunner
 
 
 def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -33,8 +34,6 @@ def graph_vae_encoder(vae, enabled: bool = True) -> None:
     (:class:`~appleswap.model.cuda_graph.CudaGraphRunner`): launching its kernels one by one took as long as running
     them (~6 ms at 512x512 on an H100), so the host could not prepare a swap's sampling while the GPU encoded the
     target. Same function; for a VAE that stays on one GPU (not with ``offload``)."""
-    from appleswap.model.cuda_graph import CudaGraphRunner
-
     if not enabled:
         vae.__dict__.pop("apple_encoder_graph", None)
         return

@@ -1,7 +1,7 @@
 """AppleTransformer: diffusers' FluxTransformer2DModel plus the 20 PuLID ID cross-attentions and the
 condition-only LoRA, run as APPLE's three-branch forward (text, noisy image, clean condition).
 
-Branches (spec §4.1): the condition tokens get timestep 0 and FLUX guidance 1, share the image's position ids,
+Branches (docs/method.md): the condition tokens get timestep 0 and FLUX guidance 1, share the image's position ids,
 and are the only tokens the LoRA acts on; ID cross-attention residuals are added to the image tokens after
 double blocks 0, 2, ... and single blocks 0, 4, ...; only the image tokens reach ``norm_out``/``proj_out``.
 With no condition and no ID the forward equals the stock diffusers forward.
@@ -19,9 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from appleswap.files import save_tensors
 from appleswap.model import lora as lora_lib
 from appleswap.model.blocks import AttentionExtras, condition_modulation, double_block, single_block
+from appleswap.model.cuda_graph import CudaGraphRunner
+from appleswap.model.fp8 import fused_projection_for, quantize_blocks_fp8
+from appleswap.model.fp8_condition import drop_condition_weights
+from appleswap.model.fusion import ATTRIBUTE, fuse_block, unfuse_block
 from appleswap.model.id_attention import id_attention_layout
+from appleswap.model.offload import BlockOffloader
 
 logger = logging.getLogger(__name__)
 
@@ -464,8 +470,6 @@ class AppleTransformer(nn.Module):
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         """Record each inference pass (per input signature) as one CUDA graph and replay it (:mod:`cuda_graph`):
         no per-kernel launch cost. Same function; on the CPU or with autograd the pass runs as usual."""
-        from appleswap.model.cuda_graph import CudaGraphRunner
-
         self.graph_runner = CudaGraphRunner(self._forward) if enabled else None
 
     def _model_changed(self) -> None:
@@ -487,13 +491,13 @@ class AppleTransformer(nn.Module):
         weights (:class:`~appleswap.model.fp8.Fp8FusedProjection`) and uses their merged condition weights
         (``condition_weights=False``: the fold instead, for A/B timing). Returns the number of fused blocks."""
         self._model_changed()
-        from appleswap.model.fusion import fuse_block
 
         if self.offloader is not None:
             raise ValueError("fuse_projections: turn sequential offload off first")
         self.unfuse_projections()  # fusing again (e.g. after a LoRA change) starts from separate layers
         blocks = list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks)
-        groups = [group for block in blocks for group in fuse_block(block, fold_lora, condition_weights)]
+        groups = [group for block in blocks for group in fuse_block(block, fold_lora, condition_weights,
+                                                                               fused_projection_for)]
         self._folded_fp8 = [group for group in groups
                             if getattr(group, "_folded_b", None) or getattr(group, "condition", None) is not None]
         self.fused_fold, self.fused_condition = fold_lora, condition_weights
@@ -512,14 +516,11 @@ class AppleTransformer(nn.Module):
                            "quantised (quantise after loading the LoRA for the faster merged weights)", len(unmerged))
 
     def is_fused(self) -> bool:
-        from appleswap.model.fusion import ATTRIBUTE
-
         return any(hasattr(block, ATTRIBUTE) for block in self.flux.transformer_blocks)
 
     def unfuse_projections(self) -> None:
         """Undo :meth:`fuse_projections` (each layer gets its own weight storage back)."""
         self._model_changed()
-        from appleswap.model.fusion import unfuse_block
 
         self._folded_fp8, self.fused_fold = [], None
         for block in list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks):
@@ -529,8 +530,6 @@ class AppleTransformer(nn.Module):
     def enable_sequential_offload(self, device: torch.device | str | None = None, prefetch: int = 1) -> None:
         """Keep the blocks' weights in pinned host memory, each copied in just before it runs (next prefetched)."""
         self._model_changed()
-        from appleswap.model.fp8_condition import drop_condition_weights
-        from appleswap.model.offload import BlockOffloader
 
         if self.offloader is not None:
             return
@@ -573,7 +572,6 @@ class AppleTransformer(nn.Module):
         Afterwards move the model with :meth:`place` or ``.to(device)``, never ``.to(dtype)`` (it would cast the
         fp8 buffers)."""
         self._model_changed()
-        from appleswap.model.fp8 import quantize_blocks_fp8
 
         if self.offloader is not None:
             raise ValueError("quantize_fp8: turn sequential offload off first (or quantise before enabling it)")
@@ -599,8 +597,6 @@ class AppleTransformer(nn.Module):
     def save_lora(self, path: str | Path) -> Path:
         """Write the adapter as safetensors with the reference keys (``transformer.<module>.lora_A.weight``), its
         rank and alpha in diffusers' metadata."""
-        from appleswap.files import save_tensors
-
         if not self.has_lora():
             raise ValueError("save_lora: this transformer has no LoRA adapter (add_lora or load_lora first)")
         metadata = lora_lib.lora_file_metadata(self.flux)

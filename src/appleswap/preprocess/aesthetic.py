@@ -1,4 +1,4 @@
-"""LAION "improved aesthetic predictor" scores for the ``score.json`` data filter (spec §1.4), from local files only.
+"""LAION "improved aesthetic predictor" scores for the ``score.json`` data filter (docs/method.md), local files only.
 
 score = MLP(L2-normalised CLIP ViT-L/14 image embedding). The MLP (768->1024->128->64->16->1, dropouts between the
 first layers and no activations) is ``sac+logos+ava1-l14-linearMSE.pth`` from christophschuhmann/

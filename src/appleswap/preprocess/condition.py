@@ -1,4 +1,4 @@
-"""The teacher's condition image, drawn exactly as the reference scripts draw it (spec §1.1-1.3, §1.5).
+"""The teacher's condition image, drawn exactly as the reference scripts draw it (docs/method.md: Preprocessing).
 
 C = target outside the face mask, an 8x8 Lanczos low-frequency copy of the whole target inside it
 ("blur", the deblurring condition) or black ("black", the inpainting baseline); white 68-landmark dots,
@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
+from appleswap.faces.points import FaceLandmarks
 from appleswap.faces.segmap import GLASSES, face_mask
 
 CONDITION_DIRS = {
@@ -101,9 +102,29 @@ def build_condition(
 
 
 def intersect_classes(classes: np.ndarray, visible: np.ndarray | None) -> np.ndarray:
-    """Class map with every pixel the occlusion model does not see as face set to background (spec §1.3)."""
+    """Class map with every pixel the occlusion model does not see as face set to background (docs/method.md)."""
     if visible is None:
         return classes
     if visible.shape != classes.shape:
         raise ValueError(f"occlusion mask shape {visible.shape} does not match the class map {classes.shape}")
     return np.where(visible, classes, 0).astype(np.uint8)
+
+
+def landmark_canvases(shape: tuple[int, ...], landmarks: FaceLandmarks) -> tuple[np.ndarray, np.ndarray | None]:
+    """The landmark and iris drawings of the condition for ``landmarks`` on an image of ``shape``: the reference's
+    own drawings when the landmarks came from them, else drawn here (iris None when there are no iris points)."""
+    lm_canvas = landmarks.lm68_canvas
+    if lm_canvas is None:
+        lm_canvas = canvas_to_rgb(draw_landmarks(shape, landmarks.lm68), LANDMARK_COLOR)
+    iris_canvas = landmarks.iris_canvas
+    if iris_canvas is None and landmarks.iris is not None:
+        iris_canvas = canvas_to_rgb(draw_iris(shape, landmarks.iris), IRIS_COLOR)
+    return lm_canvas, iris_canvas
+
+
+def teacher_condition(image: np.ndarray, classes: np.ndarray, landmarks: FaceLandmarks,
+                      fill: str = "blur") -> np.ndarray:
+    """The teacher's condition image for ``image``: its (intersection) class map and its own landmarks and iris
+    (docs/method.md, "Preprocessing"). The preprocess runner and the teacher swap both build it here."""
+    lm_canvas, iris_canvas = landmark_canvases(image.shape, landmarks)
+    return build_condition(image, classes, lm_canvas, iris_canvas, fill=fill)

@@ -20,15 +20,7 @@ from appleswap.faces.landmarks import FaceLandmarks, get_landmark_provider
 from appleswap.faces.mesh_mask import landmark_classes, mesh_classes
 from appleswap.faces.segmap import colorize, face_mask
 from appleswap.files import ImageLoadError, atomic_path, load_image, raise_if_environment, save_image
-from appleswap.preprocess.condition import (
-    IRIS_COLOR,
-    LANDMARK_COLOR,
-    build_condition,
-    canvas_to_rgb,
-    draw_iris,
-    draw_landmarks,
-    intersect_classes,
-)
+from appleswap.preprocess.condition import build_condition, intersect_classes, landmark_canvases
 from appleswap.preprocess.layout import FacePaths, InputItem, face_name
 
 log = logging.getLogger(__name__)
@@ -166,8 +158,7 @@ class FaceWorker:
                 return face
         image = self._write_image(item, image, paths.image)  # the saved (JPEG-decoded) pixels, as training sees
         classes, inter = self._classes(image, landmarks)
-        lm_canvas = landmarks.lm68_canvas if landmarks.lm68_canvas is not None else _lm_rgb(image, landmarks)
-        iris_canvas = landmarks.iris_canvas if landmarks.iris_canvas is not None else _iris_rgb(image, landmarks)
+        lm_canvas, iris_canvas = landmark_canvases(image.shape, landmarks)
         outputs = {
             paths.lm68: lm_canvas, paths.iris: iris_canvas,
             paths.png("segmap"): None if classes is None else colorize(classes),
@@ -240,14 +231,6 @@ def _points(points: np.ndarray | None) -> list | None:
 def _mask(classes: np.ndarray) -> np.ndarray:
     """White-on-black RGB, as the authors write ``mask/`` and ``mask_intersection/`` (their blur.py reads RGB)."""
     return np.repeat(face_mask(classes).astype(np.uint8)[..., None] * 255, 3, axis=2)
-
-
-def _lm_rgb(image: np.ndarray, landmarks: FaceLandmarks) -> np.ndarray:
-    return canvas_to_rgb(draw_landmarks(image.shape, landmarks.lm68), LANDMARK_COLOR)
-
-
-def _iris_rgb(image: np.ndarray, landmarks: FaceLandmarks) -> np.ndarray | None:
-    return None if landmarks.iris is None else canvas_to_rgb(draw_iris(image.shape, landmarks.iris), IRIS_COLOR)
 
 
 def load_segmenters(config: Any, weights_dir: str | None = None, device: str | None = None) -> tuple[Any, Any, Any]:

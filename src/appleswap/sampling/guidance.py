@@ -1,6 +1,6 @@
 """Guidance as wrappers: each takes model callables and returns another ``model(x, sigma) -> velocity``.
 
-APPLE's two optional guidances (spec §6): image guidance against a black condition,
+APPLE's two optional guidances (docs/method.md: Guidance): image guidance against a black condition,
 v = v_black + s_img (v - v_black), and ID guidance against the null ID, v = v_nullID + s_id (v - v_nullID).
 The reference forbids both at once; here both may be combined (an extension) as
 v = v + (s_img - 1)(v - v_black) + (s_id - 1)(v - v_nullID), which reduces to each formula alone.

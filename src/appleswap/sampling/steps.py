@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from appleswap.devices import upload
+
 
 def call_sigmas(sigmas: torch.Tensor, order: int = 1, inverse: bool = False) -> torch.Tensor:
     """The sigmas at which ``sample_euler`` / ``sample_midpoint`` (``order`` 1 / 2) or ``invert`` (``inverse``)
@@ -23,15 +25,6 @@ def call_sigmas(sigmas: torch.Tensor, order: int = 1, inverse: bool = False) -> 
         return grid[:-1].clone()
     starts, ends = grid[:-1], grid[1:]
     return torch.stack([starts, starts + (ends - starts) / 2], dim=1).reshape(-1)
-
-
-def upload(tensor: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
-    """``tensor`` (on the host) moved to ``device`` without making the host wait: a copy from pageable memory waits
-    for the GPU's queue to drain (the VAE encode at the start of a swap) before the host may prepare the rest.
-    Through pinned memory (the caching host allocator keeps it until the copy has run) it is queued instead."""
-    if device is None or torch.device(device).type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class StepTable:

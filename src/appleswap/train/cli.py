@@ -19,8 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train the teacher or the student LoRA", description=__doc__,
                                    formatter_class=HelpFormatter)
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for name, cls, text in (("teacher", TrainConfig, "conditional deblurring on preprocessed photos (spec §5)"),
-                            ("student", StudentConfig, "direct editing on pseudo-triplets (spec §9)")):
+    for name, cls, text in (("teacher", TrainConfig, "conditional deblurring on preprocessed photos (docs/method.md)"),
+                            ("student", StudentConfig, "direct editing on pseudo-triplets (docs/method.md: Student)")):
         sub = stages.add_parser(name, help=text, parents=[common_parser()], formatter_class=HelpFormatter)
         add_config_args(sub, cls)
         sub.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")

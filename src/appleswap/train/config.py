@@ -1,4 +1,4 @@
-"""Training configs as data: one dataclass per stage, the paper's recipe as defaults (spec §5, §8, §9).
+"""Training configs as data: one dataclass per stage, the paper's recipe as defaults (docs/method.md).
 
 The YAML files in ``configs/`` mirror these fields; ``--flag`` values override them (``config.resolve_config``).
 """
@@ -16,7 +16,7 @@ PROMPT = "a photo of human face"
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Teacher training (conditional deblurring, spec §5); the student reuses every field."""
+    """Teacher training (conditional deblurring, docs/method.md: Teacher step); the student reuses every field."""
 
     dataset_root: str | None = option(None, "preprocessed dataset root: <root>/<id>/<name>.jpg, condition folder, "
                                             "score.json")
@@ -72,7 +72,8 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StudentConfig(TrainConfig):
-    """Student training (spec §9): condition = pseudo image, ID = another photo of the target, GT = real target."""
+    """Student training (docs/method.md): condition = pseudo image, ID = another photo of the target, GT = the real
+    target."""
 
     output_dir: str = option("runs/student", "run folder: checkpoints, TensorBoard logs, previews")
     pseudo_root: str | None = option(None, "`appleswap pseudo` output folder (PNGs, pairs.json, scores.json)")
@@ -87,7 +88,7 @@ class StudentConfig(TrainConfig):
 
 @dataclasses.dataclass(frozen=True)
 class PseudoConfig:
-    """Pseudo-triplet generation with the teacher and attribute-aware inversion (spec §8)."""
+    """Pseudo-triplet generation with the teacher and attribute-aware inversion (docs/method.md: Pseudo-triplets)."""
 
     dataset_root: str | None = option(None, "preprocessed dataset root (as for the teacher)")
     id_cache: str | None = option(None, "`appleswap prepare-ids` cache; sources use raw (unmasked) tokens")

@@ -1,4 +1,4 @@
-"""Losses of the teacher and the student (spec §5.2): logit-normal t, flow matching, and the ArcFace ID loss
+"""Losses of the teacher and the student (docs/method.md): logit-normal t, flow matching, and the ArcFace ID loss
 and LPIPS-VGG on the one-step x0 estimate, each applied only to samples with small t."""
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def build_identity_loss(kind: str, weights: Path, device: str | torch.device = "
 
         return IdentityLoss(load_arcface(weights, device), imagenet_norm=True).to(device)
     if kind == "irse50":
-        from appleswap.eval.arcface import load_irse50
+        from appleswap.face_metrics.arcface import load_irse50
 
         return IdentityLoss(load_irse50(weights, device), imagenet_norm=False).to(device)
     raise ValueError(f"id_loss: unknown network {kind!r} (use arcface, irse50 or none)")

@@ -1,5 +1,5 @@
 """Pseudo-triplet pairs: distinct-identity (source, target) pairs drawn with a seed, their manifest, and
-per-triplet score filtering (spec §8, with thresholds that actually apply, unlike the reference)."""
+per-triplet score filtering (docs/method.md, with thresholds that actually apply, unlike the reference)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``appleswap pseudo``: pseudo-triplets from the teacher with attribute-aware inversion (spec §7, §8).
+"""``appleswap pseudo``: pseudo-triplets from the teacher with attribute-aware inversion (docs/method.md).
 
 The manifest ``pairs.json`` is drawn once with the seed; ranks take strided shards; finished files are skipped,
 so a killed job restarted with the same command ends with every pair exactly once. Several GPUs:
@@ -27,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from appleswap.cli_common import pick_device
+    from appleswap.devices import pick_device
     from appleswap.pipeline import SwapPipeline
     from appleswap.train.build import DTYPES
     from appleswap.train.data import IdTokenStore

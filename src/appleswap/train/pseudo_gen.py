@@ -1,4 +1,4 @@
-"""Pseudo-triplet generation: pseudo-triplets from the teacher with attribute-aware inversion (spec §7, §8).
+"""Pseudo-triplet generation: pseudo-triplets from the teacher with attribute-aware inversion (docs/method.md).
 
 For each manifest pair (source B/b, target A/a): invert A/a to noise with A/a's condition and the null ID,
 regenerate with B's (unmasked) ID tokens and the same condition, write ``{B}_{b}_{A}_{a}.png``. The manifest

@@ -1,4 +1,4 @@
-"""Per-triplet scores of ``appleswap pseudo`` for the student's filters (spec §8.5, with working thresholds).
+"""Per-triplet scores of ``appleswap pseudo`` for the student's filters (docs/method.md, with working thresholds).
 
 * ``aes``: LAION aesthetic score of the swap (when the CLIP + head weights are present);
 * ``id_similarity``: ArcFace cosine between the swap and the source photo (when the ArcFace weights are present);
@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 def mesh_agreement(swap: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """Pose and expression distances between two faces; empty when either face is not found."""
-    from appleswap.eval.expression import mesh_expression
-    from appleswap.eval.mesh import face_mesh_points
-    from appleswap.eval.pose import pnp_angles, pose_error
+    from appleswap.face_metrics.expression import mesh_expression
+    from appleswap.face_metrics.mesh import face_mesh_points
+    from appleswap.face_metrics.pose import pnp_angles, pose_error
 
     mesh_a, mesh_b = face_mesh_points(swap), face_mesh_points(target)
     if mesh_a is None or mesh_b is None:

@@ -1,4 +1,4 @@
-"""Student triplets (spec §8.6, §9): for a pseudo image ``{B}_{b}_{A}_{a}.png`` (B's identity on A/a's
+"""Student triplets (docs/method.md): for a pseudo image ``{B}_{b}_{A}_{a}.png`` (B's identity on A/a's
 attributes), condition = the pseudo image, ID = another photo of A, ground truth = the real A/a.
 With probability ``proxy_recon_prob`` the condition is the real target itself (proxy reconstruction)."""
 

@@ -1,4 +1,4 @@
-"""One training step of the teacher (and the student, which only feeds other data): spec §5.2.
+"""One training step of the teacher (and the student, which only feeds other data): docs/method.md: Teacher step
 
 ``compute_loss`` is the forward + losses; ``training_step`` adds backward, clipping and the AdamW step, so a
 benchmark can time exactly one optimizer step. Every random draw of a sample (t, noise, VAE posterior noise)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from appleswap.faces.points import FaceLandmarks
 from appleswap.faces.tddfa.align import FIVE_FROM_106, align_face, crop_to_image, load_lm3d
 from appleswap.faces.tddfa.bfm import Bfm68, split_coefficients
 from appleswap.faces.tddfa.landmark106 import Landmark106, LargeBaseLmksNet
@@ -165,8 +166,6 @@ class Tddfa3Landmarker:
 
     def __call__(self, image: np.ndarray, key: str | None = None):
         """``FaceLandmarks`` (lm68 only) for the preprocess runner; ValueError when no face is found."""
-        from appleswap.faces.landmarks import FaceLandmarks
-
         fit = self.last_fit = self.fit(image)
         if fit is None:
             raise ValueError(f"no face found by 3DDFA-V3 RetinaFace{f' in {key}' if key else ''}")
