@@ -86,14 +86,14 @@ def launch(jobs: WebJobs, *, host: str = "127.0.0.1", port: int | None = 7860, w
     """Serve the UI; ``block=False`` returns the running ``gr.Blocks`` (``.close()`` stops it; tests)."""
     from starlette.middleware import Middleware
 
-    from appleswap.app.web_ui import build_ui
+    from appleswap.app.web_ui import CSS, build_ui
 
     demo = build_ui(jobs, workers=workers)
     demo.queue(max_size=queue_size, default_concurrency_limit=workers)
     demo.launch(server_name=host, server_port=port, max_file_size=int(max_upload_mb * 1024 * 1024),
                 app_kwargs={"middleware": [Middleware(SameOriginGuard, allowed_hosts=allowed_hosts)]},
                 ssr_mode=False, quiet=True, show_error=False, prevent_thread_lock=not block,
-                footer_links=["api"], allowed_paths=[str(jobs.work_dir)])
+                footer_links=["api"], allowed_paths=[str(jobs.work_dir)], css=CSS)
     return demo
 
 

@@ -221,6 +221,23 @@ class WebJobs:
         detections = detect_faces_locked(image)  # no model needed: the gallery shows before the first swap
         return [crop_face(image, detections[i].box) for i in order_faces(detections, order)]
 
+    def face_files(self, target: Target, order: str, seconds: float = 0.0) -> list[Path]:
+        """``faces`` written as JPEG files in a fresh folder (served files are never rewritten while read)."""
+        from PIL import Image
+
+        folder = self._new_folder()
+        paths = []
+        for index, crop in enumerate(self.faces(target, order, seconds)):
+            paths.append(folder / f"face-{index}.jpg")
+            Image.fromarray(crop).save(paths[-1], quality=90)
+        return paths
+
+    def _new_folder(self) -> Path:
+        self.sweep()
+        folder = self.work_dir / uuid.uuid4().hex
+        folder.mkdir()
+        return folder
+
     # ---- swapping
     def config(self, **knobs: Any) -> Any:
         """The defaults with the page's knobs; UserError naming a bad one."""
@@ -242,9 +259,7 @@ class WebJobs:
         video = video or VideoOptions()
         sources = self.check_sources(sources)
         target = self.check_target(target_path)
-        self.sweep()
-        job = self.work_dir / uuid.uuid4().hex
-        job.mkdir()
+        job = self._new_folder()
         name = output_name(config.output_pattern, sources[0].name, target.path.name, video=target.video)
         output = job / name
         try:

@@ -20,6 +20,10 @@ INTRO = """# appleswap
 Swap only faces of people who agreed to it. Every result is labelled "AI-generated" in its metadata and carries an
 invisible watermark (`appleswap verify FILE` finds it). The model weights (FLUX.1 [dev], antelopev2) are for
 non-commercial use."""
+CSS = """
+#faces .grid-container, #source-preview .grid-container {
+  grid-template-columns: repeat(auto-fill, 112px) !important; grid-auto-rows: 112px !important; }
+"""  # square face tiles of one size, however many faces there are
 CACHE_SWEEP = (600, 3600)  # Gradio's uploads and served results: checked every 10 min, removed after an hour
 TRACK_STEPS = gr.Progress(track_tqdm=True)  # the samplers' step bars show on the page
 
@@ -71,12 +75,12 @@ def build_ui(jobs: WebJobs, *, workers: int = 1) -> Any:
             return gr.update(value=None, visible=True), gr.update(value=None, visible=False), [], 0, ""
         try:
             target = jobs.check_target(path)
-            crops = jobs.faces(target, order, float(start or 0))
+            crops = jobs.face_files(target, order, float(start or 0))
         except UserError as error:
             raise fail(error) from error
         image = gr.update(value=None if target.video else str(target.path), visible=not target.video)
         video = gr.update(value=str(target.path) if target.video else None, visible=target.video)
-        gallery = [(crop, f"#{i}") for i, crop in enumerate(crops)]
+        gallery = [(str(crop), f"#{i}") for i, crop in enumerate(crops)]
         note = (f"{len(crops)} face(s) found; face #0 is chosen, click another to change"
                 if crops else "no face found in the target (in a video: at the start time)")
         return image, video, gallery, 0, note
@@ -133,7 +137,7 @@ def build_ui(jobs: WebJobs, *, workers: int = 1) -> Any:
                 sources = gr.File(label="1. Source: photo(s) of one person, or a saved identity (.safetensors)",
                                   file_count="multiple", file_types=["image", ".safetensors"], type="filepath",
                                   elem_id="source")
-                source_preview = gr.Gallery(label="Source preview", columns=4, height=180, allow_preview=False,
+                source_preview = gr.Gallery(label="Source preview", height="auto", allow_preview=False,
                                             interactive=False, elem_id="source-preview")
             with gr.Column():
                 target = gr.File(label="2. Target: the photo or video to change", file_types=["image", "video"],
@@ -142,7 +146,7 @@ def build_ui(jobs: WebJobs, *, workers: int = 1) -> Any:
                                         height=260, elem_id="target-image")
                 target_video = gr.Video(label="Target preview", interactive=False, visible=False, height=260,
                                         elem_id="target-video")
-        faces = gr.Gallery(label="3. Faces in the target: click the one to replace", columns=8, height=200,
+        faces = gr.Gallery(label="3. Faces in the target: click the one to replace", height="auto",
                            allow_preview=False, interactive=False, elem_id="faces")
         face_note = gr.Markdown(elem_id="face-note")
         with gr.Accordion("Options", open=False, elem_id="options"):
