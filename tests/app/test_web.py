@@ -214,6 +214,8 @@ def _rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@pytest.mark.skipif(os.environ.get("CI") != "true" and os.environ.get("APPLESWAP_LOAD") != "1",
+                    reason="load test: runs in CI or with APPLESWAP_LOAD=1 (about a minute on 2 cores)")
 def test_twenty_parallel_clients(server, faces_dir, tmp_path):
     """20 clients x (faces, swap, faces) at once: no error (MediaPipe used to break for good) and bounded memory."""
     from gradio_client import handle_file
@@ -319,12 +321,11 @@ def test_browser_gallery_swap_cancel_and_seek(server, faces_dir, tmp_path):
         _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#source-preview img"), what="the source preview")
         assert css(By.CSS_SELECTOR, "#target-image img").get_attribute("src")
         thumbs[1].click()  # the smaller face (order large-small)
-        _wait(lambda: css(By.CSS_SELECTOR, "#position input").get_attribute("value") == "1", what="face #1 chosen")
-        assert "face #1 chosen" in css(By.ID, "face-note").text
+        _wait(lambda: css(By.ID, "face-note").text == "face #1 chosen", what="face #1 chosen")
         shot("faces")
 
         css(By.ID, "swap").click()
-        seen = _wait(progress_text, what="progress")
+        seen = _wait(lambda: "steps" in progress_text(), what="per-step progress")
         slider = _wait(lambda: [i.get_attribute("src") for i in
                                 browser.find_elements(By.CSS_SELECTOR, "#before-after img")
                                 if i.get_attribute("src")], what="the before/after slider")
@@ -351,13 +352,14 @@ def test_browser_gallery_swap_cancel_and_seek(server, faces_dir, tmp_path):
         css(By.CSS_SELECTOR, "#target input[type=file]").send_keys(str(long_clip))
         _wait(lambda: css(By.CSS_SELECTOR, "#target-video video").get_attribute("src"), what="the video preview")
         css(By.ID, "swap").click()
-        _wait(lambda: "frames" in progress_text(), what="per-frame progress")
+        _wait(lambda: "/60 frame" in progress_text(), what="per-frame progress")
         shot("video-progress")
         css(By.ID, "cancel").click()
         _wait(lambda: "cancel" in status(), what="the cancel message")
+        time.sleep(3)  # the job stops after its current frame
         shot("cancelled")
-        assert not css(By.CSS_SELECTOR, "#result-video video").get_attribute("src") if browser.find_elements(
-            By.CSS_SELECTOR, "#result-video video") else True
+        assert "Error" not in progress_text()
+        assert not [v for v in browser.find_elements(By.CSS_SELECTOR, "#result-video video") if v.get_attribute("src")]
 
         # a short video to the end: the player seeks
         short_clip = _clip(tmp_path / "short.mp4", faces_dir, 8)

@@ -249,7 +249,10 @@ class WebJobs:
     def swap(self, sources: Sequence[str | Path], target_path: str | Path, config: Any, *,
              video: VideoOptions | None = None, report: Report | None = None,
              cancelled: threading.Event | None = None) -> SwapResult:
-        """One swap job: photo (the result and the photo before) or video (trimmed, re-encoded at ``quality``)."""
+        """One swap job: photo (the result and the photo before) or video (trimmed, re-encoded at ``quality``).
+
+        Raises ``JobCancelled`` (nothing left behind) once ``cancelled`` is set: between stages, or between frames.
+        """
         from appleswap.app.engine import JobCancelled
         from appleswap.app.naming import output_name
         from appleswap.files import ImageLoadError
@@ -276,9 +279,9 @@ class WebJobs:
             count = len(result["faces"])
             return SwapResult(output, False, target.path,
                               f"done: {output.name}, {count} face(s) swapped (labelled AI-generated)")
-        except JobCancelled as error:
+        except JobCancelled:
             shutil.rmtree(job, ignore_errors=True)
-            raise UserError("cancelled") from error
+            raise
         except (ImageLoadError, ValueError, FileNotFoundError) as error:
             shutil.rmtree(job, ignore_errors=True)
             raise UserError(scrub_paths(str(error))) from error
@@ -301,6 +304,8 @@ class WebJobs:
             if cancelled.is_set():
                 raise JobCancelled
             report(done, total, "frames")
+
+        report(0, target.frames, "frames")
 
         try:
             result = engine.swap_video_file(identity, sources, clip, output, progress=False, crf=options.quality,

@@ -7,11 +7,13 @@ annotations; ``web.py`` imports this module only when the app starts, so other c
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 import gradio as gr
 
+from appleswap.app.engine import JobCancelled
 from appleswap.app.selection import ORDERS
 from appleswap.app.swapper import FACE_MASKS
 from appleswap.app.web_jobs import UserError, VideoOptions, WebJobs, scrub_paths
@@ -20,6 +22,7 @@ INTRO = """# appleswap
 Swap only faces of people who agreed to it. Every result is labelled "AI-generated" in its metadata and carries an
 invisible watermark (`appleswap verify FILE` finds it). The model weights (FLUX.1 [dev], antelopev2) are for
 non-commercial use."""
+log = logging.getLogger(__name__)
 CSS = """
 #faces .grid-container, #source-preview .grid-container {
   grid-template-columns: repeat(auto-fill, 112px) !important; grid-auto-rows: 112px !important; }
@@ -99,7 +102,10 @@ def build_ui(jobs: WebJobs, *, workers: int = 1) -> Any:
         """Swap the source face into the target; returns (before/after, video, download, message)."""
 
         def report(done: int, total: int | None, desc: str) -> None:
-            progress((done, total) if total else None, desc=desc, unit="frames" if total else "steps")
+            if total:
+                progress((done, total), desc=desc, unit="frames")
+            else:
+                progress(0.0, desc=desc)  # a stage (loading, encoding); the samplers' steps follow
 
         try:
             config = jobs.config(model=model, face_selector=selector, face_selector_order=order,
@@ -114,10 +120,15 @@ def build_ui(jobs: WebJobs, *, workers: int = 1) -> Any:
         flag = running.start(session)
         try:
             result = jobs.swap(sources or [], target, config, video=options, report=report, cancelled=flag)
+        except JobCancelled:
+            return gr.update(value=None), gr.update(value=None), None, "cancelled"
         except UserError as error:
             raise fail(error) from error
         except FileNotFoundError as error:  # a missing weight: the message names the file (without its folder)
             raise fail(error) from error
+        except Exception as error:  # the page says what broke; the log has the traceback
+            log.exception("swap failed")
+            raise fail(RuntimeError(f"internal error ({type(error).__name__}): {error}")) from error
         finally:
             running.finish(session, flag)
         if result.video:
@@ -137,7 +148,7 @@ def build_ui(jobs: WebJobs, *, workers: int = 1) -> Any:
                 sources = gr.File(label="1. Source: photo(s) of one person, or a saved identity (.safetensors)",
                                   file_count="multiple", file_types=["image", ".safetensors"], type="filepath",
                                   elem_id="source")
-                source_preview = gr.Gallery(label="Source preview", height="auto", allow_preview=False,
+                source_preview = gr.Gallery(label="Source preview", height=170, allow_preview=False,
                                             interactive=False, elem_id="source-preview")
             with gr.Column():
                 target = gr.File(label="2. Target: the photo or video to change", file_types=["image", "video"],
@@ -146,7 +157,7 @@ def build_ui(jobs: WebJobs, *, workers: int = 1) -> Any:
                                         height=260, elem_id="target-image")
                 target_video = gr.Video(label="Target preview", interactive=False, visible=False, height=260,
                                         elem_id="target-video")
-        faces = gr.Gallery(label="3. Faces in the target: click the one to replace", height="auto",
+        faces = gr.Gallery(label="3. Faces in the target: click the one to replace", height=170,
                            allow_preview=False, interactive=False, elem_id="faces")
         face_note = gr.Markdown(elem_id="face-note")
         with gr.Accordion("Options", open=False, elem_id="options"):
