@@ -114,7 +114,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="largest upload accepted")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="largest photo or video frame, in pixels")
     parser.add_argument("--work-dir", default=None,
-                        help="where uploads and results are kept while served (default: a temp dir, removed on exit)")
+                        help="folder for the temp dir of uploads and results (removed on exit; default: the system temp dir)")
     parser.set_defaults(func=run)
 
 
