@@ -259,6 +259,7 @@ class WebJobs:
 
         report = report or (lambda done, total, desc: None)
         cancelled = cancelled or threading.Event()
+        self._stop_if(cancelled)  # cancelled while it waited in the queue
         video = video or VideoOptions()
         sources = self.check_sources(sources)
         target = self.check_target(target_path)

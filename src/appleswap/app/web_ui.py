@@ -43,6 +43,10 @@ class RunningJobs:
             self._flags[session] = flag = threading.Event()
         return flag
 
+    def current(self, session: str) -> threading.Event | None:
+        with self._lock:
+            return self._flags.get(session)
+
     def finish(self, session: str, flag: threading.Event) -> None:
         with self._lock:
             if self._flags.get(session) is flag:
@@ -117,7 +121,7 @@ def build_ui(jobs: WebJobs, *, workers: int = 1) -> Any:
         except (UserError, TypeError, ValueError) as error:
             raise fail(error) from error
         session = request.session_hash or "api"
-        flag = running.start(session)
+        flag = running.current(session) or running.start(session)  # the page's click made one (see below)
         try:
             result = jobs.swap(sources or [], target, config, video=options, report=report, cancelled=flag)
         except JobCancelled:
@@ -136,6 +140,9 @@ def build_ui(jobs: WebJobs, *, workers: int = 1) -> Any:
                     str(result.output), result.message)
         return (gr.update(value=(str(result.before), str(result.output)), visible=True),
                 gr.update(value=None, visible=False), str(result.output), result.message)
+
+    def queued(request: gr.Request):
+        running.start(request.session_hash or "api")
 
     def cancel(request: gr.Request):
         stopped = running.cancel(request.session_hash or "api")
@@ -202,7 +209,10 @@ def build_ui(jobs: WebJobs, *, workers: int = 1) -> Any:
         faces.select(choose_face, None, [position, face_note], api_name=False, queue=False)
         inputs = [sources, target, model, selector, order, position, face_mask, mask_blur, size, steps, seed, id_scale,
                   watermark, start, end, quality, keep_audio]
-        job = swap_button.click(swap, inputs, [before_after, result_video, download, status], api_name="swap",
-                                concurrency_id="swap", concurrency_limit=workers)
-        cancel_button.click(cancel, None, status, api_name="cancel", queue=False, cancels=[job])
+        # the click first makes the job's cancel flag (so Cancel also reaches a job still waiting in the queue),
+        # then queues the job; a cancelled job returns quietly (Gradio's own `cancels=` marks outputs "Error")
+        swap_button.click(queued, None, None, queue=False, api_name=False).then(
+            swap, inputs, [before_after, result_video, download, status], api_name="swap", concurrency_id="swap",
+            concurrency_limit=workers)
+        cancel_button.click(cancel, None, status, api_name="cancel", queue=False)
     return demo
