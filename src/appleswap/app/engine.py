@@ -3,12 +3,19 @@
 ``SwapEngine.load`` builds the identity encoder (antelopev2 + EVA-CLIP + PuLID) and the APPLE pipeline through
 the weights registry, so a missing file raises ``MissingWeightError`` naming it. Each job writes one labelled
 output (provenance metadata, plus the watermark unless turned off) and returns a small JSON-ready record.
+
+Thread safety (the web UI runs several jobs at once): MediaPipe graphs are not thread-safe, and
+``faces.detect`` keeps one detector graph per process, so every detection of an engine goes through one
+process-wide lock (``detect_faces_locked``); the loaded models (pipeline, identity encoder) are shared by all
+engines made with ``with_config`` and run one job at a time under the engines' common ``lock``. Long jobs report
+and stop between frames through ``on_frame`` (raise ``JobCancelled`` from it to stop).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,17 +31,36 @@ from appleswap.files import load_image
 
 log = logging.getLogger(__name__)
 IDENTITY_SUFFIX = ".safetensors"
+_DETECT_LOCK = threading.Lock()
+FrameCallback = Callable[[int, int], None]  # (frames done, frames in all) after each video frame
+
+
+class JobCancelled(Exception):
+    """Raised by an ``on_frame`` callback to stop a video job between frames."""
+
+
+def detect_faces_locked(image: np.ndarray) -> list[Any]:
+    """``faces.detect.detect_faces`` under the process-wide lock its shared MediaPipe graphs need."""
+    from appleswap.faces.detect import detect_faces
+
+    with _DETECT_LOCK:
+        return detect_faces(image)
 
 
 class SwapEngine:
     """Source identity + ``FaceSwapper`` + labelled writing of photos and videos."""
 
     def __init__(self, swapper: FaceSwapper, encode: Callable[[list[np.ndarray], list[str]], Any] | None,
-                 model_name: str) -> None:
+                 model_name: str, lock: threading.RLock | None = None) -> None:
         self.swapper = swapper
         self.config = swapper.config
         self.encode = encode
         self.model_name = model_name
+        self.lock = lock or threading.RLock()  # the models: one job's model call at a time
+
+    def detect(self, image: np.ndarray) -> list[Any]:
+        """Faces of an RGB image, largest first (safe to call from any thread)."""
+        return self.swapper.detect(image)
 
     @classmethod
     def load(cls, config: SwapConfig, weights_dir: str | Path | None = None, device: str | None = None) -> SwapEngine:
@@ -63,7 +89,8 @@ class SwapEngine:
         def encode(images: list[np.ndarray], names: list[str]) -> Any:
             return encoder.encode_identity(images, names=names)
 
-        swapper = FaceSwapper(generator, config, image_size=generator.image_size, embed=embed)
+        swapper = FaceSwapper(generator, config, image_size=generator.image_size, embed=embed,
+                              detect=detect_faces_locked)
         engine = cls(swapper, encode, generator.model_name)
         if config.face_selector == "reference":
             engine.set_reference(config.reference_face)
@@ -75,16 +102,20 @@ class SwapEngine:
         if config.model != self.config.model:
             raise ValueError(f"this engine runs the {self.config.model}; load another for --model {config.model}")
         generate = old.generate
-        if hasattr(generate, "config"):  # PipelineGenerator: same pipeline, new steps / seed / guidance
+        image_size = old.image_size
+        if hasattr(generate, "config"):  # PipelineGenerator: same pipeline, new steps / seed / guidance / size
             generate = copy.copy(generate)
             generate.config = config
-        swapper = FaceSwapper(generate, config, image_size=old.image_size, embed=old.embed, detect=old.detect)
-        return SwapEngine(swapper, self.encode, self.model_name)
+            generate.image_size = image_size = config.size
+        swapper = FaceSwapper(generate, config, image_size=image_size, embed=old.embed, detect=old.detect)
+        return SwapEngine(swapper, self.encode, self.model_name, lock=self.lock)
 
     def set_reference(self, path: str | Path | None) -> None:
         if not path:
             raise ValueError("--face-selector reference needs --reference-face PHOTO")
-        self.swapper.set_reference(load_image(path), name=str(path))
+        image = load_image(path)
+        with self.lock:
+            self.swapper.set_reference(image, name=str(path))
 
     def source_identity(self, sources: Sequence[str | Path]) -> Any:
         """A saved identity (``.safetensors``) or the identity averaged over one or more source photos."""
@@ -101,7 +132,8 @@ class SwapEngine:
         if self.encode is None:
             raise ValueError("this engine has no identity encoder; pass a saved identity .safetensors")
         images = [load_image(p) for p in paths]
-        return self.encode(images, [str(p) for p in paths])
+        with self.lock:
+            return self.encode(images, [str(p) for p in paths])
 
     def record(self, sources: Sequence[str | Path], target: str | Path, **extra: Any) -> dict[str, Any]:
         cfg = self.config
@@ -124,7 +156,8 @@ class SwapEngine:
         if not chosen:
             raise ValueError(f"{name}: {len(faces)} face(s) found but none selected "
                              f"(--face-selector {self.config.face_selector}, --min-face-size {self.config.min_face_size})")
-        outcome = self.swapper.swap_frame(target, identity, faces=faces, chosen=chosen)
+        with self.lock:
+            outcome = self.swapper.swap_frame(target, identity, faces=faces, chosen=chosen)
         outcome.image = self._mark(outcome.image)
         return outcome
 
@@ -143,15 +176,18 @@ class SwapEngine:
         return save_labelled_image(output, image, record, quality=self.config.output_image_quality, parent=target)
 
     def swap_video_file(self, identity: Any, sources: Sequence[str | Path], target: str | Path,
-                        output: str | Path, progress: bool = True) -> dict[str, Any]:
-        from appleswap.app.video import process_video
+                        output: str | Path, progress: bool = True, *, crf: int = 18,
+                        on_frame: FrameCallback | None = None) -> dict[str, Any]:
+        """Swap every frame of a video (H.264 at ``crf``); ``on_frame`` hears of each frame and may cancel."""
+        from appleswap.app.video import probe_video, process_video
 
-        processor = VideoSwapProcessor(self, identity)
+        total = probe_video(target).frame_count if on_frame is not None else 0
+        processor = VideoSwapProcessor(self, identity, on_frame=on_frame, total=total)
         cfg = self.config
         settings = {"sources": [str(s) for s in sources], "model": self.model_name, "config": repr(cfg)}
         record = self.record(sources, target)
         info = process_video(target, output, processor, chunk_size=cfg.chunk_size, settings=settings,
-                             tags=video_tags(record), keep_audio=cfg.keep_audio, progress=progress)
+                             tags=video_tags(record), keep_audio=cfg.keep_audio, crf=crf, progress=progress)
         sign_file_in_place(output, record, parent=target)
         if processor.frames_swapped == 0:
             log.warning("%s: no face was swapped in any processed frame", target)
@@ -162,14 +198,23 @@ class SwapEngine:
 class VideoSwapProcessor:
     """Per-frame swap with face tracks: the same people are replaced in every frame, keypoints smoothed."""
 
-    def __init__(self, engine: SwapEngine, identity: Any) -> None:
+    def __init__(self, engine: SwapEngine, identity: Any, on_frame: FrameCallback | None = None,
+                 total: int = 0) -> None:
         self.engine, self.identity = engine, identity
+        self.on_frame, self.total, self.frames_done = on_frame, total, 0
         cfg = engine.config
         self.tracker = FaceTracker(smoothing=cfg.landmark_smoothing)
         self.targets: set[int] = set()
         self.frames_swapped = 0
 
     def __call__(self, frame: np.ndarray, index: int) -> np.ndarray:
+        frame = self._swap(frame, index)
+        self.frames_done += 1
+        if self.on_frame is not None:
+            self.on_frame(self.frames_done, self.total)
+        return frame
+
+    def _swap(self, frame: np.ndarray, index: int) -> np.ndarray:
         swapper, cfg = self.engine.swapper, self.engine.config
         faces = swapper.detect(frame)
         embeddings = None
@@ -183,7 +228,9 @@ class VideoSwapProcessor:
             return self.engine._mark(frame, wm.VIDEO_STRENGTH)
         keypoints = [self.tracker.keypoints(ids[i]) for i in chosen]
         seed = cfg.seed if cfg.shared_noise else cfg.seed + index
-        outcome = swapper.swap_frame(frame, self.identity, faces=faces, chosen=chosen, keypoints=keypoints, seed=seed)
+        with self.engine.lock:
+            outcome = swapper.swap_frame(frame, self.identity, faces=faces, chosen=chosen, keypoints=keypoints,
+                                         seed=seed)
         self.frames_swapped += 1
         return self.engine._mark(outcome.image, wm.VIDEO_STRENGTH)
 
