@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from appleswap.app import watermark as wm
 from appleswap.files import load_image
+from appleswap.provenance import watermark as wm
 
 
 def jpeg(a, quality):

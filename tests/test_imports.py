@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "appleswap"
 
 # the stages in pipeline order; a module may import its own stage and earlier ones only
 STAGES = (
-    ("files", "config", "weights", "devices", "cli_common", "registry"),  # the core
+    ("files", "config", "weights", "devices", "cli_common", "registry", "parity", "workers", "provenance"),  # the core
     ("faces", "face_metrics"),
     ("preprocess",),
     ("identity",),
@@ -23,7 +23,7 @@ STAGES = (
     ("pipeline",),
     ("generate", "train"),
     ("eval",),
-    ("app", "benchmark", "bench", "bench_utils"),
+    ("app", "benchmark"),
     ("cli",),
 )
 

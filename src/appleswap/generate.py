@@ -261,9 +261,9 @@ def _swap_batch(pipe, inputs: list[tuple], cfg: GenerateConfig) -> np.ndarray:
 
 def output_labeller(cfg: GenerateConfig):
     """``label(path, image, pair)``: write a result watermarked (unless --no-watermark), labelled and C2PA-signed."""
-    from appleswap.app import watermark
-    from appleswap.app.credentials import configure_credentials
-    from appleswap.app.provenance import write_labelled_output
+    from appleswap.provenance import watermark
+    from appleswap.provenance.credentials import configure_credentials
+    from appleswap.provenance.labels import write_labelled_output
 
     configure_credentials(cfg.c2pa_key, cfg.c2pa_cert)
     key = (watermark.DEFAULT_KEY if cfg.watermark_key is None else cfg.watermark_key) if cfg.watermark else None

@@ -15,7 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from PIL import Image
 
-from appleswap.app.credentials import (
+from appleswap.app.video import write_video
+from appleswap.cli import main
+from appleswap.files import load_image
+from appleswap.provenance.credentials import (
     COMPOSITE_AI,
     configure_credentials,
     credentials_dir,
@@ -24,10 +27,7 @@ from appleswap.app.credentials import (
     read_c2pa,
     sign_file_in_place,
 )
-from appleswap.app.provenance import provenance_record, read_image_provenance, write_labelled_output
-from appleswap.app.video import write_video
-from appleswap.cli import main
-from appleswap.files import load_image
+from appleswap.provenance.labels import provenance_record, read_image_provenance, write_labelled_output
 
 
 @pytest.fixture(scope="module")

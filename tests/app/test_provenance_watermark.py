@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appleswap.app.provenance import (
+from appleswap.app.video import write_video
+from appleswap.files import load_image
+from appleswap.provenance.labels import (
     LABEL,
     provenance_record,
     read_image_provenance,
@@ -17,8 +19,7 @@ from appleswap.app.provenance import (
     save_labelled_image,
     video_tags,
 )
-from appleswap.app.video import write_video
-from appleswap.app.watermark import (
+from appleswap.provenance.watermark import (
     DEFAULT_KEY,
     DETECT_THRESHOLD,
     FALSE_ALARM_BOUND,
@@ -27,7 +28,6 @@ from appleswap.app.watermark import (
     detect_watermark_frames,
     embed_watermark,
 )
-from appleswap.files import load_image
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appleswap.app.provenance import read_image_provenance
 from appleswap.app.swap_cli import plan_jobs
 from appleswap.cli import main
+from appleswap.provenance.labels import read_image_provenance
 from tests.fixtures.tiny_flux import TINY_IMAGE_SIZE
 
 

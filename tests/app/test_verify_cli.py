@@ -6,10 +6,10 @@ import json
 
 from PIL import Image
 
-from appleswap.app.provenance import provenance_record, save_labelled_image
-from appleswap.app.watermark import embed_watermark
 from appleswap.cli import main
 from appleswap.files import load_image
+from appleswap.provenance.labels import provenance_record, save_labelled_image
+from appleswap.provenance.watermark import embed_watermark
 
 
 def test_verify_statuses(tmp_path, faces_dir, capsys):

@@ -8,10 +8,10 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from appleswap.app.provenance import read_video_provenance
 from appleswap.app.verify_cli import verify_file
 from appleswap.app.video import iter_frames, probe_video, write_video
 from appleswap.files import load_image
+from appleswap.provenance.labels import read_video_provenance
 from tests.app.conftest import configured
 
 

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appleswap.app.provenance import read_image_provenance
 from appleswap.app.video import iter_frames, probe_video, write_video
 from appleswap.app.web import SameOriginGuard, launch
 from appleswap.app.web_jobs import UserError, WebJobs, scrub_paths, trim_video
 from appleswap.files import load_image
+from appleswap.provenance.labels import read_image_provenance
 
 MAX_PIXELS = 2_000_000  # the test server's limit: every test photo is under it
 MAX_UPLOAD_MB = 4

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from appleswap.app import watermark as wm
-from appleswap.app.credentials import configure_credentials, sign_file_in_place
-from appleswap.app.provenance import provenance_record, save_labelled_image, video_tags
 from appleswap.app.swapper import FaceSwapper, SwapConfig
 from appleswap.app.tracking import FaceTracker
 from appleswap.files import load_image
+from appleswap.provenance import watermark as wm
+from appleswap.provenance.credentials import configure_credentials, sign_file_in_place
+from appleswap.provenance.labels import provenance_record, save_labelled_image, video_tags
 
 log = logging.getLogger(__name__)
 IDENTITY_SUFFIX = ".safetensors"

@@ -50,11 +50,11 @@ class Verdict:
 
 def verify_file(path: str | Path, key: int | None = None, max_frames: int = 16) -> Verdict:
     """Read the provenance record and test for the watermark (videos: up to ``max_frames`` frames combined)."""
-    from appleswap.app import watermark
-    from appleswap.app.credentials import c2pa_json, read_c2pa
-    from appleswap.app.provenance import read_image_provenance, read_video_provenance
     from appleswap.app.video import is_video_path, iter_frames, probe_video
     from appleswap.files import load_image
+    from appleswap.provenance import watermark
+    from appleswap.provenance.credentials import c2pa_json, read_c2pa
+    from appleswap.provenance.labels import read_image_provenance, read_video_provenance
 
     path = Path(path)
     key = watermark.DEFAULT_KEY if key is None else key
@@ -87,7 +87,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _describe(verdict: Verdict) -> str:
-    from appleswap.app.credentials import C2paReport, describe_c2pa
+    from appleswap.provenance.credentials import C2paReport, describe_c2pa
 
     label = "labelled AI-generated" if verdict.provenance else "no provenance label"
     if verdict.provenance:

@@ -56,7 +56,7 @@ class PseudoGenerator:
 def label_training_output(path: Path, image: np.ndarray, parent: Path) -> Path:
     """A pseudo-triplet written with the AI-generated label and signed C2PA credentials, but no pixel watermark:
     the student learns from these pixels, and a keyed pattern in every target would teach it to paint the mark."""
-    from appleswap.app.provenance import write_labelled_output
+    from appleswap.provenance.labels import write_labelled_output
 
     return write_labelled_output(path, image, model="appleswap-teacher (pseudo-triplet)", parent=parent,
                                  watermark_key=None)

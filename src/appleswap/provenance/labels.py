@@ -4,8 +4,8 @@ EXIF + XMP for JPEG/WebP and MP4 tags.
 Why several carriers: PNG viewers read tEXt, photo tools read EXIF UserComment, content-credential aware tools
 read XMP's IPTC ``DigitalSourceType``; video players show the MP4 ``comment``. All carry the same JSON record.
 Only the C2PA manifest is signed, so only it proves who made the file and that nothing changed since
-(:mod:`appleswap.app.credentials`); every metadata carrier is lost when a picture is re-saved by another program,
-which is what the pixel watermark (:mod:`appleswap.app.watermark`) is for.
+(:mod:`appleswap.provenance.credentials`); every metadata carrier is lost when a picture is re-saved by another program,
+which is what the pixel watermark (:mod:`appleswap.provenance.watermark`) is for.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import numpy as np
 from PIL import ExifTags, Image, PngImagePlugin
 
 from appleswap import __version__
-from appleswap.app import watermark
-from appleswap.app.credentials import C2PA_MIME, Credentials, sign_c2pa
 from appleswap.files import atomic_path
+from appleswap.provenance import watermark
+from appleswap.provenance.credentials import C2PA_MIME, Credentials, sign_c2pa
 
 PROVENANCE_KEY = "appleswap:provenance"
 VIDEO_TAG = "appleswap_provenance"
