@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -35,10 +37,10 @@ def test_multi_face_photos_sorted_largest_first(photos):
     for name, count in (("obama_and_biden", 3), ("two_people", 2)):
         faces = detect_faces(photos[name])
         assert len(faces) == count, name
-        assert all(a.area >= b.area for a, b in zip(faces, faces[1:]))
+        assert all(a.area >= b.area for a, b in itertools.pairwise(faces))
         # the boxes are distinct people, side by side
         spans = sorted((f.box[0], f.box[2]) for f in faces)
-        assert all(left[1] < right[0] for left, right in zip(spans, spans[1:]))
+        assert all(left[1] < right[0] for left, right in itertools.pairwise(spans))
     girl = detect_faces(photos["obama_and_biden"])[2]
     assert 1580 < (girl.box[0] + girl.box[2]) / 2 < 1780 and girl.box[1] > 1000
 
