@@ -87,14 +87,16 @@ def _run(image: np.ndarray, model_selection: int, min_score: float) -> list[Face
 
 
 def tile_grid(height: int, width: int) -> list[tuple[int, int, int]]:
-    """(x0, y0, side) of the overlapping square tiles: sides of 1/2 and 1/4 of the longer side (not under
-    ``MIN_TILE``), stride half a tile, so any face smaller than half a tile lies wholly in one of them."""
+    """(x0, y0, side) of the overlapping square tiles: sides of 1/2 and 1/4 of the longer side (``MIN_TILE`` at
+    least, one level when the two come within 1.5x), stride half a tile, so any face smaller than half a tile
+    lies wholly in one of them."""
     longest = max(height, width)
+    coarse, fine = longest // 2, max(longest // 4, MIN_TILE)
+    sides = [side for side in (coarse, fine) if MIN_TILE <= side < longest]
+    if len(sides) == 2 and coarse < 1.5 * fine:
+        sides = [fine]
     tiles = []
-    side = longest // 2
-    for _ in range(2):
-        if side < MIN_TILE:
-            break
+    for side in sides:
         stride = side // 2
         ys = list(range(0, max(height - side, 0) + 1, stride))
         xs = list(range(0, max(width - side, 0) + 1, stride))
@@ -103,7 +105,6 @@ def tile_grid(height: int, width: int) -> list[tuple[int, int, int]]:
         if xs[-1] + side < width:
             xs.append(width - side)
         tiles += [(x, y, side) for y in ys for x in xs]
-        side //= 2
     return tiles
 
 
