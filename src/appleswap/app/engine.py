@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from appleswap.app.swapper import FaceSwapper, SwapConfig
-from appleswap.app.tracking import FaceTracker
+from appleswap.app.tracking import VideoSwapProcessor
 from appleswap.files import load_image
 from appleswap.provenance import watermark as wm
 from appleswap.provenance.credentials import configure_credentials, sign_file_in_place
@@ -182,62 +182,16 @@ class SwapEngine:
         from appleswap.app.video import probe_video, process_video
 
         total = probe_video(target).frame_count if on_frame is not None else 0
-        processor = VideoSwapProcessor(self, identity, on_frame=on_frame, total=total)
+        processor = VideoSwapProcessor(self.swapper, identity, lambda frame: self._mark(frame, wm.VIDEO_STRENGTH),
+                                       name=str(target), lock=self.lock, on_frame=on_frame, total=total)
         cfg = self.config
         settings = {"sources": [str(s) for s in sources], "model": self.model_name, "config": repr(cfg)}
         record = self.record(sources, target)
         info = process_video(target, output, processor, chunk_size=cfg.chunk_size, settings=settings,
                              tags=video_tags(record), keep_audio=cfg.keep_audio, crf=crf, progress=progress)
         sign_file_in_place(output, record, parent=target)
-        if processor.frames_swapped == 0:
-            log.warning("%s: no face was swapped in any processed frame", target)
+        summary = processor.summary
+        log.info("%s: %s", target, summary.line())
         return {"target": str(target), "output": str(output), "frames": info.frame_count,
-                "frames_swapped": processor.frames_swapped, "status": "ok"}
-
-
-class VideoSwapProcessor:
-    """Per-frame swap with face tracks: the same people are replaced in every frame, keypoints smoothed."""
-
-    def __init__(self, engine: SwapEngine, identity: Any, on_frame: FrameCallback | None = None,
-                 total: int = 0) -> None:
-        self.engine, self.identity = engine, identity
-        self.on_frame, self.total, self.frames_done = on_frame, total, 0
-        cfg = engine.config
-        self.tracker = FaceTracker(smoothing=cfg.landmark_smoothing)
-        self.targets: set[int] = set()
-        self.frames_swapped = 0
-
-    def __call__(self, frame: np.ndarray, index: int) -> np.ndarray:
-        frame = self._swap(frame, index)
-        self.frames_done += 1
-        if self.on_frame is not None:
-            self.on_frame(self.frames_done, self.total)
-        return frame
-
-    def _swap(self, frame: np.ndarray, index: int) -> np.ndarray:
-        swapper, cfg = self.engine.swapper, self.engine.config
-        faces = swapper.detect(frame)
-        embeddings = None
-        if faces and swapper.embed is not None and cfg.face_selector == "reference":
-            embeddings = swapper.embed(frame, [f.keypoints for f in faces])
-        ids = self.tracker.update(faces, embeddings)
-        if faces and (cfg.face_selector != "one" or not self.targets):
-            self.targets |= {ids[i] for i in swapper.choose(frame, faces)}  # "one" keeps its first choice
-        chosen = [i for i, track in enumerate(ids) if track in self.targets]
-        if not chosen:
-            return self.engine._mark(frame, wm.VIDEO_STRENGTH)
-        keypoints = [self.tracker.keypoints(ids[i]) for i in chosen]
-        seed = cfg.seed if cfg.shared_noise else cfg.seed + index
-        with self.engine.lock:
-            outcome = swapper.swap_frame(frame, self.identity, faces=faces, chosen=chosen, keypoints=keypoints,
-                                         seed=seed)
-        self.frames_swapped += 1
-        return self.engine._mark(outcome.image, wm.VIDEO_STRENGTH)
-
-    def state(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state(), "targets": sorted(self.targets), "frames_swapped": self.frames_swapped}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.tracker.load_state(state["tracker"])
-        self.targets = set(state["targets"])
-        self.frames_swapped = int(state["frames_swapped"])
+                "frames_swapped": summary.frames_swapped, "faces_swapped": summary.faces_swapped,
+                "summary": summary.line(), "status": "ok"}

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     done = [r for r in results if r["status"] == "ok"]
     for result in results:
         if result["status"] == "ok":
-            print(f"{result['target']} -> {result['output']}")
+            print(f"{result['target']} -> {result['output']}" + (f": {result['summary']}" if "summary" in result else ""))
         else:
             print(f"{result['target']}: FAILED: {result['error']}")
     print(f"appleswap swap: {len(done)} of {len(results)} done; outputs are labelled AI-generated"

@@ -1,4 +1,5 @@
-"""Face tracks across video frames (IoU, then identity) and keypoint smoothing against jitter.
+"""Face tracks across video frames (IoU, then identity), keypoint smoothing against jitter, and the per-shot
+video swap that uses them.
 
 Why: a video swap must replace the same person in every frame (``one``/``reference`` pick a track, not a
 per-frame face), and per-frame detections wobble by a pixel or two, which makes the aligned crop and so the
@@ -8,6 +9,7 @@ fast move (a cut or a turn), so it never lags behind real motion by more than a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -95,6 +97,10 @@ class FaceTracker:
             track.embedding = new if track.embedding is None else 0.9 * track.embedding + 0.1 * new
         return track.track_id
 
+    def reset(self) -> None:
+        """Forget every track (a scene cut): ids keep counting, so an old id never names a new face."""
+        self.tracks = []
+
     def keypoints(self, track_id: int) -> np.ndarray:
         """The smoothed keypoints of a live track."""
         for track in self.tracks:
@@ -117,3 +123,168 @@ class FaceTracker:
 def _cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
     return float(1.0 - a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+@dataclasses.dataclass
+class VideoSummary:
+    """What a video swap did, for the user's report line and the exit status."""
+
+    frames: int = 0
+    frames_swapped: int = 0
+    faces_swapped: int = 0
+    frames_with_faces: int = 0
+    faces_seen: int = 0
+    shots: int = 0
+    shots_without_person: int = 0  # shots where the chosen person (one/reference) was never found
+
+    def line(self) -> str:
+        text = (f"swapped {self.faces_swapped} faces in {self.frames_swapped} of {self.frames} frames "
+                f"({self.shots} shot{'s' if self.shots != 1 else ''}")
+        if self.shots_without_person:
+            text += f"; the selected person is absent from {self.shots_without_person}"
+        return text + ")"
+
+
+class VideoSwapProcessor:
+    """Per-frame swap of a video, shot by shot: the right people in every frame, keypoints smoothed per track.
+
+    Why shots: after a scene cut the faces are other detections in other places, so tracks restart there.
+    Which faces: ``many`` swaps every face of every frame; ``reference`` every face close to the reference
+    embedding; ``one`` picks its face by the selector order on the first frame with faces, remembers that
+    person's embedding (when an ArcFace embedder is loaded) and, after a cut or a lost track, takes the face
+    nearest to it (within ``--reference-face-distance``); without an embedder the order rule picks again.
+    ``finish`` raises the photo path's errors when the whole video had no face, or none was selected.
+    """
+
+    def __init__(self, swapper: Any, identity: Any, mark: Any, name: str = "target", *, lock: Any = None,
+                 on_frame: Any = None, total: int = 0) -> None:
+        """``lock``: held around each model call (the web UI's engines share their models across threads);
+        ``on_frame(done, total)``: called after every frame (progress; it may raise to cancel)."""
+        self.swapper, self.identity, self.mark, self.name = swapper, identity, mark, name
+        self.lock = lock if lock is not None else contextlib.nullcontext()
+        self.on_frame, self.total, self.frames_done = on_frame, total, 0
+        self.config = swapper.config
+        self.tracker = FaceTracker(smoothing=self.config.landmark_smoothing)
+        self.targets: set[int] = set()  # track ids to swap in the current shot
+        self.person: np.ndarray | None = None  # embedding of the face ``one`` chose
+        self.found_in_shot = False
+        self.signature: np.ndarray | None = None
+        self.summary = VideoSummary()
+
+    @property
+    def frames_swapped(self) -> int:
+        return self.summary.frames_swapped
+
+    def __call__(self, frame: np.ndarray, index: int) -> np.ndarray:
+        frame = self._swap(frame, index)
+        self.frames_done += 1
+        if self.on_frame is not None:
+            self.on_frame(self.frames_done, self.total)
+        return frame
+
+    def _swap(self, frame: np.ndarray, index: int) -> np.ndarray:
+        from appleswap.app.video import frame_signature, is_scene_cut
+
+        signature = frame_signature(frame)
+        if is_scene_cut(self.signature, signature):
+            self._new_shot()
+        self.signature = signature
+        swapper, cfg = self.swapper, self.config
+        faces = swapper.detect(frame)
+        self.summary.frames += 1
+        self.summary.faces_seen += len(faces)
+        self.summary.frames_with_faces += bool(faces)
+        embeddings = None
+        if faces and swapper.embed is not None and (cfg.face_selector == "reference" or self._looking_for_person(faces)):
+            embeddings = swapper.embed(frame, [f.keypoints for f in faces])
+        ids = self.tracker.update(faces, embeddings)
+        chosen = self._choose(frame, faces, ids, embeddings)
+        if chosen:
+            self.found_in_shot = True
+        if not chosen:
+            return self.mark(frame)
+        keypoints = [self.tracker.keypoints(ids[i]) for i in chosen]
+        seed = cfg.seed if cfg.shared_noise else cfg.seed + index
+        with self.lock:
+            outcome = swapper.swap_frame(frame, self.identity, faces=faces, chosen=chosen, keypoints=keypoints,
+                                         seed=seed)
+        self.summary.frames_swapped += 1
+        self.summary.faces_swapped += len(chosen)
+        return self.mark(outcome.image)
+
+    def _new_shot(self) -> None:
+        if self.summary.shots and not self.found_in_shot and self.config.face_selector != "many":
+            self.summary.shots_without_person += 1
+        self.summary.shots += 1
+        self.tracker.reset()
+        self.targets = set()
+        self.found_in_shot = False
+
+    def _looking_for_person(self, faces: Sequence[Any]) -> bool:
+        """``one`` needs embeddings when it has no live target among these faces (to choose or to re-find)."""
+        live = {t.track_id for t in self.tracker.tracks if t.missed == 0}
+        return self.config.face_selector == "one" and not (self.targets & live)
+
+    def _choose(self, frame: np.ndarray, faces: list[Any], ids: list[int], embeddings: np.ndarray | None) -> list[int]:
+        if not faces:
+            return []
+        mode = self.config.face_selector
+        if mode == "many":
+            return self.swapper.choose(frame, faces)
+        if mode == "reference":
+            self.targets |= {ids[i] for i in self.swapper.choose(frame, faces)}  # a chosen track stays chosen
+            return [i for i, track in enumerate(ids) if track in self.targets]
+        current = [i for i, track in enumerate(ids) if track in self.targets]
+        if current:
+            return current[:1]
+        if self.person is None and any(t.track_id in self.targets for t in self.tracker.tracks):
+            return []  # no embedder: the chosen face is only missed for now; do not jump to someone else
+        pick = self._refind(faces, embeddings) if self.person is not None else self._first_pick(frame, faces)
+        if pick is None:
+            return []
+        if self.person is None and embeddings is not None:
+            self.person = np.asarray(embeddings[pick], dtype=np.float64)
+        self.targets = {ids[pick]}
+        return [pick]
+
+    def _first_pick(self, frame: np.ndarray, faces: list[Any]) -> int | None:
+        chosen = self.swapper.choose(frame, faces)
+        return chosen[0] if chosen else None
+
+    def _refind(self, faces: list[Any], embeddings: np.ndarray | None) -> int | None:
+        """The face nearest to the chosen person (None when none is near enough, or nothing to compare)."""
+        if embeddings is None:
+            return None
+        size = self.config.min_face_size
+        usable = [i for i, f in enumerate(faces) if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= size]
+        if not usable:
+            return None
+        distances = [_cosine_distance(self.person, embeddings[i]) for i in usable]
+        best = int(np.argmin(distances))
+        return usable[best] if distances[best] < self.config.reference_face_distance else None
+
+    def finish(self) -> None:
+        """After the last frame: the photo path's errors when nothing in the whole video could be swapped."""
+        if self.summary.shots and not self.found_in_shot and self.config.face_selector != "many":
+            self.summary.shots_without_person += 1
+            self.found_in_shot = True  # counted once, even if finish runs again
+        if self.summary.faces_seen == 0:
+            raise ValueError(f"{self.name}: no face found in the target")
+        if self.summary.faces_swapped == 0:
+            raise ValueError(f"{self.name}: face(s) found in {self.summary.frames_with_faces} frame(s) but none "
+                             f"selected (--face-selector {self.config.face_selector}, "
+                             f"--min-face-size {self.config.min_face_size})")
+
+    def state(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state(), "targets": sorted(self.targets),
+                "person": None if self.person is None else self.person.tolist(), "found_in_shot": self.found_in_shot,
+                "signature": None if self.signature is None else self.signature.tolist(),
+                "summary": dataclasses.asdict(self.summary)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state(state["tracker"])
+        self.targets = set(state["targets"])
+        self.person = None if state["person"] is None else np.array(state["person"])
+        self.found_in_shot = bool(state["found_in_shot"])
+        self.signature = None if state["signature"] is None else np.array(state["signature"], np.float32)
+        self.summary = VideoSummary(**state["summary"])

@@ -42,13 +42,49 @@ class VideoInfo:
 
 
 class FrameProcessor(Protocol):
-    """What ``process_video`` drives: one frame at a time, with a state saved after each chunk (tracks)."""
+    """What ``process_video`` drives: one frame at a time, with a state saved after each chunk (tracks).
+
+    A processor may also have ``finish()``, called after the last frame and before the output is written: a
+    ValueError from it (nothing to swap in the whole video, say) leaves no output and no chunks behind.
+    """
 
     def __call__(self, frame: np.ndarray, index: int) -> np.ndarray: ...
 
     def state(self) -> dict[str, Any]: ...
 
     def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+SIGNATURE_SIDE = 32  # frames are compared as 32 x 32 grey thumbnails
+CUT_SEARCH = 4  # thumbnail pixels (1/8 of the frame) of camera motion tried before calling a change a cut
+CUT_THRESHOLD = 0.5  # mean absolute difference of the normalised thumbnails: pans, zooms, exposure < 0.25, cuts > 0.8
+
+
+def frame_signature(frame: np.ndarray) -> np.ndarray:
+    """A (32, 32) float32 grey thumbnail of an RGB frame, normalised to mean 0 and unit spread (exposure-free)."""
+    import cv2
+
+    grey = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
+    small = cv2.resize(grey, (SIGNATURE_SIDE, SIGNATURE_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return (small - small.mean()) / max(float(small.std()), 1.0)
+
+
+def is_scene_cut(previous: np.ndarray | None, current: np.ndarray) -> bool:
+    """Whether two consecutive frame signatures lie on either side of a cut (a new shot starts).
+
+    The thumbnails are compared at every shift up to ``CUT_SEARCH`` pixels and the best match counts, so camera
+    motion and exposure changes are not cuts; a new scene matches at no shift.
+    """
+    if previous is None:
+        return True
+    side, reach = previous.shape[0], CUT_SEARCH
+    best = np.inf
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            before = previous[max(dy, 0):side + min(dy, 0), max(dx, 0):side + min(dx, 0)]
+            after = current[max(-dy, 0):side + min(-dy, 0), max(-dx, 0):side + min(-dx, 0)]
+            best = min(best, float(np.abs(before - after).mean()))
+    return best > CUT_THRESHOLD
 
 
 def _open(path: Path):
@@ -173,6 +209,13 @@ def process_video(source: str | Path, output: str | Path, processor: FrameProces
     if buffer:
         _finish_chunk(plan, (info.frame_count - 1) // chunk_size, buffer, info.fps, processor)
     bar.close()
+    finish = getattr(processor, "finish", None)
+    if finish is not None:
+        try:
+            finish()
+        except ValueError:
+            shutil.rmtree(plan.work_dir)  # nothing worth resuming: the run as a whole has nothing to write
+            raise
     chunks = sorted(plan.work_dir.glob("chunk_*.mkv"))
     assemble(chunks, output, info, tags=tags, keep_audio=keep_audio, crf=crf)
     shutil.rmtree(plan.work_dir)

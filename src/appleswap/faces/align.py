@@ -64,6 +64,11 @@ def invert_matrix(matrix: np.ndarray) -> np.ndarray:
     return cv2.invertAffineTransform(np.asarray(matrix, dtype=np.float64))
 
 
+def compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """The 2x3 affine applying ``inner`` first, then ``outer``."""
+    return np.asarray(outer, np.float64) @ np.vstack([np.asarray(inner, np.float64), [0.0, 0.0, 1.0]])
+
+
 def align_face(image: np.ndarray, keypoints_or_landmarks: np.ndarray, size: int = 512) -> AlignedFace:
     """Crop ``image`` FFHQ-style to ``size`` x ``size`` using 5 keypoints, 68 landmarks or the 478 mesh."""
     if image.ndim != 3 or image.shape[2] != 3:
@@ -72,8 +77,11 @@ def align_face(image: np.ndarray, keypoints_or_landmarks: np.ndarray, size: int 
         raise ValueError(f"align_face: size must be >= 8, got {size}")
     quad = ffhq_quad(keypoints_or_landmarks)
     matrix = quad_matrix(quad, size)
-    source, pre = _prescale(image, matrix)
-    warp = matrix @ np.vstack([pre, [0, 0, 1]])
+    shrink = _shrink(matrix)
+    region, photo_to_region = _region(image, quad, margin=4.0 / shrink + 2.0)
+    source, region_to_source = _resize(region, shrink)
+    # the warp reads the (cut, shrunk) source; the saved matrix stays photo -> aligned pixels
+    warp = compose(matrix, invert_matrix(compose(region_to_source, photo_to_region)))
     crop = cv2.warpAffine(source, warp, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
     padded = _outside(quad, image.shape)
     if padded:
@@ -81,12 +89,92 @@ def align_face(image: np.ndarray, keypoints_or_landmarks: np.ndarray, size: int 
     return AlignedFace(image=crop, matrix=matrix, size=size, padded=padded)
 
 
-def _prescale(image: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Area-downscale large faces before warping (anti-aliasing); returns the image and its 2x3 from the original."""
-    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
-    if scale >= 0.5:
+ALIGNMENT_TOLERANCE = 6.0  # grey levels; a crop taken from the wrong place is off by tens
+
+
+def alignment_error(image: np.ndarray, aligned: AlignedFace, grid: int = 64) -> float:
+    """Mean absolute difference (grey levels) between the crop and the photo warped by the saved matrix.
+
+    Why: every later stage (landmarks mapped back, paste-back, training pairs) trusts that ``aligned.image`` is
+    ``image`` seen through ``aligned.matrix``. Both sides are low-passed to a ``grid`` x ``grid`` view, so the
+    comparison ignores the resampling filter and checks only where the pixels came from; crop pixels that lie
+    outside the photo (the FFHQ fill) are left out.
+    """
+    size = aligned.image.shape[0]
+    factor = grid / size
+    to_grid = np.array([[factor, 0, 0.5 * factor - 0.5], [0, factor, 0.5 * factor - 0.5]])
+    photo_to_grid = compose(to_grid, aligned.matrix)
+    scale = float(np.sqrt(abs(np.linalg.det(photo_to_grid[:, :2]))))  # grid px per photo px
+    sigma = 0.5 / scale
+    corners = np.array([[-1, -1], [grid, -1], [grid, grid], [-1, grid]], np.float64)
+    back = invert_matrix(photo_to_grid)
+    photo_corners = corners @ back[:, :2].T + back[:, 2]
+    height, width = image.shape[:2]
+    margin = 3 * sigma + 2
+    x0, y0 = (max(int(np.floor(v - margin)), 0) for v in photo_corners.min(0))
+    x1, y1 = (min(int(np.ceil(v + margin)) + 1, limit) for v, limit in zip(photo_corners.max(0), (width, height)))
+    if x1 <= x0 or y1 <= y0:
+        return 0.0  # the crop lies wholly outside the photo: nothing to compare
+    region = image[y0:y1, x0:x1]
+    shift = compose(photo_to_grid, np.array([[1.0, 0, x0], [0, 1.0, y0]]))
+    if scale < 0.25:  # a large face: area-shrink the region to 4 px per grid px first (fast, same low-pass)
+        region, to_small = _resize(region, 4 * scale)
+        shift = compose(shift, invert_matrix(to_small))
+        sigma = 2.0
+    region = cv2.GaussianBlur(region.astype(np.float32), (0, 0), sigma)
+    expected = cv2.warpAffine(region, shift, (grid, grid), flags=cv2.INTER_LINEAR)
+    inside = np.ones(region.shape[:2], np.float32)
+    ring = max(int(np.ceil(2 * sigma)), 1)  # the photo's edge pixels are blurred with the reflection: skip them
+    if y0 == 0:
+        inside[:ring] = 0
+    if x0 == 0:
+        inside[:, :ring] = 0
+    if y1 == height:
+        inside[-ring:] = 0
+    if x1 == width:
+        inside[:, -ring:] = 0
+    valid = cv2.warpAffine(inside, shift, (grid, grid), flags=cv2.INTER_LINEAR) > 0.999
+    crop = cv2.GaussianBlur(aligned.image.astype(np.float32), (0, 0), 0.5 / factor)
+    got = cv2.warpAffine(crop, to_grid, (grid, grid), flags=cv2.INTER_LINEAR)
+    if not valid.any():
+        return 0.0
+    return float(np.abs(got - expected)[valid].mean())
+
+
+def check_alignment(image: np.ndarray, aligned: AlignedFace, tolerance: float = ALIGNMENT_TOLERANCE) -> float:
+    """``alignment_error``, raising ValueError when the crop does not match the photo under its matrix."""
+    error = alignment_error(image, aligned)
+    if not error <= tolerance:
+        raise ValueError(f"aligned crop does not match the photo under its matrix ({error:.1f} grey levels off, "
+                         f"tolerance {tolerance:g}): alignment bug")
+    return error
+
+
+def _shrink(matrix: np.ndarray) -> float:
+    """How much to area-shrink the photo before the cubic warp: large faces keep twice the crop's resolution
+    (anti-aliasing), others are warped from the photo as it is."""
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))  # crop px per photo px
+    return 1.0 if scale >= 0.5 else 2.0 * scale
+
+
+def _region(image: np.ndarray, quad: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """The part of ``image`` under the crop square plus ``margin`` px (a view) and the photo -> region 2x3.
+
+    Why: warping only this part keeps large photos fast and inside OpenCV's 32767 px remap limit; where the
+    square leaves the photo the region ends at the photo's edge, so the warp's reflection is the photo's own.
+    """
+    height, width = image.shape[:2]
+    x0 = int(np.clip(np.floor(quad[:, 0].min() - margin), 0, width - 1))
+    y0 = int(np.clip(np.floor(quad[:, 1].min() - margin), 0, height - 1))
+    x1 = int(np.clip(np.ceil(quad[:, 0].max() + margin) + 1, x0 + 1, width))
+    y1 = int(np.clip(np.ceil(quad[:, 1].max() + margin) + 1, y0 + 1, height))
+    return image[y0:y1, x0:x1], np.array([[1.0, 0, -x0], [0, 1.0, -y0]])
+
+
+def _resize(image: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+    """Area-shrink ``image`` by about ``shrink`` (<= 1); returns it and the exact 2x3 from the input's pixels."""
+    if shrink >= 1.0:
         return image, np.array([[1.0, 0, 0], [0, 1.0, 0]])
-    shrink = 1.0 / (2 * scale)  # keep twice the output resolution for the cubic warp
     height, width = image.shape[:2]
     new_w, new_h = max(round(width * shrink), 1), max(round(height * shrink), 1)
     small = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
@@ -143,11 +231,24 @@ def paste_back(
         # erode by radius + 1, then a blur whose kernel reaches radius: alpha stays 0 outside the mask
         alpha = cv2.erode(alpha, np.ones((2 * radius + 3, 2 * radius + 3), np.uint8))
         alpha = cv2.GaussianBlur(alpha, (2 * radius + 1, 2 * radius + 1), radius / 2.0)
+    # only the frame's rectangle under the crop is touched (fast on large photos, within OpenCV's size limit)
+    corners = np.array([[-1, -1], [size, -1], [size, size], [-1, size]], np.float64)
+    inverse = invert_matrix(matrix)
+    in_frame = corners @ inverse[:, :2].T + inverse[:, 2]
     height, width = frame.shape[:2]
+    x0, y0 = (int(np.clip(np.floor(v) - 1, 0, limit)) for v, limit in zip(in_frame.min(0), (width, height)))
+    x1, y1 = (int(np.clip(np.ceil(v) + 2, 0, limit)) for v, limit in zip(in_frame.max(0), (width, height)))
+    result = frame.copy()
+    if x1 <= x0 or y1 <= y0:
+        return result
+    sub_to_crop = compose(matrix, np.array([[1.0, 0, x0], [0, 1.0, y0]]))
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    warped = cv2.warpAffine(face_image, matrix, (width, height), flags=flags, borderMode=cv2.BORDER_REPLICATE)
-    alpha_back = cv2.warpAffine(alpha, matrix, (width, height), flags=flags, borderValue=0)
+    shape = (x1 - x0, y1 - y0)
+    warped = cv2.warpAffine(face_image, sub_to_crop, shape, flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    alpha_back = cv2.warpAffine(alpha, sub_to_crop, shape, flags=flags, borderValue=0)
     alpha_back = np.clip(alpha_back, 0.0, 1.0)[..., None]
-    blended = frame.astype(np.float32) * (1 - alpha_back) + warped.astype(np.float32) * alpha_back
-    result = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    return np.where(alpha_back > 0, result, frame)
+    under = frame[y0:y1, x0:x1]
+    blended = under.astype(np.float32) * (1 - alpha_back) + warped.astype(np.float32) * alpha_back
+    pasted = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    result[y0:y1, x0:x1] = np.where(alpha_back > 0, pasted, under)
+    return result

@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from appleswap.faces.align import AlignedFace, align_face, invert_matrix
+from appleswap.faces.align import AlignedFace, align_face, check_alignment, invert_matrix
 from appleswap.faces.landmarks import FaceLandmarks, get_landmark_provider
 from appleswap.faces.mesh_mask import landmark_classes, mesh_classes
 from appleswap.faces.segmap import colorize, face_mask
@@ -95,11 +95,13 @@ class FaceWorker:
                 rough = align_face(image, detection.keypoints, size)
                 in_photo = self.landmarker(rough.image, key=item.key).transformed(invert_matrix(rough.matrix))
                 final = align_face(image, in_photo.lm68, size)
+                align_error = check_alignment(image, final)  # the crop is the photo seen through the saved matrix
                 landmarks = self._with_iris(final.image, in_photo.transformed(final.matrix))
             except ValueError as error:
                 errors.append(f"face {index}: {error}")
                 continue
             info = {"box": detection.box.round(2).tolist(), "det_score": round(detection.score, 4),
+                    "align_error": round(align_error, 3),
                     "n_faces_detected": found, "_fit": self._last_fit()}
             crops.append((final, landmarks, info))
         if not crops:
