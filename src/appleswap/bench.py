@@ -43,7 +43,7 @@ TINY_VAE = {"block_out_channels": (32, 32), "layers_per_block": 1, "norm_num_gro
 class BenchConfig:
     tiny: bool = option(False, "tiny config (CPU smoke test of the benchmark itself)")
     steps: int = option(28, "sampling steps of a swap")
-    batch: int = option(4, "images per call for the batched images/s row")
+    batch: int = option(4, "images per call for the batched images/s row", flag="batch-size")
     repeats: int = option(5, "timed repeats per row (median reported)")
     text_tokens: int = option(512, "T5 tokens (512 in APPLE)")
     sdpa: Literal["auto", "flash", "efficient", "cudnn", "math", "fastest"] = option(
@@ -60,7 +60,7 @@ class BenchConfig:
     lora_rank: int = option(64, "LoRA rank")
     fp8: bool = option(True, "also quantise the blocks to fp8 at the end and time pass, swaps and peak memory")
     offload: bool = option(True, "also time the offload tiers (model, sequential) and their peak memory")
-    output: Path | None = option(None, "also write the table as JSON here")
+    output: Path | None = option(None, "also write the table as JSON here", short="-o")
 
 
 def build_models(cfg: BenchConfig, device, dtype):
@@ -367,13 +367,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # ``python -m appleswap.bench`` without importing the other subcommands
+def main(argv: list[str] | None = None) -> int:
+    """``python -m appleswap.bench [options]``: the bench command without importing the other subcommands."""
     import sys
 
-    from appleswap.cli_common import setup_logging
+    from appleswap.cli_common import parse_command_line, setup_logging
 
-    _parser = argparse.ArgumentParser(prog="appleswap bench")
-    add_parser(_parser.add_subparsers())
-    _args = _parser.parse_args(["bench", *sys.argv[1:]])
-    setup_logging(_args.log_level)
-    sys.exit(run(_args))
+    parser = argparse.ArgumentParser(prog="appleswap")  # the subcommand's usage then reads "appleswap bench"
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parse_command_line(parser, ["bench", *(sys.argv[1:] if argv is None else argv)])
+    setup_logging(args.log_level)
+    return run(args)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

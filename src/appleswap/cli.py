@@ -8,7 +8,7 @@ import importlib.util
 import sys
 
 from appleswap import __version__
-from appleswap.cli_common import HelpFormatter, inference_blas_defaults, setup_logging
+from appleswap.cli_common import HelpFormatter, inference_blas_defaults, parse_command_line, setup_logging
 
 # subcommand modules in pipeline order; each exposes add_parser(subparsers) and run(args) -> int
 COMMAND_MODULES = (
@@ -47,11 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)  # flags, then --config FILE for the flags not given
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    setup_logging(getattr(args, "log_level", "info"))
+    setup_logging(getattr(args, "log_level", "warning"))
     if args.command in INFERENCE_COMMANDS:
         inference_blas_defaults()
     try:

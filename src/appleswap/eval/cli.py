@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
         help="score swaps: ID similarity/retrieval, pose, expression, gaze, skin, lighting, FID/KID",
         description=(
             "Score swapped faces against their sources and targets (FFHQ protocol: --pairs ffhq, 1,000 pairs).\n"
-            "Writes <out>/report.json (every number with a 95% bootstrap interval) and <out>/report.html.\n"
+            "Writes <output>/report.json (every number with a 95% bootstrap interval) and <output>/report.html.\n"
             "Missing weights switch a metric to an embedded fallback, named in the report.\n"
             "  appleswap eval --pairs ffhq --sources FFHQ/images512 --targets FFHQ/images512 --swapped out/ "
             "--reference FFHQ/images512\n  appleswap eval compare runA/report.json runB/report.json"),

@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
+from appleswap.config import torch_dtype
 from appleswap.train.config import StudentConfig, TrainConfig
 from appleswap.train.data import Dropout, IdTokenStore, TeacherDataset, index_targets, split_validation
 from appleswap.train.teacher import TrainParts
 from appleswap.weights import locate
 
 log = logging.getLogger(__name__)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
 def _require(value: Any, name: str) -> Any:
@@ -62,7 +62,7 @@ def build_parts(config: TrainConfig, weights_dir: str | None, device: torch.devi
     from appleswap.model.loading import load_apple_transformer, load_vae
     from appleswap.model.text import load_text_embeddings
 
-    dtype = DTYPES[config.mixed_precision]
+    dtype = torch_dtype(config.mixed_precision)
     flux = locate("flux", weights_dir, explicit=config.flux)
     pulid = locate("pulid_flux", weights_dir, explicit=config.pulid)
     transformer = load_apple_transformer(flux, pulid_path=pulid, dtype=dtype, device=device)
