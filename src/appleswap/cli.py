@@ -8,7 +8,7 @@ import importlib.util
 import sys
 
 from appleswap import __version__
-from appleswap.cli_common import HelpFormatter, inference_blas_defaults, parse_command_line, setup_logging
+from appleswap.cli_common import HelpFormatter, apply_config_file, inference_blas_defaults, setup_logging
 
 # subcommand modules in pipeline order; each exposes add_parser(subparsers) and run(args) -> int
 COMMAND_MODULES = (
@@ -47,9 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parse_command_line(parser, argv)  # flags, then --config FILE for the flags not given
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        return 2
+    try:
+        args = apply_config_file(parser, args, argv)  # --config FILE: values for the flags not given
+    except (FileNotFoundError, ValueError) as error:
+        print(f"appleswap {args.command}: error: {error}", file=sys.stderr)
         return 2
     setup_logging(getattr(args, "log_level", "warning"))
     if args.command in INFERENCE_COMMANDS:

@@ -120,8 +120,11 @@ def _config_value(action: argparse.Action, key: str, value: Any) -> Any:
         return value
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     items = value if isinstance(value, list) else [value]
-    if action.type is not None and not isinstance(action, argparse.BooleanOptionalAction):
-        items = [action.type(v) if isinstance(v, str) else v for v in items]
+    if action.type is not None:
+        try:
+            items = [action.type(v) if isinstance(v, str) else v for v in items]
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+            raise ValueError(f"config key {key!r}: {value!r} is not a valid value ({error})") from error
     if action.choices is not None and any(v not in action.choices for v in items):
         raise ValueError(f"config key {key!r}: {value!r} is not one of {list(action.choices)}")
     return items if many else items[0]

@@ -151,7 +151,7 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
     for field in dataclasses.fields(cls):
         if not field.init or field.name.startswith("_"):
             continue
-        tp, _ = _unwrap_optional(_resolve_type(cls, field))
+        tp, optional = _unwrap_optional(_resolve_type(cls, field))
         default = field.default if field.default is not dataclasses.MISSING else (
             field.default_factory() if field.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         )
@@ -172,6 +172,8 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
             inner = get_args(tp)[0] if get_args(tp) else str
             kwargs["nargs"] = "+"
             kwargs["type"] = inner if inner in (int, float, str) else str
+        elif tp in (int, float) and optional:
+            kwargs["type"] = _or_none(tp)
         elif tp in (int, float, str):
             kwargs["type"] = tp
         elif tp is Path:
@@ -187,6 +189,15 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
             if tp is bool:
                 raise ValueError(f"{cls.__name__}.{field.name}: boolean flags keep their name")
             add_alias(parser, _flag(prefix, old), flag, **kwargs)
+
+
+def _or_none(tp: type):
+    """``int``/``float`` that also reads ``none``/``null`` as None (an optional number turned off)."""
+    def convert(value: str):
+        return None if value.lower() in ("none", "null") else tp(value)
+
+    convert.__name__ = tp.__name__  # argparse names the type in its error message
+    return convert
 
 
 def _dtype_arg(value: str) -> str:

@@ -24,7 +24,8 @@ class TrainConfig:
     output_dir: str = option("runs/teacher", "run folder: checkpoints, TensorBoard logs, previews", flag="output",
                              short="-o")
     condition_folder: str = option(CONDITION_FOLDER, "per-identity folder holding the condition PNGs")
-    aes_threshold: float = option(5.1, "keep targets whose aesthetic score is above this")
+    aes_threshold: float | None = option(5.1, "keep targets whose aesthetic score (score.json, written by "
+                                         "`appleswap preprocess --aesthetic`) is above this; null: keep all")
     num_validation: int = option(5, "held-out targets (validated with a source of another identity)")
     id_from: Literal["masked", "raw"] = option("masked", "ID tokens computed on the face-masked or raw photo")
     prompt: str = option(PROMPT, "fixed text prompt")
@@ -91,7 +92,8 @@ class PseudoConfig:
     teacher: str | None = option(None, "teacher LoRA (default.safetensors); default: registry `apple_teacher`",
                                  flag="lora")
     condition_folder: str = option(CONDITION_FOLDER, "per-identity folder holding the condition PNGs")
-    aes_threshold: float = option(5.1, "pool: images whose aesthetic score is above this")
+    aes_threshold: float | None = option(5.1, "pool: images whose aesthetic score is above this (score.json); "
+                                         "null: all")
     num_pairs: int = option(100_000, "distinct-identity pairs to draw")
     seed: int = option(42, "pair-drawing seed")
     num_steps: int = option(28, "inversion steps = generation steps", flag="steps")
