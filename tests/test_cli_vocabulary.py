@@ -61,7 +61,7 @@ def _sample(action: argparse.Action):
     if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
         return True, True if isinstance(action, argparse.BooleanOptionalAction) else action.const
     if action.choices:
-        raw = sorted(action.choices)[-1]
+        raw = max(action.choices)
         return raw, raw
     raw = {"int": 3, "float": 0.5}.get(getattr(action.type, "__name__", ""), "x")
     parsed = action.type(raw) if action.type is not None and isinstance(raw, str) else raw

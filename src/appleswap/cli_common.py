@@ -116,7 +116,7 @@ def _config_value(action: argparse.Action, key: str, value: Any) -> Any:
         return action.const if value else action.default
     if isinstance(action, argparse.BooleanOptionalAction):
         if not isinstance(value, bool):
-            raise ValueError(f"config key {key!r}: expected true or false, got {value!r}")
+            raise ValueError(f"config key {key!r}: expected true or false, got {value!r}")  # noqa: TRY004
         return value
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     items = value if isinstance(value, list) else [value]

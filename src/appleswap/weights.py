@@ -197,10 +197,10 @@ def fetch(spec: WeightSpec, root: str | Path | None = None) -> Path:
             raise ValueError(f"'{spec.name}': download from huggingface.co/{spec.hf_repo} failed "
                              f"({type(error).__name__}: {first}); a gated repo needs its licence accepted on the "
                              "website and `hf auth login`") from error
-        if spec.kind == "file":
-            if spec.sha256 and sha256_of(staged) != spec.sha256:
-                raise ValueError(f"'{spec.name}': SHA-256 of the download is {sha256_of(staged)}, the registry "
-                                 f"expects {spec.sha256}; not installed (a changed or corrupt file upstream)")
+        digest = sha256_of(staged) if spec.kind == "file" and spec.sha256 else spec.sha256
+        if digest != spec.sha256:
+            raise ValueError(f"'{spec.name}': SHA-256 of the download is {digest}, the registry expects "
+                             f"{spec.sha256}; not installed (a changed or corrupt file upstream)")
         _install(staged, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

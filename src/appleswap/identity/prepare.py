@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from appleswap.files import is_image_path, load_image, save_json
-from appleswap.preprocess.layout import RESERVED_FILES
 from appleswap.identity.store import FORMAT, TOKENS_KEY, load_reference_npy
+from appleswap.preprocess.layout import RESERVED_FILES
 
 log = logging.getLogger(__name__)
 

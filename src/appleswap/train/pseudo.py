@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from appleswap.cli_common import pick_device
-    from appleswap.pipeline import SwapPipeline
     from appleswap.config import torch_dtype
+    from appleswap.pipeline import SwapPipeline
     from appleswap.train.data import IdTokenStore
     from appleswap.train.pairs import load_or_create_manifest, merge_scores, shard
     from appleswap.train.pseudo_gen import PseudoGenerator, generate_pairs, pool_items
