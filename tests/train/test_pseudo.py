@@ -40,9 +40,9 @@ def base(tmp_path_factory, faces_dir) -> Path:
 
 def _launch(base: Path, out: Path, rank: int, steps: int = 3) -> subprocess.Popen:
     env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    args = ["pseudo", "--dataset-root", str(base / "data"), "--id-cache", str(base / "ids"), "--output-dir", str(out),
-            "--num-pairs", "6", "--num-steps", str(steps), "--no-score", "--mixed-precision", "no",
-            "--resolution", "64", "--weights-dir", str(base / "w"), "--device", "cpu"]
+    args = ["pseudo", "--dataset-root", str(base / "data"), "--id-cache", str(base / "ids"), "-o", str(out),
+            "--num-pairs", "6", "--steps", str(steps), "--no-score", "--dtype", "fp32",
+            "--size", "64", "--weights-dir", str(base / "w"), "--device", "cpu"]
     return subprocess.Popen([sys.executable, "-c", CLI, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -85,10 +85,10 @@ def test_student_trains_on_pseudo_triplets(base, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = tmp_path / "student"
     args = ["train", "student", "--dataset-root", str(base / "data"), "--id-cache", str(base / "ids"),
-            "--pseudo-root", str(out), "--output-dir", str(run), "--resolution", "64", "--lora-rank", "4",
+            "--pseudo-root", str(out), "-o", str(run), "--size", "64", "--lora-rank", "4",
             "--lora-alpha", "4", "--batch-size", "2", "--gradient-accumulation", "1", "--max-steps", "2",
-            "--mixed-precision", "no", "--id-loss", "none", "--lpips-weight", "0", "--num-validation", "1",
-            "--save-every", "2", "--validate-every", "2", "--validation-steps", "2", "--num-workers", "0",
+            "--dtype", "fp32", "--id-loss", "none", "--lpips-weight", "0", "--num-validation", "1",
+            "--save-every", "2", "--validate-every", "2", "--validation-steps", "2", "--workers", "0",
             "--proxy-recon-prob", "0.5", "--init-lora", str(base / "w" / "apple" / "teacher"),
             "--weights-dir", str(base / "w"), "--device", "cpu"]
     result = subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True, timeout=600,

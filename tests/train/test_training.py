@@ -121,11 +121,11 @@ def test_train_teacher_cli_with_shipped_config(base, tmp_path):
     repo = Path(__file__).resolve().parents[2]
     run = tmp_path / "cli"
     args = ["train", "teacher", "--config", str(repo / "configs" / "teacher.yaml"), "--dataset-root",
-            str(base / "data"), "--id-cache", str(base / "ids"), "--output-dir", str(run), "--resolution", "64",
+            str(base / "data"), "--id-cache", str(base / "ids"), "-o", str(run), "--size", "64",
             "--lora-rank", "4", "--lora-alpha", "4", "--batch-size", "2", "--gradient-accumulation", "2",
-            "--max-steps", "2", "--mixed-precision", "no", "--id-loss", "none", "--lpips-weight", "0",
+            "--max-steps", "2", "--dtype", "fp32", "--id-loss", "none", "--lpips-weight", "0",
             "--num-validation", "2", "--save-every", "1", "--validate-every", "2", "--validation-steps", "2",
-            "--log-every", "1", "--num-workers", "0", "--no-gradient-checkpointing", "--weights-dir", str(base / "w"),
+            "--log-every", "1", "--workers", "0", "--no-gradient-checkpointing", "--weights-dir", str(base / "w"),
             "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     result = subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True, timeout=600,

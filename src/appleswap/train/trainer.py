@@ -4,6 +4,7 @@ pickle-free checkpoints; TensorBoard scalars and real-swap previews at the guida
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,8 +146,11 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
 
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT") or "train",
                                   config={k: str(v) for k, v in config_to_dict(config).items()})
-    progress = tqdm(total=config.max_steps, initial=step, disable=not accelerator.is_local_main_process,
-                    desc="train")
+    # one bar on the main process, on a terminal only (None: tqdm's check), with the loss and the throughput
+    progress = tqdm(total=config.max_steps, initial=step, disable=None if accelerator.is_local_main_process else True,
+                    desc="train", unit="step")
+    samples_per_step = config.batch_size * config.gradient_accumulation * accelerator.num_processes
+    last = time.perf_counter()
     logs: dict[str, float] = {}
     while step < config.max_steps:
         train_set.set_epoch(epoch)
@@ -160,7 +164,11 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            now = time.perf_counter()
+            progress.set_postfix(loss=f"{logs.get('loss/total', float('nan')):.4f}",
+                                 samples_s=f"{samples_per_step / max(now - last, 1e-9):.2f}", refresh=False)
             progress.update(1)
+            last = now
             _after_step(parts, val_set, config, accelerator, (model, optimizer), step, epoch, position, logs)
             if step >= config.max_steps:
                 break
