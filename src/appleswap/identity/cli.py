@@ -66,7 +66,7 @@ def add_parser(subparsers) -> None:
     )
     prep.add_argument("dataset", help="preprocessed dataset folder (read only)")
     late_required(prep, "-o", "--output", dest="cache", metavar="DIR", help="the ID cache folder to write, outside the dataset")
-    add_alias(prep, "--cache", "-o/--output", dest="cache")
+    add_alias(prep, "--cache", "--output", dest="cache")
     prep.add_argument("--shard-index", type=int, default=None, help="this process's shard (default: $RANK or 0)")
     prep.add_argument("--num-shards", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
     add_config_args(prep.add_argument_group("prepare-ids"), PrepareIdsConfig)
