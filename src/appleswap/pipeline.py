@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,13 +51,6 @@ Mode = Literal["student", "teacher"]
 InverseCond = Literal["noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond"]
 INVERSE_CONDS = ("noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond")
 DEFAULT_VIT_TOKENS = 577  # EVA02-CLIP-L-336: 24 x 24 patches + CLS (shapes the null ID)
-
-
-def _phase(callback: Callable[[dict], None] | None, phase: str) -> Callable[[dict], None] | None:
-    """``callback`` with the solver pass's name added to each step's record."""
-    if callback is None:
-        return None
-    return lambda step: callback({**step, "phase": phase})
 
 
 def images_to_tensor(images: Any, name: str) -> torch.Tensor:
@@ -319,8 +312,7 @@ class SwapPipeline:
                  inversion_order: int = 1, parity_wrong_midpoint: bool = False, sampler_order: int = 1,
                  guidance_scale: float = 1.0, image_guidance_scale: float = 1.0, id_guidance_scale: float = 1.0,
                  seed: int | Sequence[int] = 0, id_weight: float = 1.0, target_id: Any = None, kv_cache: bool = False,
-                 progress: bool | None = False, callback: Callable[[dict], None] | None = None,
-                 output_type: Literal["np", "pt"] = "np"):
+                 progress: bool = False, callback: Any = None, output_type: Literal["np", "pt"] = "np"):
         """Swap ``source``'s identity into ``target``.
 
         Args:
@@ -337,9 +329,6 @@ class SwapPipeline:
             seed: noise seed, one for all images or one per image (the reference uses 0 for every image).
             target_id: the target's ID (tokens, file or photos) for ``trgID_*`` inversion (default: from target).
             kv_cache: independent-condition mode with cached condition keys/values (faster; not the paper's model).
-            progress: a bar per solver pass on stderr (None: only when stderr is a terminal).
-            callback: called after every solver step with ``{"x", "i", "total", "sigma", "phase"}``, ``phase``
-                being ``"inverting"`` or ``"sampling"`` (a UI's per-step progress).
         Returns:
             uint8 (B, H, W, 3) array (``np``) or float (B, 3, H, W) tensor in [0, 1] (``pt``).
         """
@@ -366,7 +355,7 @@ class SwapPipeline:
         if invert:
             sigmas = inversion_sigmas(sigmas, inverse_steps or num_steps)
             x = self._invert(targets, cond_tokens, positions, sigmas, inverse_cond, target_id,
-                             (inversion_order, parity_wrong_midpoint, kv_cache), progress, _phase(callback, "inverting"))
+                             (inversion_order, parity_wrong_midpoint, kv_cache), progress, callback)
         else:
             x = torch.cat([prepare_noise(1, height, width, generator=torch.Generator().manual_seed(s),
                                          vae_scale=vae_scale_factor(self.vae), dtype=dtype) for s in seeds])
@@ -376,8 +365,7 @@ class SwapPipeline:
                               image_guidance_scale=image_guidance_scale, id_guidance_scale=id_guidance_scale,
                               black=black, id_weight=id_weight, kv_cache=kv_cache, steps=steps)
         sampler = sample_euler if sampler_order == 1 else sample_midpoint
-        tokens = sampler(model, x, sigmas, callback=_phase(callback, "sampling"),
-                         disable=None if progress is None else not progress)  # sigmas on the CPU: no GPU wait
+        tokens = sampler(model, x, sigmas, callback=callback, disable=not progress)  # sigmas on the CPU: no GPU wait
         with self._vae() as vae:
             images = decode_tokens(vae, tokens, height, width)
         steps.verify()  # the host waits here, after queueing the decode behind the last steps
@@ -392,8 +380,7 @@ class SwapPipeline:
             raise ValueError(f"{name}: {tokens.shape[0]} identities for {batch} targets (give 1 or {batch})")
         return tokens.to(self.device, self.transformer.dtype).expand(batch, -1, -1)
 
-    def _invert(self, targets, cond_tokens, positions, sigmas, inverse_cond, target_id, solver, progress,
-                callback=None):
+    def _invert(self, targets, cond_tokens, positions, sigmas, inverse_cond, target_id, solver, progress, callback):
         """Step A of §7: target latent (VAE mode) integrated from data to noise under ``inverse_cond``."""
         batch = targets.shape[0]
         if inverse_cond.startswith("noID"):
@@ -408,7 +395,6 @@ class SwapPipeline:
         order, parity, kv_cache = solver
         steps = self.step_table(sigmas, order, inverse=True, condition=condition is not None and not kv_cache)
         model = self.denoiser(condition, ids, positions, kv_cache=kv_cache, steps=steps)  # guidance 1 (reference)
-        x = invert(model, x0, sigmas, order=order, parity_wrong_midpoint=parity, callback=callback,
-                   disable=None if progress is None else not progress)
+        x = invert(model, x0, sigmas, order=order, parity_wrong_midpoint=parity, callback=callback, disable=not progress)
         steps.verify()
         return x

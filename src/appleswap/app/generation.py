@@ -49,7 +49,7 @@ class PipelineGenerator:
         self.image_size = size
         self.model_name = model_name or f"APPLE {config.model} (FLUX.1 + PuLID)"
         self._landmarker = None
-        self.progress: bool | None = False  # per-step bars on stderr (None: when it is a terminal)
+        self.progress = False  # per-step bars on stderr (the CLI turns them on)
 
     @property
     def device(self) -> str:

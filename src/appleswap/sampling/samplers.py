@@ -5,7 +5,8 @@ dx/dsigma = v. Sampling integrates sigma from 1 down to 0; inversion integrates 
 Every update is done in float32 and cast back, as diffusers' FlowMatchEulerDiscreteScheduler does.
 
 Progress: each solver draws a tqdm bar with ETA on stderr unless ``disable`` (None: only on a terminal), and
-calls ``callback`` after every step with ``{"x", "i", "total", "sigma"}`` (a UI's progress, a preview).
+calls ``callback`` after every step with ``{"x", "i", "total", "sigma", "phase"}`` (a UI's progress, a
+preview; ``phase``: ``"sampling"`` or ``"inverting"``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: 
     for i in _steps(total, disable, "sampling"):
         velocity = model(x, _sigma(sigmas[i], x))
         if callback is not None:
-            callback({"x": x, "i": i, "total": total, "sigma": sigmas[i], "velocity": velocity})
+            callback({"x": x, "i": i, "total": total, "sigma": sigmas[i], "velocity": velocity, "phase": "sampling"})
         x = _euler_update(x, velocity, sigmas[i + 1] - sigmas[i])
     return x
 
@@ -73,7 +74,7 @@ def sample_midpoint(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callbac
     for i in _steps(total, disable, "sampling"):
         x = _midpoint_step(model, x, sigmas[i], sigmas[i + 1], wrong_latent=False)
         if callback is not None:
-            callback({"x": x, "i": i, "total": total, "sigma": sigmas[i + 1]})
+            callback({"x": x, "i": i, "total": total, "sigma": sigmas[i + 1], "phase": "sampling"})
     return x
 
 
@@ -122,7 +123,7 @@ def invert(model: Model, x0: torch.Tensor, sigmas: torch.Tensor, order: int = 1,
         else:
             x = _midpoint_step(model, x, ascending[i], ascending[i + 1], wrong_latent=parity_wrong_midpoint)
         if callback is not None:
-            callback({"x": x, "i": i, "total": total, "sigma": ascending[i + 1]})
+            callback({"x": x, "i": i, "total": total, "sigma": ascending[i + 1], "phase": "inverting"})
     return x
 
 
