@@ -9,6 +9,7 @@ import sys
 
 from appleswap import __version__
 from appleswap.cli_common import HelpFormatter, apply_config_file, inference_blas_defaults, setup_logging
+from appleswap.native_logs import quiet_libraries
 
 # subcommand modules in pipeline order; each exposes add_parser(subparsers) and run(args) -> int
 COMMAND_MODULES = (
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()  # before any command module imports a library that reads its log settings at import
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
