@@ -39,9 +39,8 @@ def quiet_libraries() -> None:
     for key, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     _protobuf_get_prototype()
-    with contextlib.suppress(ImportError):
-        from absl import logging as absl_logging
-
+    absl_logging = sys.modules.get("absl.logging")  # imported by MediaPipe (import_mediapipe calls this again)
+    if absl_logging is not None:
         absl_logging._warn_preinit_stderr = False  # its "logging before flag parsing" notice; records go to logging
 
 
@@ -102,7 +101,7 @@ def import_mediapipe():
     quiet_libraries()
     with native_stderr():
         import mediapipe
-
+    quiet_libraries()
     return mediapipe
 
 
