@@ -78,7 +78,7 @@ def test_cli_smoke(weights, data, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "appleswap.cli", "generate", "--weights-dir", str(weights), "--device", "cpu",
                "--data", str(data), "--ids-dir", str(data / "ids"), "--output", str(tmp_path / "cli"),
-               "--num-steps", "1", "--size", "64", "--dtype", "fp32", "--limit", "1", "--no-grid"]
+               "--steps", "1", "--size", "64", "--dtype", "fp32", "--limit", "1", "--no-grid"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "cli" / "000.png").is_file() and (tmp_path / "cli" / "generate_config.json").is_file()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -227,3 +229,22 @@ def test_schedule_wide_timestep_rows_give_the_same_swaps(weights, faces, monkeyp
     for kwargs, image in zip(options, fast, strict=True):
         slow = teacher(ids, faces[0], condition=faces[1], invert=True, num_steps=3, output_type="pt", **kwargs)
         torch.testing.assert_close(image, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_progress_callback_reports_every_solver_step(weights, student, faces, capsys):
+    """The per-step progress a UI draws: one record per solver step, in order, with the pass's length; a teacher
+    swap reports its inversion, then its sampling; ``progress=True`` draws the tqdm bar on stderr."""
+    steps: list[tuple] = []
+    first = student(tiny_id_tokens(1), faces[0], num_steps=3,
+                    callback=lambda s: steps.append((s["phase"], s["i"], s["total"])))
+    assert steps == [("sampling", 0, 3), ("sampling", 1, 3), ("sampling", 2, 3)]
+    np.testing.assert_array_equal(student(tiny_id_tokens(1), faces[0], num_steps=3), first)  # it only watches
+    teacher = SwapPipeline.from_pretrained(weights, "teacher", dtype=torch.float32, device="cpu")
+    steps.clear()
+    teacher(tiny_id_tokens(1), faces[0], condition=faces[1], invert=True, num_steps=4, inverse_steps=2,
+            callback=lambda s: steps.append((s["phase"], s["i"], s["total"])))
+    assert steps == [("inverting", 0, 2), ("inverting", 1, 2), ("sampling", 0, 2), ("sampling", 1, 2)]
+    capsys.readouterr()
+    student(tiny_id_tokens(1), faces[0], num_steps=3, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"sampling: +\d+%.*\| \d/3 \[", err) and "step" in err  # the bar of the 3 steps

@@ -14,10 +14,12 @@ from appleswap.cli_common import (
     EXIT_NOTHING,
     EXIT_STATUS_HELP,
     HelpFormatter,
+    apply_config_file,
     inference_blas_defaults,
     setup_logging,
     with_exit_status_help,
 )
+from appleswap.native_logs import quiet_libraries
 
 # subcommand modules in pipeline order; each exposes add_parser(subparsers) and run(args) -> int
 COMMAND_MODULES = (
@@ -66,12 +68,19 @@ def _add_exit_status_help(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()  # before any command module imports a library that reads its log settings at import
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    setup_logging(getattr(args, "log_level", "info"))
+    try:
+        args = apply_config_file(parser, args, argv)  # --config FILE: values for the flags not given
+    except (FileNotFoundError, ValueError) as error:
+        print(f"appleswap {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    setup_logging(getattr(args, "log_level", "warning"))
     if args.command in INFERENCE_COMMANDS:
         inference_blas_defaults()
     try:

@@ -3,6 +3,11 @@
 Each stage declares one dataclass whose fields carry their help text (``option(default, "help")``) and the
 paper's value as default. The CLI builds its flags from the dataclass (``add_config_args``) and
 ``resolve_config`` merges default < file < flag, rejecting unknown keys. Nothing here holds a path.
+
+One vocabulary for every command (``--steps``, ``--size``, ``--dtype bf16|fp16|fp32``, ``--model``, ``--lora``,
+``-o/--output``): a field whose name predates it names its flag with ``option(..., flag="steps")``; the old
+spelling (the field name, and any ``aliases``) stays a hidden flag and config key for one release and prints a
+deprecation message when used.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import types
 import typing
 from pathlib import Path
@@ -17,13 +23,77 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 T = TypeVar("T")
 _UNSET = object()
+Dtype = Literal["bf16", "fp16", "fp32"]  # the one spelling of a model precision, on every command
+DTYPE_SPELLINGS = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
+                   "no": "fp32"}  # older spellings (torch names, accelerate's "no"), accepted for one release
+_warned: set[str] = set()
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its help text (shown by ``--help``)."""
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+           flag: str | None = None, short: str | None = None, aliases: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with its help text (shown by ``--help``).
+
+    ``flag``: the flag's name when it differs from the field's (``num_steps`` -> ``--steps``); the field name and
+    ``aliases`` are then deprecated spellings. ``short``: a one-letter flag too (``-o``)."""
+    metadata = {"help": help, "flag": flag, "short": short, "aliases": tuple(aliases)}
     if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def deprecated(old: str, new: str) -> None:
+    """Say once per process that ``old`` is an old spelling of ``new`` (stderr: logging may not be set up yet)."""
+    if old not in _warned:
+        _warned.add(old)
+        print(f"appleswap: {old} is deprecated, use {new} (the old spelling goes in the next release)",
+              file=sys.stderr)
+
+
+def canonical_dtype(value: str) -> str:
+    """``bf16``/``fp16``/``fp32`` from any accepted spelling (``bfloat16``, ``float32``, accelerate's ``no``)."""
+    if value in get_args(Dtype):
+        return value
+    if value in DTYPE_SPELLINGS:
+        deprecated(f"dtype {value!r}", repr(DTYPE_SPELLINGS[value]))
+        return DTYPE_SPELLINGS[value]
+    raise ValueError(f"dtype must be one of {list(get_args(Dtype))}, got {value!r}")
+
+
+def torch_dtype(value: str):
+    """The torch dtype of a ``--dtype`` value (any accepted spelling)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[canonical_dtype(value)]
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """The field's flag without dashes, as a config key: ``steps`` for ``num_steps`` with ``flag="steps"``."""
+    return (field.metadata.get("flag") or field.name).replace("_", "-")
+
+
+def old_spellings(field: dataclasses.Field) -> list[str]:
+    """Deprecated names of a field's flag (dash form): the field name when the flag differs, and its aliases."""
+    names = [field.name.replace("_", "-")] + [a.replace("_", "-") for a in field.metadata.get("aliases", ())]
+    return [n for n in dict.fromkeys(names) if n != flag_name(field)]
+
+
+class DeprecatedFlag(argparse.Action):
+    """A hidden old spelling of a flag: stores like the new one and prints a deprecation message."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        deprecated(option_string or self.option_strings[0], self.new)
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+
+
+def add_alias(parser: argparse.ArgumentParser | argparse._ArgumentGroup, old: str, new: str, dest: str,
+              **kwargs: Any) -> None:
+    """Keep ``old`` as a hidden, deprecated spelling of flag ``new`` (same ``dest``) for one release."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("action", "help")}
+    parser.add_argument(old, dest=dest, action=DeprecatedFlag, new=new, help=argparse.SUPPRESS, **kwargs)
 
 
 def load_config_file(path: str | Path | None) -> dict[str, Any]:
@@ -81,7 +151,7 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
     for field in dataclasses.fields(cls):
         if not field.init or field.name.startswith("_"):
             continue
-        tp, _ = _unwrap_optional(_resolve_type(cls, field))
+        tp, optional = _unwrap_optional(_resolve_type(cls, field))
         default = field.default if field.default is not dataclasses.MISSING else (
             field.default_factory() if field.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         )
@@ -91,6 +161,9 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
         origin = get_origin(tp)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif tp == Dtype:
+            kwargs["choices"] = list(get_args(Dtype))
+            kwargs["type"] = _dtype_arg
         elif origin is Literal:
             choices = list(get_args(tp))
             kwargs["choices"] = choices
@@ -99,13 +172,39 @@ def add_config_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
             inner = get_args(tp)[0] if get_args(tp) else str
             kwargs["nargs"] = "+"
             kwargs["type"] = inner if inner in (int, float, str) else str
+        elif tp in (int, float) and optional:
+            kwargs["type"] = _or_none(tp)
         elif tp in (int, float, str):
             kwargs["type"] = tp
         elif tp is Path:
             kwargs["type"] = Path
         else:
             kwargs["type"] = str
-        parser.add_argument(_flag(prefix, field.name), **kwargs)
+        flag = _flag(prefix, flag_name(field))
+        if "choices" not in kwargs and "action" not in kwargs:
+            kwargs["metavar"] = flag[2:].upper().replace("-", "_")  # the flag's word, not the field's
+        short = field.metadata.get("short")
+        parser.add_argument(*([short] if short and not prefix else []), flag, **kwargs)
+        for old in old_spellings(field):
+            if tp is bool:
+                raise ValueError(f"{cls.__name__}.{field.name}: boolean flags keep their name")
+            add_alias(parser, _flag(prefix, old), flag, **kwargs)
+
+
+def _or_none(tp: type):
+    """``int``/``float`` that also reads ``none``/``null`` as None (an optional number turned off)."""
+    def convert(value: str):
+        return None if value.lower() in ("none", "null") else tp(value)
+
+    convert.__name__ = tp.__name__  # argparse names the type in its error message
+    return convert
+
+
+def _dtype_arg(value: str) -> str:
+    try:
+        return canonical_dtype(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _coerce(cls: type, field: dataclasses.Field, value: Any) -> Any:
@@ -113,6 +212,8 @@ def _coerce(cls: type, field: dataclasses.Field, value: Any) -> Any:
     if value is None:
         return None
     origin = get_origin(tp)
+    if tp == Dtype and isinstance(value, str):
+        value = canonical_dtype(value)
     if origin is Literal and value not in get_args(tp):
         raise ValueError(f"`{field.name}`: {value!r} is not one of {list(get_args(tp))}")
     if tp is Path:
@@ -136,6 +237,7 @@ def resolve_config(cls: type[T], args: argparse.Namespace | None = None, file_da
     Unknown keys raise ``ValueError`` naming them and the allowed keys.
     """
     names = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    keys = config_keys(cls)
     values: dict[str, Any] = {}
     section = (file_data or {})
     if prefix and isinstance(section.get(prefix), dict):
@@ -145,10 +247,14 @@ def resolve_config(cls: type[T], args: argparse.Namespace | None = None, file_da
     for key, value in section.items():
         if isinstance(value, dict):
             continue  # another stage's section
-        name = key.replace("-", "_")
-        if name not in names:
-            raise ValueError(f"unknown config key {key!r} for {cls.__name__}; allowed: {sorted(names)}")
-        values[name] = _coerce(cls, names[name], value)
+        name = key.replace("_", "-")
+        if name not in keys:
+            allowed = sorted({flag_name(f) for f in names.values()})
+            raise ValueError(f"unknown config key {key!r} for {cls.__name__}; allowed: {allowed}")
+        field = keys[name]
+        if name != flag_name(field):
+            deprecated(f"config key {key!r}", repr(flag_name(field)))
+        values[field.name] = _coerce(cls, field, value)
     if args is not None:
         for name, field in names.items():
             value = getattr(args, _dest(prefix, name), _UNSET)
@@ -159,6 +265,16 @@ def resolve_config(cls: type[T], args: argparse.Namespace | None = None, file_da
             raise ValueError(f"unknown option {name!r} for {cls.__name__}; allowed: {sorted(names)}")
         values[name] = _coerce(cls, names[name], value)
     return cls(**values)
+
+
+def config_keys(cls: type) -> dict[str, dataclasses.Field]:
+    """Every accepted config key of ``cls`` (dash form: its flags, then the deprecated spellings) -> its field."""
+    fields = [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+    keys = {flag_name(f): f for f in fields}
+    for field in fields:
+        for old in old_spellings(field):
+            keys.setdefault(old, field)
+    return keys
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from typing import Literal
 
 import numpy as np
 
-from appleswap.cli_common import HelpFormatter, common_parser
-from appleswap.config import option
+from appleswap.cli_common import HelpFormatter, common_parser, progress_enabled
+from appleswap.config import Dtype, option
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -32,19 +32,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 class GenerateConfig:
     data: Path | None = option(None, "FFHQ-layout folder with src/ and trg/ (matched by file name)")
     pairs: Path | None = option(None, "CSV with columns source,target[,condition][,name] (instead of --data)")
-    output: Path | None = option(None, "output folder (<name>.png, grid/, generate_config.json)")
+    output: Path | None = option(None, "output folder (<name>.png, grid/, generate_config.json)", short="-o")
     mode: Literal["student", "teacher"] = option("student", "student: clean target as condition; teacher: "
-                                                 "condition image")
+                                                 "condition image", flag="model")
     condition_dir: str | None = option(None, "teacher: subfolder of trg/ holding <name>.png condition images")
     ids_dir: Path | None = option(None, "folder of <source name>.safetensors identity files (skips ID encoding)")
-    lora: Path | None = option(None, "LoRA file that replaces the mode's registry LoRA")
+    lora: Path | None = option(None, "LoRA file that replaces the model's registry LoRA")
     invert: bool = option(False, "attribute-aware inversion of the target before regeneration")
-    inverse_steps: int | None = option(None, "inversion depth in steps (default: --num-steps)")
+    inverse_steps: int | None = option(None, "inversion depth in steps (default: --steps)")
     inverse_cond: Literal["noID_trgCond", "noID_noCond", "trgID_noCond", "trgID_trgCond"] = option(
         "noID_trgCond", "conditions during inversion")
     inversion_order: int = option(1, "1 = Euler (reference), 2 = midpoint")
     parity_wrong_midpoint: bool = option(False, "reproduce the reference's --second_order inversion (parity)")
-    num_steps: int = option(28, "sampling steps")
+    num_steps: int = option(28, "sampling steps", flag="steps")
     guidance_scale: float = option(1.0, "FLUX distilled guidance (not CFG)")
     image_guidance_scale: float = option(1.0, "guidance against a black condition")
     id_guidance_scale: float = option(1.0, "guidance against the null ID")
@@ -59,8 +59,8 @@ class GenerateConfig:
     offload: Literal["none", "model", "sequential"] = option(
         "none", "memory tier: model = VAE in host memory between uses; sequential = also the transformer blocks")
     batch_size: int = option(1, "pairs per transformer call")
-    size: int = option(512, "images are resized to size x size")
-    dtype: Literal["bf16", "fp16", "fp32"] = option("bf16", "model precision")
+    size: int = option(512, "images are resized to size x size", aliases=("resolution",))
+    dtype: Dtype = option("bf16", "model precision")
     grid: bool = option(True, "also write grid/<name>_grid.png (source | condition | result)")
     shard: str | None = option(None, "'i/n': take pairs i::n (default: RANK/WORLD_SIZE from torchrun)")
     limit: int | None = option(None, "only the first N pairs (after sorting, before sharding)")
@@ -246,7 +246,7 @@ def _ready_pairs(pairs: list[Pair], tokens: SourceTokens, cfg: GenerateConfig,
     return ready, inputs
 
 
-def _swap_batch(pipe, inputs: list[tuple], cfg: GenerateConfig) -> np.ndarray:
+def _swap_batch(pipe, inputs: list[tuple], cfg: GenerateConfig, progress: bool = False) -> np.ndarray:
     import torch
 
     targets = [target for target, _, _ in inputs]
@@ -256,7 +256,7 @@ def _swap_batch(pipe, inputs: list[tuple], cfg: GenerateConfig) -> np.ndarray:
                 inverse_steps=cfg.inverse_steps, inverse_cond=cfg.inverse_cond, inversion_order=cfg.inversion_order,
                 parity_wrong_midpoint=cfg.parity_wrong_midpoint, guidance_scale=cfg.guidance_scale,
                 image_guidance_scale=cfg.image_guidance_scale, id_guidance_scale=cfg.id_guidance_scale,
-                seed=cfg.seed, kv_cache=cfg.kv_cache)
+                seed=cfg.seed, kv_cache=cfg.kv_cache, progress=progress)
 
 
 def output_labeller(cfg: GenerateConfig):
@@ -277,14 +277,17 @@ def output_labeller(cfg: GenerateConfig):
 
 
 def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str | None = None,
-             config_dict: dict | None = None, failures: list[str] | None = None) -> list[Path]:
-    """Run the swaps this process owns; returns the written result paths.
+             config_dict: dict | None = None, failures: list[str] | None = None,
+             progress: bool = False) -> list[Path]:
+    """Run the swaps this process owns; returns the written result paths. ``progress``: a bar over the batches
+    and one over each batch's sampling steps (with ETA), on stderr.
 
     A bad pair (unreadable image, no face in the source) is logged, appended to ``failures`` and skipped (it has no
     output, so the next run tries it again); a fault of the machine (disk full, permission) stops the run."""
     import torch
     from tqdm.auto import tqdm
 
+    from appleswap.config import torch_dtype
     from appleswap.files import save_json
     from appleswap.parity import apply_parity
     from appleswap.pipeline import SwapPipeline
@@ -307,16 +310,17 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
     label = output_labeller(cfg)  # before the model loads: an unusable --c2pa-key fails at once
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     pipe = SwapPipeline.from_pretrained(weights_dir, cfg.mode, lora_path=cfg.lora, device=device, dtype=dtype,
                                         fp8=cfg.fp8, offload=cfg.offload, compile=cfg.compile,
                                         cuda_graphs=cfg.cuda_graphs, parity=cfg.parity)
     tokens, written = SourceTokens(pipe, cfg.ids_dir, cfg.size), []
-    for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"generate [{rank}/{world}]", unit="batch"):
+    for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"generate [{rank}/{world}]", unit="batch",
+                      disable=not progress):
         batch, inputs = _ready_pairs(work[start:start + cfg.batch_size], tokens, cfg, failures)
         if not batch:
             continue
-        results = _swap_batch(pipe, inputs, cfg)
+        results = _swap_batch(pipe, inputs, cfg, progress)
         for pair, result in zip(batch, results):
             if cfg.grid:
                 condition = pair.condition if cfg.mode == "teacher" else pair.target
@@ -332,9 +336,9 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate", parents=[common_parser()], formatter_class=HelpFormatter,
         help="swap faces over preprocessed pairs (sharded, resumable)",
-        description=__doc__ + "\nExamples:\n  appleswap generate --data ffhq_eval --output out/student\n"
-        "  appleswap generate --mode teacher --data ffhq_eval --condition-dir condition --invert --output out/t\n"
-        "  torchrun --nproc_per_node 8 -m appleswap.cli generate --data ffhq_eval --output out/student",
+        description=__doc__ + "\nExamples:\n  appleswap generate --data ffhq_eval -o out/student\n"
+        "  appleswap generate --model teacher --data ffhq_eval --condition-dir condition --invert -o out/t\n"
+        "  torchrun --nproc_per_node 8 -m appleswap.cli generate --data ffhq_eval -o out/student",
     )
     add_config_args(parser.add_argument_group("generate options (config file section [generate])"), GenerateConfig)
     parser.set_defaults(func=run)
@@ -350,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = apply_parity(resolve_config(GenerateConfig, args, section), "generate")
     failures: list[str] = []
     written = generate(cfg, weights_dir=args.weights_dir, device=args.device, config_dict=config_to_dict(cfg),
-                       failures=failures)
+                       failures=failures, progress=progress_enabled(args))
     for line in failures:
         print(f"FAILED: {line}")
     print(f"appleswap generate: wrote {len(written)} result(s) to {cfg.output}"

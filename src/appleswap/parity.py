@@ -55,7 +55,7 @@ PARITY: tuple[ParitySetting, ...] = (
     ParitySetting("kv_cache", False, ("generate",), "condition attends to text and image (kv_cache=False)"),
     ParitySetting("fp8", False, ("generate", "swap", "pseudo"), "bf16 weights, no fp8"),
     ParitySetting("dtype", "bf16", ("generate",), "everything in bf16"),
-    ParitySetting("dtype", "bfloat16", ("swap",), "everything in bf16"),
+    ParitySetting("dtype", "bf16", ("swap",), "everything in bf16"),
     # the model as the scripts build it (SwapPipeline.from_pretrained(parity=True))
     ParitySetting("id_dtype", "bfloat16", ("pipeline",), "PuLID ID encoder (EVA-CLIP, IDFormer) in bf16"),
     ParitySetting("black_condition", "sample", ("pipeline",),
@@ -66,7 +66,7 @@ PARITY: tuple[ParitySetting, ...] = (
     ParitySetting("num_pairs", 100_000, ("pseudo",), "the first 100,000 shuffled identity pairs"),
     ParitySetting("mixed_precision", "bf16", ("pseudo",), "bf16"),
     # prepare-ids / identity: get_id_embedding in bf16 (spec §2)
-    ParitySetting("dtype", "bfloat16", ("prepare-ids", "identity"), "PuLID ID encoder in bf16"),
+    ParitySetting("dtype", "bf16", ("prepare-ids", "identity"), "PuLID ID encoder in bf16"),
 )
 COMMANDS = ("preprocess", "generate", "swap", "pseudo", "prepare-ids", "identity", "pipeline")
 

@@ -272,7 +272,7 @@ class SwapPipeline:
                  inversion_order: int | None = None, parity_wrong_midpoint: bool | None = None, sampler_order: int = 1,
                  guidance_scale: float = 1.0, image_guidance_scale: float = 1.0, id_guidance_scale: float = 1.0,
                  seed: int | Sequence[int] = 0, id_weight: float = 1.0, target_id: Any = None, kv_cache: bool = False,
-                 progress: bool = False, output_type: Literal["np", "pt"] = "np"):
+                 progress: bool = False, callback: Any = None, output_type: Literal["np", "pt"] = "np"):
         """Swap ``source``'s identity into ``target``.
 
         Args:
@@ -316,7 +316,7 @@ class SwapPipeline:
         if invert:
             sigmas = inversion_sigmas(sigmas, inverse_steps or num_steps)
             x = self._invert(targets, cond_tokens, positions, sigmas, inverse_cond, target_id,
-                             (inversion_order, parity_wrong_midpoint, kv_cache), progress)
+                             (inversion_order, parity_wrong_midpoint, kv_cache), progress, callback)
         else:
             x = torch.cat([prepare_noise(1, height, width, generator=torch.Generator().manual_seed(s),
                                          vae_scale=vae_scale_factor(self.vae), dtype=dtype) for s in seeds])
@@ -326,7 +326,7 @@ class SwapPipeline:
                               image_guidance_scale=image_guidance_scale, id_guidance_scale=id_guidance_scale,
                               black=black, id_weight=id_weight, kv_cache=kv_cache, steps=steps)
         sampler = sample_euler if sampler_order == 1 else sample_midpoint
-        tokens = sampler(model, x, sigmas, disable=not progress)  # sigmas on the CPU: checked without a GPU wait
+        tokens = sampler(model, x, sigmas, callback=callback, disable=not progress)  # sigmas on the CPU: no GPU wait
         with self._vae() as vae:
             images = decode_tokens(vae, tokens, height, width)
         steps.verify()  # the host waits here, after queueing the decode behind the last steps
@@ -341,7 +341,7 @@ class SwapPipeline:
             raise ValueError(f"{name}: {tokens.shape[0]} identities for {batch} targets (give 1 or {batch})")
         return tokens.to(self.device, self.transformer.dtype).expand(batch, -1, -1)
 
-    def _invert(self, targets, cond_tokens, positions, sigmas, inverse_cond, target_id, solver, progress):
+    def _invert(self, targets, cond_tokens, positions, sigmas, inverse_cond, target_id, solver, progress, callback):
         """Step A of §7: target latent (VAE mode) integrated from data to noise under ``inverse_cond``."""
         batch = targets.shape[0]
         if inverse_cond.startswith("noID"):
@@ -358,6 +358,6 @@ class SwapPipeline:
         parity = self.parity_wrong_midpoint and order == 2 if parity is None else parity
         steps = self.step_table(sigmas, order, inverse=True, condition=condition is not None and not kv_cache)
         model = self.denoiser(condition, ids, positions, kv_cache=kv_cache, steps=steps)  # guidance 1 (reference)
-        x = invert(model, x0, sigmas, order=order, parity_wrong_midpoint=parity, disable=not progress)
+        x = invert(model, x0, sigmas, order=order, parity_wrong_midpoint=parity, callback=callback, disable=not progress)
         steps.verify()
         return x

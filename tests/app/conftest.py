@@ -9,7 +9,7 @@ import pytest
 from tests.fixtures.tiny_flux import TINY_IMAGE_SIZE, make_tiny_weights
 from tests.fixtures.tiny_identity import make_tiny_identity_weights
 
-FAST = {"size": TINY_IMAGE_SIZE, "steps": 1, "dtype": "float32", "watermark": False}
+FAST = {"size": TINY_IMAGE_SIZE, "steps": 1, "dtype": "fp32", "watermark": False}
 
 
 @pytest.fixture(scope="session")

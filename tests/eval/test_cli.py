@@ -27,7 +27,7 @@ def layout(tmp_path, faces_dir):
 
 def _run(tmp_path, faces_dir, swapped, out, *extra, code=0):
     argv = ["eval", "--pairs", str(tmp_path / "pairs.csv"), "--sources", str(faces_dir), "--targets",
-            str(faces_dir), "--swapped", str(swapped), "--out", str(out), "--cache", str(tmp_path / "cache"),
+            str(faces_dir), "--swapped", str(swapped), "-o", str(out), "--cache", str(tmp_path / "cache"),
             "--bootstrap", "200", "--set-resamples", "3", "--log-level", "warning", *extra]
     assert main(argv) == code
     return json.loads((out / "report.json").read_text())

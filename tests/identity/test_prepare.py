@@ -38,7 +38,7 @@ def _files(cache: Path) -> list[str]:
 
 
 def _cli(dataset: Path, cache: Path, weights: Path, *extra: str) -> list[str]:
-    return ["prepare-ids", str(dataset), "--cache", str(cache), "--weights-dir", str(weights), "--device", "cpu",
+    return ["prepare-ids", str(dataset), "-o", str(cache), "--weights-dir", str(weights), "--device", "cpu",
             "--no-progress", "--log-level", "error", *extra]
 
 
@@ -158,3 +158,35 @@ def test_config_file_section_and_flag_precedence(tmp_path, tiny_weights, photos)
     assert _files(cache) == ["null.safetensors", "raw/n000001/0000_01.safetensors"]  # the flag beats the file
     config.write_text('[prepare_ids]\nkinds = ["mixed"]\n')
     assert main(_cli(ds, cache, tiny_weights, "--config", str(config))) == 2  # unknown kind: clear error
+
+
+def test_preprocessed_dataset_is_listed_from_its_manifest_not_its_files(tmp_path, photos):
+    """`preprocess --preview` writes preview.jpg (a contact sheet) beside the faces: never an identity photo."""
+    import json
+
+    ds = tmp_path / "ds"
+    save_image(ds / "alice.jpg", photos["obama.jpg"])
+    save_image(ds / "group_1.jpg", photos["biden2.jpg"])
+    save_image(ds / "group_0.jpg", photos["obama1.jpg"])
+    save_image(ds / "preview.jpg", photos["biden2.jpg"])
+    save_image(ds / "stray.jpg", photos["biden2.jpg"])  # not in the manifest: a file the user dropped there
+    face = {"status": "ok", "outputs": [], "key": ""}
+    records = [
+        {"key": "alice", "status": "ok", "faces": [{**face, "outputs": ["alice.jpg", "mask/alice.png"]}]},
+        {"key": "group", "status": "ok", "faces": [{**face, "outputs": ["group_0.jpg"]},
+                                                   {**face, "outputs": ["group_1.jpg"]}]},
+        {"key": "broken", "status": "error", "error": "not an image", "faces": []},
+    ]
+    (ds / "manifest.json").write_text(json.dumps({"config": {}, "records": records}))
+    assert [e.rel for e in list_dataset(ds)] == ["alice", "group_0", "group_1"]
+    # a run still going (or killed) has only the per-input records
+    (ds / "manifest.json").unlink()
+    for record in records:
+        save_image(ds / "manifest" / "unused.png", np.zeros((4, 4), np.uint8))
+        (ds / "manifest" / f"{record['key']}.json").write_text(json.dumps(record))
+    assert [e.rel for e in list_dataset(ds)] == ["alice", "group_0", "group_1"]
+    # no manifest at all (the authors' layout): the files, reserved names left out
+    import shutil
+
+    shutil.rmtree(ds / "manifest")
+    assert [e.rel for e in list_dataset(ds)] == ["alice", "group_0", "group_1", "stray"]

@@ -17,6 +17,7 @@ from tests.fixtures.tiny_flux import make_tiny_weights
 from tests.train.conftest import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
+CHECKOUT = os.pathsep.join(str(REPO / p) for p in ("src", ""))  # this checkout's code, not an installed copy
 CLI = ("import sys; from appleswap.cli_common import setup_logging; from appleswap.train import pseudo, cli; "
        "import argparse; p = argparse.ArgumentParser(); s = p.add_subparsers(); pseudo.add_parser(s); "
        "cli.add_parser(s); a = p.parse_args(sys.argv[1:]); setup_logging('warning'); sys.exit(a.func(a))")
@@ -39,10 +40,10 @@ def base(tmp_path_factory, faces_dir) -> Path:
 
 
 def _launch(base: Path, out: Path, rank: int, steps: int = 3) -> subprocess.Popen:
-    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    args = ["pseudo", "--dataset-root", str(base / "data"), "--id-cache", str(base / "ids"), "--output-dir", str(out),
-            "--num-pairs", "6", "--num-steps", str(steps), "--no-score", "--mixed-precision", "no",
-            "--resolution", "64", "--weights-dir", str(base / "w"), "--device", "cpu"]
+    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": CHECKOUT}
+    args = ["pseudo", "--dataset-root", str(base / "data"), "--id-cache", str(base / "ids"), "-o", str(out),
+            "--num-pairs", "6", "--steps", str(steps), "--no-score", "--dtype", "fp32",
+            "--size", "64", "--weights-dir", str(base / "w"), "--device", "cpu"]
     return subprocess.Popen([sys.executable, "-c", CLI, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -82,13 +83,13 @@ def test_student_trains_on_pseudo_triplets(base, tmp_path):
     proc.communicate(timeout=600)
     proc = _launch(base, out, 1)
     proc.communicate(timeout=600)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": CHECKOUT}
     run = tmp_path / "student"
     args = ["train", "student", "--dataset-root", str(base / "data"), "--id-cache", str(base / "ids"),
-            "--pseudo-root", str(out), "--output-dir", str(run), "--resolution", "64", "--lora-rank", "4",
+            "--pseudo-root", str(out), "-o", str(run), "--size", "64", "--lora-rank", "4",
             "--lora-alpha", "4", "--batch-size", "2", "--gradient-accumulation", "1", "--max-steps", "2",
-            "--mixed-precision", "no", "--id-loss", "none", "--lpips-weight", "0", "--num-validation", "1",
-            "--save-every", "2", "--validate-every", "2", "--validation-steps", "2", "--num-workers", "0",
+            "--dtype", "fp32", "--id-loss", "none", "--lpips-weight", "0", "--num-validation", "1",
+            "--save-every", "2", "--validate-every", "2", "--validation-steps", "2", "--workers", "0",
             "--proxy-recon-prob", "0.5", "--init-lora", str(base / "w" / "apple" / "teacher"),
             "--weights-dir", str(base / "w"), "--device", "cpu"]
     result = subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True, timeout=600,

@@ -16,6 +16,8 @@ from tests.fixtures.tiny_flux import make_tiny_weights
 from tests.train.conftest import write_dataset
 from tests.train.tiny_run import run_tiny, tiny_config
 
+CHECKOUT = os.pathsep.join(str(Path(__file__).resolve().parents[2] / p) for p in ("src", ""))  # not an installed copy
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, faces_dir) -> Path:
@@ -100,7 +102,7 @@ def test_two_processes_match_one(base, tmp_path):
     one = tmp_path / "one"
     run_tiny(base, tiny_config(base, one, max_steps=3, batch_size=2, save_every=3, num_validation=0))
     two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": CHECKOUT}
     script = Path(__file__).with_name("tiny_run.py")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29517", str(script), str(base), str(two), "3", "1"],
@@ -121,13 +123,13 @@ def test_train_teacher_cli_with_shipped_config(base, tmp_path):
     repo = Path(__file__).resolve().parents[2]
     run = tmp_path / "cli"
     args = ["train", "teacher", "--config", str(repo / "configs" / "teacher.yaml"), "--dataset-root",
-            str(base / "data"), "--id-cache", str(base / "ids"), "--output-dir", str(run), "--resolution", "64",
+            str(base / "data"), "--id-cache", str(base / "ids"), "-o", str(run), "--size", "64",
             "--lora-rank", "4", "--lora-alpha", "4", "--batch-size", "2", "--gradient-accumulation", "2",
-            "--max-steps", "2", "--mixed-precision", "no", "--id-loss", "none", "--lpips-weight", "0",
+            "--max-steps", "2", "--dtype", "fp32", "--id-loss", "none", "--lpips-weight", "0",
             "--num-validation", "2", "--save-every", "1", "--validate-every", "2", "--validation-steps", "2",
-            "--log-every", "1", "--num-workers", "0", "--no-gradient-checkpointing", "--weights-dir", str(base / "w"),
+            "--log-every", "1", "--workers", "0", "--no-gradient-checkpointing", "--weights-dir", str(base / "w"),
             "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": CHECKOUT}
     result = subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True, timeout=600,
                             check=False)
     assert result.returncode == 0, result.stderr[-3000:]

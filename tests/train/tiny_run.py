@@ -20,7 +20,7 @@ def tiny_config(base: Path, out: Path, **overrides):
 
     values = {"dataset_root": str(base / "data"), "id_cache": str(base / "ids"), "output_dir": str(out),
               "resolution": 64, "lora_rank": 8, "lora_alpha": 8.0, "batch_size": 2, "gradient_accumulation": 1,
-              "max_steps": 4, "mixed_precision": "no", "id_loss": "none", "lpips_weight": 0.0, "learning_rate": 1e-3,
+              "max_steps": 4, "mixed_precision": "fp32", "id_loss": "none", "lpips_weight": 0.0, "learning_rate": 1e-3,
               "num_validation": 1, "save_every": 2, "validate_every": 0, "validation_steps": 4, "log_every": 1,
               "num_workers": 0, "gradient_checkpointing": False}
     values.update(overrides)

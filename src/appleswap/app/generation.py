@@ -41,6 +41,7 @@ class PipelineGenerator:
         self.image_size = size
         self.model_name = model_name or f"APPLE {config.model} (FLUX.1 + PuLID)"
         self._landmarker = None
+        self.progress = False  # per-step bars on stderr (the CLI turns them on)
 
     @property
     def device(self) -> str:
@@ -64,15 +65,17 @@ class PipelineGenerator:
             kwargs = {"condition": self._resize(conditions), "invert": True}
         return self.pipeline(source=identity, target=self._resize(crops), num_steps=cfg.steps, seed=seed,
                              guidance_scale=cfg.guidance_scale, image_guidance_scale=cfg.image_guidance_scale,
-                             id_guidance_scale=cfg.id_guidance_scale, **kwargs)
+                             id_guidance_scale=cfg.id_guidance_scale, progress=self.progress, **kwargs)
 
 
-def check_weights(model: str, weights_dir: str | Path | None = None) -> None:
+def check_weights(model: str, weights_dir: str | Path | None = None, lora: str | Path | None = None) -> None:
     """Name every missing file at once (a new user should not discover them one run at a time)."""
     from appleswap.weights import MissingWeightError, locate
 
     missing = []
     for name in ("flux", "pulid_flux", f"apple_{model}", "antelopev2", "eva02_clip_l_336"):
+        if name == f"apple_{model}" and lora:
+            continue
         try:
             locate(name, weights_dir)
         except MissingWeightError as error:
@@ -87,12 +90,14 @@ def load_generator(config: SwapConfig, weights_dir: str | Path | None = None,
     """Build the pipeline through the weights registry (``MissingWeightError`` names any missing file)."""
     import torch
 
+    from appleswap.config import torch_dtype
     from appleswap.devices import pick_device
     from appleswap.pipeline import SwapPipeline
 
     device = pick_device(device)
-    dtype = getattr(torch, config.dtype) if device != "cpu" else torch.float32
+    dtype = torch_dtype(config.dtype) if device != "cpu" else torch.float32
     pipeline = SwapPipeline.from_pretrained(weights_dir, mode=config.model, device=device, dtype=dtype,
+                                            lora_path=getattr(config, "lora", None),
                                             fp8=config.fp8, offload=config.offload,
                                             compile=config.compile, cuda_graphs=config.cuda_graphs,
                                             parity=config.parity)

@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from appleswap.cli_common import HelpFormatter, common_parser
+from appleswap.cli_common import HelpFormatter, common_parser, late_required, progress_enabled
 
 log = logging.getLogger(__name__)
 EPILOG = """examples:
@@ -31,11 +31,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("swap", parents=[common_parser()], help="swap a face into photos, folders, videos",
                                    description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
     io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("-s", "--source", nargs="+", required=True, metavar="SOURCE",
-                    help="source photo(s) of one person, or an identity .safetensors (appleswap identity)")
-    io.add_argument("-t", "--target", required=True, help="target photo, video, or folder of them")
-    io.add_argument("-o", "--output", required=True, help="output file, or folder (named by --output-pattern)")
-    io.add_argument("--no-progress", action="store_true", help="no progress bars")
+    late_required(parser, "-s", "--source", nargs="+", metavar="SOURCE", group=io,
+                  help="source photo(s) of one person, or an identity .safetensors (appleswap identity)")
+    late_required(parser, "-t", "--target", group=io, help="target photo, video, or folder of them")
+    late_required(parser, "-o", "--output", group=io, help="output file, or folder (named by --output-pattern)")
     add_config_args(parser.add_argument_group("swap options (config file section [swap])"), SwapConfig)
     parser.set_defaults(func=run)
 
@@ -72,6 +71,13 @@ def check_sources(sources: list[str]) -> None:
             raise FileNotFoundError(f"-s/--source {source}: no such file")
 
 
+def _step_bars(engine, on: bool) -> None:
+    """Per-step bars of the photo swaps (videos show one bar over their frames instead)."""
+    generate = getattr(getattr(engine, "swapper", None), "generate", None)
+    if hasattr(generate, "progress"):
+        generate.progress = on
+
+
 def run_jobs(engine, identity, sources: list[str], jobs: list[tuple[Path, Path]], progress: bool) -> list[dict]:
     """Run every job; a failing target becomes an error record and the batch goes on."""
     from tqdm import tqdm
@@ -81,6 +87,7 @@ def run_jobs(engine, identity, sources: list[str], jobs: list[tuple[Path, Path]]
 
     results = []
     for target, output in tqdm(jobs, desc="targets", unit="file", disable=not progress or len(jobs) < 2):
+        _step_bars(engine, progress and not is_video_path(target))
         try:
             if is_video_path(target):
                 result = engine.swap_video_file(identity, sources, target, output, progress=progress)
@@ -100,6 +107,19 @@ def run_jobs(engine, identity, sources: list[str], jobs: list[tuple[Path, Path]]
     return results
 
 
+def use_lora(config) -> None:
+    """``--lora PATH``: the file stands in for the model's registry LoRA (its ``APPLESWAP_WEIGHT_*`` override),
+    so the weights check before loading looks for it instead of the released one."""
+    import os
+
+    from appleswap.weights import env_override_name
+
+    if config.lora:
+        if not Path(config.lora).is_file():
+            raise FileNotFoundError(f"--lora {config.lora}: no such file")
+        os.environ[env_override_name(f"apple_{config.model}")] = str(Path(config.lora).expanduser())
+
+
 def run(args: argparse.Namespace) -> int:
     from appleswap.app.engine import SwapEngine
     from appleswap.app.swapper import SwapConfig, swap_section
@@ -113,9 +133,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--face-selector reference needs --reference-face PHOTO")
     check_sources(args.source)
     jobs = plan_jobs(Path(args.target), Path(args.output), args.source, config.output_pattern)
+    use_lora(config)
     engine = SwapEngine.load(config, args.weights_dir, args.device)
     identity = engine.source_identity(args.source)
-    results = run_jobs(engine, identity, args.source, jobs, progress=not args.no_progress)
+    results = run_jobs(engine, identity, args.source, jobs, progress=progress_enabled(args))
     done = [r for r in results if r["status"] == "ok"]
     for result in results:
         if result["status"] == "ok":

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from appleswap.app.selection import select_faces
-from appleswap.config import option
+from appleswap.config import Dtype, option
 
 log = logging.getLogger(__name__)
 ALIGN_SIZE = 512  # faces are aligned and pasted at 512; a model of another size resizes the crops itself
@@ -74,7 +74,9 @@ class SwapConfig:
     chunk_size: int = option(16, "video frames per resumable chunk")
     landmark_smoothing: float = option(0.6, "video: keypoint smoothing along each face track, 0 = off (< 1)")
     shared_noise: bool = option(True, "video: the same initial noise for every frame (less flicker)")
-    dtype: Literal["bfloat16", "float16", "float32"] = option("bfloat16", "model precision on GPU (CPU: float32)")
+    dtype: Dtype = option("bf16", "model precision on GPU (CPU: fp32)")
+    lora: str | None = option(None, "LoRA file that replaces the model's registry LoRA (apple_student / "
+                              "apple_teacher), e.g. a checkpoint of `appleswap train`")
     parity: bool = option(False, "the model as the authors' scripts run it (docs/fidelity.md): bf16 ID encoder, "
                           "sampled black latent, their --second_order inversion for the teacher")
 

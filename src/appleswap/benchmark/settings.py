@@ -13,7 +13,7 @@ from appleswap.config import option
 class BenchConfig:
     tiny: bool = option(False, "tiny config (CPU smoke test of the benchmark itself)")
     steps: int = option(28, "sampling steps of a swap")
-    batch: int = option(4, "images per call for the batched images/s row")
+    batch: int = option(4, "images per call for the batched images/s row", flag="batch-size")
     repeats: int = option(5, "timed repeats per row (median reported)")
     text_tokens: int = option(512, "T5 tokens (512 in APPLE)")
     sdpa: Literal["auto", "flash", "efficient", "cudnn", "math", "fastest"] = option(
@@ -30,5 +30,5 @@ class BenchConfig:
     lora_rank: int = option(64, "LoRA rank")
     fp8: bool = option(True, "also quantise the blocks to fp8 at the end and time pass, swaps and peak memory")
     offload: bool = option(True, "also time the offload tiers (model, sequential) and their peak memory")
-    output: Path | None = option(None, "also write the table as JSON here")
+    output: Path | None = option(None, "also write the table as JSON here", short="-o")
 

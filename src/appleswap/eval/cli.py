@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
         help="score swaps: ID similarity/retrieval, pose, expression, gaze, skin, lighting, FID/KID",
         description=(
             "Score swapped faces against their sources and targets (FFHQ protocol: --pairs ffhq, 1,000 pairs).\n"
-            "Writes <out>/report.json (every number with a 95% bootstrap interval) and <out>/report.html.\n"
+            "Writes <output>/report.json (every number with a 95% bootstrap interval) and <output>/report.html.\n"
             "A pair with an unreadable or too small image is excluded and listed with its reason; a missing swap\n"
             "counts as a failure (ID similarity 0, retrieval miss). Retrieval is in % everywhere.\n"
             "Missing weights switch a metric to an embedded fallback, named in the report.\n"

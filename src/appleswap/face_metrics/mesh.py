@@ -32,10 +32,11 @@ def _face_mesh():
     """One static-image FaceMesh per process (building it costs ~100 ms)."""
     global _MESH
     if _MESH is None:
-        import mediapipe as mp
+        from appleswap.native_logs import QuietGraph, import_mediapipe
 
-        _MESH = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=4, refine_landmarks=True,
-                                                min_detection_confidence=0.3)
+        face_mesh = import_mediapipe().solutions.face_mesh
+        _MESH = QuietGraph(lambda: face_mesh.FaceMesh(static_image_mode=True, max_num_faces=4,
+                                                      refine_landmarks=True, min_detection_confidence=0.3))
     return _MESH
 
 

@@ -31,10 +31,11 @@ class FaceDetection:
 
 @functools.lru_cache(maxsize=4)
 def _detector(model_selection: int, min_score: float):
-    import mediapipe as mp
+    from appleswap.native_logs import QuietGraph, import_mediapipe
 
-    detection = mp.solutions.face_detection
-    return detection.FaceDetection(model_selection=model_selection, min_detection_confidence=min_score)
+    detection = import_mediapipe().solutions.face_detection
+    return QuietGraph(lambda: detection.FaceDetection(model_selection=model_selection,
+                                                      min_detection_confidence=min_score))
 
 
 def detect_faces(image: np.ndarray, min_score: float = 0.5, min_size: float = 16.0,

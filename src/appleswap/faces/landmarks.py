@@ -48,11 +48,12 @@ class MediaPipeLandmarker:
     """
 
     def __init__(self, min_confidence: float = 0.3) -> None:
-        import mediapipe as mp
+        from appleswap.native_logs import QuietGraph, import_mediapipe
 
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
+        face_mesh = import_mediapipe().solutions.face_mesh
+        self._mesh = QuietGraph(lambda: face_mesh.FaceMesh(
             static_image_mode=True, max_num_faces=1, refine_landmarks=True, min_detection_confidence=min_confidence
-        )
+        ))
 
     def mesh(self, image: np.ndarray) -> np.ndarray:
         """(478, 2) float32 pixel coordinates; ValueError when no face is found."""

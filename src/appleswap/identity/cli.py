@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Literal
 
-from appleswap.cli_common import HelpFormatter, common_parser
-from appleswap.config import add_config_args, load_config_file, option, resolve_config
+from appleswap.cli_common import HelpFormatter, common_parser, late_required, progress_enabled
+from appleswap.config import Dtype, add_alias, add_config_args, load_config_file, option, resolve_config, torch_dtype
 
 PREPARE_EXAMPLES = """examples:
-  appleswap prepare-ids data/vgg512 --cache cache/vgg512_ids
-  torchrun --nproc_per_node=4 -m appleswap.identity.cli prepare-ids data/vgg512 --cache cache/vgg512_ids
-  appleswap prepare-ids data/vgg512 --cache ids --shard-index 1 --num-shards 8 --kinds masked
+  appleswap prepare-ids data/vgg512 -o cache/vgg512_ids
+  torchrun --nproc_per_node=4 -m appleswap.identity.cli prepare-ids data/vgg512 -o cache/vgg512_ids
+  appleswap prepare-ids data/vgg512 -o ids --shard-index 1 --num-shards 8 --kinds masked
 
 Killed runs resume: run the same command again. Released pulid_id/ and masked_pulid_id/ .npy files are
 imported instead of recomputed (--no-import-npy recomputes them). Options can come from --config FILE
@@ -40,7 +39,7 @@ class EncoderOptions:
 
     parser: str | None = option(None, "BiSeNet face-parsing checkpoint (parsing_bisenet.pth or FaceParser.pth); "
                                 "default: the registry's facexlib_parsing, else the MediaPipe mesh")
-    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "EVA-CLIP / IDFormer precision")
+    dtype: Dtype = option("fp32", "EVA-CLIP / IDFormer precision")
     det_size: int = option(640, "SCRFD input size in pixels (square), as PuLID's det_size")
     parity: bool = option(False, "the encoder as the authors run it (docs/fidelity.md): bf16")
 
@@ -69,10 +68,10 @@ def add_parser(subparsers) -> None:
         "for the dataset's images (identity tree <id>/<name>.jpg or flat).",
     )
     prep.add_argument("dataset", help="preprocessed dataset folder (read only)")
-    prep.add_argument("--cache", required=True, help="output folder, outside the dataset")
+    late_required(prep, "-o", "--output", dest="cache", metavar="DIR", help="the ID cache folder to write, outside the dataset")
+    add_alias(prep, "--cache", "--output", dest="cache")
     prep.add_argument("--shard-index", type=int, default=None, help="this process's shard (default: $RANK or 0)")
     prep.add_argument("--num-shards", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
-    prep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_config_args(prep.add_argument_group("prepare-ids"), PrepareIdsConfig)
     prep.set_defaults(func=run_prepare)
 
@@ -81,8 +80,8 @@ def add_parser(subparsers) -> None:
         help="make one reusable identity file (averaged ID tokens) from source photos",
         description="Average one person's photos into a (1, 32, 2048) PuLID identity saved as safetensors.",
     )
-    ident.add_argument("-s", "--source", nargs="+", required=True, help="photos of one person")
-    ident.add_argument("-o", "--output", required=True, help="identity file to write (.safetensors)")
+    late_required(ident, "-s", "--source", nargs="+", help="photos of one person")
+    late_required(ident, "-o", "--output", help="identity file to write (.safetensors)")
     ident.add_argument("--masked", action="store_true", help="black out everything but the face first (as the "
                        "reference's training IDs); default: raw photos, as the reference's inference")
     add_config_args(ident.add_argument_group("encoder"), EncoderOptions)
@@ -90,11 +89,9 @@ def add_parser(subparsers) -> None:
 
 
 def _factory(args: argparse.Namespace, options: EncoderOptions):
-    import torch
-
     from appleswap.identity.encoder import IdentityEncoder
 
-    dtype = getattr(torch, options.dtype)
+    dtype = torch_dtype(options.dtype)
     return lambda: IdentityEncoder.from_pretrained(args.weights_dir, device=args.device, dtype=dtype,
                                                    parser_path=options.parser, det_size=options.det_size)
 
@@ -106,7 +103,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     config = _config(PrepareIdsConfig, args, "prepare_ids")
     stats = run_prepare_ids(args.dataset, args.cache, _factory(args, config), kinds=tuple(config.kinds),
                             shard_index=args.shard_index, num_shards=args.num_shards,
-                            import_npy=config.import_npy, progress=not args.no_progress)
+                            import_npy=config.import_npy, progress=progress_enabled(args))
     print(f"prepare-ids: {stats.written} computed, {stats.imported} imported from .npy, {stats.skipped} already "
           f"done, {len(stats.failed)} failed; null ID: {stats.null}")
     for line in stats.failed[:20]:
@@ -136,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run just these two commands (``python -m appleswap.identity.cli prepare-ids ...``, handy under torchrun)."""
     import sys
 
-    from appleswap.cli_common import setup_logging
+    from appleswap.cli_common import parse_command_line, setup_logging
 
     parser = argparse.ArgumentParser(prog="appleswap-identity", formatter_class=HelpFormatter)
     add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     setup_logging(args.log_level)
     try:
         return int(args.func(args) or 0)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+_ANNOUNCED: set[str] = set()  # PuLID files whose IDFormer shape was logged at info
 
 PREFIX = "pulid_encoder."
 DIM_HEAD = 64  # PuLID's IDFormer always uses 64-wide heads
@@ -150,7 +151,9 @@ class IDFormer(nn.Module):
             raise ValueError(f"{path}: IDFormer shape {config} differs from the expected {expect}")
         model = cls(config)
         _load_strict(model, sd, path)
-        log.info("IDFormer loaded from %s (%s)", path, config)
+        # a swap reads the file twice (the null ID, then the encoder): its shape is news once per process
+        log.log(logging.DEBUG if str(path) in _ANNOUNCED else logging.INFO, "IDFormer loaded from %s (%s)", path, config)
+        _ANNOUNCED.add(str(path))
         return model.to(device=device, dtype=dtype).eval()
 
 

@@ -16,6 +16,7 @@ images between processes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -27,6 +28,7 @@ import torch
 
 from appleswap.files import commit_temporary, is_image_path, load_image, save_json
 from appleswap.identity.store import FORMAT, TOKENS_KEY, load_reference_npy
+from appleswap.preprocess.layout import RESERVED_FILES
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +64,18 @@ class PrepareStats:
 
 
 def list_dataset(root: str | Path) -> list[Entry]:
-    """Images of a flat dataset (images directly in ``root``) or an identity tree (``root/<id>/*.jpg``)."""
+    """Images of a flat dataset (images directly in ``root``) or an identity tree (``root/<id>/*.jpg``).
+
+    A dataset written by ``appleswap preprocess`` is listed from its manifest (the aligned face of every face
+    record with status ok), so files beside the faces (``preview.jpg``, the contact sheet) are never taken for
+    faces; a dataset from the authors' scripts (no manifest) by its layout, reserved names left out."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} not found")
-    flat = sorted(p for p in root.iterdir() if p.is_file() and is_image_path(p))
+    from_manifest = _manifest_entries(root)
+    if from_manifest is not None:
+        return from_manifest
+    flat = sorted(p for p in root.iterdir() if p.is_file() and is_image_path(p) and p.name not in RESERVED_FILES)
     if flat:
         return [Entry(p.stem, p, root) for p in flat]
     entries = []
@@ -74,6 +83,29 @@ def list_dataset(root: str | Path) -> list[Entry]:
         entries += [Entry(f"{folder.name}/{p.stem}", p, folder)
                     for p in sorted(folder.iterdir()) if p.is_file() and is_image_path(p)]
     return entries
+
+
+def _manifest_records(root: Path) -> list[dict] | None:
+    """``manifest.json``'s records, else the per-input records of a run still going or killed; None: no manifest."""
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        return list(json.loads(manifest.read_text()).get("records", []))
+    parts = sorted((root / "manifest").rglob("*.json")) if (root / "manifest").is_dir() else []
+    return [json.loads(p.read_text()) for p in parts] or None
+
+
+def _manifest_entries(root: Path) -> list[Entry] | None:
+    records = _manifest_records(root)
+    if records is None:
+        return None
+    entries = []
+    for record in records:
+        for face in record.get("faces", []) if record.get("status") == "ok" else []:
+            image = next((o for o in face.get("outputs", []) if is_image_path(Path(o))), None)
+            if face.get("status") == "ok" and image and (root / image).is_file():
+                rel = Path(image).with_suffix("").as_posix()
+                entries.append(Entry(rel, root / image, (root / image).parent))
+    return sorted(entries, key=lambda e: e.rel)
 
 
 def resolve_shard(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:

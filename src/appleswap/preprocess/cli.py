@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from appleswap.cli_common import HelpFormatter, common_parser
+from appleswap.cli_common import HelpFormatter, common_parser, progress_enabled
 
 EXAMPLES = """\
 examples:
@@ -31,7 +31,6 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("input", help="folder of photos / aligned faces / identity sub-folders")
     parser.add_argument("output", help="dataset folder to write (created; resumable)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_config_args(parser.add_argument_group("preprocessing"), PreprocessConfig)
     parser.set_defaults(func=run)
 
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(file_data.get("preprocess"), dict):  # a shared config file: use its [preprocess] section
         file_data = file_data["preprocess"]
     config = resolve_config(PreprocessConfig, args, file_data)
-    summary = run_preprocess(args.input, args.output, config, progress=not args.no_progress,
+    summary = run_preprocess(args.input, args.output, config, progress=progress_enabled(args),
                              weights_dir=args.weights_dir, device=args.device)
     from appleswap.cli_common import exit_status
 

@@ -3,6 +3,10 @@
 Convention (FLUX): x_sigma = (1 - sigma) x0 + sigma * noise, the model predicts v = noise - x0, so the ODE is
 dx/dsigma = v. Sampling integrates sigma from 1 down to 0; inversion integrates the same ODE from 0 up to 1.
 Every update is done in float32 and cast back, as diffusers' FlowMatchEulerDiscreteScheduler does.
+
+Progress: each solver draws a tqdm bar with ETA on stderr unless ``disable`` (None: only on a terminal), and
+calls ``callback`` after every step with ``{"x", "i", "total", "sigma", "phase"}`` (a UI's progress, a
+preview; ``phase``: ``"sampling"`` or ``"inverting"``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ def _on_device(sigmas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigmas.to(x.device, torch.float32)
 
 
+def _steps(count: int, disable: bool | None, desc: str):
+    return tqdm(range(count), disable=disable, desc=desc, unit="step", leave=False)
+
+
 def _check_sigmas(sigmas: torch.Tensor, descending: bool) -> None:
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D tensor of >= 2 values, got shape {tuple(sigmas.shape)}")
@@ -43,28 +51,30 @@ def _check_sigmas(sigmas: torch.Tensor, descending: bool) -> None:
 
 @torch.no_grad()
 def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
-                 disable: bool = False) -> torch.Tensor:
+                 disable: bool | None = False) -> torch.Tensor:
     """Explicit Euler on dx/dsigma = v (Karras et al. 2022, Alg. 1 without churn): x <- x + (s_next - s) v(x, s)."""
     _check_sigmas(sigmas, descending=True)
     sigmas = _on_device(sigmas, x)
-    for i in tqdm(range(len(sigmas) - 1), disable=disable, desc="sampling", leave=False):
+    total = len(sigmas) - 1
+    for i in _steps(total, disable, "sampling"):
         velocity = model(x, _sigma(sigmas[i], x))
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "velocity": velocity})
+            callback({"x": x, "i": i, "total": total, "sigma": sigmas[i], "velocity": velocity, "phase": "sampling"})
         x = _euler_update(x, velocity, sigmas[i + 1] - sigmas[i])
     return x
 
 
 @torch.no_grad()
 def sample_midpoint(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
-                    disable: bool = False) -> torch.Tensor:
+                    disable: bool | None = False) -> torch.Tensor:
     """Explicit midpoint (2nd order, 2 passes/step): x <- x + h v(x + h/2 v(x, s), s + h/2)."""
     _check_sigmas(sigmas, descending=True)
     sigmas = _on_device(sigmas, x)
-    for i in tqdm(range(len(sigmas) - 1), disable=disable, desc="sampling", leave=False):
+    total = len(sigmas) - 1
+    for i in _steps(total, disable, "sampling"):
         x = _midpoint_step(model, x, sigmas[i], sigmas[i + 1], wrong_latent=False)
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i + 1]})
+            callback({"x": x, "i": i, "total": total, "sigma": sigmas[i + 1], "phase": "sampling"})
     return x
 
 
@@ -85,7 +95,7 @@ def _midpoint_step(model: Model, x: torch.Tensor, sigma: torch.Tensor, sigma_nex
 
 @torch.no_grad()
 def invert(model: Model, x0: torch.Tensor, sigmas: torch.Tensor, order: int = 1, parity_wrong_midpoint: bool = False,
-           callback: Callback | None = None, disable: bool = False) -> torch.Tensor:
+           callback: Callback | None = None, disable: bool | None = False) -> torch.Tensor:
     """Integrate the ODE from data (sigmas[-1], usually 0) up to sigmas[0] over the REVERSED generation schedule.
 
     ``sigmas`` is the generation schedule (descending, e.g. ``get_schedule(...)`` or a tail of it for a partial
@@ -105,14 +115,15 @@ def invert(model: Model, x0: torch.Tensor, sigmas: torch.Tensor, order: int = 1,
     _check_sigmas(ascending, descending=False)
     ascending = _on_device(ascending, x0)
     x = x0
-    for i in tqdm(range(len(ascending) - 1), disable=disable, desc="inverting", leave=False):
+    total = len(ascending) - 1
+    for i in _steps(total, disable, "inverting"):
         if order == 1:
             velocity = model(x, _sigma(ascending[i], x))
             x = _euler_update(x, velocity, ascending[i + 1] - ascending[i])
         else:
             x = _midpoint_step(model, x, ascending[i], ascending[i + 1], wrong_latent=parity_wrong_midpoint)
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": ascending[i + 1]})
+            callback({"x": x, "i": i, "total": total, "sigma": ascending[i + 1], "phase": "inverting"})
     return x
 
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
+from appleswap.config import torch_dtype
 from appleswap.train.config import StudentConfig, TrainConfig
 from appleswap.train.data import Dropout, IdTokenStore, TeacherDataset, index_targets, split_validation
 from appleswap.train.teacher import TrainParts
 from appleswap.weights import locate
 
 log = logging.getLogger(__name__)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
 def _require(value: Any, name: str) -> Any:
@@ -23,13 +23,57 @@ def _require(value: Any, name: str) -> Any:
     return value
 
 
+def preflight(config: TrainConfig, weights_dir: str | None) -> None:
+    """Check every input and weight a run needs before any model is loaded (loading FLUX takes a while); one
+    error lists each missing one with the command or source that makes it."""
+    from appleswap.train.data import missing_scores_message
+    from appleswap.weights import MissingWeightError
+
+    problems: list[str] = []
+    root = Path(config.dataset_root) if config.dataset_root else None
+    if root is None:
+        problems.append("`dataset_root` is not set (config file key or --dataset-root)")
+    elif not root.is_dir():
+        problems.append(f"dataset_root {root} is not a folder: write it with `appleswap preprocess PHOTOS {root}`")
+    elif config.aes_threshold is not None and not (root / "score.json").is_file():
+        problems.append(missing_scores_message(root))
+    if not config.id_cache:
+        problems.append("`id_cache` is not set (config file key or --id-cache)")
+    else:
+        cache = Path(config.id_cache)
+        for needed in (cache / config.id_from, cache / "null.safetensors"):
+            if not needed.exists():
+                problems.append(f"{needed} not found: write the ID cache with `appleswap prepare-ids "
+                                f"{root or 'DATASET'} -o {cache}`")
+                break
+    if isinstance(config, StudentConfig):
+        pseudo = Path(config.pseudo_root) if config.pseudo_root else None
+        if pseudo is None or not (pseudo / "pairs.json").is_file():
+            problems.append(f"pseudo_root {pseudo or '(not set)'}: no pairs.json; make the pseudo-triplets with "
+                            "`appleswap pseudo --config configs/pseudo.yaml`")
+    if config.init_lora and not Path(config.init_lora).exists():
+        problems.append(f"init_lora {config.init_lora} not found")
+    weights = [("flux", config.flux), ("pulid_flux", config.pulid)]
+    if config.id_loss != "none" and config.id_loss_weight > 0:
+        weights.append(("arcface_simswap" if config.id_loss == "arcface" else "arcface_irse50", config.arcface))
+    if config.lpips_weight > 0:
+        weights.append(("vgg16_lpips", config.vgg16))
+    for name, explicit in weights:
+        try:
+            locate(name, weights_dir, explicit=explicit)
+        except MissingWeightError as error:
+            problems.append(str(error))
+    if problems:
+        raise FileNotFoundError(f"{len(problems)} input(s) missing, nothing was loaded:\n- " + "\n- ".join(problems))
+
+
 def build_loss_networks(config: TrainConfig, weights_dir: str | None, device: torch.device) -> tuple:
     """(IdentityLoss or None, LPIPS or None) from local weights."""
     from appleswap.train.losses import build_identity_loss, build_lpips
 
     id_loss = lpips = None
     if config.id_loss != "none" and config.id_loss_weight > 0:
-        name = "arcface_simswap" if config.id_loss == "arcface" else "ir_se50"
+        name = "arcface_simswap" if config.id_loss == "arcface" else "arcface_irse50"
         try:
             path = locate(name, weights_dir, explicit=config.arcface)
         except KeyError as error:
@@ -79,7 +123,7 @@ def build_parts(config: TrainConfig, weights_dir: str | None, device: torch.devi
     from appleswap.model.loading import load_apple_transformer, load_vae
     from appleswap.model.text import load_text_embeddings
 
-    dtype = DTYPES[config.mixed_precision]
+    dtype = torch_dtype(config.mixed_precision)
     flux = locate("flux", weights_dir, explicit=config.flux)
     pulid = locate("pulid_flux", weights_dir, explicit=config.pulid)
     transformer = load_apple_transformer(flux, pulid_path=pulid, dtype=dtype, device=device)

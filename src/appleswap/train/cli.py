@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     data = load_config_file(args.config)
     data = data[args.stage] if isinstance(data.get(args.stage), dict) else data  # sectioned or flat file
     config = resolve_config(args.config_class, args, data)
+    build.preflight(config, args.weights_dir)  # before any model or dataset is loaded
     cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
     accelerator = make_accelerator(config, cpu=cpu)
     torch.manual_seed(config.seed)

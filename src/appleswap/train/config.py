@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from appleswap.config import option
+from appleswap.config import Dtype, option
 
 CONDITION_FOLDER = "condition_blended_image_blurdownsample8_segGlass_landmark_iris"
 PROMPT = "a photo of human face"
@@ -21,16 +21,18 @@ class TrainConfig:
     dataset_root: str | None = option(None, "preprocessed dataset root: <root>/<id>/<name>.jpg, condition folder, "
                                             "score.json")
     id_cache: str | None = option(None, "`appleswap prepare-ids` cache (masked/, raw/, null.safetensors)")
-    output_dir: str = option("runs/teacher", "run folder: checkpoints, TensorBoard logs, previews")
+    output_dir: str = option("runs/teacher", "run folder: checkpoints, TensorBoard logs, previews", flag="output",
+                             short="-o")
     condition_folder: str = option(CONDITION_FOLDER, "per-identity folder holding the condition PNGs")
-    aes_threshold: float = option(5.1, "keep targets whose aesthetic score is above this")
+    aes_threshold: float | None = option(5.1, "keep targets whose aesthetic score (score.json, written by "
+                                         "`appleswap preprocess --aesthetic`) is above this; null: keep all")
     num_validation: int = option(5, "held-out targets (validated with a source of another identity)")
     id_from: Literal["masked", "raw"] = option("masked", "ID tokens computed on the face-masked or raw photo")
     prompt: str = option(PROMPT, "fixed text prompt")
     drop_text: float = option(0.1, "probability of replacing the prompt by ''")
     drop_condition: float = option(0.1, "probability of replacing the condition by a black image")
     drop_id: float = option(0.1, "probability of replacing the ID tokens by the null-ID tokens")
-    resolution: int = option(512, "training resolution (square)")
+    resolution: int = option(512, "training resolution (square)", flag="size")
     lora_rank: int = option(64, "LoRA rank on the condition branch")
     lora_alpha: float = option(64.0, "LoRA alpha (scale = alpha / rank)")
     init_lora: str | None = option(None, "start from this LoRA (default.safetensors or its folder)")
@@ -40,7 +42,7 @@ class TrainConfig:
     batch_size: int = option(4, "images per process per micro-step")
     gradient_accumulation: int = option(4, "micro-steps per optimizer step")
     max_steps: int = option(50_000, "optimizer steps")
-    mixed_precision: Literal["bf16", "fp16", "no"] = option("bf16", "weights/compute dtype (bf16 = paper)")
+    mixed_precision: Dtype = option("bf16", "weights/compute dtype (bf16 = paper)", flag="dtype")
     gradient_checkpointing: bool = option(True, "recompute blocks in backward to save memory")
     logit_mean: float = option(0.0, "t = sigmoid(N(mean, std))")
     logit_std: float = option(1.0, "t = sigmoid(N(mean, std))")
@@ -60,7 +62,7 @@ class TrainConfig:
     log_every: int = option(10, "log scalars every N optimizer steps")
     keep_checkpoints: int = option(3, "accelerate states kept (LoRA files are always kept)")
     seed: int = option(0, "seed of data order, dropout, t and noise")
-    num_workers: int = option(2, "DataLoader workers")
+    num_workers: int = option(2, "DataLoader workers", flag="workers")
     # speed options: each keeps the function (tests/train/test_training_speed.py compares them with the plain step)
     compile: bool = option(False, "torch.compile the transformer blocks for training (GPU: a one-time compile, then "
                                   "faster steps; same gradients)")
@@ -75,7 +77,8 @@ class StudentConfig(TrainConfig):
     """Student training (docs/method.md): condition = pseudo image, ID = another photo of the target, GT = the real
     target."""
 
-    output_dir: str = option("runs/student", "run folder: checkpoints, TensorBoard logs, previews")
+    output_dir: str = option("runs/student", "run folder: checkpoints, TensorBoard logs, previews", flag="output",
+                             short="-o")
     pseudo_root: str | None = option(None, "`appleswap pseudo` output folder (PNGs, pairs.json, scores.json)")
     proxy_recon_prob: float = option(0.0, "probability of using the real target as condition (proxy "
                                           "reconstruction; the reference used 0.5)")
@@ -92,20 +95,24 @@ class PseudoConfig:
 
     dataset_root: str | None = option(None, "preprocessed dataset root (as for the teacher)")
     id_cache: str | None = option(None, "`appleswap prepare-ids` cache; sources use raw (unmasked) tokens")
-    output_dir: str = option("pseudo", "output folder: {src}_{n}_{trg}_{n}.png, pairs.json, scores.json")
-    teacher: str | None = option(None, "teacher LoRA (default.safetensors); default: registry `apple_teacher`")
+    output_dir: str = option("pseudo", "output folder: {src}_{n}_{trg}_{n}.png, pairs.json, scores.json",
+                             flag="output", short="-o")
+    teacher: str | None = option(None, "teacher LoRA (default.safetensors); default: registry `apple_teacher`",
+                                 flag="lora")
     condition_folder: str = option(CONDITION_FOLDER, "per-identity folder holding the condition PNGs")
-    aes_threshold: float = option(5.1, "pool: images whose aesthetic score is above this")
+    aes_threshold: float | None = option(5.1, "pool: images whose aesthetic score is above this (score.json); "
+                                         "null: all")
     num_pairs: int = option(100_000, "distinct-identity pairs to draw")
     seed: int = option(42, "pair-drawing seed")
-    num_steps: int = option(28, "inversion steps = generation steps")
-    guidance: float = option(1.0, "FLUX guidance")
+    num_steps: int = option(28, "inversion steps = generation steps", flag="steps")
+    guidance: float = option(1.0, "FLUX guidance", flag="guidance-scale")
+    size: int = option(512, "image size (square)", aliases=("resolution",))
     prompt: str = option(PROMPT, "fixed text prompt")
     score: bool = option(True, "write per-triplet scores (aesthetic, ID similarity, pose, expression)")
     flux: str | None = option(None, "FLUX diffusers folder; default: registry entry `flux`")
     pulid: str | None = option(None, "PuLID-FLUX weights; default: registry entry `pulid_flux`")
     arcface: str | None = option(None, "ArcFace weights for the ID-similarity score")
-    mixed_precision: Literal["bf16", "fp16", "no"] = option("bf16", "model dtype")
+    mixed_precision: Dtype = option("bf16", "model dtype", flag="dtype")
     fp8: bool = option(False, "fp8 (e4m3, row-wise scaled, fast accumulation) transformer block weights: faster "
                        "on Hopper, half the memory; changes numerics slightly")
     parity: bool = option(False, "the authors' pseudo-generation settings (docs/fidelity.md)")

@@ -39,11 +39,17 @@ class Item:
 
 
 def read_scores(root: str | Path) -> dict[str, dict[str, float]]:
-    """``score.json`` at the dataset root, or FileNotFoundError naming it."""
+    """``score.json`` at the dataset root, or FileNotFoundError naming it and the command that writes it."""
     path = Path(root) / "score.json"
     if not path.is_file():
-        raise FileNotFoundError(f"dataset_root {root}: {path.name} not found (run `appleswap preprocess` first)")
+        raise FileNotFoundError(missing_scores_message(root))
     return json.loads(path.read_text())
+
+
+def missing_scores_message(root: str | Path) -> str:
+    return (f"dataset_root {root}: score.json not found; it holds the aesthetic scores that --aes-threshold filters "
+            f"on and is written by `appleswap preprocess PHOTOS {root} --aesthetic` (or set `--aes-threshold none` "
+            f"to use every face)")
 
 
 def image_path(root: str | Path, item: Item) -> Path:
@@ -69,14 +75,15 @@ def list_identities(root: str | Path) -> dict[str, list[Item]]:
     return groups
 
 
-def index_targets(root: str | Path, condition_folder: str, aes_threshold: float) -> list[Item]:
-    """Targets: aesthetic score above the threshold AND a condition image present (sorted)."""
-    scores = read_scores(root)
+def index_targets(root: str | Path, condition_folder: str, aes_threshold: float | None) -> list[Item]:
+    """Targets: aesthetic score above the threshold (None: no filter, no score.json needed) AND a condition image
+    present (sorted)."""
+    scores = read_scores(root) if aes_threshold is not None else {}
     kept, no_condition = [], 0
     for items in list_identities(root).values():
         for item in items:
             entry = scores.get(item.key)
-            if entry is None or float(entry.get("aes", float("-inf"))) <= aes_threshold:
+            if aes_threshold is not None and (entry is None or float(entry.get("aes", float("-inf"))) <= aes_threshold):
                 continue
             if not (Path(root) / item.identity / condition_folder / f"{item.name}.png").is_file():
                 no_condition += 1
@@ -85,7 +92,8 @@ def index_targets(root: str | Path, condition_folder: str, aes_threshold: float)
     if no_condition:
         log.warning("%d images pass the aesthetic filter but have no condition image; skipped", no_condition)
     if not kept:
-        raise ValueError(f"dataset_root {root}: no image has aes > {aes_threshold} and a {condition_folder} file")
+        passing = "" if aes_threshold is None else f"aes > {aes_threshold} and "
+        raise ValueError(f"dataset_root {root}: no image has {passing}a {condition_folder} file")
     return sorted(kept)
 
 

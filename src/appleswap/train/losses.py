@@ -109,9 +109,13 @@ def load_vgg16_features(path: Path) -> dict[str, torch.Tensor]:
 def build_lpips(vgg16_path: Path, device: str | torch.device = "cpu") -> nn.Module:
     """Frozen LPIPS-VGG (v0.1) without any download: the VGG16 trunk from a local torchvision file, the linear
     heads from the lpips package's own ``weights/v0.1/vgg.pth``."""
+    import warnings
+
     import lpips
 
-    model = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # lpips builds torchvision's VGG with the pre-0.13 `pretrained=` argument
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision.models._utils")
+        model = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
     features = load_vgg16_features(vgg16_path)
     trunk = {}
     for name, _ in model.net.named_parameters():

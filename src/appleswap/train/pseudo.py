@@ -20,16 +20,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("pseudo", help="pseudo-triplets from the teacher (inversion + regeneration)",
                                    description=__doc__, parents=[common_parser()], formatter_class=HelpFormatter)
     add_config_args(parser, PseudoConfig)
-    parser.add_argument("--resolution", type=int, default=512, help="image size")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from appleswap.config import torch_dtype
     from appleswap.devices import pick_device
     from appleswap.pipeline import SwapPipeline
-    from appleswap.train.build import DTYPES
     from appleswap.train.data import IdTokenStore
     from appleswap.train.pairs import load_or_create_manifest, merge_scores, shard
     from appleswap.train.pseudo_gen import PseudoGenerator, generate_pairs, pool_items
@@ -51,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0 else {}
     pairs = load_or_create_manifest(out_dir, pool, config.num_pairs, config.seed) if rank == 0 else None
     pairs = pairs or _wait_for_manifest(out_dir, config)
-    dtype = DTYPES[config.mixed_precision]
+    dtype = torch_dtype(config.mixed_precision)
     pipeline = SwapPipeline.from_pretrained(
         args.weights_dir, "teacher", flux_path=config.flux, pulid_path=config.pulid, lora_path=config.teacher,
         device=str(device), dtype=dtype, prompt=config.prompt, null_id=IdTokenStore(config.id_cache).null(),
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     failures: list[str] = []
     mine = shard(pairs, rank, world)
     done = generate_pairs(generator, mine, root=root, out_dir=out_dir, id_cache=Path(config.id_cache),
-                          condition_folder=config.condition_folder, resolution=args.resolution, scorer=scorer,
+                          condition_folder=config.condition_folder, resolution=config.size, scorer=scorer,
                           failures=failures)
     if config.score:
         merge_scores(out_dir)

@@ -77,7 +77,7 @@ def generate_pairs(generator: PseudoGenerator, pairs: list, *, root: Path, out_d
 
     raw = IdTokenStore(id_cache, "raw")
     done = 0
-    for pair in tqdm(pairs, desc="pseudo"):
+    for pair in tqdm(pairs, desc="pseudo", unit="pair"):
         out = out_dir / pair.file_name
         if out.is_file():
             continue

@@ -4,6 +4,7 @@ pickle-free checkpoints; TensorBoard scalars and real-swap previews at the guida
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -146,8 +147,7 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
 
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT") or "train",
                                   config={k: str(v) for k, v in config_to_dict(config).items()})
-    progress = tqdm(total=config.max_steps, initial=step, disable=not accelerator.is_local_main_process,
-                    desc="train")
+    progress, advance = _progress_bar(config, accelerator, step)
     logs: dict[str, float] = {}
     while step < config.max_steps:
         train_set.set_epoch(epoch)
@@ -162,7 +162,7 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            progress.update(1)
+            advance(logs)
             _after_step(parts, val_set, config, accelerator, (model, optimizer), step, epoch, position, logs)
             if step >= config.max_steps:
                 break
@@ -172,6 +172,24 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": step, "logs": logs}
+
+
+def _progress_bar(config: Any, accelerator: Any, step: int):
+    """One bar on the main process, on a terminal only (None: tqdm's check), showing the loss and samples/s;
+    returns it and ``advance(logs)``, called once per optimizer step."""
+    bar = tqdm(total=config.max_steps, initial=step, disable=None if accelerator.is_local_main_process else True,
+               desc="train", unit="step")
+    samples_per_step = config.batch_size * config.gradient_accumulation * accelerator.num_processes
+    last = [time.perf_counter()]
+
+    def advance(logs: dict[str, float]) -> None:
+        now = time.perf_counter()
+        bar.set_postfix(loss=f"{logs.get('loss/total', float('nan')):.4f}",
+                        samples_s=f"{samples_per_step / max(now - last[0], 1e-9):.2f}", refresh=False)
+        bar.update(1)
+        last[0] = now
+
+    return bar, advance
 
 
 def fsdp_lora_state(accelerator: Any, model: Any) -> dict[str, torch.Tensor]:
