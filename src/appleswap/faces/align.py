@@ -73,7 +73,7 @@ def align_face(image: np.ndarray, keypoints_or_landmarks: np.ndarray, size: int 
     quad = ffhq_quad(keypoints_or_landmarks)
     matrix = quad_matrix(quad, size)
     source, pre = _prescale(image, matrix)
-    warp = matrix @ np.vstack([pre, [0, 0, 1]])
+    warp = matrix @ np.linalg.inv(np.vstack([pre, [0, 0, 1]]))  # small image -> crop
     crop = cv2.warpAffine(source, warp, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
     padded = _outside(quad, image.shape)
     if padded:
