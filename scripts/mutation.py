@@ -28,8 +28,9 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / ".mutation"
@@ -124,7 +125,7 @@ def _prepare(name: str, target: Target, fresh: bool) -> Path:
 def _mutmut(folder: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut puts mutants/src first itself
     mutmut = Path(sys.executable).with_name("mutmut")
-    return subprocess.run([str(mutmut), *args], cwd=folder, env=env, capture_output=True, text=True)
+    return subprocess.run([str(mutmut), *args], cwd=folder, env=env, capture_output=True, text=True, check=False)
 
 
 def _results(folder: Path) -> dict[str, str]:
