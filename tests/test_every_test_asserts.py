@@ -70,7 +70,7 @@ def _tests(tree: ast.Module):
                         and item.name.startswith("test_"))
 
 
-def tests_without_checks(root: Path = TESTS) -> list[str]:
+def find_unchecked_tests(root: Path = TESTS) -> list[str]:
     offenders = []
     for path in sorted(root.rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
@@ -82,7 +82,7 @@ def tests_without_checks(root: Path = TESTS) -> list[str]:
 
 
 def test_every_test_function_checks_something():
-    offenders = tests_without_checks()
+    offenders = find_unchecked_tests()
     assert not offenders, "tests that cannot fail on a wrong result:\n  " + "\n  ".join(offenders)
 
 
@@ -98,5 +98,5 @@ def test_the_rule_flags_a_test_that_only_runs_code(tmp_path):
         "def test_checker():\n    np.testing.assert_allclose(1, 1)\n"
         "def test_helper():\n    _via(1)\n"
         "class TestGroup:\n    def test_method_runs_only(self):\n        pass\n")
-    assert tests_without_checks(tmp_path / "tests") == ["tests/test_x.py:6 test_runs_only",
+    assert find_unchecked_tests(tmp_path / "tests") == ["tests/test_x.py:6 test_runs_only",
                                                          "tests/test_x.py:18 test_method_runs_only"]
