@@ -29,7 +29,7 @@ class Negate:
 
 
 def _levels(path) -> list[int]:
-    return [int(round(frame.mean())) for frame in iter_frames(path)]
+    return [round(float(frame.mean())) for frame in iter_frames(path)]
 
 
 def _duration(path) -> float:
