@@ -87,9 +87,9 @@ def test_batched_guidance_pops_the_right_variants(image_scale, id_scale):
 
 def test_guidance_without_its_null_prediction_says_which():
     v = torch.ones(1, 2)
-    with pytest.raises(ValueError, match="image_scale != 1 needs the black-condition prediction"):
+    with pytest.raises(ValueError, match="^image_scale != 1 needs the black-condition prediction$"):
         combine_guidance(v, image_scale=2.0)
-    with pytest.raises(ValueError, match="id_scale != 1 needs the null-ID prediction"):
+    with pytest.raises(ValueError, match="^id_scale != 1 needs the null-ID prediction$"):
         combine_guidance(v, null_image=v, image_scale=2.0, id_scale=2.0)
 
 
