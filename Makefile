@@ -1,5 +1,5 @@
 # The two commands of README.md. Both set up .venv first (idempotent: only installs what is missing).
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint mutation
 
 setup:
 	bash scripts/bootstrap.sh
@@ -13,3 +13,7 @@ test: setup
 
 lint: setup
 	.venv/bin/ruff check src tests
+
+# developer tool, not CI: mutation score per core module (slow; one target: make mutation TARGETS=weights)
+mutation: setup
+	.venv/bin/python scripts/mutation.py $(TARGETS)

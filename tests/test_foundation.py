@@ -20,8 +20,10 @@ from appleswap.config import add_config_args, load_config_file, option, resolve_
 def test_load_real_photo_and_rgba(faces_dir):
     rgb = files.load_image(faces_dir / "obama2.jpg")
     rgba = files.load_image(faces_dir / "obama2_rgba.png")
-    assert rgb.dtype == np.uint8 and rgb.shape[2] == 3
-    assert rgba.shape == rgb.shape  # alpha flattened, same geometry
+    assert rgb.dtype == np.uint8 and rgb.shape == (1200, 626, 3)
+    with Image.open(faces_dir / "obama2_rgba.png") as image:  # an opaque RGBA file: its colour, alpha dropped
+        np.testing.assert_array_equal(rgba, np.asarray(image)[..., :3])
+    # partial alpha, 16-bit, CMYK and EXIF orientation against formulas: tests/test_image_decoding.py
 
 
 def test_exif_rotation_is_applied(tmp_path, faces_dir):

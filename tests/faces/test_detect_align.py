@@ -62,7 +62,11 @@ def test_alignment_puts_eyes_at_ffhq_positions(photos):
     # FFHQ: eyes level, centred horizontally, eye distance about a quarter of the crop, mouth below
     assert abs(kp[0, 1] - kp[1, 1]) < 0.04 * 512  # FFHQ also weighs the mouth in the rotation
     assert abs((kp[0, 0] + kp[1, 0]) / 2 - 256) < 6
-    assert 0.2 * 512 < kp[1, 0] - kp[0, 0] < 0.32 * 512
+    # FFHQ's square has a half side of max(2 |eye_to_eye|, 1.8 |eye_to_mouth|), mapped onto 512 / 2 pixels
+    source = face.keypoints.astype(np.float64)
+    eyes = np.hypot(*(source[1] - source[0]))
+    half = max(2.0 * eyes, 1.8 * np.hypot(*((source[3] + source[4]) / 2 - (source[0] + source[1]) / 2)))
+    assert np.hypot(*(kp[1] - kp[0])) == pytest.approx(eyes * 256 / half, rel=1e-6)
     assert 0.35 * 512 < kp[0, 1] < 0.5 * 512 and kp[3, 1] > 0.6 * 512
     # similarity: the linear part is a scaled rotation
     a = aligned.matrix[:, :2]

@@ -45,3 +45,17 @@ def test_each_threshold_filters_on_its_own_score():
     assert filter_pairs(pairs, scores, none | {"min_id_similarity": 0.5}) == [pairs[0], pairs[1]]
     assert filter_pairs(pairs, scores, none | {"max_pose_error": 5.0}) == [pairs[0], pairs[1]]
     assert filter_pairs(pairs, scores, none | {"min_aes": 5.0, "max_expression_error": 1.0}) == [pairs[0], pairs[2]]
+
+
+def test_manifest_with_another_pair_count_is_refused(tmp_path):
+    """A restart asking for another number of pairs must not silently reuse (or mix in) the old pair set."""
+    import json
+
+    first = load_or_create_manifest(tmp_path, GROUPS, 10, 42)
+    saved = json.loads((tmp_path / "pairs.json").read_text())
+    assert saved["seed"] == 42 and saved["num_pairs_requested"] == 10 and len(saved["pairs"]) == 10
+    for other in (5, 11):
+        with pytest.raises(ValueError, match="num_pairs=10"):
+            load_or_create_manifest(tmp_path, GROUPS, other, 42)
+    assert json.loads((tmp_path / "pairs.json").read_text()) == saved  # the refused restart changed nothing
+    assert load_or_create_manifest(tmp_path, GROUPS, 10, 42) == first

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -85,24 +86,33 @@ def restore_rng(tensors: dict[str, torch.Tensor], jsonable: dict[str, Any]) -> N
 def save_checkpoint(folder: Path, *, transformer: Any, optimizer: torch.optim.Optimizer | None, step: int,
                     data_state: dict[str, int], config: dict[str, Any],
                     lora_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a complete checkpoint; ``state.json`` is written last, so its presence means "complete".
+    """Write a complete checkpoint, never a mix: the files go to a hidden ``.<name>.partial`` folder (``state.json``
+    last) that replaces ``folder`` in one rename, so a save killed at any point leaves the previous complete
+    checkpoints as they were (a re-saved step is first marked incomplete, then replaced whole).
 
     ``lora_state`` (reference keys) replaces ``transformer.save_lora`` when the LoRA was gathered elsewhere (FSDP);
     ``optimizer=None`` writes no moments (a resume then starts them afresh).
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder.parent / f".{folder.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
     if lora_state is not None:
         from appleswap.model.lora import lora_file_metadata
 
-        save_tensors(folder / LORA_FILE, lora_state, metadata=lora_file_metadata(transformer.flux))
+        save_tensors(partial / LORA_FILE, lora_state, metadata=lora_file_metadata(transformer.flux))
     else:
-        transformer.save_lora(folder / LORA_FILE)
+        transformer.save_lora(partial / LORA_FILE)
     if optimizer is not None:
         tensors, meta = optimizer_tensors(optimizer)
-        save_tensors(folder / "optimizer.safetensors", tensors, metadata=meta)
+        save_tensors(partial / "optimizer.safetensors", tensors, metadata=meta)
     rng_tensors, rng_json = rng_snapshot()
-    save_tensors(folder / "rng.safetensors", rng_tensors)
-    save_json(folder / STATE_FILE, {"step": step, "data": data_state, "rng": rng_json, "config": config})
+    save_tensors(partial / "rng.safetensors", rng_tensors)
+    save_json(partial / STATE_FILE, {"step": step, "data": data_state, "rng": rng_json, "config": config})
+    if folder.exists():  # an older save of this step: incomplete from here on, then gone
+        (folder / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
     log.info("checkpoint %s (step %d)", folder, step)
     return folder
 
@@ -157,5 +167,5 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         for name in ("optimizer.safetensors", "rng.safetensors"):
             (folder / name).unlink(missing_ok=True)
         (folder / STATE_FILE).rename(folder / "state.lora-only.json")
-    for stale in root.glob("step*/.*.tmp") if root.is_dir() else []:
+    for stale in [*root.glob("step*/.*.tmp"), *root.glob(".step*.partial")] if root.is_dir() else []:
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)

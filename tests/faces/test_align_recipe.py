@@ -1,0 +1,116 @@
+"""FFHQ alignment against the FFHQ recipe written out independently (angle + half-side + centre), and the crop's
+pixels against a linear ramp sampled by hand: a changed constant of the recipe (2.0, 1.8, 0.1) moves the crop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from appleswap.faces.align import align_face, ffhq_quad, paste_back
+
+# a frontal-ish face with a slight roll, in a 1000 x 900 photo: right eye, left eye, nose, mouth corners
+KEYPOINTS = np.array([[420.0, 380.0], [520.0, 372.0], [470.0, 440.0], [432.0, 500.0], [515.0, 494.0]])
+
+
+def _recipe(right_eye, left_eye, mouth, size):
+    """FFHQ's crop as a similarity: rotate by the face's angle, scale the half side to size / 2, centre it.
+
+    The square's x axis is eye_to_eye plus eye_to_mouth turned 90 degrees clockwise (FFHQ's ``x``); its half side
+    is max(2 * |eye_to_eye|, 1.8 * |eye_to_mouth|); its centre is 10 % of the way from the eyes to the mouth.
+    Returns the 2x3 matrix (photo -> crop pixels, corners on the outer pixel edges).
+    """
+    eye_to_eye = left_eye - right_eye
+    eye_centre = (left_eye + right_eye) / 2
+    eye_to_mouth = mouth - eye_centre
+    axis = (eye_to_eye[0] + eye_to_mouth[1], eye_to_eye[1] - eye_to_mouth[0])
+    angle = math.atan2(axis[1], axis[0])
+    half = max(2.0 * math.dist(left_eye, right_eye), 1.8 * math.hypot(*eye_to_mouth))
+    centre = eye_centre + 0.1 * eye_to_mouth
+    scale = size / (2 * half)
+    cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
+    linear = np.array([[cos, sin], [-sin, cos]])  # rotation by -angle, scaled
+    offset = (size - 1) / 2 - linear @ centre
+    return np.hstack([linear, offset[:, None]])
+
+
+def _expected(points, size):
+    return _recipe(points[0], points[1], (points[3] + points[4]) / 2, size)
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_matrix_is_the_ffhq_recipe(size):
+    aligned = align_face(np.zeros((900, 1000, 3), np.uint8), KEYPOINTS, size=size)
+    np.testing.assert_allclose(aligned.matrix, _expected(KEYPOINTS, size), rtol=0, atol=1e-6 * size)
+
+
+def test_matrix_when_the_mouth_sets_the_size():
+    # a long face: 1.8 |eye_to_mouth| > 2 |eye_to_eye|, the other branch of FFHQ's max
+    points = KEYPOINTS.copy()
+    points[3:, 1] += 150
+    assert 1.8 * np.hypot(*((points[3] + points[4]) / 2 - (points[0] + points[1]) / 2)) > 2 * 100
+    aligned = align_face(np.zeros((1200, 1000, 3), np.uint8), points, size=256)
+    np.testing.assert_allclose(aligned.matrix, _expected(points, 256), rtol=0, atol=1e-4)
+
+
+def test_quad_corners_follow_the_recipe():
+    quad = ffhq_quad(KEYPOINTS)
+    matrix = _expected(KEYPOINTS, 512)
+    corners = quad @ matrix[:, :2].T + matrix[:, 2]
+    # top-left, bottom-left, bottom-right, top-right on the crop's outer pixel edges
+    np.testing.assert_allclose(corners, [[-0.5, -0.5], [-0.5, 511.5], [511.5, 511.5], [511.5, -0.5]], atol=1e-6)
+
+
+def test_68_landmarks_use_eye_means_and_mouth_corners():
+    rng = np.random.default_rng(0)
+    lm68 = rng.uniform(300, 600, (68, 2))
+    lm68[36:42] = KEYPOINTS[0] + rng.normal(0, 4, (6, 2))
+    lm68[42:48] = KEYPOINTS[1] + rng.normal(0, 4, (6, 2))
+    lm68[48], lm68[54] = KEYPOINTS[3], KEYPOINTS[4]
+    expected = _recipe(lm68[36:42].mean(0), lm68[42:48].mean(0), (lm68[48] + lm68[54]) / 2, 256)
+    aligned = align_face(np.zeros((900, 1000, 3), np.uint8), lm68, size=256)
+    np.testing.assert_allclose(aligned.matrix, expected, rtol=0, atol=1e-4)
+
+
+def _ramp(height, width):
+    """A photo whose channels are linear in x and y (cubic interpolation reproduces it exactly)."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    return np.stack([20 + 0.2 * xs, 30 + 0.22 * ys, 200 - 0.1 * xs - 0.08 * ys], axis=-1)
+
+
+@pytest.mark.parametrize("size", [128, 256])  # 128: a downscaled warp of a large face (area pre-scale)
+def test_crop_pixels_sample_the_photo_where_the_recipe_says(size):
+    photo = _ramp(900, 1000)
+    aligned = align_face(np.rint(photo).astype(np.uint8), KEYPOINTS, size=size)
+    assert not aligned.padded
+    inverse = np.linalg.inv(np.vstack([_expected(KEYPOINTS, size), [0, 0, 1]]))
+    vs, us = np.mgrid[0:size, 0:size].astype(np.float64)
+    xs = inverse[0, 0] * us + inverse[0, 1] * vs + inverse[0, 2]
+    ys = inverse[1, 0] * us + inverse[1, 1] * vs + inverse[1, 2]
+    want = np.stack([20 + 0.2 * xs, 30 + 0.22 * ys, 200 - 0.1 * xs - 0.08 * ys], axis=-1)
+    error = np.abs(aligned.image.astype(np.float64) - want)[2:-2, 2:-2]
+    assert error.max() <= 1.5, error.max()
+
+
+def test_crop_outside_the_photo_is_flagged_and_filled():
+    points = KEYPOINTS - [400, 0]  # the face at the left edge
+    aligned = align_face(np.full((900, 1000, 3), 90, np.uint8), points, size=128)
+    assert aligned.padded
+    assert np.abs(aligned.image.astype(int) - 90).max() <= 1  # filled with the photo's own (median) colour
+    inside = align_face(np.full((900, 1000, 3), 90, np.uint8), KEYPOINTS, size=128)
+    assert not inside.padded
+
+
+def test_paste_back_covers_exactly_the_crop_square():
+    frame = np.full((900, 1000, 3), 10, np.uint8)
+    matrix = _expected(KEYPOINTS, 128)
+    out = paste_back(frame, np.full((128, 128, 3), 250, np.uint8), matrix, feather=0.0)
+    # where each photo pixel lands in the crop, by the recipe
+    ys, xs = np.mgrid[0:900, 0:1000].astype(np.float64)
+    us = matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2]
+    vs = matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2]
+    inside = (us >= 0) & (us <= 127) & (vs >= 0) & (vs <= 127)
+    far = (us < -1) | (us > 128) | (vs < -1) | (vs > 128)
+    assert inside.sum() > 100_000
+    assert (out[inside] == 250).all() and (out[far] == 10).all()
