@@ -13,10 +13,10 @@ import io
 
 import numpy as np
 import pytest
+from appleswap.app.watermark import detect_watermark, embed_watermark
 from PIL import Image
 from scipy import stats
 
-from appleswap.app.watermark import detect_watermark, embed_watermark
 from appleswap.files import load_image
 
 PHOTOS = ("obama1", "biden2", "two_people", "obama_and_biden", "obama3", "biden")
