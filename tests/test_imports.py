@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "appleswap"
 
 # the stages in pipeline order; a module may import its own stage and earlier ones only
 STAGES = (
-    ("files", "config", "weights", "devices", "cli_common", "registry", "parity", "workers", "provenance"),  # the core
+    ("files", "config", "weights", "devices", "cli_common", "registry", "parity", "workers", "provenance", "native_logs"),  # the core
     ("faces", "face_metrics"),
     ("preprocess",),
     ("identity",),
