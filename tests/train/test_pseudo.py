@@ -1,4 +1,5 @@
-"""`appleswap pseudo` on two ranks, killed and restarted: every pair exactly once; then a student run on it."""
+"""`appleswap pseudo` on two ranks in batches of 2, killed and restarted: every pair exactly once; then a student
+run on it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.fixtures.tiny_flux import make_tiny_weights
 from tests.train.conftest import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
+PYTHONPATH = os.pathsep.join([str(REPO / "src"), str(REPO)])  # this checkout's code, even beside an installed copy
 CLI = ("import sys; from appleswap.cli_common import setup_logging; from appleswap.train import pseudo, cli; "
        "import argparse; p = argparse.ArgumentParser(); s = p.add_subparsers(); pseudo.add_parser(s); "
        "cli.add_parser(s); a = p.parse_args(sys.argv[1:]); setup_logging('warning'); sys.exit(a.func(a))")
@@ -39,9 +41,9 @@ def base(tmp_path_factory, faces_dir) -> Path:
 
 
 def _launch(base: Path, out: Path, rank: int, steps: int = 3) -> subprocess.Popen:
-    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
     args = ["pseudo", "--dataset-root", str(base / "data"), "--id-cache", str(base / "ids"), "--output-dir", str(out),
-            "--num-pairs", "6", "--num-steps", str(steps), "--no-score", "--mixed-precision", "no",
+            "--num-pairs", "6", "--num-steps", str(steps), "--batch-size", "2", "--no-score", "--mixed-precision", "no",
             "--resolution", "64", "--weights-dir", str(base / "w"), "--device", "cpu"]
     return subprocess.Popen([sys.executable, "-c", CLI, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -82,7 +84,7 @@ def test_student_trains_on_pseudo_triplets(base, tmp_path):
     proc.communicate(timeout=600)
     proc = _launch(base, out, 1)
     proc.communicate(timeout=600)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
     run = tmp_path / "student"
     args = ["train", "student", "--dataset-root", str(base / "data"), "--id-cache", str(base / "ids"),
             "--pseudo-root", str(out), "--output-dir", str(run), "--resolution", "64", "--lora-rank", "4",
