@@ -160,10 +160,18 @@ def test_stopped_after_a_batch_and_rerun_writes_each_pair_once(teacher, dataset,
     first = sorted(p.name for p in out.glob("*.png"))
     assert len(first) == 4 and sorted(writes) == first  # the finished batch is on disk, nothing of the next
     assert not list(out.glob(".*"))  # no temporary or partial file
+    missing = sorted(set(good) - set(first))
+    stale = [out / f".{missing[0]}.k3x9q1.tmp", out / "scores" / f".{Path(missing[1]).stem}.json.a1b2c3.tmp"]
+    for path in stale:  # what a SIGKILL during a write leaves behind
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"partial")
+    other_rank = out / ".someone_else_ann_a9.png.zz9.tmp"
+    other_rank.write_bytes(b"partial")
     rerun = StopAfter(teacher, num_steps=2, batch_size=4, calls=99)
     assert _run(rerun, out, dataset, failures := []) == 2 and len(failures) == 1
     assert rerun.rows == 2  # only the missing pairs ran (one short batch, padded inside the generator)
     assert sorted(writes) == good and sorted(p.name for p in out.glob("*.png")) == good  # each exactly once
+    assert not any(path.exists() for path in stale) and other_rank.exists()  # only this run's pairs' leftovers
     for name in good:
         got, want = load_image(out / name).astype(int), load_image(reference / name).astype(int)
         assert np.abs(got - want).max() <= 1, name  # batch 4 (and its padding) == batch 1, up to a rounding tie

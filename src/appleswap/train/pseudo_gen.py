@@ -100,6 +100,7 @@ def generate_pairs(generator: PseudoGenerator, pairs: list, *, root: Path, out_d
     from tqdm import tqdm
 
     pending = [pair for pair in pairs if not (out_dir / pair.file_name).is_file()]
+    remove_stale_temporaries(out_dir, pending)
     done = 0
     with ThreadPoolExecutor(1, thread_name_prefix="pseudo-writer") as writer, \
             tqdm(total=len(pairs), initial=len(pairs) - len(pending), desc="pseudo", unit="pair") as progress:
@@ -115,6 +116,22 @@ def generate_pairs(generator: PseudoGenerator, pairs: list, *, root: Path, out_d
         if writing is not None:
             done += writing.result()
     return done
+
+
+def remove_stale_temporaries(out_dir: Path, pending: list) -> int:
+    """Delete the temporary files (``.{name}.XXXX.tmp``, of the PNG or its scores) that a killed run left for
+    ``pending`` pairs: they are this rank's own (shards are disjoint), so another rank's writes are never touched."""
+    from appleswap.train.pairs import SCORE_DIR
+
+    stems = {Path(pair.file_name).stem for pair in pending}
+    removed = 0
+    for folder in (out_dir, out_dir / SCORE_DIR):
+        for path in folder.glob(".*.tmp") if folder.is_dir() else []:
+            name = path.name[1:].rsplit(".", 2)[0]  # ".{name}.{random}.tmp" -> name
+            if Path(name).stem in stems:
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _input_batches(pending: list, batch_size: int, *, root: Path, id_cache: Path, condition_folder: str,
