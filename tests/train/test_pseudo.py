@@ -1,4 +1,5 @@
-"""`appleswap pseudo` on two ranks, killed and restarted: every pair exactly once; then a student run on it."""
+"""`appleswap pseudo` on two ranks in batches of 2, killed and restarted: every pair exactly once; then a student
+run on it."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def base(tmp_path_factory, faces_dir) -> Path:
 def _launch(base: Path, out: Path, rank: int, steps: int = 3) -> subprocess.Popen:
     env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": CHECKOUT}
     args = ["pseudo", "--dataset-root", str(base / "data"), "--id-cache", str(base / "ids"), "-o", str(out),
-            "--num-pairs", "6", "--steps", str(steps), "--no-score", "--dtype", "fp32",
+            "--num-pairs", "6", "--steps", str(steps), "--batch-size", "2", "--no-score", "--dtype", "fp32",
             "--size", "64", "--weights-dir", str(base / "w"), "--device", "cpu"]
     return subprocess.Popen([sys.executable, "-c", CLI, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -119,3 +119,5 @@ class PseudoConfig:
     compile: bool = option(True, "torch.compile the transformer blocks and the VAE on a GPU (once per process, then "
                            "faster passes; same function)")
     cuda_graphs: bool = option(True, "replay each transformer pass as one CUDA graph (GPU only)")
+    batch_size: int | None = option(None, "pairs per teacher call (one batched inversion and generation); default 4 "
+                                          "on a GPU, 1 on the CPU. Each pair's triplet is the same at any batch size")

@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     config = apply_parity(config, "pseudo")
     if config.dataset_root is None or config.id_cache is None:
         raise ValueError("`dataset_root` and `id_cache` are required (config file or --dataset-root/--id-cache)")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(pick_device(args.device) if world == 1 else f"cuda:{local}"
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         args.weights_dir, "teacher", flux_path=config.flux, pulid_path=config.pulid, lora_path=config.teacher,
         device=str(device), dtype=dtype, prompt=config.prompt, null_id=IdTokenStore(config.id_cache).null(),
         fp8=config.fp8, compile=config.compile, cuda_graphs=config.cuda_graphs, parity=config.parity)
-    generator = PseudoGenerator(pipeline, num_steps=config.num_steps, guidance=config.guidance)
+    batch_size = config.batch_size or (4 if device.type == "cuda" else 1)
+    generator = PseudoGenerator(pipeline, num_steps=config.num_steps, guidance=config.guidance, batch_size=batch_size)
     scorer = build_scorer(config, args.weights_dir, root, device) if config.score else None
     failures: list[str] = []
     mine = shard(pairs, rank, world)
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         merge_scores(out_dir)
     for line in failures:
         print(f"FAILED: {line}")
-    print(f"rank {rank}/{world}: generated {done}, shard of {len(mine)}"
+    print(f"rank {rank}/{world}: generated {done} (batches of {batch_size}), shard of {len(mine)}"
           + (f", {len(failures)} failed" if failures else "") + f"; output in {out_dir}")
     return exit_status(len(mine) - len(failures), len(failures))
 
