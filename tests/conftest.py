@@ -39,3 +39,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found():
+    """A test that runs a command (``setup_logging``: root level, handlers) must not change what the next test's
+    ``caplog`` sees: the root logger's level and the appleswap loggers' levels are put back after every test."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    ours = {name: logging.getLogger(name).level for name in list(logging.root.manager.loggerDict)
+            if name.startswith("appleswap")}
+    yield
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    for name, level in ours.items():
+        logging.getLogger(name).setLevel(level)

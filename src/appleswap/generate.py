@@ -276,6 +276,26 @@ def output_labeller(cfg: GenerateConfig):
     return label
 
 
+def _pending_pairs(cfg: GenerateConfig, config_dict: dict | None) -> list[Pair]:
+    """This shard's pairs without an output yet (the run's settings written once, by rank 0); usage errors are
+    raised here, before any model loads."""
+    from appleswap.files import save_json
+
+    if (cfg.data is None) == (cfg.pairs is None):
+        raise ValueError("give exactly one of --data (src/ + trg/ folder) or --pairs (CSV)")
+    if cfg.output is None:
+        raise ValueError("--output is required")
+    pairs = pairs_from_layout(cfg.data, cfg.condition_dir) if cfg.data else pairs_from_csv(cfg.pairs)
+    rank, world = shard_of(cfg.shard)
+    work = select_work(pairs, cfg.output, rank, world, cfg.limit)
+    logger.info("shard %d/%d: %d of %d pairs to do", rank, world, len(work), len(pairs))
+    if rank == 0 and config_dict is not None:
+        save_json(cfg.output / "generate_config.json", config_dict)
+    if work and cfg.mode == "teacher" and all(p.condition is None for p in work):  # a usage error, not a bad pair
+        raise ValueError("teacher mode needs condition images (--condition-dir or a 'condition' CSV column)")
+    return work
+
+
 def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str | None = None,
              config_dict: dict | None = None, failures: list[str] | None = None,
              progress: bool = False) -> list[Path]:
@@ -288,25 +308,14 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
     from tqdm.auto import tqdm
 
     from appleswap.config import torch_dtype
-    from appleswap.files import save_json
     from appleswap.parity import apply_parity
     from appleswap.pipeline import SwapPipeline
 
     cfg = apply_parity(cfg, "generate")
-    if (cfg.data is None) == (cfg.pairs is None):
-        raise ValueError("give exactly one of --data (src/ + trg/ folder) or --pairs (CSV)")
-    if cfg.output is None:
-        raise ValueError("--output is required")
-    pairs = pairs_from_layout(cfg.data, cfg.condition_dir) if cfg.data else pairs_from_csv(cfg.pairs)
-    rank, world = shard_of(cfg.shard)
-    work = select_work(pairs, cfg.output, rank, world, cfg.limit)
-    logger.info("shard %d/%d: %d of %d pairs to do", rank, world, len(work), len(pairs))
-    if rank == 0 and config_dict is not None:
-        save_json(cfg.output / "generate_config.json", config_dict)
+    work = _pending_pairs(cfg, config_dict)
     if not work:
         return []
-    if cfg.mode == "teacher" and all(p.condition is None for p in work):  # a usage error, not a bad pair
-        raise ValueError("teacher mode needs condition images (--condition-dir or a 'condition' CSV column)")
+    rank, world = shard_of(cfg.shard)
     label = output_labeller(cfg)  # before the model loads: an unusable --c2pa-key fails at once
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"

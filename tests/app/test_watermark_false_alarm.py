@@ -13,11 +13,11 @@ import io
 
 import numpy as np
 import pytest
-from appleswap.app.watermark import detect_watermark, embed_watermark
 from PIL import Image
 from scipy import stats
 
 from appleswap.files import load_image
+from appleswap.provenance.watermark import detect_watermark, embed_watermark
 
 PHOTOS = ("obama1", "biden2", "two_people", "obama_and_biden", "obama3", "biden")
 KEYS = range(1000, 1006)

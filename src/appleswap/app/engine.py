@@ -161,6 +161,12 @@ class SwapEngine:
         outcome.image = self._mark(outcome.image)
         return outcome
 
+    def show_steps(self, on: bool = True) -> None:
+        """Per-step bars (tqdm on stderr) in photo swaps: the CLI's progress, and what the web UI's page tracks."""
+        generate = getattr(self.swapper, "generate", None)
+        if hasattr(generate, "progress"):
+            generate.progress = on
+
     def swap_image_file(self, identity: Any, sources: Sequence[str | Path], target: str | Path,
                         output: str | Path) -> dict[str, Any]:
         outcome = self.swap_image(identity, load_image(target), str(target))

@@ -71,13 +71,6 @@ def check_sources(sources: list[str]) -> None:
             raise FileNotFoundError(f"-s/--source {source}: no such file")
 
 
-def _step_bars(engine, on: bool) -> None:
-    """Per-step bars of the photo swaps (videos show one bar over their frames instead)."""
-    generate = getattr(getattr(engine, "swapper", None), "generate", None)
-    if hasattr(generate, "progress"):
-        generate.progress = on
-
-
 def run_jobs(engine, identity, sources: list[str], jobs: list[tuple[Path, Path]], progress: bool) -> list[dict]:
     """Run every job; a failing target becomes an error record and the batch goes on."""
     from tqdm import tqdm
@@ -87,7 +80,7 @@ def run_jobs(engine, identity, sources: list[str], jobs: list[tuple[Path, Path]]
 
     results = []
     for target, output in tqdm(jobs, desc="targets", unit="file", disable=not progress or len(jobs) < 2):
-        _step_bars(engine, progress and not is_video_path(target))
+        engine.show_steps(progress and not is_video_path(target))  # videos: one bar over their frames
         try:
             if is_video_path(target):
                 result = engine.swap_video_file(identity, sources, target, output, progress=progress)
