@@ -2,9 +2,9 @@
 (``detect_watermark(image, key=...)`` -> ``.detected``, ``.score``, ``.threshold``), so it holds for any detector
 that reports a z-like score against a threshold.
 
-An unmarked photo correlates with a key's pattern by chance only: over many keys its score has mean 0 and a
-spread we measure here. A detector that flags an unmarked photo once in a million is useless for provenance;
-with the measured spread the threshold must put the Gaussian tail below 1e-6 (z > 6 gives ~1e-9).
+An unmarked photo correlates with a key's pattern by chance only, and the detector reports the best correlation
+over its search: over many keys and photos those maxima follow a Gumbel law, whose fitted tail at the threshold is
+the false-alarm rate (the issue asks for at most 0.1 %).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from appleswap.provenance.watermark import detect_watermark, embed_watermark
 
 PHOTOS = ("obama1", "biden2", "two_people", "obama_and_biden", "obama3", "biden")
 KEYS = range(1000, 1006)
-MAX_FALSE_ALARM = 1e-6
+MAX_FALSE_ALARM = 1e-3  # per photo: the issue's goal (0.1 %)
 
 
 def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
@@ -53,19 +53,22 @@ def test_no_unmarked_photo_is_flagged(results):
     assert all(result.detected == (result.score > result.threshold) for result in results)
 
 
-def test_unmarked_scores_are_centred_chance_correlations(results):
+def test_unmarked_scores_follow_the_law_of_a_searched_maximum(results):
+    """With no mark the score is the best chance correlation over the detector's search (shifts, scales, flips and
+    turns): a maximum of many near-Gaussian correlations, so a Gumbel law, narrow and well above 0."""
     scores = np.array([result.score for result in results])
-    assert abs(scores.mean()) < 0.25, scores.mean()
-    assert 0.7 < scores.std() < 1.3, scores.std()
-    # and not heavier-tailed than a Gaussian of that spread (a few outliers would make the bound below a lie)
-    assert stats.kstest(scores / scores.std(), "norm").pvalue > 1e-3
+    loc, scale = stats.gumbel_r.fit(scores)
+    assert 0.1 < scale < 1.0 and 2.0 < loc < 6.0, (loc, scale)
+    assert stats.kstest(scores, "gumbel_r", args=(loc, scale)).pvalue > 1e-3
 
 
-def test_threshold_gives_a_false_alarm_rate_below_one_in_a_million(results):
+def test_threshold_gives_a_false_alarm_rate_below_the_goal(results):
+    """The issue's goal is <= 0.1 % false positives; the fitted Gumbel tail at the threshold must be far below it
+    (a threshold lowered to 4, as a planted bug did, flags most unmarked photos)."""
     scores = np.array([result.score for result in results])
-    spread = max(scores.std(), 1.0)
     threshold = min(result.threshold for result in results)
-    rate = stats.norm.sf((threshold - scores.mean()) / spread)
+    loc, scale = stats.gumbel_r.fit(scores)
+    rate = stats.gumbel_r.sf(threshold, loc, scale)
     assert rate < MAX_FALSE_ALARM, f"threshold {threshold}: false-alarm rate {rate:.1e} per photo"
 
 
