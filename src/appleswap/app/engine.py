@@ -162,7 +162,8 @@ class SwapEngine:
         return outcome
 
     def show_steps(self, on: bool = True) -> None:
-        """Per-step bars (tqdm on stderr) in photo swaps: the CLI's progress, and what the web UI's page tracks."""
+        """Per-step bars (tqdm on stderr) in photo swaps, for the CLI (the web page tracks the samplers' bars even
+        when they are not drawn)."""
         generate = getattr(self.swapper, "generate", None)
         if hasattr(generate, "progress"):
             generate.progress = on

@@ -276,7 +276,6 @@ class WebJobs:
             if target.video:
                 return self._swap_video(engine, identity, sources, target, output, video, report, cancelled)
             report(0, None, "swapping")
-            engine.show_steps()  # the samplers' step bars, which the page's progress tracks
             result = engine.swap_image_file(identity, sources, target.path, output)
             count = len(result["faces"])
             return SwapResult(output, False, target.path,
