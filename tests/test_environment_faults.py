@@ -306,6 +306,6 @@ def test_what_counts_as_a_fault_of_the_environment(tmp_path):
                              KeyError("k"), TypeError("bug")):
         assert files.environment_fault(bad_input_or_bug) is None, bad_input_or_bug
     fault = files.environment_fault(OSError(errno.ENOSPC, "No space left on device", "/d/f"))
-    import pickle
+    from multiprocessing.reduction import ForkingPickler  # what the worker pool sends results and errors with
 
-    assert str(pickle.loads(pickle.dumps(fault))) == str(fault)  # crosses the worker pool unchanged
+    assert str(ForkingPickler.loads(ForkingPickler.dumps(fault))) == str(fault)  # crosses the pool unchanged

@@ -62,7 +62,7 @@ def _clip(path: Path, faces_dir: Path, frames: int, fps: int = 10) -> Path:
 # ---- request logic
 def test_scrub_paths():
     assert scrub_paths("/srv/app/jobs/ab12/photo.jpg: no face found") == "photo.jpg: no face found"
-    assert scrub_paths("missing C:\\Users\\me\\weights\\flux.safetensors here") == "missing flux.safetensors here"
+    assert scrub_paths("missing D:\\models\\me\\weights\\flux.safetensors here") == "missing flux.safetensors here"
     untouched = "--face-selector one / many; student/teacher; 2/3 done"
     assert scrub_paths(untouched) == untouched
 
