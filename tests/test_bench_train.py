@@ -43,7 +43,9 @@ def test_tiny_recipes_and_sweep_print_their_rows(bench, capsys):
         ("APPLE, ID + LPIPS on every sample (worst case)", "2"),
         ("+ checkpointing on 50% of the blocks", "2"), ("+ checkpointing on 50% of the blocks", "3")]
     for _, batch, seconds, samples, *_ in rows:
-        assert float(seconds) > 0 and math.isclose(float(samples), int(batch) / float(seconds), rel_tol=0.01)
+        # the table prints 3 decimals: compare within that rounding
+        assert float(seconds) > 0 and math.isclose(float(samples), int(batch) / float(seconds), rel_tol=0.01,
+                                                   abs_tol=0.0006)
     worst_note = rows[0][-1]
     assert worst_note.startswith("100% of samples through ID + LPIPS")
     values = dict(part.strip().split(" ")[-2:] for part in worst_note.split("last loss ")[1].split(","))
