@@ -150,7 +150,7 @@ def _record_from_pretrained(monkeypatch) -> dict:
 def test_generate_and_swap_hand_parity_to_the_pipeline(monkeypatch, tmp_path, faces_dir):
     import shutil
 
-    from appleswap.app.generation import load_generator
+    from appleswap.app.swapper import load_generator
     from appleswap.generate import generate
 
     seen = _record_from_pretrained(monkeypatch)

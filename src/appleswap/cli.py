@@ -27,7 +27,7 @@ COMMAND_MODULES = (
     "appleswap.preprocess.cli",  # preprocess: photos -> teacher-ready dataset
     "appleswap.identity.cli",  # prepare-ids / identity: PuLID ID tokens
     "appleswap.generate",  # generate: swaps over preprocessed pairs
-    "appleswap.app.swap_cli",  # swap: any photo, folder or video
+    "appleswap.app.swap",  # swap: any photo, folder or video
     "appleswap.app.verify_cli",  # verify: provenance + watermark check
     "appleswap.app.web",  # app: web UI
     "appleswap.train.cli",  # train teacher|student

@@ -21,7 +21,7 @@ def app_weights(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engine(app_weights):
     """Student engine at the tiny model's size, one step, no watermark (so pixel checks are exact)."""
-    from appleswap.app.engine import SwapEngine
+    from appleswap.app.swap import SwapEngine
     from appleswap.app.swapper import SwapConfig
 
     return SwapEngine.load(SwapConfig(**FAST), app_weights, device="cpu")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appleswap.app.swap_cli import plan_jobs
+from appleswap.app.swap import plan_jobs
 from appleswap.cli import main
 from appleswap.provenance.labels import read_image_provenance
 from tests.fixtures.tiny_flux import TINY_IMAGE_SIZE
@@ -76,7 +76,7 @@ def test_plan_jobs(tmp_path, faces_dir):
 
 
 def test_batch_goes_on_after_a_corrupt_video(engine, identity, tmp_path, faces_dir):
-    from appleswap.app.swap_cli import run_jobs
+    from appleswap.app.swap import run_jobs
 
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(500))
@@ -89,7 +89,7 @@ def test_batch_goes_on_after_a_corrupt_video(engine, identity, tmp_path, faces_d
 
 def test_video_without_a_face_fails_like_a_photo_without_one(engine, identity, tmp_path):
     """One rule for photos and videos: no face swapped means a failed target (exit 1 or 2), and no output."""
-    from appleswap.app.swap_cli import run_jobs
+    from appleswap.app.swap import run_jobs
     from appleswap.app.video import write_video
 
     clip = write_video(tmp_path / "wall.mp4", [np.full((64, 64, 3), 120, np.uint8)] * 3, 10)

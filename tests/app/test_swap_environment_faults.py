@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from appleswap import files
-from appleswap.app.swap_cli import run_jobs
+from appleswap.app.swap import run_jobs
 from appleswap.cli import error_line, main
 from appleswap.files import EnvironmentFault
 from tests.fixtures.tiny_flux import TINY_IMAGE_SIZE

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from appleswap.app.generation import teacher_condition
+from appleswap.app.swapper import teacher_condition
 from appleswap.faces.align import align_face
 from appleswap.faces.detect import detect_faces
 from appleswap.faces.landmarks import get_landmark_provider
@@ -31,7 +31,7 @@ def test_condition_blurs_face_and_draws_landmarks(crop):
 
 
 def test_teacher_swap(app_weights, faces_dir):
-    from appleswap.app.engine import SwapEngine
+    from appleswap.app.swap import SwapEngine
     from appleswap.app.swapper import SwapConfig
 
     engine = SwapEngine.load(SwapConfig(model="teacher", **FAST), app_weights, device="cpu")

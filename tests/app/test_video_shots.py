@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from appleswap.app.engine import SwapEngine
+from appleswap.app.swap import SwapEngine
 from appleswap.app.swapper import FaceSwapper, SwapConfig
 from appleswap.app.video import frame_signature, is_scene_cut, iter_frames, write_video
 from appleswap.files import load_image
@@ -115,7 +115,7 @@ def test_many_swaps_every_face_and_counts_them(invert_engine, three_cut_video, t
 
 
 def test_video_without_faces_fails_like_a_photo(invert_engine, tmp_path):
-    from appleswap.app.swap_cli import run_jobs
+    from appleswap.app.swap import run_jobs
 
     blank = no_face((HEIGHT, WIDTH), seed=1).image
     clip = write_video(tmp_path / "empty.mp4", [blank] * 4, Fraction(25))

@@ -98,7 +98,7 @@ def test_detection_from_many_threads(faces_dir):
     shared graph used to fail for good: "Graph has errors: Packet type mismatch")."""
     import cv2
 
-    from appleswap.app.engine import detect_faces_locked
+    from appleswap.app.swap import detect_faces_locked
 
     image = cv2.resize(load_image(faces_dir / "two_people.jpg"), (563, 330), interpolation=cv2.INTER_AREA)
     expected = [face.box.round(1).tolist() for face in detect_faces_locked(image)]

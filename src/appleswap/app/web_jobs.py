@@ -174,7 +174,7 @@ class WebJobs:
 
     def check_sources(self, paths: Sequence[str | Path] | None) -> list[Path]:
         """Source photos (checked like targets) or one saved identity ``.safetensors``."""
-        from appleswap.app.engine import IDENTITY_SUFFIX
+        from appleswap.app.swap import IDENTITY_SUFFIX
 
         paths = [Path(p) for p in paths or []]
         if not paths:
@@ -214,8 +214,8 @@ class WebJobs:
     # ---- faces
     def faces(self, target: Target, order: str, seconds: float = 0.0) -> list[np.ndarray]:
         """Crops of the target's faces in ``order``: gallery tile i is ``--face-position i``."""
-        from appleswap.app.engine import detect_faces_locked
         from appleswap.app.selection import order_faces
+        from appleswap.app.swap import detect_faces_locked
 
         image = self.load(target, seconds)
         detections = detect_faces_locked(image)  # no model needed: the gallery shows before the first swap
@@ -253,8 +253,8 @@ class WebJobs:
 
         Raises ``JobCancelled`` (nothing left behind) once ``cancelled`` is set: between stages, or between frames.
         """
-        from appleswap.app.engine import JobCancelled
         from appleswap.app.naming import output_name
+        from appleswap.app.swap import JobCancelled
         from appleswap.files import ImageLoadError
 
         report = report or (lambda done, total, desc: None)
@@ -292,7 +292,7 @@ class WebJobs:
 
     def _swap_video(self, engine: Any, identity: Any, sources: list[Path], target: Target, output: Path,
                     options: VideoOptions, report: Report, cancelled: threading.Event) -> SwapResult:
-        from appleswap.app.engine import JobCancelled
+        from appleswap.app.swap import JobCancelled
 
         clip = target.path
         trimmed = options.start > 0 or options.end is not None
@@ -319,7 +319,7 @@ class WebJobs:
 
     @staticmethod
     def _stop_if(cancelled: threading.Event) -> None:
-        from appleswap.app.engine import JobCancelled
+        from appleswap.app.swap import JobCancelled
 
         if cancelled.is_set():
             raise JobCancelled
@@ -337,7 +337,7 @@ class WebJobs:
 
 def engine_cache(weights_dir: str | Path | None, device: str | None) -> Callable[[Any], Any]:
     """SwapConfig -> SwapEngine, loading each model kind (student / teacher) once, whichever thread asks first."""
-    from appleswap.app.engine import SwapEngine
+    from appleswap.app.swap import SwapEngine
 
     engines: dict[str, Any] = {}
     lock = threading.Lock()

@@ -13,8 +13,8 @@ from typing import Any
 
 import gradio as gr
 
-from appleswap.app.engine import JobCancelled
 from appleswap.app.selection import ORDERS
+from appleswap.app.swap import JobCancelled
 from appleswap.app.swapper import FACE_MASKS
 from appleswap.app.web_jobs import UserError, VideoOptions, WebJobs, scrub_paths
 
