@@ -147,7 +147,7 @@ def test_photo_source_goes_through_the_identity_encoder(tmp_path, faces_dir, fac
 
 def test_memory_tiers_give_the_same_swap(weights, student, faces):
     """offload="model" / "sequential" move weights between host and device; the swap must not change."""
-    from appleswap.model.offload import BlockOffloader
+    from appleswap.speed.offload import BlockOffloader
 
     ids = tiny_id_tokens(1)
     reference = student(ids, faces[0], num_steps=2, output_type="pt")
@@ -203,7 +203,7 @@ def test_swap_builds_pass_constants_once_and_avoids_diffusers_module_walks(weigh
 
 
 def test_fp8_pipeline_is_close_to_full_precision(weights, student, faces):
-    from appleswap.model.fp8_linear import Fp8Linear
+    from appleswap.speed.fp8_linear import Fp8Linear
 
     ids = tiny_id_tokens(1)
     reference = student(ids, faces[0], num_steps=2, output_type="pt")

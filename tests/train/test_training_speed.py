@@ -81,7 +81,7 @@ def test_checkpointing_recomputes_exactly_the_chosen_blocks(weights):
     parts, config = _parts(weights, gradient_checkpointing=True, checkpoint_fraction=0.5)
     model = parts.transformer
     calls = {"double": 0, "single": 0}
-    kernels = dict(model._kernels)
+    kernels = dict(model.block_functions)
 
     def counting(kind):
         def run(*args):
@@ -89,7 +89,7 @@ def test_checkpointing_recomputes_exactly_the_chosen_blocks(weights):
             return kernels[kind](*args)
         return run
 
-    model._kernels = {**kernels, "double": counting("double"), "single": counting("single")}
+    model.block_functions = {**kernels, "double": counting("double"), "single": counting("single")}
     _gradients(parts, config, _batch())
     # tiny FLUX: 1 double + 1 single block; fraction 0.5 checkpoints block 0 (the double) only
     assert calls == {"double": 2, "single": 1}

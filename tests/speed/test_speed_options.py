@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from appleswap.model import lora as lora_lib
-from appleswap.model.fp8_linear import Fp8Linear
 from appleswap.model.latents import image_ids
 from appleswap.model.loading import build_id_attentions_from_weights
-from appleswap.model.offload import BlockOffloader, ModelOffloader, check_tier
 from appleswap.model.transformer import AppleTransformer
+from appleswap.speed.fp8_linear import Fp8Linear
+from appleswap.speed.offload import BlockOffloader, ModelOffloader, check_tier
 from tests.fixtures.tiny_flux import (
     build_tiny_transformer,
     id_attention_state,
@@ -105,7 +105,7 @@ def test_step_table_joined_with_condition_rows_gives_the_same_passes(monkeypatch
     """The condition's AdaLN rows beside each step's image-stream rows: each block reads [main; condition] as one
     view of the step's row (no concatenation); the passes equal the separate rows' (with the condition, without it,
     fused), and a joined table built from another prompt's condition rows changes them."""
-    from appleswap.model import blocks
+    from appleswap.speed import blocks
 
     model, inp = _full_model(), _inputs(batch=2)
     table = model.timestep_modulation(torch.tensor([1.0, 0.7, 0.3]), inp["text"], guidance=3.5)
@@ -167,7 +167,7 @@ def test_pass_constants_equal_per_pass_computation():
 def test_in_place_id_residual_equals_training_path(monkeypatch):
     """Inference adds the ID residuals in place and runs the last single block's queries, MLP and proj_out on the
     image rows alone; training runs every row. Same output."""
-    from appleswap.model import blocks
+    from appleswap.speed import blocks
 
     model, inp = _full_model(), _inputs()
     queries, attention = [], blocks.joint_attention
@@ -245,7 +245,7 @@ def test_fp8_transformer_close_to_full_precision_and_keeps_lora(granularity):
 @pytest.mark.parametrize("granularity", ["row", "tensor"])
 def test_fp8_scaled_mm_path_through_the_whole_model(monkeypatch, granularity):
     """The GPU code path (activations quantised per call, ``torch._scaled_mm``) run on the CPU in bf16."""
-    import appleswap.model.fp8_linear as fp8_lib
+    import appleswap.speed.fp8_linear as fp8_lib
 
     model, inp = _full_model(), _inputs()
     model.flux.to(torch.bfloat16)

@@ -14,7 +14,7 @@ import torch
 
 from appleswap.speed import SPEED_PROFILES, attach_speed, speed_options
 from tests.fixtures.tiny_flux import one_thread  # noqa: F401
-from tests.model.test_speed_options import _call, _full_model, _inputs
+from tests.speed.test_speed_options import _call, _full_model, _inputs
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
