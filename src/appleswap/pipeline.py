@@ -106,9 +106,7 @@ class SwapPipeline:
                 :mod:`appleswap.speed`) instead of the five options above.
         """
         if speed is not None:
-            options = speed_options(speed)
-            fp8, offload, fuse, compile, cuda_graphs = (options.fp8, options.offload, options.fuse, options.compile,
-                                                        options.cuda_graphs)
+            fp8, offload, fuse, compile, cuda_graphs = dataclasses.astuple(speed_options(speed))
         from appleswap.devices import pick_device
         from appleswap.model.loading import load_apple_transformer, load_vae
         from appleswap.speed.offload import check_tier

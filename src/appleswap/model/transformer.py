@@ -220,8 +220,8 @@ class AppleTransformer(nn.Module):
             id_tokens: PuLID ID tokens (B or 1, 32, D) or None (ID cross-attentions skipped).
             guidance: FLUX guidance (B,) for text and image (None: 1.0); the condition always gets 1.0.
             id_weight: weight of the ID cross-attention residuals.
-            independent_condition: OminiControl's independent mode: condition tokens attend to themselves only
-                (not APPLE's released setting, which is full joint attention).
+            independent_condition: OminiControl's independent mode (condition tokens attend to themselves only;
+                APPLE's released setting is full joint attention).
         """
         batch, length, _ = latents.shape
         text = text.expand(batch)
@@ -241,9 +241,8 @@ class AppleTransformer(nn.Module):
                                                                        text.pooled, hidden.dtype)
         context = flux.context_embedder(text.prompt_embeds.to(hidden.dtype))
         rotary = self.rotary(text, img_ids, condition is not None, latents.device)
-        mask = None
-        if condition is not None and independent_condition:
-            mask = self.independent_mask(text.prompt_embeds.shape[1], length, latents.device)
+        independent = condition is not None and independent_condition
+        mask = self.independent_mask(text.prompt_embeds.shape[1], length, latents.device) if independent else None
 
         # double blocks, then single blocks over [text; image; condition]; ID residuals on the image tokens
         num_double = len(flux.transformer_blocks)
