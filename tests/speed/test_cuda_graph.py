@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from appleswap.model.transformer import ConditionModulation, TextEmbeddings
+from appleswap.model.transformer import TextEmbeddings
+from appleswap.speed.transformer import ConditionModulation
 from appleswap.speed.cuda_graph import CudaGraphRunner, map_tensors, signature
 from tests.speed.test_speed_options import _call, _full_model, _inputs
 
