@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from appleswap.devices import upload
+from appleswap.devices import pick_device, upload
 from appleswap.files import images_to_tensor
 from appleswap.model.latents import (
     decode_tokens,
@@ -32,6 +32,7 @@ from appleswap.model.latents import (
     vae_conv_flags,
     vae_scale_factor,
 )
+from appleswap.model.loading import load_apple_transformer, load_vae
 from appleswap.model.text import DEFAULT_PROMPT, load_text_embeddings
 from appleswap.model.transformer import AppleTransformer, TextEmbeddings
 from appleswap.parity import parity_settings
@@ -46,7 +47,10 @@ from appleswap.sampling import (
 from appleswap.sampling.schedule import schedule_from_scheduler_config
 from appleswap.sampling.seeds import derived_seed
 from appleswap.speed import SpeedProfile, attach_speed, speed_options
+from appleswap.speed.offload import check_tier
 from appleswap.speed.passes import SwapPasses
+from appleswap.weights import locate
+from appleswap.weights import weights_dir as resolve_weights_dir
 
 logger = logging.getLogger(__name__)
 
@@ -96,23 +100,16 @@ class SwapPipeline:
             mode: ``student`` (clean target as condition) or ``teacher`` (condition image, usually with inversion).
             flux_path / pulid_path / lora_path: explicit files that win over the registry locations.
             null_id: null-ID tokens or an identity file; default: PuLID's IDFormer on zero inputs.
-            fp8 / offload: memory options (:mod:`appleswap.speed`): e4m3 block weights with row-wise scales and
-                fast fp8 accumulation (half the memory, changes numerics slightly); ``none`` | ``model`` (VAE in host memory between
-                uses) | ``sequential`` (also the blocks, copied in one at a time: slow, smallest GPU memory).
-            fuse / compile / cuda_graphs: speed options that keep the function: stacked projection GEMMs; regional
-                ``torch.compile`` (True or a mode name; also the VAE); whole-pass CUDA graphs (both GPU only).
+            fp8 / offload / fuse / compile / cuda_graphs: speed and memory options (:mod:`appleswap.speed`): e4m3
+                block weights (changes numerics slightly); ``none`` | ``model`` (VAE in host memory between uses) |
+                ``sequential`` (also the blocks); stacked projection GEMMs; regional ``torch.compile`` (True or a
+                mode name; also the VAE); whole-pass CUDA graphs. The last three keep the function.
             parity: the release's behaviour where ours differs (``appleswap.parity`` rows ``pipeline``).
             speed: a named profile (``eager``: the reference model; ``compiled``; ``fp8``; ``offload``:
                 :mod:`appleswap.speed`) instead of the five options above.
         """
         if speed is not None:
             fp8, offload, fuse, compile, cuda_graphs = dataclasses.astuple(speed_options(speed))
-        from appleswap.devices import pick_device
-        from appleswap.model.loading import load_apple_transformer, load_vae
-        from appleswap.speed.offload import check_tier
-        from appleswap.weights import locate
-        from appleswap.weights import weights_dir as resolve_weights_dir
-
         if mode not in ("student", "teacher"):
             raise ValueError(f"mode must be 'student' or 'teacher', got {mode!r}")
         device = pick_device(device)
@@ -125,8 +122,8 @@ class SwapPipeline:
         vae = load_vae(flux, dtype=dtype, device="cpu" if offload != "none" else device)
         transformer = attach_speed(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile,
                                    cuda_graphs=cuda_graphs, vae=vae)
-        text = load_text_embeddings(flux, prompt, text_cache_dir, max_sequence_length=max_sequence_length, device=device,
-                                    dtype=dtype)
+        text = load_text_embeddings(flux, prompt, text_cache_dir, max_sequence_length=max_sequence_length,
+                                    device=device, dtype=dtype)
         scheduler_file = Path(flux) / "scheduler" / "scheduler_config.json"
         scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
         pipe = cls(transformer, vae, text, mode, None, scheduler_config, root, offload=offload,

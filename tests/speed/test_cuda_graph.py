@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from appleswap.model.transformer import TextEmbeddings
-from appleswap.speed.transformer import ConditionModulation
 from appleswap.speed.cuda_graph import CudaGraphRunner, map_tensors, signature
+from appleswap.speed.transformer import ConditionModulation
 from tests.speed.test_speed_options import _call, _full_model, _inputs
 
 

@@ -15,9 +15,9 @@ from appleswap.model import lora as lora_lib
 from appleswap.model.latents import image_ids
 from appleswap.model.loading import build_id_attentions_from_weights
 from appleswap.model.transformer import AppleTransformer
-from appleswap.speed.transformer import FastAppleTransformer
 from appleswap.speed.fp8_linear import Fp8Linear
 from appleswap.speed.offload import BlockOffloader, ModelOffloader, check_tier
+from appleswap.speed.transformer import FastAppleTransformer
 from tests.fixtures.tiny_flux import (
     build_tiny_transformer,
     id_attention_state,

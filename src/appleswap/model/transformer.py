@@ -227,8 +227,7 @@ class AppleTransformer(nn.Module):
         text = text.expand(batch)
         if condition is not None and condition.shape != latents.shape:
             raise ValueError(f"condition {tuple(condition.shape)} must match latents {tuple(latents.shape)}")
-        if id_tokens is not None and id_tokens.shape[0] != batch:
-            id_tokens = id_tokens.expand(batch, -1, -1)
+        id_tokens = None if id_tokens is None else id_tokens.expand(batch, -1, -1)
         timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
         flux, run = self.flux, self.block_functions
 
