@@ -228,10 +228,10 @@ class SwapPipeline:
             if variant_ids is not None and batch not in ids_by_batch:
                 ids_by_batch[batch] = torch.cat([i.expand(batch, -1, -1) for i in variant_ids])
             ids = ids_by_batch.get(batch)
-            velocity = self.transformer(x.repeat(n, 1, 1), timestep, text=self.text, img_ids=positions,
-                                        condition=conds, id_tokens=ids, guidance=torch.full_like(timestep, guidance_scale),
-                                        id_weight=id_weight, independent_condition=kv_cache,
-                                        **shared(batch, sigma))
+            inputs = {"text": self.text, "img_ids": positions, "condition": conds, "id_tokens": ids,
+                      "guidance": torch.full_like(timestep, guidance_scale), "id_weight": id_weight,
+                      "independent_condition": kv_cache}
+            velocity = self.transformer(x.repeat(n, 1, 1), timestep, **{**inputs, **shared(batch, sigma)})
             return list(velocity.chunk(n))
 
         return with_batched_guidance(multi, image_guidance_scale, id_guidance_scale)
