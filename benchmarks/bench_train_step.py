@@ -337,6 +337,7 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
     """The APPLE recipes on one set of parts; returns the rows and a runner of the last recipe (for --sweep)."""
     import torch
 
+    from appleswap.speed import compile_block_functions, uncompile_block_functions
     from appleswap.train.build import make_optimizer
     from appleswap.train.config import TrainConfig
     from appleswap.train.teacher import LossSettings
@@ -356,9 +357,9 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
         settings = LossSettings(id_loss_max_t=1.0, lpips_max_t=1.0) if recipe == "worst" else LossSettings()
         optimizer = make_optimizer(params, TrainConfig(learning_rate=1e-4, weight_decay=1e-3, fused_adamw=fused))
         if recipe in ("compiled", "partial"):
-            model.compile_blocks()
+            compile_block_functions(model)
         else:
-            model.uncompile_blocks()
+            uncompile_block_functions(model)
         model.enable_gradient_checkpointing(args.checkpoint_fraction if recipe == "partial" else 1.0)
 
         def run_batch(size, settings=settings, optimizer=optimizer, label=labels[recipe]):

@@ -147,7 +147,7 @@ def test_photo_source_goes_through_the_identity_encoder(tmp_path, faces_dir, fac
 
 def test_memory_tiers_give_the_same_swap(weights, student, faces):
     """offload="model" / "sequential" move weights between host and device; the swap must not change."""
-    from appleswap.model.offload import BlockOffloader
+    from appleswap.speed.offload import BlockOffloader
 
     ids = tiny_id_tokens(1)
     reference = student(ids, faces[0], num_steps=2, output_type="pt")
@@ -203,7 +203,7 @@ def test_swap_builds_pass_constants_once_and_avoids_diffusers_module_walks(weigh
 
 
 def test_fp8_pipeline_is_close_to_full_precision(weights, student, faces):
-    from appleswap.model.fp8_linear import Fp8Linear
+    from appleswap.speed.fp8_linear import Fp8Linear
 
     ids = tiny_id_tokens(1)
     reference = student(ids, faces[0], num_steps=2, output_type="pt")
@@ -215,19 +215,24 @@ def test_fp8_pipeline_is_close_to_full_precision(weights, student, faces):
 
 
 def test_schedule_wide_timestep_rows_give_the_same_swaps(weights, faces, monkeypatch):
-    """Every solver path with the per-step AdaLN rows precomputed equals the per-pass path."""
+    """Every solver path with the per-step AdaLN rows and pass constants precomputed (the default, fused model)
+    equals the reference model's swaps (``speed="eager"``: each pass computes everything itself)."""
+    from appleswap.model.transformer import AppleTransformer
+    from appleswap.speed.passes import SwapPasses
+    from appleswap.speed.transformer import FastAppleTransformer
+
     teacher = SwapPipeline.from_pretrained(weights, "teacher", dtype=torch.float32, device="cpu")
+    reference = SwapPipeline.from_pretrained(weights, "teacher", dtype=torch.float32, device="cpu", speed="eager")
+    assert isinstance(teacher.transformer, FastAppleTransformer) and type(reference.transformer) is AppleTransformer
     ids, calls = tiny_id_tokens(1), []
     options = [{}, {"sampler_order": 2, "inversion_order": 2}, {"guidance_scale": 3.5, "image_guidance_scale": 2.0}]
-    original = teacher.step_table
-    monkeypatch.setattr(teacher, "step_table", lambda *a, **k: calls.append(a) or original(*a, **k))
+    original = SwapPasses.step_table
+    monkeypatch.setattr(SwapPasses, "step_table", lambda *a, **k: calls.append(a) or original(*a, **k))
     fast = [teacher(ids, faces[0], condition=faces[1], invert=True, num_steps=3, output_type="pt", **kwargs)
             for kwargs in options]
     assert len(calls) == 2 * len(options)  # inversion and regeneration each precompute their rows
-    denoiser = SwapPipeline.denoiser
-    monkeypatch.setattr(SwapPipeline, "denoiser", lambda self, *a, steps=None, **k: denoiser(self, *a, **k))
     for kwargs, image in zip(options, fast, strict=True):
-        slow = teacher(ids, faces[0], condition=faces[1], invert=True, num_steps=3, output_type="pt", **kwargs)
+        slow = reference(ids, faces[0], condition=faces[1], invert=True, num_steps=3, output_type="pt", **kwargs)
         torch.testing.assert_close(image, slow, rtol=1e-5, atol=1e-5)
 
 

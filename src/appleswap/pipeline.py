@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from appleswap.devices import upload
+from appleswap.devices import pick_device, upload
 from appleswap.files import images_to_tensor
 from appleswap.model.latents import (
     decode_tokens,
@@ -32,6 +32,7 @@ from appleswap.model.latents import (
     vae_conv_flags,
     vae_scale_factor,
 )
+from appleswap.model.loading import load_apple_transformer, load_vae
 from appleswap.model.text import DEFAULT_PROMPT, load_text_embeddings
 from appleswap.model.transformer import AppleTransformer, TextEmbeddings
 from appleswap.parity import parity_settings
@@ -45,8 +46,11 @@ from appleswap.sampling import (
 )
 from appleswap.sampling.schedule import schedule_from_scheduler_config
 from appleswap.sampling.seeds import derived_seed
-from appleswap.sampling.steps import StepTable, call_sigmas
-from appleswap.speed import attach_speed
+from appleswap.speed import SpeedProfile, attach_speed, speed_options
+from appleswap.speed.offload import check_tier
+from appleswap.speed.passes import SwapPasses
+from appleswap.weights import locate
+from appleswap.weights import weights_dir as resolve_weights_dir
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ class SwapPipeline:
     identity_encoder: Any = None  # appleswap.identity.encoder.IdentityEncoder, loaded on first photo source
     offload: str = "none"  # "none" | "model" (VAE on the host between uses) | "sequential" (+ transformer blocks)
     compute_device: torch.device | None = None  # where the VAE runs when offloaded (default: the transformer's)
-    rows_memo: dict = dataclasses.field(default_factory=dict, repr=False)  # see _memo
+    passes_cache: SwapPasses | None = dataclasses.field(default=None, repr=False)  # see passes
     id_dtype: str = "float32"  # identity encoder precision; --parity (appleswap.parity): the release's bfloat16
     black_condition: Literal["mode", "sample"] = "mode"  # image guidance's black latent (release: a sample)
     inversion_order: int = 1  # default of __call__'s inversion_order (release FFHQ teacher script: 2)
@@ -87,7 +91,8 @@ class SwapPipeline:
                         null_id: torch.Tensor | str | Path | None = None,
                         vit_tokens: int = DEFAULT_VIT_TOKENS, fp8: bool = False,
                         offload: str = "none", fuse: bool = True, compile: bool | str = False,
-                        cuda_graphs: bool = False, parity: bool = False) -> SwapPipeline:
+                        cuda_graphs: bool = False, parity: bool = False,
+                        speed: SpeedProfile | None = None) -> SwapPipeline:
         """Load FLUX, PuLID ID cross-attentions, the mode's LoRA and the cached prompt through the registry.
 
         Args:
@@ -95,19 +100,16 @@ class SwapPipeline:
             mode: ``student`` (clean target as condition) or ``teacher`` (condition image, usually with inversion).
             flux_path / pulid_path / lora_path: explicit files that win over the registry locations.
             null_id: null-ID tokens or an identity file; default: PuLID's IDFormer on zero inputs.
-            fp8 / offload: memory options (:mod:`appleswap.speed`): e4m3 block weights with row-wise scales and
-                fast fp8 accumulation (half the memory, changes numerics slightly); ``none`` | ``model`` (VAE in host memory between
-                uses) | ``sequential`` (also the blocks, copied in one at a time: slow, smallest GPU memory).
-            fuse / compile / cuda_graphs: speed options that keep the function: stacked projection GEMMs; regional
-                ``torch.compile`` (True or a mode name; also the VAE); whole-pass CUDA graphs (both GPU only).
+            fp8 / offload / fuse / compile / cuda_graphs: speed and memory options (:mod:`appleswap.speed`): e4m3
+                block weights (changes numerics slightly); ``none`` | ``model`` (VAE in host memory between uses) |
+                ``sequential`` (also the blocks); stacked projection GEMMs; regional ``torch.compile`` (True or a
+                mode name; also the VAE); whole-pass CUDA graphs. The last three keep the function.
             parity: the release's behaviour where ours differs (``appleswap.parity`` rows ``pipeline``).
+            speed: a named profile (``eager``: the reference model; ``compiled``; ``fp8``; ``offload``:
+                :mod:`appleswap.speed`) instead of the five options above.
         """
-        from appleswap.devices import pick_device
-        from appleswap.model.loading import load_apple_transformer, load_vae
-        from appleswap.model.offload import check_tier
-        from appleswap.weights import locate
-        from appleswap.weights import weights_dir as resolve_weights_dir
-
+        if speed is not None:
+            fp8, offload, fuse, compile, cuda_graphs = dataclasses.astuple(speed_options(speed))
         if mode not in ("student", "teacher"):
             raise ValueError(f"mode must be 'student' or 'teacher', got {mode!r}")
         device = pick_device(device)
@@ -118,10 +120,10 @@ class SwapPipeline:
         transformer = load_apple_transformer(flux, pulid_path=pulid, lora_path=lora, dtype=dtype,
                                              device="cpu" if fp8 or offload == "sequential" else device)
         vae = load_vae(flux, dtype=dtype, device="cpu" if offload != "none" else device)
-        attach_speed(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile,
-                             cuda_graphs=cuda_graphs, vae=vae)
-        text = load_text_embeddings(flux, prompt, text_cache_dir, max_sequence_length=max_sequence_length, device=device,
-                                    dtype=dtype)
+        transformer = attach_speed(transformer, device, fp8=fp8, offload=offload, fuse=fuse, compile=compile,
+                                   cuda_graphs=cuda_graphs, vae=vae)
+        text = load_text_embeddings(flux, prompt, text_cache_dir, max_sequence_length=max_sequence_length,
+                                    device=device, dtype=dtype)
         scheduler_file = Path(flux) / "scheduler" / "scheduler_config.json"
         scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
         pipe = cls(transformer, vae, text, mode, None, scheduler_config, root, offload=offload,
@@ -152,7 +154,7 @@ class SwapPipeline:
     def _vae(self):
         """Context giving the VAE on the compute device (moved in and out with ``offload`` != none), with cuDNN
         autotuning for its convolutions."""
-        from appleswap.model.offload import ModelOffloader
+        from appleswap.speed.offload import ModelOffloader
 
         place = (contextlib.nullcontext(self.vae) if self.offload == "none"
                  else ModelOffloader(self.device).use(self.vae))
@@ -187,13 +189,21 @@ class SwapPipeline:
         return torch.cat(rows).to(self.transformer.dtype)
 
     # ---- the denoiser
+    @property
+    def passes(self) -> SwapPasses:
+        """What the swap's passes share (:mod:`appleswap.speed.passes`; nothing for the reference model)."""
+        cached = self.passes_cache
+        if cached is None or cached.transformer is not self.transformer or cached.text is not self.text:
+            self.passes_cache = cached = SwapPasses(self.transformer, self.text, self.device)
+        return cached
+
     def denoiser(self, condition: torch.Tensor | None, id_tokens: torch.Tensor | None, positions: torch.Tensor,
                  *, guidance_scale: float = 1.0, image_guidance_scale: float = 1.0, id_guidance_scale: float = 1.0,
                  black: torch.Tensor | None = None, id_weight: float = 1.0, kv_cache: bool = False,
-                 steps: StepTable | None = None):
+                 steps=None):
         """``model(x, sigma) -> velocity`` with conditions bound; guidance passes stacked into one batch.
 
-        ``steps``: the main tokens' modulation rows for every call of the solver (:meth:`step_table`).
+        ``steps``: the main tokens' modulation rows for every call of the solver (``self.passes.step_table``).
 
         ``kv_cache``: independent-condition mode (condition tokens attend to themselves only), their keys and
         values computed once here and reused at every step. Not the released model's setting.
@@ -207,28 +217,21 @@ class SwapPipeline:
             if self.null_id is None or id_tokens is None:
                 raise ValueError("id_guidance_scale != 1 needs ID tokens and the null ID")
             variants.append((condition, self.null_id.to(id_tokens).expand_as(id_tokens)))
-
         conds = None if condition is None else torch.cat([c for c, _ in variants])
-        cache = modulation = None
-        if kv_cache and conds is not None:
-            cache = self.transformer.build_condition_cache(conds, self.text, positions)
-            conds = None
-        elif conds is not None:  # the condition's AdaLN rows: constant over the steps (and swaps)
-            modulation = self._condition_rows()
-
-        constants = {}  # per batch size: prompt embedding, RoPE and ID keys/values, computed at the first pass
+        variant_ids = None if id_tokens is None else [i for _, i in variants]
+        shared = self.passes.bind(conds, variant_ids, positions, kv_cache, steps)
+        ids_by_batch = {}  # the variants' ID tokens stacked, per batch size
 
         def multi(x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
             n, batch = len(variants), x.shape[0]
-            if batch not in constants:
-                ids = None if id_tokens is None else torch.cat([i.expand(batch, -1, -1) for _, i in variants])
-                constants[batch] = self.transformer.pass_constants(self.text, positions, ids, conds is not None)
             timestep = sigma.to(x.dtype).repeat(n)
-            guidance = torch.full_like(timestep, guidance_scale)
-            velocity = self.transformer(x.repeat(n, 1, 1), timestep, text=self.text, img_ids=positions,
-                                        condition=conds, guidance=guidance, id_weight=id_weight,
-                                        condition_cache=cache, modulation=modulation, constants=constants[batch],
-                                        timestep_modulation=None if steps is None else steps(sigma))
+            if variant_ids is not None and batch not in ids_by_batch:
+                ids_by_batch[batch] = torch.cat([i.expand(batch, -1, -1) for i in variant_ids])
+            ids = ids_by_batch.get(batch)
+            inputs = {"text": self.text, "img_ids": positions, "condition": conds, "id_tokens": ids,
+                      "guidance": torch.full_like(timestep, guidance_scale), "id_weight": id_weight,
+                      "independent_condition": kv_cache}
+            velocity = self.transformer(x.repeat(n, 1, 1), timestep, **{**inputs, **shared(batch, sigma)})
             return list(velocity.chunk(n))
 
         return with_batched_guidance(multi, image_guidance_scale, id_guidance_scale)
@@ -237,33 +240,6 @@ class SwapPipeline:
         if self.scheduler_config:
             return schedule_from_scheduler_config(self.scheduler_config, num_steps, image_seq_len)
         return get_schedule(num_steps, image_seq_len)
-
-    def step_table(self, sigmas: torch.Tensor, order: int = 1, inverse: bool = False,
-                   guidance_scale: float = 1.0, condition: bool = False) -> StepTable:
-        """The timestep-dependent AdaLN rows for every model call of a solver over ``sigmas``, computed at once;
-        with the condition branch's rows beside them when the passes carry ``condition`` tokens."""
-        calls = call_sigmas(sigmas, order, inverse)
-        key = ("timesteps", calls.numpy().tobytes(), guidance_scale)
-        rows = self._memo(key, lambda: self.transformer.timestep_modulation(calls, self.text, guidance_scale))
-        if condition:
-            rows = self._memo((*key, "condition"),
-                              lambda: self.transformer.joined_modulation(rows, self._condition_rows()))
-        return StepTable(rows, calls, self.device)
-
-    def _condition_rows(self):
-        return self._memo(("condition",), lambda: self.transformer.condition_modulation(self.text))
-
-    def _memo(self, key: tuple, compute):
-        """Rows that only the prompt, the schedule and the weights determine, kept for the next swaps (a job of
-        many swaps computes them once: ~60 ms of host-bound launches per swap on an H100). The key includes the
-        prompt's and the weights' storage and in-place versions, so a changed LoRA or prompt computes anew."""
-        pooled = self.text.pooled
-        key = (*key, id(self.text), pooled.data_ptr(), pooled._version, self.transformer.modulation_state())
-        if key not in self.rows_memo:
-            if len(self.rows_memo) >= 8:
-                self.rows_memo.pop(next(iter(self.rows_memo)))
-            self.rows_memo[key] = compute()
-        return self.rows_memo[key]
 
     # ---- swapping
     @torch.no_grad()
@@ -321,7 +297,7 @@ class SwapPipeline:
             x = torch.cat([prepare_noise(1, height, width, generator=torch.Generator().manual_seed(s),
                                          vae_scale=vae_scale_factor(self.vae), dtype=dtype) for s in seeds])
             x = upload(x, device)  # queued: the host goes on while the GPU encodes
-        steps = self.step_table(sigmas, sampler_order, guidance_scale=guidance_scale, condition=not kv_cache)
+        steps = self.passes.step_table(sigmas, sampler_order, guidance_scale=guidance_scale, condition=not kv_cache)
         model = self.denoiser(cond_tokens, id_tokens, positions, guidance_scale=guidance_scale,
                               image_guidance_scale=image_guidance_scale, id_guidance_scale=id_guidance_scale,
                               black=black, id_weight=id_weight, kv_cache=kv_cache, steps=steps)
@@ -329,7 +305,8 @@ class SwapPipeline:
         tokens = sampler(model, x, sigmas, callback=callback, disable=not progress)  # sigmas on the CPU: no GPU wait
         with self._vae() as vae:
             images = decode_tokens(vae, tokens, height, width)
-        steps.verify()  # the host waits here, after queueing the decode behind the last steps
+        if steps is not None:
+            steps.verify()  # the host waits here, after queueing the decode behind the last steps
         if output_type == "pt":
             return images
         return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
@@ -356,8 +333,9 @@ class SwapPipeline:
         order, parity, kv_cache = solver
         order = self.inversion_order if order is None else order  # None: the pipeline's (--parity: 2, its midpoint)
         parity = self.parity_wrong_midpoint and order == 2 if parity is None else parity
-        steps = self.step_table(sigmas, order, inverse=True, condition=condition is not None and not kv_cache)
+        steps = self.passes.step_table(sigmas, order, inverse=True, condition=condition is not None and not kv_cache)
         model = self.denoiser(condition, ids, positions, kv_cache=kv_cache, steps=steps)  # guidance 1 (reference)
         x = invert(model, x0, sigmas, order=order, parity_wrong_midpoint=parity, callback=callback, disable=not progress)
-        steps.verify()
+        if steps is not None:
+            steps.verify()
         return x

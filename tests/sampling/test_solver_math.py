@@ -21,7 +21,7 @@ from appleswap.sampling import (
     with_image_guidance,
 )
 from appleswap.sampling.schedule import schedule_from_scheduler_config
-from appleswap.sampling.steps import StepTable, call_sigmas
+from appleswap.speed.steps import StepTable, call_sigmas
 
 
 def test_mu_is_linear_between_flux_defaults():

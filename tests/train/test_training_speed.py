@@ -81,7 +81,7 @@ def test_checkpointing_recomputes_exactly_the_chosen_blocks(weights):
     parts, config = _parts(weights, gradient_checkpointing=True, checkpoint_fraction=0.5)
     model = parts.transformer
     calls = {"double": 0, "single": 0}
-    kernels = dict(model._kernels)
+    kernels = dict(model.block_functions)
 
     def counting(kind):
         def run(*args):
@@ -89,7 +89,7 @@ def test_checkpointing_recomputes_exactly_the_chosen_blocks(weights):
             return kernels[kind](*args)
         return run
 
-    model._kernels = {**kernels, "double": counting("double"), "single": counting("single")}
+    model.block_functions = {**kernels, "double": counting("double"), "single": counting("single")}
     _gradients(parts, config, _batch())
     # tiny FLUX: 1 double + 1 single block; fraction 0.5 checkpoints block 0 (the double) only
     assert calls == {"double": 2, "single": 1}
@@ -156,7 +156,11 @@ def test_compiled_training_blocks_give_the_eager_gradients(weights):
     eager, config = _parts(weights, gradient_checkpointing=True)
     loss_ref, ref = _gradients(eager, config, _batch())
     compiled, config = _parts(weights, gradient_checkpointing=True)
-    compiled.transformer.compile_blocks()
+    from appleswap.speed import compile_block_functions
+
+    compile_block_functions(compiled.transformer)
+    assert all(fn is not plain for fn, plain in zip(compiled.transformer.block_functions.values(),
+                                                    type(compiled.transformer).BLOCK_FUNCTIONS.values()))
     loss, grads = _gradients(compiled, dataclasses.replace(config), _batch())
     assert loss == pytest.approx(loss_ref, rel=1e-4)
     for name, grad in ref.items():

@@ -10,8 +10,9 @@ import torch
 from appleswap.benchmark.models import apple_pass, make_inputs, pass_timestep_rows, plain_pass, swap_constants
 from appleswap.benchmark.swaps import swap_breakdown, swap_rows
 from appleswap.benchmark.utils import Rows, count_flops, function_flops, relative_l2, sdpa_context, sync, time_call
-from appleswap.model import kernels
-from appleswap.model.latents import compile_vae, decode_tokens, encode_images, graph_vae_encoder, vae_conv_flags
+from appleswap.model.latents import decode_tokens, encode_images, vae_conv_flags
+from appleswap.speed import kernels
+from appleswap.speed.vae import compile_vae, graph_vae_encoder
 
 
 def bench_plain_compiled(cfg, flux, device, rows: Rows, ceiling: float, size: int, backend: str) -> None:
@@ -81,7 +82,7 @@ def bench_compiled(cfg, model, vae, device, rows: Rows, ceiling: float, size: in
 def bench_fold_ab(cfg, model, inp, modulations, device, rows: Rows, backend: str, label: str) -> None:
     """Interleaved A/B (two rounds) of the compiled pass with the LoRA as the pipeline runs it (bf16: folded into
     the fused GEMMs; fp8: merged condition weights) and apart (and, for fp8, folded and the separate layers), and
-    without the Triton kernels (:mod:`appleswap.model.kernels`: torch code, as inductor compiles it). Leaves the
+    without the Triton kernels (:mod:`appleswap.speed.kernels`: torch code, as inductor compiles it). Leaves the
     model fused as the pipeline runs it, with the kernels on."""
     fp8 = label.startswith("fp8")
     default = "merged condition weights" if fp8 else "LoRA folded into the fused GEMMs"
@@ -116,7 +117,7 @@ def bench_fold_ab(cfg, model, inp, modulations, device, rows: Rows, backend: str
 def bench_vae(cfg, vae, device, rows: Rows, size: int) -> None:
     """VAE encode + decode of one image: default cuDNN settings, with cuDNN autotuning (the pipeline's eager VAE),
     autotuning with channels-last weights and activations, and with ``--compile`` compiled in place
-    (:func:`~appleswap.model.latents.compile_vae`, as the pipeline compiles it without offload; on any device, as
+    (:func:`~appleswap.speed.vae.compile_vae`, as the pipeline compiles it without offload; on any device, as
     the bench compiles the blocks). The compiled swap rows after this one use the compiled VAE."""
     image = torch.rand(1, 3, size, size, device=device)
 

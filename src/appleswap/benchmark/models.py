@@ -10,8 +10,9 @@ from appleswap.benchmark.settings import BenchConfig
 from appleswap.benchmark.utils import init_random_
 from appleswap.model.id_attention import build_id_attentions, id_attention_layout
 from appleswap.model.latents import image_ids
-from appleswap.model.transformer import AppleTransformer, TextEmbeddings
+from appleswap.model.transformer import TextEmbeddings
 from appleswap.pipeline import SwapPipeline
+from appleswap.speed.transformer import FastAppleTransformer
 
 FULL_FLUX = {"num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
                  "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
@@ -64,7 +65,7 @@ def build_apple(flux, cfg: BenchConfig, id_dim: int):
     attentions = build_id_attentions(len(doubles) + len(singles), flux.inner_dim, id_dim, heads, head_dim)
     attentions = attentions.to(device=flux.device, dtype=flux.dtype)
     init_random_(attentions, seed=1)
-    model = AppleTransformer(flux, attentions)
+    model = FastAppleTransformer(flux, attentions)
     model.add_lora(rank=cfg.lora_rank, init="gaussian")
     model.flux.to(device=flux.device, dtype=flux.dtype)
     return model.eval().requires_grad_(False)

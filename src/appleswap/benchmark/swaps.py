@@ -73,8 +73,8 @@ def swap_breakdown(cfg, model, vae, inp, device, size: int, backend: str, label:
         noise = prepare_noise(1, size, size, vae_scale=scale, dtype=model.dtype).to(device)
         parts = {"swap": lambda: pipe(ids, target, num_steps=cfg.steps, output_type="pt"),
                  "VAE encode": lambda: pipe.encode_latents(target, sample=True, seeds=[0]),
-                 "denoiser set-up": lambda: pipe.denoiser(cond, ids, positions, steps=pipe.step_table(sigmas)),
-                 "loop": lambda: sample_euler(pipe.denoiser(cond, ids, positions, steps=pipe.step_table(sigmas)),
+                 "denoiser set-up": lambda: pipe.denoiser(cond, ids, positions, steps=pipe.passes.step_table(sigmas)),
+                 "loop": lambda: sample_euler(pipe.denoiser(cond, ids, positions, steps=pipe.passes.step_table(sigmas)),
                                               noise, sigmas),
                  "VAE decode": lambda: decode_tokens(vae, noise, size, size)}
         with pipe._vae():

@@ -10,7 +10,7 @@ import torch
 from appleswap.benchmark.models import apple_pass, make_inputs, student_pipeline
 from appleswap.benchmark.swaps import _cuda, _peak, _peak_reset, swap_rows
 from appleswap.benchmark.utils import Rows, function_flops, relative_l2, sdpa_context, sync, time_call
-from appleswap.model.fp8_linear import quantize_fp8
+from appleswap.speed.fp8_linear import quantize_fp8
 
 logger = logging.getLogger("appleswap.benchmark")
 
@@ -64,7 +64,7 @@ def bench_fp8(cfg, model, vae, inp, device, rows: Rows, ceilings: tuple[float, f
             swap_rows(cfg, model, vae, inp, device, size, backend, "fp8, eager", rows)
     rows.add("fp8: inference peak memory", _peak(device), "GiB", "fp8 passes and swaps")
     if cfg.compile:
-        from appleswap.bench_speed import bench_compiled
+        from appleswap.benchmark.compiled import bench_compiled
 
         bench_compiled(cfg, model, vae, device, rows, bf16_ceiling, size, "auto" if cfg.sdpa == "fastest" else
                        cfg.sdpa, label="fp8")

@@ -1,35 +1,38 @@
-"""AppleTransformer: diffusers' FluxTransformer2DModel plus the 20 PuLID ID cross-attentions and the
-condition-only LoRA, run as APPLE's three-branch forward (text, noisy image, clean condition).
+"""APPLE's transformer, the whole model in one file: diffusers' FLUX blocks run as three branches (text, noisy
+image, clean condition), plus the condition-only LoRA and the 20 PuLID ID cross-attentions.
 
-Branches (docs/method.md): the condition tokens get timestep 0 and FLUX guidance 1, share the image's position ids,
-and are the only tokens the LoRA acts on; ID cross-attention residuals are added to the image tokens after
-double blocks 0, 2, ... and single blocks 0, 4, ...; only the image tokens reach ``norm_out``/``proj_out``.
-With no condition and no ID the forward equals the stock diffusers forward.
+The branches (docs/method.md: The teacher): the condition tokens get timestep 0 and FLUX guidance 1, share the
+image's position ids and are the only tokens the LoRA acts on (``routed_linear``); text and image tokens run the
+frozen weights. ID cross-attention residuals are added to the image tokens after double blocks 0, 2, ... and single
+blocks 0, 4, ...; only the image tokens reach ``norm_out``/``proj_out``. With no condition and no ID the forward
+equals diffusers' ``FluxTransformer2DModel.forward``.
+
+Token layout: double blocks see the text ``context`` apart and ``hidden = [image; condition]``; single blocks see
+``tokens = [text; image; condition]``. ``split`` is where the condition tokens start (None: there are none), and
+per-branch AdaLN parameters are (B, 1 or 2, D): the main tokens' row, then the condition's.
+
+This is the reference path: plain PyTorch, layer by layer. Everything that makes it fast (fused projections, fp8,
+Triton kernels, CUDA graphs, offload, per-swap constants) lives in :mod:`appleswap.speed`, which attaches through
+one seam: ``block_functions`` (the functions the forward runs per block, swapped like diffusers' attention
+processors) or :class:`appleswap.speed.transformer.FastAppleTransformer`, a subclass whose forward computes the same.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from appleswap.files import save_tensors
 from appleswap.model import lora as lora_lib
-from appleswap.model.blocks import AttentionExtras, condition_modulation, double_block, single_block
-from appleswap.model.cuda_graph import CudaGraphRunner
-from appleswap.model.fp8 import fused_projection_for, quantize_blocks_fp8
-from appleswap.model.fp8_condition import drop_condition_weights
-from appleswap.model.fusion import ATTRIBUTE, fuse_block, unfuse_block
 from appleswap.model.id_attention import id_attention_layout
-from appleswap.model.offload import BlockOffloader
-
-logger = logging.getLogger(__name__)
+from appleswap.model.lora import base_linear, routed_linear
 
 
 @dataclasses.dataclass
@@ -53,50 +56,119 @@ class TextEmbeddings:
         return TextEmbeddings(self.prompt_embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1), self.text_ids)
 
 
-@dataclasses.dataclass
-class ConditionCache:
-    """Per-block (key, value) of the condition tokens (independent-condition mode), double blocks first."""
+# ---- the pieces of a block, per branch
 
-    keys_values: list
-
-
-@dataclasses.dataclass
-class ConditionModulation:
-    """Once-per-swap constants of the condition branch (t = 0, guidance 1, fixed prompt): its time embedding
-    ``temb`` (1, D) and every block's AdaLN row ``rows`` (1, 1, k * D), double blocks first."""
-
-    temb: torch.Tensor
-    rows: list
+def branch_modulation(linear: nn.Module, temb: torch.Tensor, temb_cond: torch.Tensor | None) -> torch.Tensor:
+    """AdaLN parameters (B, 1 or 2, k * D): the main tokens' from ``temb``, the condition's from ``temb_cond``
+    with the LoRA on (both rows through one matmul)."""
+    emb = F.silu(temb)[:, None]
+    if temb_cond is None:
+        return routed_linear(linear, emb, None)
+    return routed_linear(linear, torch.cat([emb, F.silu(temb_cond)[:, None]], dim=1), 1)
 
 
-@dataclasses.dataclass
-class TimestepModulation:
-    """The main (text and image) tokens' AdaLN rows of every block and of ``norm_out``, one row per timestep:
-    ``rows`` (S, W), the layers' outputs concatenated in block order (double blocks: image then text stream).
-
-    They depend only on the timestep, the guidance and the pooled prompt, so a swap computes them for its whole
-    schedule at once (one matmul per layer reads each weight once instead of once per step) and passes
-    :meth:`step` to each pass. ``with_condition``: each block's image-stream row is followed by the condition's
-    (:meth:`AppleTransformer.joined_modulation`), so a pass reads both as one view."""
-
-    rows: torch.Tensor
-    with_condition: bool = False
-
-    def step(self, index: int) -> TimestepModulation:
-        return TimestepModulation(self.rows[index:index + 1], self.with_condition)
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int | None) -> torch.Tensor:
+    """``x * (1 + scale) + shift``, the main branch's parameters on tokens before ``split``, the condition's after."""
+    if split is None:
+        return torch.addcmul(shift[:, :1], x, 1 + scale[:, :1])
+    return torch.cat([torch.addcmul(shift[:, :1], x[:, :split], 1 + scale[:, :1]),
+                      torch.addcmul(shift[:, 1:2], x[:, split:], 1 + scale[:, 1:2])], dim=1)
 
 
-@dataclasses.dataclass
-class PassConstants:
-    """What every pass of a swap computes alike: the prompt through ``context_embedder`` ``context`` (1 or B, T, D),
-    RoPE's (cos, sin) over the token positions ``rotary``, and each ID cross-attention's keys and values of the ID
-    tokens ``id_keys_values`` (list of (B, N, 2 * inner), or None). Build with
-    :meth:`AppleTransformer.pass_constants`; same result, fewer kernels per pass."""
+def add_gated(residual: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, split: int | None) -> torch.Tensor:
+    """``residual + gate * x`` with the per-branch gate."""
+    if split is None:
+        return torch.addcmul(residual, x, gate[:, :1])
+    return residual + torch.cat([x[:, :split] * gate[:, :1], x[:, split:] * gate[:, 1:2]], dim=1)
 
-    context: torch.Tensor
-    rotary: tuple
-    id_keys_values: list | None = None
 
+def heads(x: torch.Tensor, norm: nn.Module | None, head_dim: int) -> torch.Tensor:
+    """(B, N, H * D) -> (B, N, H, D), RMS-normalised per head when ``norm`` is given (FLUX's QK norm)."""
+    x = x.unflatten(-1, (-1, head_dim))
+    return x if norm is None else norm(x)
+
+
+def joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rotary: tuple,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE on query and key, then attention over all tokens: (B, N, H, D) in, (B, N, H * D) out.
+
+    ``mask``: (N, N) boolean, True where a row may attend (the independent-condition mode), or None."""
+    query, key = apply_rotary_emb(query, rotary, sequence_dim=1), apply_rotary_emb(key, rotary, sequence_dim=1)
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                         attn_mask=mask)
+    return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+
+# ---- the two block kinds
+
+def double_block(block, hidden, context, temb, temb_cond, rotary, split, mask=None):
+    """One ``FluxTransformerBlock``: text ``context`` (B, T, D) on the ``*_context`` weights, ``hidden`` =
+    [image; condition] (B, N, D) on the image-stream weights (LoRA on the condition rows); one joint attention."""
+    attn, text_len = block.attn, context.shape[1]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = branch_modulation(
+        block.norm1.linear, temb, temb_cond).chunk(6, dim=-1)
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = base_linear(
+        block.norm1_context.linear, F.silu(temb))[:, None].chunk(6, dim=-1)  # text: the image timestep, as in FLUX
+
+    # attention: [text; image; condition] queries, keys and values
+    norm_hidden = modulate(block.norm1.norm(hidden), shift_msa, scale_msa, split)
+    norm_context = block.norm1_context.norm(context) * (1 + c_scale_msa) + c_shift_msa
+    query = torch.cat([heads(base_linear(attn.add_q_proj, norm_context), attn.norm_added_q, attn.head_dim),
+                       heads(routed_linear(attn.to_q, norm_hidden, split), attn.norm_q, attn.head_dim)], dim=1)
+    key = torch.cat([heads(base_linear(attn.add_k_proj, norm_context), attn.norm_added_k, attn.head_dim),
+                     heads(routed_linear(attn.to_k, norm_hidden, split), attn.norm_k, attn.head_dim)], dim=1)
+    value = torch.cat([heads(base_linear(attn.add_v_proj, norm_context), None, attn.head_dim),
+                       heads(routed_linear(attn.to_v, norm_hidden, split), None, attn.head_dim)], dim=1)
+    out = joint_attention(query, key, value, rotary, mask)
+    context_out, hidden_out = out[:, :text_len], out[:, text_len:]
+
+    # image and condition: attention output, then the MLP, each added with its gate
+    hidden = add_gated(hidden, attn.to_out[1](routed_linear(attn.to_out[0], hidden_out, split)), gate_msa, split)
+    ff = block.ff.net
+    norm_hidden = modulate(block.norm2(hidden), shift_mlp, scale_mlp, split)
+    ff_hidden = ff[1](F.gelu(routed_linear(ff[0].proj, norm_hidden, split), approximate=ff[0].approximate))
+    hidden = add_gated(hidden, routed_linear(ff[2], ff_hidden, split), gate_mlp, split)
+
+    # text: the frozen weights only
+    context = context + c_gate_msa * base_linear(attn.to_add_out, context_out)
+    norm_context = block.norm2_context(context) * (1 + c_scale_mlp) + c_shift_mlp
+    context = context + c_gate_mlp * base_feed_forward(block.ff_context, norm_context)
+    if hidden.dtype == torch.float16:
+        hidden, context = hidden.clip(-65504, 65504), context.clip(-65504, 65504)
+    return context, hidden
+
+
+def base_feed_forward(ff, x: torch.Tensor) -> torch.Tensor:
+    """A diffusers ``FeedForward`` on its frozen weights (the text stream never sees the LoRA)."""
+    net = ff.net
+    x = F.gelu(base_linear(net[0].proj, x), approximate=net[0].approximate)
+    return base_linear(net[2], net[1](x))
+
+
+def single_block(block, tokens, temb, temb_cond, rotary, split, mask=None):
+    """One ``FluxSingleTransformerBlock`` over ``tokens`` = [text; image; condition] (B, N, D): attention and
+    MLP side by side from one normalised input, joined by ``proj_out`` (LoRA on the condition rows)."""
+    attn = block.attn
+    shift, scale, gate = branch_modulation(block.norm.linear, temb, temb_cond).chunk(3, dim=-1)
+    normed = modulate(block.norm.norm(tokens), shift, scale, split)
+    query = heads(routed_linear(attn.to_q, normed, split), attn.norm_q, attn.head_dim)
+    key = heads(routed_linear(attn.to_k, normed, split), attn.norm_k, attn.head_dim)
+    value = heads(routed_linear(attn.to_v, normed, split), None, attn.head_dim)
+    mlp = block.act_mlp(routed_linear(block.proj_mlp, normed, split))
+    attn_out = joint_attention(query, key, value, rotary, mask)
+    out = routed_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), split)
+    tokens = add_gated(tokens, out, gate, split)
+    if tokens.dtype == torch.float16:
+        tokens = tokens.clip(-65504, 65504)
+    return tokens
+
+
+def id_residual(attention: nn.Module, id_tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """One PuLID ID cross-attention: the image tokens attend to the ID tokens (its output is added to them)."""
+    return attention(id_tokens, image)
+
+
+# ---- the model
 
 class AppleTransformer(nn.Module):
     """FLUX transformer (``flux``) + ID cross-attentions (``id_attentions``), three-branch forward.
@@ -105,6 +177,10 @@ class AppleTransformer(nn.Module):
         flux: a diffusers ``FluxTransformer2DModel`` (its LoRA adapter, if any, is PEFT's ``default``).
         id_attentions: ``IDCrossAttention`` modules in application order (doubles first), or None for no ID path.
     """
+
+    #: the functions the forward runs per block; ``block_functions`` starts as a copy and :mod:`appleswap.speed`
+    #: replaces entries (compiled versions) without touching the forward
+    BLOCK_FUNCTIONS: ClassVar[dict] = {"double": double_block, "single": single_block, "id": id_residual}
 
     def __init__(self, flux: nn.Module, id_attentions: nn.ModuleList | None = None):
         super().__init__()
@@ -116,20 +192,14 @@ class AppleTransformer(nn.Module):
                              f"{len(doubles) + len(singles)} ({len(doubles)} double + {len(singles)} single)")
         self._ca_double = {block: n for n, block in enumerate(doubles)}
         self._ca_single = {block: len(doubles) + n for n, block in enumerate(singles)}
+        self.block_functions = dict(self.BLOCK_FUNCTIONS)
         self.gradient_checkpointing = False
         self.checkpointed_blocks: frozenset[int] = frozenset()  # block indices (doubles first) recomputed in backward
-        self.offloader = None  # BlockOffloader while sequential offload is on
-        self._kernels = {"double": double_block, "single": single_block, "id": _id_residual}  # compile_blocks swaps
-        self.graph_runner = None  # CudaGraphRunner while enable_cuda_graphs is on
-        self._folded_fp8: list = []  # fused fp8 groups with a folded or merged LoRA (checked when it changes)
-        self.fused_fold: bool | None = None  # fuse_projections' fold_lora while fused, None when not fused
-        self.fused_condition = True  # fuse_projections' condition_weights
-        self._state_modules: tuple = ((), (), [])  # modulation_state's layers, their adapters and submodules
 
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype (of the token embedder's weight). Not diffusers' ``ModelMixin.dtype``: that walks all
-        ~4,800 modules of a FLUX with LoRA looking for hooks, ~10 ms of host time per call, several per swap."""
+        ~4,800 modules of a FLUX with LoRA looking for hooks, ~10 ms of host time per call."""
         return next(self.flux.x_embedder.parameters()).dtype
 
     @property
@@ -137,6 +207,88 @@ class AppleTransformer(nn.Module):
         """Where the passes run (the token embedder's weight; it stays there under every offload tier)."""
         return next(self.flux.x_embedder.parameters()).device
 
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, *, text: TextEmbeddings,
+                img_ids: torch.Tensor, condition: torch.Tensor | None = None, id_tokens: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None, id_weight: float = 1.0,
+                independent_condition: bool = False) -> torch.Tensor:
+        """Velocity (B, L, 64) for noisy ``latents`` (B, L, 64) at ``timestep`` (B,) in [0, 1].
+
+        Args:
+            text: prompt embeddings (batch 1 or B).
+            img_ids: position ids (L, 3), shared by image and condition tokens.
+            condition: clean condition tokens (B, L, 64) or None (two branches only).
+            id_tokens: PuLID ID tokens (B or 1, 32, D) or None (ID cross-attentions skipped).
+            guidance: FLUX guidance (B,) for text and image (None: 1.0); the condition always gets 1.0.
+            id_weight: weight of the ID cross-attention residuals.
+            independent_condition: OminiControl's independent mode (condition tokens attend to themselves only;
+                APPLE's released setting is full joint attention).
+        """
+        batch, length, _ = latents.shape
+        text = text.expand(batch)
+        if condition is not None and condition.shape != latents.shape:
+            raise ValueError(f"condition {tuple(condition.shape)} must match latents {tuple(latents.shape)}")
+        id_tokens = None if id_tokens is None else id_tokens.expand(batch, -1, -1)
+        timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
+        flux, run = self.flux, self.block_functions
+
+        # embeddings: tokens (LoRA on the condition rows), the two time embeddings, the prompt, RoPE
+        split = length if condition is not None else None
+        tokens = torch.cat([latents, condition.to(latents.dtype)], 1) if condition is not None else latents
+        hidden = routed_linear(flux.x_embedder, tokens, split)
+        temb = self.time_embedding(timestep, guidance, text.pooled, hidden.dtype)
+        temb_cond = None if condition is None else self.time_embedding(torch.zeros_like(timestep), None,
+                                                                       text.pooled, hidden.dtype)
+        context = flux.context_embedder(text.prompt_embeds.to(hidden.dtype))
+        rotary = self.rotary(text, img_ids, condition is not None, latents.device)
+        independent = condition is not None and independent_condition
+        mask = self.independent_mask(text.prompt_embeds.shape[1], length, latents.device) if independent else None
+
+        # double blocks, then single blocks over [text; image; condition]; ID residuals on the image tokens
+        num_double = len(flux.transformer_blocks)
+        for n, block in enumerate(flux.transformer_blocks):
+            context, hidden = self._run(run["double"], block, hidden, context, temb, temb_cond, rotary, split, mask,
+                                        block=n)
+            hidden = self._add_id(self._ca_double.get(n), hidden, 0, length, id_tokens, id_weight)
+        text_len = context.shape[1]
+        tokens, split = torch.cat([context, hidden], dim=1), None if split is None else text_len + length
+        for n, block in enumerate(flux.single_transformer_blocks):
+            tokens = self._run(run["single"], block, tokens, temb, temb_cond, rotary, split, mask,
+                               block=num_double + n)
+            tokens = self._add_id(self._ca_single.get(n), tokens, text_len, length, id_tokens, id_weight)
+        image = tokens[:, text_len:text_len + length]
+        return flux.proj_out(flux.norm_out(image, temb))
+
+    def time_embedding(self, timestep, guidance, pooled, dtype) -> torch.Tensor:
+        """FLUX's time (+ guidance) + pooled-text embedding (B, D); timesteps in [0, 1] (FLUX scales by 1000)."""
+        embed = self.flux.time_text_embed
+        timestep = timestep.to(dtype) * 1000
+        if not self.flux.config.guidance_embeds:
+            return embed(timestep, pooled)
+        guidance = guidance if guidance is not None else torch.ones_like(timestep)
+        return embed(timestep, guidance.to(dtype) * 1000, pooled)
+
+    def rotary(self, text: TextEmbeddings, img_ids: torch.Tensor, condition: bool, device) -> tuple:
+        """RoPE (cos, sin) over [text; image(; condition)] positions: the condition reuses the image's ids."""
+        ids = [text.text_ids, img_ids, img_ids] if condition else [text.text_ids, img_ids]
+        return self.flux.pos_embed(torch.cat([i.to(device) for i in ids], dim=0))
+
+    @staticmethod
+    def independent_mask(text_len: int, length: int, device) -> torch.Tensor:
+        """(N, N) boolean: every row sees every column, except condition rows, which see condition columns only."""
+        total = text_len + 2 * length
+        mask = torch.ones(total, total, dtype=torch.bool, device=device)
+        mask[text_len + length:, :text_len + length] = False
+        return mask
+
+    def _add_id(self, index: int | None, tokens, start: int, length: int, id_tokens, id_weight: float):
+        """``tokens`` with ID cross-attention ``index``'s residual added to the image rows ``start:start+length``."""
+        if index is None or id_tokens is None or not len(self.id_attentions):
+            return tokens
+        image = tokens[:, start:start + length]
+        image = image + id_weight * self._run(self.block_functions["id"], self.id_attentions[index], id_tokens, image)
+        return torch.cat([tokens[:, :start], image, tokens[:, start + length:]], dim=1)
+
+    # ---- training
     def enable_gradient_checkpointing(self, fraction: float = 1.0) -> None:
         """Recompute blocks (and ID cross-attentions) in backward to save activation memory.
 
@@ -154,429 +306,6 @@ class AppleTransformer(nn.Module):
         if self.gradient_checkpointing and covered and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
-
-    def _time_embedding(self, timestep, guidance, pooled, dtype):
-        embed = self.flux.time_text_embed
-        timestep = timestep.to(dtype) * 1000
-        if not self.flux.config.guidance_embeds:
-            return embed(timestep, pooled)
-        guidance = guidance if guidance is not None else torch.ones_like(timestep)
-        return embed(timestep, guidance.to(dtype) * 1000, pooled)
-
-    def _add_id(self, index: int | None, hidden, start: int, length: int, id_tokens, id_weight: float,
-                id_keys_values: list | None = None):
-        if index is None or (id_tokens is None and id_keys_values is None) or not len(self.id_attentions):
-            return hidden
-        image = hidden[:, start:start + length]
-        keys_values = None if id_keys_values is None else id_keys_values[index]
-        residual = self._run(self._kernels["id"], self.id_attentions[index], id_tokens, image, keys_values)
-        if lora_lib.in_place_ok():  # eager inference: add into the image slice, no concatenation
-            image.add_(residual, alpha=id_weight)
-            return hidden
-        image = image + id_weight * residual
-        return torch.cat([hidden[:, :start], image, hidden[:, start + length:]], dim=1)
-
-    def _block(self, index: int):
-        """Context manager giving block ``index`` (doubles first) on the device (sequential offload aware)."""
-        if self.offloader is not None:
-            return self.offloader.resident(index)
-        blocks = self.flux.transformer_blocks
-        block = blocks[index] if index < len(blocks) else self.flux.single_transformer_blocks[index - len(blocks)]
-        return contextlib.nullcontext(block)
-
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, *, text: TextEmbeddings,
-                img_ids: torch.Tensor, condition: torch.Tensor | None = None, id_tokens: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None, id_weight: float = 1.0, independent_condition: bool = False,
-                condition_cache: ConditionCache | None = None, modulation: ConditionModulation | None = None,
-                timestep_modulation: TimestepModulation | None = None,
-                constants: PassConstants | None = None) -> torch.Tensor:
-        """Velocity (B, L, 64) for noisy ``latents`` (B, L, 64) at ``timestep`` (B,) in [0, 1].
-
-        Args:
-            text: prompt embeddings (batch 1 or B).
-            img_ids: position ids (L, 3), shared by image and condition tokens.
-            condition: clean condition tokens (B, L, 64) or None (two branches only).
-            id_tokens: PuLID ID tokens (B or 1, 32, D) or None (ID cross-attentions skipped).
-            guidance: FLUX guidance (B,) for text and image (None: 1.0); the condition always gets 1.0.
-            id_weight: weight of the ID cross-attention residuals.
-            independent_condition: OminiControl's independent mode: condition tokens attend to themselves only
-                (not APPLE's released setting, which is full joint attention).
-            condition_cache: from :meth:`build_condition_cache`: the independent mode with the condition's keys
-                and values computed once per swap (then ``condition`` must be None).
-            modulation: from :meth:`condition_modulation`: the condition's AdaLN rows computed once per swap
-                (same result as without it, fewer matmuls per pass).
-            timestep_modulation: from :meth:`timestep_modulation`, the row of this pass's timestep (one row for
-                the whole batch, which must then share timestep and guidance; same result, fewer matmuls).
-            constants: from :meth:`pass_constants` for this swap's prompt, positions and ID tokens (then pass
-                ``id_tokens=None``; same result, fewer kernels).
-        """
-        kwargs = {"text": text, "img_ids": img_ids, "condition": condition, "id_tokens": id_tokens,
-                  "guidance": guidance, "id_weight": id_weight, "independent_condition": independent_condition,
-                  "condition_cache": condition_cache, "modulation": modulation,
-                  "timestep_modulation": timestep_modulation, "constants": constants}
-        stale = [group.refresh_lora() and group.condition is not None for group in self._folded_fp8]  # each one
-        if any(stale):
-            self._model_changed()  # merged condition weights went stale: those groups take another path
-        if self.graph_runner is not None and self.offloader is None:
-            return self.graph_runner(latents, timestep, **kwargs)  # falls back to eager off CUDA / with autograd
-        return self._forward(latents, timestep, **kwargs)
-
-    def _forward(self, latents, timestep, *, text, img_ids, condition, id_tokens, guidance, id_weight,
-                 independent_condition, condition_cache, modulation, timestep_modulation,
-                 constants=None) -> torch.Tensor:
-        batch, length, _ = latents.shape
-        text = text.expand(batch)
-        if condition is not None and condition.shape != latents.shape:
-            raise ValueError(f"condition {tuple(condition.shape)} must match latents {tuple(latents.shape)}")
-        if condition_cache is not None and condition is not None:
-            raise ValueError("pass either condition or condition_cache, not both")
-        if constants is not None and id_tokens is not None:
-            raise ValueError("pass either id_tokens or constants (which hold the ID keys and values), not both")
-        if id_tokens is not None and id_tokens.shape[0] != batch:
-            id_tokens = id_tokens.expand(batch, -1, -1)
-        timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
-        main_rows, out_row = self._split_timestep_rows(timestep_modulation)
-        streams = self._embed(latents, condition, timestep, guidance, text, img_ids, modulation,
-                              timestep_embedding=main_rows is None, constants=constants)
-        extras = None
-        if condition is not None and independent_condition:
-            extras = AttentionExtras(mask=self._independent_mask(text.prompt_embeds.shape[1], length, latents.device))
-        elif condition_cache is not None:
-            extras = AttentionExtras(cached=list(condition_cache.keys_values))
-        rows = modulation.rows if modulation is not None and condition is not None else None
-        id_keys_values = None if constants is None else constants.id_keys_values
-        image = self._blocks(*streams, length, id_tokens, id_weight, extras, rows, main_rows, id_keys_values)
-        if out_row is None:
-            return self.flux.proj_out(self.flux.norm_out(image, streams[2]))
-        scale, shift = out_row.to(image.dtype).chunk(2, dim=-1)  # AdaLayerNormContinuous's order
-        return self.flux.proj_out(self.flux.norm_out.norm(image) * (1 + scale) + shift)
-
-    def _embed(self, latents, condition, timestep, guidance, text, img_ids, modulation=None, timestep_embedding=True,
-               constants=None):
-        """Token embeddings, the two time embeddings and RoPE: (hidden, context, temb, temb_cond, rotary); temb is
-        None without ``timestep_embedding`` (the rows were precomputed); context and RoPE from ``constants``."""
-        flux, length = self.flux, latents.shape[1]
-        tokens = torch.cat([latents, condition.to(latents.dtype)], 1) if condition is not None else latents
-        hidden = lora_lib.routed_linear(flux.x_embedder, tokens, length if condition is not None else None)
-        dtype = hidden.dtype
-        temb = self._time_embedding(timestep, guidance, text.pooled, dtype) if timestep_embedding else None
-        temb_cond = None
-        if condition is not None and modulation is not None:
-            temb_cond = modulation.temb.to(dtype).expand(latents.shape[0], -1)  # (1 or B, D) -> (B, D)
-        elif condition is not None:
-            temb_cond = self._time_embedding(torch.zeros_like(timestep), None, text.pooled, dtype)
-        if constants is None:
-            context = flux.context_embedder(text.prompt_embeds.to(dtype))
-            rotary = self._rotary(text, img_ids, condition is not None, latents.device)
-            return hidden, context, temb, temb_cond, rotary
-        count = text.prompt_embeds.shape[1] + tokens.shape[1]
-        if constants.rotary[0].shape[0] != count or constants.context.shape[1] != text.prompt_embeds.shape[1]:
-            raise ValueError(f"constants were built for {constants.rotary[0].shape[0]} tokens, this pass has {count}"
-                             " (build them with the same prompt, positions and condition)")
-        context = constants.context.to(dtype).expand(latents.shape[0], -1, -1)
-        return hidden, context, temb, temb_cond, constants.rotary
-
-    def _rotary(self, text: TextEmbeddings, img_ids: torch.Tensor, condition: bool, device) -> tuple:
-        ids = [text.text_ids, img_ids, img_ids] if condition else [text.text_ids, img_ids]
-        return self.flux.pos_embed(torch.cat([i.to(device) for i in ids], dim=0))
-
-    @torch.no_grad()
-    def pass_constants(self, text: TextEmbeddings, img_ids: torch.Tensor, id_tokens: torch.Tensor | None = None,
-                       condition: bool = True) -> PassConstants:
-        """The prompt through ``context_embedder``, RoPE over [text; image(; condition)] positions and the ID
-        cross-attentions' keys and values of ``id_tokens`` (the batch the passes will get), once per swap: every
-        pass over them computes the same. ``condition``: whether the passes carry condition tokens."""
-        if text.prompt_embeds.shape[0] != 1:
-            raise ValueError("pass_constants needs one prompt (batch 1)")
-        context = self.flux.context_embedder(text.prompt_embeds.to(self.device, self.dtype))
-        keys_values = None
-        if id_tokens is not None and len(self.id_attentions):
-            tokens = id_tokens.to(self.device)
-            keys_values = [attention.keys_values(tokens, self.dtype) for attention in self.id_attentions]
-        return PassConstants(context, self._rotary(text, img_ids, condition, self.device), keys_values)
-
-    def _blocks(self, hidden, context, temb, temb_cond, rotary, length, id_tokens, id_weight, extras, rows=None,
-                main_rows=None, id_keys_values=None):
-        """Double then single blocks with the ID residuals; returns the image tokens (B, L, D).
-
-        ``rows`` / ``main_rows``: precomputed condition / main-token AdaLN rows per block (doubles first), or None."""
-        has_cond = temb_cond is not None
-        split = length if has_cond else None
-        num_double = len(self.flux.transformer_blocks)
-        for n in range(num_double):
-            with self._block(n) as block:
-                context, hidden = self._run(self._kernels["double"], block, hidden, context, temb, temb_cond, rotary, split,
-                                            extras, None if rows is None else rows[n],
-                                            None if main_rows is None else main_rows[n], block=n)
-            hidden = self._add_id(self._ca_double.get(n), hidden, 0, length, id_tokens, id_weight, id_keys_values)
-        text_len = context.shape[1]
-        tokens = torch.cat([context, hidden], dim=1)
-        split = text_len + length if has_cond else None
-        num_single = len(self.flux.single_transformer_blocks)
-        for n in range(num_single):
-            # only the last block's image rows are read: without autograd it returns just those (training runs it
-            # whole, so the LoRA weights that only act on its other rows keep their zero gradients, as in the reference)
-            last = n == num_single - 1 and not torch.is_grad_enabled()
-            with self._block(num_double + n) as block:
-                tokens = self._run(self._kernels["single"], block, tokens, temb, temb_cond, rotary, split, extras,
-                                   None if rows is None else rows[num_double + n],
-                                   None if main_rows is None else main_rows[num_double + n],
-                                   (text_len, text_len + length) if last else None, block=num_double + n)
-            start = 0 if last else text_len
-            tokens = self._add_id(self._ca_single.get(n), tokens, start, length, id_tokens, id_weight, id_keys_values)
-        return tokens if tokens.shape[1] == length else tokens[:, text_len:text_len + length]
-
-    @staticmethod
-    def _independent_mask(text_len: int, length: int, device) -> torch.Tensor:
-        """(N, N) boolean: every row sees every column, except condition rows, which see condition columns only."""
-        total = text_len + 2 * length
-        mask = torch.ones(total, total, dtype=torch.bool, device=device)
-        mask[text_len + length:, :text_len + length] = False
-        return mask
-
-    @torch.no_grad()
-    def build_condition_cache(self, condition: torch.Tensor, text: TextEmbeddings,
-                              img_ids: torch.Tensor) -> ConditionCache:
-        """Run the condition tokens alone (t = 0, guidance 1, LoRA on, attending to themselves) once and keep
-        each block's keys and values; later passes reuse them (independent-condition KV cache)."""
-        batch = condition.shape[0]
-        text = text.expand(batch)
-        timestep = torch.zeros(batch, device=condition.device)
-        temb_cond = self._time_embedding(timestep, None, text.pooled, self.dtype)
-        hidden = lora_lib.routed_linear(self.flux.x_embedder, condition.to(self.dtype), 0)
-        rotary = self.flux.pos_embed(img_ids.to(condition.device))
-        context = hidden.new_zeros(batch, 0, hidden.shape[-1])
-        extras = AttentionExtras(record=[])
-        num_double = len(self.flux.transformer_blocks)
-        for n in range(num_double):
-            with self._block(n) as block:
-                context, hidden = double_block(block, hidden, context, temb_cond, temb_cond, rotary, 0, extras)
-        for n in range(len(self.flux.single_transformer_blocks)):
-            with self._block(num_double + n) as block:
-                hidden = single_block(block, hidden, temb_cond, temb_cond, rotary, 0, extras)
-        return ConditionCache(extras.record)
-
-    @torch.no_grad()
-    def condition_modulation(self, text: TextEmbeddings) -> ConditionModulation:
-        """The condition branch's time embedding and per-block AdaLN rows (LoRA on), computed once per swap.
-
-        They depend only on t = 0, guidance 1 and the pooled prompt; pass the result as ``modulation=``."""
-        pooled = text.pooled
-        temb = self._time_embedding(torch.zeros(1, device=pooled.device), None, pooled, self.dtype)
-        rows = []
-        for n in range(len(self.flux.transformer_blocks) + len(self.flux.single_transformer_blocks)):
-            with self._block(n) as block:
-                linear = block.norm1.linear if hasattr(block, "norm1") else block.norm.linear
-                rows.append(condition_modulation(linear, temb))
-        return ConditionModulation(temb, rows)
-
-    def _modulation_widths(self, with_condition: bool = False) -> list[int]:
-        """Output widths of the main tokens' AdaLN linears in :class:`TimestepModulation` order (the image-stream
-        rows doubled ``with_condition``)."""
-        widths, factor = [], 2 if with_condition else 1
-        for block in self.flux.transformer_blocks:
-            widths += [factor * block.norm1.linear.out_features, block.norm1_context.linear.out_features]
-        widths += [factor * block.norm.linear.out_features for block in self.flux.single_transformer_blocks]
-        return widths + [self.flux.norm_out.linear.out_features]
-
-    @torch.no_grad()
-    def joined_modulation(self, table: TimestepModulation, condition: ConditionModulation) -> TimestepModulation:
-        """``table`` with the condition's AdaLN row after each block's image-stream row, at every step: a pass then
-        takes a block's [main; condition] rows as one view of its step's row, where it concatenated them (two
-        small kernels per block). Once per schedule and prompt; the pass's result is the same."""
-        if table.with_condition:
-            return table
-        pieces, steps = list(table.rows.split(self._modulation_widths(), dim=-1)), table.rows.shape[0]
-        for index, row in zip(self._image_stream_rows(), condition.rows, strict=True):
-            pieces[index] = torch.cat([pieces[index], row.reshape(1, -1).to(table.rows).expand(steps, -1)], dim=-1)
-        return TimestepModulation(torch.cat(pieces, dim=-1), with_condition=True)
-
-    def _image_stream_rows(self) -> list[int]:
-        """Indices of the image streams' AdaLN rows among :meth:`_modulation_widths` (the condition's counterparts)."""
-        num_double = len(self.flux.transformer_blocks)
-        return [2 * n for n in range(num_double)] + [2 * num_double + n for n in range(len(self.flux.single_transformer_blocks))]
-
-    @torch.no_grad()
-    def timestep_modulation(self, timesteps: torch.Tensor, text: TextEmbeddings,
-                            guidance: float | None = None) -> TimestepModulation:
-        """The main tokens' AdaLN rows for ``timesteps`` (S,) in [0, 1] (FLUX ``guidance`` for all of them, None:
-        1.0), one matmul per layer for all S; pass ``result.step(i)`` as ``timestep_modulation=``. Timesteps are
-        rounded to the model dtype first, as the pipeline's passes get them."""
-        if text.pooled.shape[0] != 1:
-            raise ValueError("timestep_modulation needs one prompt (pooled batch 1)")
-        steps = timesteps.to(self.device, self.dtype).reshape(-1)
-        guide = None if guidance is None else torch.full_like(steps, guidance)
-        emb = F.silu(self._time_embedding(steps, guide, text.pooled.to(self.device).expand(len(steps), -1),
-                                          self.dtype))
-        parts, num_double = [], len(self.flux.transformer_blocks)
-        for n in range(num_double + len(self.flux.single_transformer_blocks)):
-            with self._block(n) as block:
-                linears = (block.norm1.linear, block.norm1_context.linear) if n < num_double else (block.norm.linear,)
-                parts += [lora_lib.base_linear(linear, emb) for linear in linears]
-        parts.append(self.flux.norm_out.linear(emb))
-        return TimestepModulation(torch.cat(parts, dim=1))
-
-    def modulation_state(self) -> tuple:
-        """What the AdaLN rows depend on besides prompt and timestep: storage and in-place version of every tensor
-        of the layers computing them (LoRA included) and the adapters' switches (a key for caching the rows).
-        Their submodules are listed again only when the layers or their adapters change (walking them took ~1.5 ms
-        of host time per call, three calls per swap); the tensors are read afresh every call."""
-        modules = [self.flux.time_text_embed, self.flux.norm_out.linear]
-        for block in self.flux.transformer_blocks:
-            modules += [block.norm1.linear, block.norm1_context.linear]
-        modules += [block.norm.linear for block in self.flux.single_transformer_blocks]
-        loras = [m for m in modules if lora_lib.is_lora_layer(m)]
-        adapters = tuple(tuple(m.lora_A) for m in loras)
-        listed, listed_adapters, submodules = self._state_modules
-        if adapters != listed_adapters or len(listed) != len(modules) or any(a is not b for a, b in zip(listed, modules)):
-            submodules = [sub for module in modules for sub in module.modules()]
-            self._state_modules = (modules, adapters, submodules)
-        tensors = [t for sub in submodules for t in (*sub._parameters.values(), *sub._buffers.values()) if t is not None]
-        switches = [(tuple(m.active_adapters), m.disable_adapters, tuple(m.scaling.items())) for m in loras]
-        return tuple((t.data_ptr(), t._version) for t in tensors), tuple(switches)
-
-    def _split_timestep_rows(self, modulation: TimestepModulation | None):
-        """(per-block rows, norm_out row) as views (1, 1, width) of one step's row, or (None, None); the image
-        streams' rows (1, 2, width) when joined with the condition's."""
-        if modulation is None:
-            return None, None
-        if modulation.rows.shape[0] != 1:
-            raise ValueError("timestep_modulation: pass one step's rows (TimestepModulation.step(i))")
-        pieces = modulation.rows.split(self._modulation_widths(modulation.with_condition), dim=-1)
-        num_double, image = len(self.flux.transformer_blocks), set(self._image_stream_rows())
-        branches = 2 if modulation.with_condition else 1  # image streams: [main; condition] rows
-        pieces = [p.unflatten(-1, (branches, -1)) if n in image else p[:, None] for n, p in enumerate(pieces)]
-        per_block = [(pieces[2 * n], pieces[2 * n + 1]) for n in range(num_double)] + pieces[2 * num_double:-1]
-        return per_block, pieces[-1]
-
-    # ---- speed options (same function)
-    def compile_blocks(self, mode: str | None = None, fullgraph: bool = True) -> None:
-        """Regional ``torch.compile``: the double-block, single-block and ID-attention functions are compiled once
-        each and the graph is reused by every block of that kind (their weights are graph inputs), so compiling
-        takes seconds-to-a-minute instead of minutes for the whole model. ``mode``: None (default),
-        "reduce-overhead" (CUDA graphs per region) or "max-autotune-no-cudagraphs". The functional (not in-place)
-        form of the blocks runs under compile; inductor fuses its slices and additions into neighbouring kernels.
-        """
-        import torch._dynamo
-
-        # one graph per block kind; a few extra for guidance batches / no-condition passes
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self._model_changed()
-        options = {"mode": mode, "fullgraph": fullgraph, "dynamic": False}
-        self._kernels = {"double": torch.compile(double_block, **options),
-                         "single": torch.compile(single_block, **options),
-                         "id": torch.compile(_id_residual, **options)}
-
-    def enable_cuda_graphs(self, enabled: bool = True) -> None:
-        """Record each inference pass (per input signature) as one CUDA graph and replay it (:mod:`cuda_graph`):
-        no per-kernel launch cost. Same function; on the CPU or with autograd the pass runs as usual."""
-        self.graph_runner = CudaGraphRunner(self._forward) if enabled else None
-
-    def _model_changed(self) -> None:
-        """Weights moved or replaced: recorded CUDA graphs point at the old storage, so record anew."""
-        if self.graph_runner is not None:
-            self.graph_runner = type(self.graph_runner)(self._forward)
-
-    def uncompile_blocks(self) -> None:
-        """Back to the eager block functions (e.g. before quantising, to time the eager fp8 path)."""
-        self._model_changed()
-        self._kernels = {"double": double_block, "single": single_block, "id": _id_residual}
-
-    def fuse_projections(self, fold_lora: bool = True, condition_weights: bool = True) -> int:
-        """Stack the linears that read the same tokens (q/k/v and MLP-in) into one GEMM per block and fold the
-        condition LoRA into those GEMMs (:mod:`appleswap.model.fusion`): same function; the LoRA columns raised the
-        measured H100 peak from 26.1 to 26.6-26.8 GiB at FLUX size. ``fold_lora=False`` keeps the LoRA apart (for
-        A/B timing). Call it after moving the model to its device and loading the LoRA (a later ``.to(device)``
-        still computes the same, but stores the fused weights twice). After :meth:`quantize_fp8` it stacks the fp8
-        weights (:class:`~appleswap.model.fp8.Fp8FusedProjection`) and uses their merged condition weights
-        (``condition_weights=False``: the fold instead, for A/B timing). Returns the number of fused blocks."""
-        self._model_changed()
-
-        if self.offloader is not None:
-            raise ValueError("fuse_projections: turn sequential offload off first")
-        self.unfuse_projections()  # fusing again (e.g. after a LoRA change) starts from separate layers
-        blocks = list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks)
-        groups = [group for block in blocks for group in fuse_block(block, fold_lora, condition_weights,
-                                                                               fused_projection_for)]
-        self._folded_fp8 = [group for group in groups
-                            if getattr(group, "_folded_b", None) or getattr(group, "condition", None) is not None]
-        self.fused_fold, self.fused_condition = fold_lora, condition_weights
-        if condition_weights:
-            self._warn_unmerged(groups)
-        return len(blocks)
-
-    @staticmethod
-    def _warn_unmerged(groups: list) -> None:
-        """Say so when merged fp8 condition weights exist but hold another LoRA than the one loaded now."""
-        unmerged = [group for group in groups if getattr(group, "condition", False) is None and group.fold_adapter
-                    and any(getattr(getattr(layer, "base_layer", None), "condition_lora", None) is not None
-                            for layer in group.layers)]
-        if unmerged:
-            logger.warning("%d fused fp8 groups fold the LoRA in: it is not the one merged when the model was "
-                           "quantised (quantise after loading the LoRA for the faster merged weights)", len(unmerged))
-
-    def is_fused(self) -> bool:
-        return any(hasattr(block, ATTRIBUTE) for block in self.flux.transformer_blocks)
-
-    def unfuse_projections(self) -> None:
-        """Undo :meth:`fuse_projections` (each layer gets its own weight storage back)."""
-        self._model_changed()
-
-        self._folded_fp8, self.fused_fold = [], None
-        for block in list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks):
-            unfuse_block(block)
-
-    # ---- memory / numerics options
-    def enable_sequential_offload(self, device: torch.device | str | None = None, prefetch: int = 1) -> None:
-        """Keep the blocks' weights in pinned host memory, each copied in just before it runs (next prefetched)."""
-        self._model_changed()
-
-        if self.offloader is not None:
-            return
-        self.unfuse_projections()  # blocks move one by one: each layer needs its own storage
-        drop_condition_weights(self.flux)  # unfused layers run the LoRA apart: no merged copies to move
-        device = torch.device(device) if device is not None else self.device
-        blocks = list(self.flux.transformer_blocks) + list(self.flux.single_transformer_blocks)
-        self.offloader = BlockOffloader(blocks, device, prefetch=prefetch)
-        self.place(device)
-
-    def place(self, device: torch.device | str) -> AppleTransformer:
-        """Move everything except host-offloaded blocks to ``device`` (no dtype change: fp8 buffers stay fp8)."""
-        self._model_changed()
-        skip = ("transformer_blocks", "single_transformer_blocks") if self.offloader is not None else ()
-        for name, child in self.flux.named_children():
-            if name not in skip:
-                child.to(device)
-        for name, param in self.flux.named_parameters(recurse=False):
-            param.data = param.data.to(device)
-        self.id_attentions.to(device)
-        return self
-
-    def disable_sequential_offload(self) -> None:
-        if self.offloader is not None:
-            self._model_changed()
-            self.offloader.restore()
-            self.offloader = None
-
-    def quantize_fp8(self, include_modulation: bool = False, device: torch.device | str | None = None,
-                     granularity: str = "row", fast_accum: bool = True, merge_condition: bool = True) -> int:
-        """fp8 (e4m3; ``granularity`` "row": scales per output channel and token, "tensor": one each) weights for
-        every block linear; LoRA and ID attentions stay. Changes numerics; irreversible (the bf16 weights are
-        freed). ``device``: move each block there just before quantising it (load on the CPU, quantise onto the GPU
-        one block at a time). ``fast_accum`` (default): the fp8 GEMMs accumulate in the tensor cores' own
-        accumulator, faster on Hopper (:class:`~appleswap.model.fp8.Fp8Linear`). ``merge_condition`` (default):
-        the condition rows of the fused GEMMs get their own e4m3 weights with the LoRA merged, quantised now from
-        the full-precision weights (:mod:`~appleswap.model.fp8_condition`: faster, +5.3 GiB at FLUX size). Load
-        the LoRA first. Returns the layer count.
-
-        Afterwards move the model with :meth:`place` or ``.to(device)``, never ``.to(dtype)`` (it would cast the
-        fp8 buffers)."""
-        self._model_changed()
-
-        if self.offloader is not None:
-            raise ValueError("quantize_fp8: turn sequential offload off first (or quantise before enabling it)")
-        self.unfuse_projections()  # quantise the separate layers; fuse_projections afterwards stacks them again
-        return quantize_blocks_fp8(self.flux, include_modulation, device, granularity, fast_accum, merge_condition)
 
     # ---- LoRA
     def has_lora(self) -> bool:
@@ -603,22 +332,9 @@ class AppleTransformer(nn.Module):
         return save_tensors(path, lora_lib.lora_state_dict(self.flux), metadata=metadata)
 
     def load_lora(self, path: str | Path, rank: int | None = None) -> int:
-        """Load a LoRA file (reference or our own); the rank is read from the file. Returns the rank.
-
-        A fused model is unfused and fused again, so the new adapter is folded into the fused GEMMs."""
-        self._model_changed()
-        fused = self.is_fused()
-        self.unfuse_projections()
+        """Load a LoRA file (reference or our own); the rank is read from the file. Returns the rank."""
         rank = lora_lib.load_lora_into(self.flux, path, rank)
         self.flux.to(self.device)
         for param in self.lora_parameters():
             param.data = param.data.to(self.dtype)
-        if fused:
-            self.fuse_projections()
         return rank
-
-
-def _id_residual(attention: nn.Module, id_tokens: torch.Tensor | None, image: torch.Tensor,
-                 keys_values: torch.Tensor | None = None) -> torch.Tensor:
-    """One ID cross-attention as a plain function (the unit that :meth:`AppleTransformer.compile_blocks` compiles)."""
-    return attention(id_tokens, image, keys_values)

@@ -1,21 +1,25 @@
 """The one place where speed and memory options attach to a loaded model.
 
-A reader of the method needs none of this: every option here either keeps the function (fused projections,
-regional ``torch.compile``, CUDA graphs; the equivalence tests in ``tests/model/`` compare each with the plain path)
-or changes the numerics on purpose and says so (fp8 block weights). A caller names a profile and gets the same
-function back, faster or smaller:
+A reader of the method needs none of this: :mod:`appleswap.model.transformer` is the whole model, plain. Every
+option here either keeps the function (fused projections, regional ``torch.compile``, CUDA graphs, per-swap
+constants; the equivalence tests in ``tests/speed/`` compare each with the reference forward) or changes the numerics
+on purpose and says so (fp8 block weights). A caller names a profile and gets the same function back, faster or
+smaller:
 
-=========== ==========================================================================================
-profile     options
-=========== ==========================================================================================
-``eager``   none: the reference path, layer by layer as ``AppleTransformer.forward`` reads
+============ =========================================================================================
+profile      options
+============ =========================================================================================
+``eager``    none: the reference :class:`~appleswap.model.transformer.AppleTransformer`, layer by layer
 ``compiled`` fused projections, regional ``torch.compile`` and whole-pass CUDA graphs (GPU only)
-``fp8``     ``compiled`` plus e4m3 block weights with row-wise scales (half the memory, slightly different numbers)
-``offload`` fp8 blocks kept in host memory and streamed to the GPU one by one (about 3.4 GiB peak at FLUX size)
-=========== ==========================================================================================
+``fp8``      ``compiled`` plus e4m3 block weights with row-wise scales (half the memory, slightly different numbers)
+``offload``  fp8 blocks kept in host memory and streamed to the GPU one by one (about 3.4 GiB peak at FLUX size)
+============ =========================================================================================
 
-The model classes keep their own switches (``quantize_fp8``, ``fuse_projections``, ``compile_blocks``,
-``enable_cuda_graphs``, ``enable_sequential_offload``); this module decides their order and which combine.
+How they attach: :func:`attach_speed` wraps the reference model in a
+:class:`~appleswap.speed.transformer.FastAppleTransformer` (same modules, a forward that computes the same) and
+switches its options on in the order that works; the pipeline gets each swap's shared inputs from
+:class:`~appleswap.speed.passes.SwapPasses`. Training attaches through the reference model's ``block_functions``
+(:func:`compile_block_functions`).
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from typing import Literal, get_args
 
 import torch
 
-from appleswap.model.latents import compile_vae, graph_vae_encoder
 from appleswap.model.transformer import AppleTransformer
+from appleswap.speed.transformer import FastAppleTransformer, compile_block_functions, uncompile_block_functions
+from appleswap.speed.vae import compile_vae, graph_vae_encoder
 
 SpeedProfile = Literal["eager", "compiled", "fp8", "offload"]
 SPEED_PROFILES: tuple[str, ...] = get_args(SpeedProfile)
+__all__ = ["SPEED_PROFILES", "SpeedOptions", "SpeedProfile", "attach_speed", "compile_block_functions",
+           "speed_options", "uncompile_block_functions"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +70,12 @@ def attach_speed(transformer: AppleTransformer, device, *, fp8: bool = False, of
     ``device``): quantised block by block on ``device`` (with merged fp8 condition weights unless offloaded), then
     everything resident placed there. Then the options that keep the function: fused projections, regional
     ``torch.compile`` (True or a mode) and CUDA graphs; without offload also ``vae``'s (compiled, encoder graphed).
-    ``attach_speed(model, device, **dataclasses.asdict(speed_options("fp8")))`` applies a profile."""
+    ``attach_speed(model, device, **dataclasses.asdict(speed_options("fp8")))`` applies a profile. Returns the
+    model to call: ``transformer`` itself (on ``device``) when no option is on, else a
+    :class:`~appleswap.speed.transformer.FastAppleTransformer` sharing its modules."""
+    if not (fp8 or fuse or compile or cuda_graphs or offload == "sequential"):
+        return transformer.to(device)
+    transformer = FastAppleTransformer.from_reference(transformer)
     if fp8:
         on_host = offload == "sequential"  # blocks copied in every pass: no merged condition weights to copy
         transformer.quantize_fp8(device=None if on_host else device, merge_condition=not on_host)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from appleswap.config import torch_dtype
+from appleswap.speed import compile_block_functions
 from appleswap.train.config import StudentConfig, TrainConfig
 from appleswap.train.data import Dropout, IdTokenStore, TeacherDataset, index_targets, split_validation
 from appleswap.train.teacher import TrainParts
@@ -114,7 +115,7 @@ def apply_training_speed(transformer: torch.nn.Module, config: TrainConfig, devi
     """The speed options of a training run that act on the model (``compile``: regional torch.compile of the
     block functions, on a GPU only; the CPU keeps eager blocks, which tests compare against)."""
     if config.compile and torch.device(device).type == "cuda":
-        transformer.compile_blocks()
+        compile_block_functions(transformer)
         log.info("training: transformer blocks compiled (regional torch.compile)")
 
 

@@ -1,5 +1,5 @@
 """fp8 for the fused projections and the whole model: :class:`Fp8FusedProjection` stacks the e4m3 layers of
-:mod:`~appleswap.model.fp8_linear` (the scheme and its numerics are described there) and
+:mod:`~appleswap.speed.fp8_linear` (the scheme and its numerics are described there) and
 :func:`quantize_blocks_fp8` quantises every block linear of a FLUX transformer in place.
 """
 
@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from appleswap.model import fp8_linear, kernels
-from appleswap.model.fp8_condition import ConditionWeights, attach_condition_weight
-from appleswap.model.fp8_linear import (
+from appleswap.model.lora import is_lora_layer
+from appleswap.speed import fp8_linear, kernels
+from appleswap.speed.fp8_condition import ConditionWeights, attach_condition_weight
+from appleswap.speed.fp8_linear import (
     FP8,
     Fp8Linear,
     check_granularity,
@@ -22,15 +23,14 @@ from appleswap.model.fp8_linear import (
     rowwise_scaled_mm,
     takes_scaled_mm,
 )
-from appleswap.model.fusion import DOUBLE_GROUPS, SINGLE_GROUPS, FusedProjection, _base
-from appleswap.model.kernels import ConcatInput
-from appleswap.model.lora import is_lora_layer
+from appleswap.speed.fusion import DOUBLE_GROUPS, SINGLE_GROUPS, FusedProjection, _base
+from appleswap.speed.kernels import ConcatInput
 
 logger = logging.getLogger(__name__)
 
 
 class Fp8FusedProjection(FusedProjection):
-    """:class:`~appleswap.model.fusion.FusedProjection` for fp8 layers (row-wise scales): the members' e4m3
+    """:class:`~appleswap.speed.fusion.FusedProjection` for fp8 layers (row-wise scales): the members' e4m3
     weights and row scales stacked as they are (the base product is the one the separate layers compute, with each
     token quantised once instead of once per member), and the folded condition LoRA in fp8 too.
 
@@ -41,7 +41,7 @@ class Fp8FusedProjection(FusedProjection):
     when fusing; :meth:`refresh_lora` (called by ``AppleTransformer.forward``) quantises it again after an
     in-place change.
 
-    Where the members hold merged condition weights (:mod:`~appleswap.model.fp8_condition`, stored by
+    Where the members hold merged condition weights (:mod:`~appleswap.speed.fp8_condition`, stored by
     :func:`quantize_blocks_fp8`) and ``condition_weights`` is True, the group uses them instead of the fold: no LoRA
     columns, the condition rows multiplied by ``W + s B A``.
     """
@@ -105,7 +105,7 @@ class Fp8FusedProjection(FusedProjection):
 
     def matmul(self, x: torch.Tensor | ConcatInput, lora_columns: bool = False) -> torch.Tensor:
         """Like :meth:`FusedProjection.matmul`; ``x`` without the LoRA columns is padded with zeros (same product).
-        A :class:`~appleswap.model.kernels.ConcatInput` is joined and quantised per row by one Triton kernel."""
+        A :class:`~appleswap.speed.kernels.ConcatInput` is joined and quantised per row by one Triton kernel."""
         width = self.weight_fp8.shape[1]
         if isinstance(x, ConcatInput):
             rows = x.shape[0] * x.shape[1]
@@ -150,7 +150,7 @@ def quantize_blocks_fp8(flux: nn.Module, include_modulation: bool = False,
     block is moved there just before quantising (peak: the fp8 model plus one full-precision block). ``granularity``:
     ``"row"`` (per output channel and per token) or ``"tensor"``. ``fast_accum``: see :class:`Fp8Linear`.
     ``merge_condition`` (row-wise only): the LoRA-wrapped linears that fused groups stack also get ``W + s B A`` in
-    e4m3 for the condition rows (:mod:`~appleswap.model.fp8_condition`; faster, one more e4m3 copy of them).
+    e4m3 for the condition rows (:mod:`~appleswap.speed.fp8_condition`; faster, one more e4m3 copy of them).
     """
     check_granularity(granularity)
     stacked = {member for groups in (DOUBLE_GROUPS, SINGLE_GROUPS) for members in groups.values()

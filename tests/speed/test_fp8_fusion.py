@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import appleswap.model.fp8_linear as fp8_lib
-from appleswap.model import fp8_condition, fusion
-from appleswap.model.fp8 import Fp8FusedProjection
-from appleswap.model.fp8_linear import FP8, FP8_MAX, quantize_lora_columns
-from tests.model.test_speed_options import _call, _full_model, _inputs
+import appleswap.speed.fp8_linear as fp8_lib
+from appleswap.speed import fp8_condition, fusion
+from appleswap.speed.fp8 import Fp8FusedProjection
+from appleswap.speed.fp8_linear import FP8, FP8_MAX, quantize_lora_columns
+from tests.speed.test_speed_options import _call, _full_model, _inputs
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from appleswap.model.fusion import fused_projection, routed_fused
-from appleswap.model.kernels import ConcatInput, RowModulation, as_tensor, modulate_rows, qk_norm_rope
 from appleswap.model.lora import base_linear, in_place_ok, routed_linear
+from appleswap.speed.fusion import fused_projection, routed_fused
+from appleswap.speed.kernels import ConcatInput, RowModulation, as_tensor, modulate_rows, qk_norm_rope
 
 
 def branch_modulation(linear, temb: torch.Tensor | None, temb_cond: torch.Tensor | None,
@@ -65,7 +65,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: i
 def projection_input(block, group: str, norm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                      split: int | None) -> torch.Tensor | ConcatInput:
     """``modulate(norm(x))`` as the input of the block's fused ``group``: left to the GEMM-input kernel
-    (:class:`~appleswap.model.kernels.RowModulation`, one pass where inductor ran four kernels) when the block is
+    (:class:`~appleswap.speed.kernels.RowModulation`, one pass where inductor ran four kernels) when the block is
     fused and ``norm`` is FLUX's LayerNorm without affine; else computed here."""
     if fused_projection(block, group) is None or type(norm) is not nn.LayerNorm or norm.elementwise_affine:
         return modulate(norm(x), shift, scale, split)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from appleswap.model import fusion
-from tests.model.test_speed_options import _call, _full_model, _inputs
+from appleswap.speed import fusion
+from tests.speed.test_speed_options import _call, _full_model, _inputs
 
 
 @torch.no_grad()
@@ -127,7 +127,8 @@ def test_folded_lora_follows_adapter_switches_scaling_and_reloads(tmp_path):
 @torch.no_grad()
 def test_compiled_vae_encodes_and_decodes_as_eager_with_the_same_state_dict():
     from appleswap.benchmark.models import BenchConfig, build_vae
-    from appleswap.model.latents import compile_vae, decode_tokens, encode_images
+    from appleswap.model.latents import decode_tokens, encode_images
+    from appleswap.speed.vae import compile_vae
 
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -154,7 +155,8 @@ def test_graphed_vae_encoder_gives_the_same_latents_through_the_graph_runner():
     returns the posterior's parameters (on the CPU it runs the encoder as it is); switching it off restores the plain
     path."""
     from appleswap.benchmark.models import BenchConfig, build_vae
-    from appleswap.model.latents import encode_images, graph_vae_encoder
+    from appleswap.model.latents import encode_images
+    from appleswap.speed.vae import graph_vae_encoder
 
     torch.manual_seed(0)
     vae = build_vae(BenchConfig(tiny=True), "cpu", torch.float32)

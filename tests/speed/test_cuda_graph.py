@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from appleswap.model.cuda_graph import CudaGraphRunner, map_tensors, signature
-from appleswap.model.transformer import ConditionModulation, TextEmbeddings
-from tests.model.test_speed_options import _call, _full_model, _inputs
+from appleswap.model.transformer import TextEmbeddings
+from appleswap.speed.cuda_graph import CudaGraphRunner, map_tensors, signature
+from appleswap.speed.transformer import ConditionModulation
+from tests.speed.test_speed_options import _call, _full_model, _inputs
 
 
 def test_map_tensors_walks_dataclasses_lists_and_dicts_in_order():

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
-from appleswap.model.fp8_linear import FP8_MAX, ROUND_UP
+from appleswap.speed.fp8_linear import FP8_MAX, ROUND_UP
 
 try:  # Triton ships with PyPI's CUDA builds of torch; the reference path needs nothing
     import triton

@@ -10,12 +10,12 @@ import logging
 import pytest
 import torch
 
-import appleswap.model.fp8_linear as fp8_lib
-from appleswap.model import fp8_condition, fusion
-from appleswap.model.fp8_linear import FP8_MAX, dequantize_fp8, quantize_fp8
+import appleswap.speed.fp8_linear as fp8_lib
 from appleswap.model.lora import routed_linear
-from tests.model.test_fp8_fusion import _bf16, _relative, _strong_lora
-from tests.model.test_speed_options import _call, _full_model, _inputs
+from appleswap.speed import fp8_condition, fusion
+from appleswap.speed.fp8_linear import FP8_MAX, dequantize_fp8, quantize_fp8
+from tests.speed.test_fp8_fusion import _bf16, _relative, _strong_lora
+from tests.speed.test_speed_options import _call, _full_model, _inputs
 
 
 def _exact_merged(layer) -> torch.Tensor:

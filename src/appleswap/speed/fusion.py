@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from appleswap.model import kernels
-from appleswap.model.kernels import ConcatInput
 from appleswap.model.lora import _active_adapters, add_to_rows, is_lora_layer, lora_delta, plain_adapter
+from appleswap.speed import kernels
+from appleswap.speed.kernels import ConcatInput
 
 DOUBLE_GROUPS = {"qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
                  "add_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
@@ -126,7 +126,7 @@ class FusedProjection(nn.Module):
 
     def matmul(self, x: torch.Tensor | ConcatInput, lora_columns: bool = False) -> torch.Tensor:
         """``x @ W^T + b``, or with ``lora_columns`` ``[x | z] @ [W | B]^T + b`` (``x`` then carries ``z``). A
-        :class:`~appleswap.model.kernels.ConcatInput` is joined by one Triton kernel where it applies."""
+        :class:`~appleswap.speed.kernels.ConcatInput` is joined by one Triton kernel where it applies."""
         weight = self.weight_aug if lora_columns else self.weight
         if isinstance(x, ConcatInput):
             width = weight.shape[1]
@@ -159,7 +159,7 @@ def fuse_block(block: nn.Module, fold_lora: bool = True, condition_weights: bool
                ) -> list[FusedProjection]:
     """Stack the projections of one FLUX block (double or single) into :class:`FusedProjection` groups, each made
     by ``projection(layers, fold_lora, condition_weights)`` (default: the bf16 group; for fp8 layers
-    :func:`appleswap.model.fp8.fused_projection_for`, which keeps their merged condition weights unless
+    :func:`appleswap.speed.fp8.fused_projection_for`, which keeps their merged condition weights unless
     ``condition_weights`` is False). Returns the groups."""
     if projection is None:
         projection = lambda layers, fold, _: FusedProjection(layers, fold)

@@ -1,4 +1,4 @@
-"""fp8 weights (``appleswap.model.fp8``): quantisation numerics per tensor and per row, the ``torch._scaled_mm``
+"""fp8 weights (``appleswap.speed.fp8``): quantisation numerics per tensor and per row, the ``torch._scaled_mm``
 path (it runs on this CPU build, so it is exercised here), row-wise vs per-tensor error on data with outliers,
 zero rows, and ``torch.compile`` giving the eager output with the activation quantisation fused into one kernel.
 """
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import appleswap.model.fp8_linear as fp8_lib
-from appleswap.model.fp8 import quantize_blocks_fp8
-from appleswap.model.fp8_linear import (
+import appleswap.speed.fp8_linear as fp8_lib
+from appleswap.speed.fp8 import quantize_blocks_fp8
+from appleswap.speed.fp8_linear import (
     FP8,
     Fp8Linear,
     dequantize_fp8,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from appleswap.sampling import get_schedule, invert, sample_euler, sample_midpoint
-from appleswap.sampling.steps import StepTable, call_sigmas
+from appleswap.speed.steps import StepTable, call_sigmas
 
 
 def _recorded(solver, sigmas, **kwargs) -> torch.Tensor:

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from appleswap.model import lora as lora_lib
-from appleswap.model.fp8_linear import Fp8Linear
 from appleswap.model.latents import image_ids
 from appleswap.model.loading import build_id_attentions_from_weights
-from appleswap.model.offload import BlockOffloader, ModelOffloader, check_tier
 from appleswap.model.transformer import AppleTransformer
+from appleswap.speed.fp8_linear import Fp8Linear
+from appleswap.speed.offload import BlockOffloader, ModelOffloader, check_tier
+from appleswap.speed.transformer import FastAppleTransformer
 from tests.fixtures.tiny_flux import (
     build_tiny_transformer,
     id_attention_state,
@@ -29,7 +30,7 @@ from tests.fixtures.tiny_flux import (
 IDS = image_ids(64, 64, vae_scale=2)  # (256, 3)
 
 
-def _full_model() -> AppleTransformer:
+def _full_model() -> FastAppleTransformer:
     """Tiny FLUX (2 double + 2 single blocks) with ID cross-attentions and a condition LoRA."""
     from peft import set_peft_model_state_dict
 
@@ -38,7 +39,7 @@ def _full_model() -> AppleTransformer:
     for key, value in id_attention_state(flux).items():
         _, index, name = key.split(".", 2)
         modules.setdefault(int(index), {})[name] = value
-    model = AppleTransformer(flux, build_id_attentions_from_weights(modules, flux))
+    model = FastAppleTransformer(flux, build_id_attentions_from_weights(modules, flux))
     state = {k.removeprefix("transformer."): v for k, v in lora_state(flux).items()}
     names, rank = lora_lib.lora_modules_and_rank(state)
     lora_lib.add_condition_lora(flux, names, rank, init=False)
@@ -59,10 +60,19 @@ def _call(model, inp, **kwargs):
     return model(inp.pop("latents"), inp.pop("timestep"), **inp, **kwargs)
 
 
+def _reference(model: AppleTransformer) -> AppleTransformer:
+    """The reference forward over ``model``'s modules (shared): what every speed option must reproduce."""
+    return AppleTransformer(model.flux, model.id_attentions).eval()
+
+
+def _plain(model, inp, **kwargs):
+    return _call(_reference(model), inp, **kwargs)
+
+
 @torch.no_grad()
 def test_condition_modulation_cache_equals_plain_path():
     model, inp = _full_model(), _inputs()
-    plain = _call(model, inp)
+    plain = _plain(model, inp)
     modulation = model.condition_modulation(inp["text"])
     assert len(modulation.rows) == 4 and modulation.rows[0].shape == (1, 1, 6 * 32)
     fast = _call(model, inp, modulation=modulation)
@@ -105,7 +115,7 @@ def test_step_table_joined_with_condition_rows_gives_the_same_passes(monkeypatch
     """The condition's AdaLN rows beside each step's image-stream rows: each block reads [main; condition] as one
     view of the step's row (no concatenation); the passes equal the separate rows' (with the condition, without it,
     fused), and a joined table built from another prompt's condition rows changes them."""
-    from appleswap.model import blocks
+    from appleswap.speed import blocks
 
     model, inp = _full_model(), _inputs(batch=2)
     table = model.timestep_modulation(torch.tensor([1.0, 0.7, 0.3]), inp["text"], guidance=3.5)
@@ -167,7 +177,7 @@ def test_pass_constants_equal_per_pass_computation():
 def test_in_place_id_residual_equals_training_path(monkeypatch):
     """Inference adds the ID residuals in place and runs the last single block's queries, MLP and proj_out on the
     image rows alone; training runs every row. Same output."""
-    from appleswap.model import blocks
+    from appleswap.speed import blocks
 
     model, inp = _full_model(), _inputs()
     queries, attention = [], blocks.joint_attention
@@ -186,18 +196,20 @@ def test_in_place_id_residual_equals_training_path(monkeypatch):
 @torch.no_grad()
 def test_sequential_offload_is_exact_and_loads_in_order():
     model, inp = _full_model(), _inputs()
-    plain = _call(model, inp)
+    plain = _plain(model, inp)
+    before = _call(model, inp)  # the fast forward before offloading: offloaded it must give exactly this
     model.enable_sequential_offload("cpu")
     offloader = model.offloader
     assert isinstance(offloader, BlockOffloader)
     out = _call(model, inp, modulation=model.condition_modulation(inp["text"]))
     assert offloader.loads[-4:] == [0, 1, 2, 3]  # one load per block per pass, doubles first
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_call(model, inp), before, rtol=0, atol=0)  # blocks copied in: bit-identical
     cache = model.build_condition_cache(inp["condition"], inp["text"], IDS)
     assert len(cache.keys_values) == 4
     model.disable_sequential_offload()
     assert model.offloader is None
-    torch.testing.assert_close(_call(model, inp), plain, rtol=0, atol=0)
+    torch.testing.assert_close(_call(model, inp), before, rtol=0, atol=0)
     with pytest.raises(ValueError, match="offload must be one of"):
         check_tier("disk")
 
@@ -245,7 +257,7 @@ def test_fp8_transformer_close_to_full_precision_and_keeps_lora(granularity):
 @pytest.mark.parametrize("granularity", ["row", "tensor"])
 def test_fp8_scaled_mm_path_through_the_whole_model(monkeypatch, granularity):
     """The GPU code path (activations quantised per call, ``torch._scaled_mm``) run on the CPU in bf16."""
-    import appleswap.model.fp8_linear as fp8_lib
+    import appleswap.speed.fp8_linear as fp8_lib
 
     model, inp = _full_model(), _inputs()
     model.flux.to(torch.bfloat16)
@@ -274,7 +286,7 @@ def test_modulation_state_follows_weights_adapters_and_switches():
     from peft import LoraConfig
 
     flux = build_tiny_transformer(num_layers=2, num_single_layers=2)
-    model = AppleTransformer(flux)
+    model = FastAppleTransformer(flux)
     first = model.modulation_state()
     assert model.modulation_state() == first
     with torch.no_grad():

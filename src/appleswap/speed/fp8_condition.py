@@ -24,16 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from appleswap.model import kernels
-from appleswap.model.fp8_linear import (
+from appleswap.model.lora import _active_adapters, is_lora_layer, plain_adapter
+from appleswap.speed import kernels
+from appleswap.speed.fp8_linear import (
     MIN_ROWS,
     dequantize_fp8,
     quantize_activation_rows,
     quantize_fp8,
     scaled_mm_supported,
 )
-from appleswap.model.kernels import ConcatInput
-from appleswap.model.lora import _active_adapters, is_lora_layer, plain_adapter
+from appleswap.speed.kernels import ConcatInput
 
 logger = logging.getLogger(__name__)
 

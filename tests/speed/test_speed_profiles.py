@@ -12,9 +12,11 @@ import dataclasses
 import pytest
 import torch
 
+from appleswap.model.transformer import AppleTransformer
 from appleswap.speed import SPEED_PROFILES, attach_speed, speed_options
+from appleswap.speed.transformer import FastAppleTransformer
 from tests.fixtures.tiny_flux import one_thread  # noqa: F401
-from tests.model.test_speed_options import _call, _full_model, _inputs
+from tests.speed.test_speed_options import _call, _full_model, _inputs, _reference
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -24,7 +26,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def reference():
     torch.manual_seed(0)
-    model, inp = _full_model(), _inputs()
+    model, inp = _reference(_full_model()), _inputs()  # the plain AppleTransformer
     with torch.no_grad():
         return model, inp, _call(model, inp)
 
@@ -39,8 +41,29 @@ def test_every_profile_computes_the_reference_function(reference, profile):
         assert 0 < difference < 0.1, difference  # e4m3 rounding, bounded
     else:
         assert difference < 1e-5, difference
+    if profile == "eager":  # the reference model itself: no speed object at all
+        assert type(fast) is AppleTransformer
+        return
+    assert isinstance(fast, FastAppleTransformer)
     assert fast.is_fused() == (profile in ("compiled", "fp8"))
     assert (fast.offloader is not None) == (profile == "offload")
+
+
+@torch.no_grad()
+def test_fast_forward_without_options_and_with_every_precomputed_input_equals_the_reference(reference):
+    """The fast forward's own path (in-place residuals, precomputed AdaLN rows, pass constants) against the
+    reference forward, before any option is switched on."""
+    model, inp, expected = reference
+    fast = FastAppleTransformer.from_reference(model)
+    assert fast.flux is model.flux  # shared modules, not a copy
+    torch.testing.assert_close(_call(fast, inp), expected, rtol=1e-5, atol=1e-5)
+    text, same = inp["text"], dict(inp, timestep=torch.tensor([0.7, 0.7]), guidance=torch.tensor([3.5, 3.5]))
+    modulation = fast.condition_modulation(text)
+    table = fast.joined_modulation(fast.timestep_modulation(torch.tensor([0.7]), text, 3.5), modulation)
+    constants = fast.pass_constants(text, inp["img_ids"], inp["id_tokens"].expand(2, -1, -1))
+    shared = {"modulation": modulation, "timestep_modulation": table.step(0), "constants": constants}
+    torch.testing.assert_close(_call(fast, dict(same, id_tokens=None), **shared), _call(model, same),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_profile_is_a_clear_error():

@@ -1,4 +1,4 @@
-"""The Triton kernels of :mod:`appleswap.model.kernels` against their reference torch code.
+"""The Triton kernels of :mod:`appleswap.speed.kernels` against their reference torch code.
 
 No GPU here: the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, numpy on the CPU) in a subprocess.
 The interpreter rounds fp32 to bf16 by truncation where the GPU rounds to nearest, so bf16 is compared within
@@ -18,14 +18,14 @@ import pytest
 import torch
 from torch import nn
 
-from appleswap.model import kernels
+from appleswap.speed import kernels
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="Triton not installed")
 
 SETUP = """
 import torch
 from torch import nn
-from appleswap.model import kernels
+from appleswap.speed import kernels
 
 def double_block_parts(dtype, batch=2, heads=3, dim=32, text=5, image=37):
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def test_qk_norm_rope_kernel_matches_reference_in_the_interpreter():
 def test_join_rows_kernel_matches_the_reference_in_the_interpreter():
     """[a | gelu(b) | z on the last rows], zero-padded: joined in the input dtype, or quantised per row to e4m3."""
     out = _interpreted("""
-        from appleswap.model.fp8_linear import quantize_activation_rows
+        from appleswap.speed.fp8_linear import quantize_activation_rows
         for dtype in (torch.float32, torch.bfloat16):
             big = (torch.randn(2, 9, 200) * 3).to(dtype)
             a, b, tail = big[..., :48], big[..., 48:144], torch.randn(2, 4, 16).to(dtype)
@@ -119,7 +119,7 @@ def test_join_rows_kernel_matches_the_reference_in_the_interpreter():
 def test_join_rows_layer_norm_modulation_matches_the_reference_in_the_interpreter():
     """[AdaLN(LayerNorm(x)) | z]: each token's branch row (image / condition), or one row broadcast over the batch."""
     out = _interpreted("""
-        from appleswap.model.fp8_linear import quantize_activation_rows
+        from appleswap.speed.fp8_linear import quantize_activation_rows
         torch.manual_seed(0)
         for dtype in (torch.float32, torch.bfloat16):
             x = (torch.randn(2, 11, 96) * 4 + 1).to(dtype)
