@@ -48,8 +48,8 @@ class Target:
 TARGETS: dict[str, Target] = {
     "sampling": Target(
         ("src/appleswap/sampling/guidance.py", "src/appleswap/sampling/samplers.py",
-         "src/appleswap/sampling/schedule.py", "src/appleswap/sampling/steps.py"),
-        ("tests/sampling/test_samplers.py", "tests/sampling/test_steps.py", "tests/sampling/test_solver_math.py")),
+         "src/appleswap/sampling/schedule.py", "src/appleswap/speed/steps.py"),
+        ("tests/sampling/test_samplers.py", "tests/speed/test_steps.py", "tests/sampling/test_solver_math.py")),
     "lora": Target(
         ("src/appleswap/model/lora.py",),
         ("tests/model/test_lora_routing.py",),

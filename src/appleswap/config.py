@@ -24,6 +24,10 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 T = TypeVar("T")
 _UNSET = object()
 Dtype = Literal["bf16", "fp16", "fp32"]  # the one spelling of a model precision, on every command
+SpeedProfile = Literal["eager", "compiled", "fp8", "offload"]  # appleswap.speed's named profiles
+SPEED_HELP = ("speed profile that sets --fp8/--compile/--cuda-graphs/--offload at once: eager (the reference model, "
+              "layer by layer), compiled (same function, fused + compiled + CUDA graphs), fp8 (compiled with e4m3 "
+              "block weights), offload (fp8 blocks streamed from host memory); default: those flags")
 DTYPE_SPELLINGS = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
                    "no": "fp32"}  # older spellings (torch names, accelerate's "no"), accepted for one release
 _warned: set[str] = set()

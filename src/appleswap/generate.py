@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from appleswap.cli_common import HelpFormatter, common_parser, progress_enabled
-from appleswap.config import Dtype, option
+from appleswap.config import SPEED_HELP, Dtype, SpeedProfile, option
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -56,6 +56,7 @@ class GenerateConfig:
     compile: bool = option(True, "torch.compile the transformer blocks and the VAE on a GPU (regional: ~10-20 s once per "
                            "process and batch shape, then ~1.5x faster passes; same function)")
     cuda_graphs: bool = option(True, "replay each transformer pass as one CUDA graph (GPU only)")
+    speed: SpeedProfile | None = option(None, SPEED_HELP)
     offload: Literal["none", "model", "sequential"] = option(
         "none", "memory tier: model = VAE in host memory between uses; sequential = also the transformer blocks")
     batch_size: int = option(1, "pairs per transformer call")
@@ -322,7 +323,7 @@ def generate(cfg: GenerateConfig, *, weights_dir: str | None = None, device: str
     dtype = torch_dtype(cfg.dtype)
     pipe = SwapPipeline.from_pretrained(weights_dir, cfg.mode, lora_path=cfg.lora, device=device, dtype=dtype,
                                         fp8=cfg.fp8, offload=cfg.offload, compile=cfg.compile,
-                                        cuda_graphs=cfg.cuda_graphs, parity=cfg.parity)
+                                        cuda_graphs=cfg.cuda_graphs, parity=cfg.parity, speed=cfg.speed)
     tokens, written = SourceTokens(pipe, cfg.ids_dir, cfg.size), []
     for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"generate [{rank}/{world}]", unit="batch",
                       disable=not progress):

@@ -69,3 +69,28 @@ def test_fast_forward_without_options_and_with_every_precomputed_input_equals_th
 def test_unknown_profile_is_a_clear_error():
     with pytest.raises(ValueError, match="'turbo' is unknown; choose one of eager, compiled, fp8, offload"):
         speed_options("turbo")
+
+
+def test_the_commands_speed_flag_reaches_the_pipeline(monkeypatch, tmp_path, faces_dir):
+    """``--speed`` on `swap` and `generate` is handed to ``SwapPipeline.from_pretrained`` (which applies it);
+    without it the pipeline gets None and the separate flags decide."""
+    import shutil
+
+    from appleswap.app.swapper import load_generator
+    from appleswap.generate import generate
+    from tests.test_fidelity import COMMAND_LINES, _Loaded, _record_from_pretrained, _resolved
+
+    seen = _record_from_pretrained(monkeypatch)
+    for flags, expected in (([], None), (["--speed", "eager"], "eager"), (["--speed", "fp8"], "fp8")):
+        seen.clear()
+        with pytest.raises(_Loaded):
+            load_generator(_resolved("swap", [*COMMAND_LINES["swap"], *flags]), device="cpu")
+        assert seen["speed"] == expected
+    for folder in ("src", "trg"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(faces_dir / "obama1.jpg", tmp_path / folder / "a.jpg")
+    seen.clear()
+    with pytest.raises(_Loaded):
+        generate(_resolved("generate", ["generate", "--data", str(tmp_path), "--output", str(tmp_path / "o"),
+                                        "--speed", "compiled"]), device="cpu")
+    assert seen["speed"] == "compiled"

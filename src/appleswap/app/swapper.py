@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from appleswap.app.selection import select_faces
-from appleswap.config import Dtype, option
+from appleswap.config import SPEED_HELP, Dtype, SpeedProfile, option
 
 log = logging.getLogger(__name__)
 ALIGN_SIZE = 512  # faces are aligned and pasted at 512; a model of another size resizes the crops itself
@@ -63,6 +63,7 @@ class SwapConfig:
     compile: bool = option(False, "torch.compile the transformer blocks on a GPU (regional: ~10-20 s once, then "
                            "~1.5x faster passes; worth it for videos and folders; same function)")
     cuda_graphs: bool = option(False, "replay each transformer pass as one CUDA graph (GPU; best with --compile)")
+    speed: SpeedProfile | None = option(None, SPEED_HELP)
     offload: Literal["none", "model", "sequential"] = option(
         "none", "GPU memory tier: model (VAE in host memory between uses) or sequential (also the transformer blocks)")
     face_mask: Literal["mesh", "ellipse"] = option(
@@ -368,5 +369,5 @@ def load_generator(config: SwapConfig, weights_dir: str | Path | None = None,
                                             lora_path=getattr(config, "lora", None),
                                             fp8=config.fp8, offload=config.offload,
                                             compile=config.compile, cuda_graphs=config.cuda_graphs,
-                                            parity=config.parity)
+                                            parity=config.parity, speed=getattr(config, "speed", None))
     return PipelineGenerator(pipeline, config, size=config.size)

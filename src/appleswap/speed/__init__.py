@@ -25,15 +25,15 @@ switches its options on in the order that works; the pipeline gets each swap's s
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
+from appleswap.config import SpeedProfile  # one spelling, shared with the commands' --speed
 from appleswap.model.transformer import AppleTransformer
 from appleswap.speed.transformer import FastAppleTransformer, compile_block_functions, uncompile_block_functions
 from appleswap.speed.vae import compile_vae, graph_vae_encoder
 
-SpeedProfile = Literal["eager", "compiled", "fp8", "offload"]
 SPEED_PROFILES: tuple[str, ...] = get_args(SpeedProfile)
 __all__ = ["SPEED_PROFILES", "SpeedOptions", "SpeedProfile", "attach_speed", "compile_block_functions",
            "speed_options", "uncompile_block_functions"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from appleswap.config import Dtype, option
+from appleswap.config import SPEED_HELP, Dtype, SpeedProfile, option
 
 CONDITION_FOLDER = "condition_blended_image_blurdownsample8_segGlass_landmark_iris"
 PROMPT = "a photo of human face"
@@ -119,5 +119,6 @@ class PseudoConfig:
     compile: bool = option(True, "torch.compile the transformer blocks and the VAE on a GPU (once per process, then "
                            "faster passes; same function)")
     cuda_graphs: bool = option(True, "replay each transformer pass as one CUDA graph (GPU only)")
+    speed: SpeedProfile | None = option(None, SPEED_HELP)
     batch_size: int | None = option(None, "pairs per teacher call (one batched inversion and generation); default 4 "
                                           "on a GPU, 1 on the CPU. Each pair's triplet is the same at any batch size")

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     pipeline = SwapPipeline.from_pretrained(
         args.weights_dir, "teacher", flux_path=config.flux, pulid_path=config.pulid, lora_path=config.teacher,
         device=str(device), dtype=dtype, prompt=config.prompt, null_id=IdTokenStore(config.id_cache).null(),
-        fp8=config.fp8, compile=config.compile, cuda_graphs=config.cuda_graphs, parity=config.parity)
+        fp8=config.fp8, compile=config.compile, cuda_graphs=config.cuda_graphs, parity=config.parity,
+        speed=config.speed)
     batch_size = config.batch_size or (4 if device.type == "cuda" else 1)
     generator = PseudoGenerator(pipeline, num_steps=config.num_steps, guidance=config.guidance, batch_size=batch_size)
     scorer = build_scorer(config, args.weights_dir, root, device) if config.score else None
