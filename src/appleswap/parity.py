@@ -29,7 +29,7 @@ class ParitySetting:
 
 
 PARITY: tuple[ParitySetting, ...] = (
-    # preprocess: the condition script vgg_preprocess_seg_mask_gaze_multigpu_samsung.py + 3DDFA-V3 (spec §1)
+    # preprocess: the condition script vgg_preprocess_seg_mask_gaze_multigpu_samsung.py + 3DDFA-V3 (docs/fidelity.md: `--parity`)
     ParitySetting("parser", "auto", ("preprocess",), "face mask from the BiSeNet parser FaceParser.pth",
                   when=(("parser", None),)),
     ParitySetting("occlusion", "auto", ("preprocess",), "mask AND the DeepLabV3+ visible-face prediction",
@@ -40,7 +40,7 @@ PARITY: tuple[ParitySetting, ...] = (
                   "parser input normalised twice: ImageNet mean/std, then (x - 0.5) / 0.5 (SpecificNorm)"),
     ParitySetting("occlusion_flip", "only", ("preprocess",),
                   "occlusion model sees only the mirrored image (patched mmcv MultiScaleFlipAug)"),
-    # generate: pulid_omini_inference_ffhq_[inversion_]args_multigpu.py and the committed .sh (spec §3)
+    # generate: pulid_omini_inference_ffhq_[inversion_]args_multigpu.py and the committed .sh (docs/fidelity.md: `--parity`)
     ParitySetting("invert", True, ("generate",), "the teacher is evaluated with attribute-aware inversion",
                   when=(("mode", "teacher"),)),
     ParitySetting("inverse_cond", "noID_trgCond", ("generate",), "inversion with the null ID and the condition"),
@@ -60,12 +60,12 @@ PARITY: tuple[ParitySetting, ...] = (
     ParitySetting("id_dtype", "bfloat16", ("pipeline",), "PuLID ID encoder (EVA-CLIP, IDFormer) in bf16"),
     ParitySetting("black_condition", "sample", ("pipeline",),
                   "image guidance's black condition latent is a posterior sample, not its mode"),
-    # pseudo: pulid_omini_dataset_gen_fluxpseudovgg_multigpu.py (spec §4.1); its inversion is first order
+    # pseudo: pulid_omini_dataset_gen_fluxpseudovgg_multigpu.py (docs/fidelity.md); its inversion is first order
     ParitySetting("guidance", 1.0, ("pseudo",), "g = 1"),
     ParitySetting("aes_threshold", 5.1, ("pseudo",), "pool: aes > 5.1"),
     ParitySetting("num_pairs", 100_000, ("pseudo",), "the first 100,000 shuffled identity pairs"),
     ParitySetting("mixed_precision", "bf16", ("pseudo",), "bf16"),
-    # prepare-ids / identity: get_id_embedding in bf16 (spec §2)
+    # prepare-ids / identity: get_id_embedding in bf16 (docs/fidelity.md)
     ParitySetting("dtype", "bf16", ("prepare-ids", "identity"), "PuLID ID encoder in bf16"),
 )
 COMMANDS = ("preprocess", "generate", "swap", "pseudo", "prepare-ids", "identity", "pipeline")

@@ -319,7 +319,7 @@ class SwapPipeline:
         return tokens.to(self.device, self.transformer.dtype).expand(batch, -1, -1)
 
     def _invert(self, targets, cond_tokens, positions, sigmas, inverse_cond, target_id, solver, progress, callback):
-        """Step A of §7: target latent (VAE mode) integrated from data to noise under ``inverse_cond``."""
+        """Attribute-aware inversion (docs/method.md: Inversion), step A: the target latent (VAE mode) integrated from data to noise under ``inverse_cond``."""
         batch = targets.shape[0]
         if inverse_cond.startswith("noID"):
             if self.null_id is None and len(self.transformer.id_attentions):
