@@ -200,3 +200,22 @@ def test_quantize_frozen_fp8_replaces_the_block_linears_and_keeps_modulation_and
     assert "transformer_blocks.0.norm1.linear.base_layer" in kept and "x_embedder.base_layer" in kept
     assert all(".lora_" in name or not name.startswith(("transformer_blocks", "single"))
                or name.replace(".base_layer", "").endswith(".linear") for name in kept)
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
+def test_the_fp8_layer_compiles_in_one_graph_with_the_eager_gradients():
+    """Under ``torch.compile(fullgraph=True)`` (as ``compile_blocks`` compiles the blocks) the autograd.Function
+    traces without a graph break and gives the eager output and input gradient."""
+    layer = FrozenFp8Linear.from_linear(_frozen_linear())
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(6))
+    grad = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(7))
+    compiled = torch.compile(lambda inputs: torch.nn.functional.gelu(layer(inputs * 2)), fullgraph=True)
+    inputs = x.clone().requires_grad_(True)
+    out = compiled(inputs)
+    out.backward(grad)
+    reference_inputs = x.clone().requires_grad_(True)
+    reference = torch.nn.functional.gelu(layer(reference_inputs * 2))
+    reference.backward(grad)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inputs.grad, reference_inputs.grad, rtol=1e-5, atol=1e-5)
+    assert inputs.grad.abs().sum() > 0
