@@ -34,24 +34,29 @@ logger = logging.getLogger(__name__)
 
 
 def fp8_product(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                use_scaled_mm: bool, fast_accum: bool) -> torch.Tensor:
+                scaled: bool, fast_accum: bool) -> torch.Tensor:
     """``x @ W^T (+ b)`` for a 2-D ``x`` (M, K) and e4m3 ``W`` (N, K) with per-row scales (N,): the row-wise fp8
-    GEMM where it applies, else the dequantised matmul in ``x.dtype``."""
-    out_features, in_features = weight_fp8.shape
-    if takes_scaled_mm(use_scaled_mm, x.shape[0], in_features, out_features, x):
+    GEMM when ``scaled`` (the caller checked :func:`~appleswap.model.fp8_linear.takes_scaled_mm`), else the
+    dequantised matmul in ``x.dtype``."""
+    if scaled:
         # _scaled_mm wants a row-major first operand: a gradient can arrive with transposed strides
         return scaled_matmul(x.contiguous(), weight_fp8, weight_scale, bias, fast_accum)
     return F.linear(x, dequantize_fp8(weight_fp8, weight_scale, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 class FrozenFp8Product(torch.autograd.Function):
-    """``y = x W^T + b`` with ``dx = dy W`` through the transposed e4m3 copy; nothing else gets a gradient."""
+    """``y = x W^T + b`` with ``dx = dy W`` through the transposed e4m3 copy; nothing else gets a gradient.
+
+    Whether the fp8 GEMM applies is decided once, in the forward, for both products: ``dy`` has ``y``'s rows,
+    device and dtype (``x``'s), and the two products swap the same two sizes."""
 
     @staticmethod
     def forward(ctx, x, weight_fp8, weight_scale, weight_t_fp8, weight_t_scale, bias, use_scaled_mm, fast_accum):
+        out_features, in_features = weight_fp8.shape
+        scaled = takes_scaled_mm(use_scaled_mm, x.shape[0], in_features, out_features, x)
         ctx.save_for_backward(weight_t_fp8, weight_t_scale)  # buffers: no copy; x is not needed (frozen W)
-        ctx.use_scaled_mm = use_scaled_mm
-        return fp8_product(x, weight_fp8, weight_scale, bias, use_scaled_mm, fast_accum)
+        ctx.scaled = scaled
+        return fp8_product(x, weight_fp8, weight_scale, bias, scaled, fast_accum)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -59,7 +64,8 @@ class FrozenFp8Product(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             # dy (M, N) @ W (N, K) = dy @ (W^T)^T: the forward's product with W^T (K, N) as the weight
-            grad_x = fp8_product(grad_out, weight_t_fp8, weight_t_scale, None, ctx.use_scaled_mm, False)
+            scaled = ctx.scaled and grad_out.dtype in (torch.bfloat16, torch.float16)  # row-wise GEMMs write 16-bit
+            grad_x = fp8_product(grad_out, weight_t_fp8, weight_t_scale, None, scaled, False)
         return grad_x, None, None, None, None, None, None, None
 
 
