@@ -219,3 +219,29 @@ def test_the_fp8_layer_compiles_in_one_graph_with_the_eager_gradients():
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(inputs.grad, reference_inputs.grad, rtol=1e-5, atol=1e-5)
     assert inputs.grad.abs().sum() > 0
+
+
+def test_ddp_leaves_the_e4m3_copies_alone(tmp_path):
+    """DDP would broadcast every buffer from rank 0 before each forward (the whole frozen model per step): the fp8
+    copies, identical on every rank, are on its ignore list; the LoRA is what DDP reduces."""
+    import torch.distributed as dist
+
+    from appleswap.model.lora import add_condition_lora, apple_target_modules
+
+    flux = build_tiny_transformer(num_layers=1, num_single_layers=1)
+    add_condition_lora(flux, apple_target_modules(1, 1), rank=4)
+    flux.requires_grad_(False)
+    for name, param in flux.named_parameters():
+        param.requires_grad_(".lora_" in name)
+    quantize_frozen_fp8(flux)
+    fp8_buffers = {name for name, buffer in flux.named_buffers() if buffer.dtype == FP8}
+    assert fp8_buffers
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(flux)
+        assert not fp8_buffers & set(ddp.named_module_buffers)
+        assert not any(buffer.dtype == FP8 for buffer in ddp.modules_buffers)
+        reduced = {name for name, param in flux.named_parameters() if param.requires_grad}
+        assert reduced and all(".lora_" in name for name in reduced)
+    finally:
+        dist.destroy_process_group()

@@ -27,6 +27,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from appleswap.model.fp8_linear import Fp8Linear, dequantize_fp8, quantize_fp8, scaled_matmul, takes_scaled_mm
 
@@ -122,7 +123,11 @@ def quantize_frozen_fp8(transformer: nn.Module, fast_accum: bool = True) -> int:
     Inside a PEFT LoRA wrapper only the ``base_layer`` is replaced, so ``model.lora.routed_linear`` (one base
     product over all tokens, the LoRA on the condition tokens) runs unchanged. The LoRA matrices, the AdaLN
     linears, the ID cross-attentions and everything outside the blocks keep their dtype. Quantise after the LoRA
-    is added and frozen, before :meth:`compile_blocks`."""
+    is added and frozen, before :meth:`compile_blocks`.
+
+    The e4m3 copies are buffers, which DDP would broadcast from rank 0 before every forward (the whole frozen
+    model, each step); every rank quantises the same weights the same way, so they are put on DDP's ignore list of
+    ``transformer`` (pass the module that DDP / accelerate will wrap)."""
     flux = getattr(transformer, "flux", transformer)
     count = 0
     for blocks in (flux.transformer_blocks, flux.single_transformer_blocks):
@@ -135,5 +140,9 @@ def quantize_frozen_fp8(transformer: nn.Module, fast_accum: bool = True) -> int:
                 parent = block.get_submodule(parent_name) if parent_name else block
                 setattr(parent, child_name, FrozenFp8Linear.from_linear(module, fast_accum=fast_accum))
                 count += 1
+    ignored = {f"{name}.{buffer}" for name, module in transformer.named_modules()
+               if isinstance(module, FrozenFp8Linear) for buffer, _ in module.named_buffers(recurse=False)}
+    ignored |= set(getattr(transformer, "_ddp_params_and_buffers_to_ignore", ()))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, sorted(ignored))
     logger.debug("fp8 training: %d frozen block linears in e4m3 (forward and input gradient)", count)
     return count
