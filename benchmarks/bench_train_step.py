@@ -15,6 +15,12 @@ Recipes (``--recipes``, rows in this order):
   10 % dropout of text / condition / ID; every block recomputed in backward, eager blocks, multi-tensor AdamW.
 * ``fused``, ``compiled``, ``partial``: the paper recipe plus, cumulatively, the fused AdamW, the regional
   torch.compile of the training blocks, and gradient checkpointing on ``--checkpoint-fraction`` of the blocks.
+* ``fp8``, ``fp8partial``: the compiled recipe with the frozen block linears in e4m3 (``fp8_base``:
+  ``speed.fp8_training``, forward and input gradient as row-wise fp8 GEMMs; changes numerics), every block
+  checkpointed, then checkpointing on ``--checkpoint-fraction`` of the blocks. The model is quantised in place
+  before the first fp8 row (so the fp8 rows come last). Each fp8 row starts from the LoRA the reference row
+  (``compiled``, else the last bf16 paper-recipe row) started from and runs the same steps (indices, seeds), so
+  its note gives the mean |relative difference| of the flow-matching loss to the reference row, step by step.
 
 Each row is the mean over ``--repeats`` steps on different batches (so the t <= 0.35 gate opens as often as in
 training) after ``--warmup`` steps; the fraction of the bf16 ceiling counts the transformer's model FLOPs (forward
@@ -41,7 +47,8 @@ from typing import Any
 
 logger = logging.getLogger("appleswap.bench_train_step")
 FULL_ID_DIM, TINY_ID_DIM = 2048, 64
-RECIPES = ("plain", "worst", "paper", "fused", "compiled", "partial")
+RECIPES = ("plain", "worst", "paper", "fused", "compiled", "partial", "fp8", "fp8partial")
+FP8_RECIPES = ("fp8", "fp8partial")
 
 
 @dataclasses.dataclass
@@ -68,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated rows, in order (default: all of {', '.join(RECIPES)})")
     parser.add_argument("--batch", type=int, default=4, help="batch of the recipe rows")
     parser.add_argument("--checkpoint-fraction", type=float, default=0.5,
-                        help="share of the blocks recomputed in backward in the 'partial' row")
+                        help="share of the blocks recomputed in backward in the 'partial' and 'fp8partial' rows")
     parser.add_argument("--sweep", action="store_true",
                         help="after the rows, the last recipe over larger batches up to the first OOM")
     parser.add_argument("--batches", default=None,
@@ -234,7 +241,9 @@ def time_steps(step: Callable[[int], dict], batch_size: int, args: argparse.Name
     return BatchRow(batch_size, seconds, peak, note, label, fraction)
 
 
-def apple_step(parts: Any, optimizer: Any, settings: Any, batch_size: int, args: argparse.Namespace):
+def apple_step(parts: Any, optimizer: Any, settings: Any, batch_size: int, args: argparse.Namespace,
+               fm_losses: list[float] | None = None):
+    """One training step on the batch at a start index; appends each step's flow-matching loss to ``fm_losses``."""
     from appleswap.train.teacher import training_step
 
     resolution, id_dim = (64, TINY_ID_DIM) if args.tiny else (512, FULL_ID_DIM)
@@ -244,6 +253,8 @@ def apple_step(parts: Any, optimizer: Any, settings: Any, batch_size: int, args:
         batch = paper_batch(batch_size, resolution, id_dim, start, dropout=settings.id_loss_max_t < 1)
         logs = training_step(parts, batch, settings, optimizer)
         logs["gated"] = float(_gate_share(settings, batch["index"], threshold))
+        if fm_losses is not None:
+            fm_losses.append(logs["loss/fm"])
         return logs
     return step
 
@@ -332,6 +343,50 @@ def plain_rows(args: argparse.Namespace, device: Any, batch_size: int, ceiling: 
     return [time_steps(step, batch_size, args, device, "plain diffusers + peft (FM loss only)", flops, ceiling)]
 
 
+def loss_reference(recipes: list[str]) -> str | None:
+    """The bf16 row the fp8 rows' losses are compared with: ``compiled`` (the same recipe without fp8), else the
+    last paper-recipe row before the first fp8 row; None without fp8 rows or such a row."""
+    if not any(r in FP8_RECIPES for r in recipes):
+        return None
+    if "compiled" in recipes:
+        return "compiled"
+    first = min(recipes.index(r) for r in FP8_RECIPES if r in recipes)
+    return next((r for r in reversed(recipes[:first]) if r in ("paper", "fused", "partial")), None)
+
+
+def relative_loss_difference(losses: list[float], reference: list[float]) -> tuple[float, float]:
+    """(mean, max) over the steps both ran of |loss - reference| / |reference|."""
+    pairs = list(zip(losses, reference))
+    if not pairs:
+        return float("nan"), float("nan")
+    differences = [abs(a - b) / abs(b) for a, b in pairs]
+    return statistics.fmean(differences), max(differences)
+
+
+def fp8_note(recipe_losses: list[float], reference: str | None, reference_losses: list[float] | None) -> str:
+    if reference is None or not reference_losses:
+        return "no bf16 reference row ran (add 'compiled' to --recipes) for the loss difference"
+    mean, worst = relative_loss_difference(recipe_losses, reference_losses)
+    return (f"fm loss vs the '{reference}' row (same LoRA start, batches and seeds, {len(recipe_losses)} steps): "
+            f"mean |rel. diff| {mean:.2e}, max {worst:.2e}")
+
+
+def quantize_for_fp8_rows(model: Any, device: Any) -> int:
+    """The frozen block linears to fp8 in place, as ``fp8_base`` does (compiled graphs of the bf16 blocks dropped
+    first, so the bf16 weights they hold are freed)."""
+    import torch._dynamo
+
+    from appleswap.speed import uncompile_block_functions
+    from appleswap.speed.fp8_training import quantize_frozen_fp8
+
+    uncompile_block_functions(model)
+    torch._dynamo.reset()
+    count = quantize_frozen_fp8(model)
+    free_after_oom(None, device)
+    logger.info("fp8 rows: %d frozen block linears quantised to e4m3", count)
+    return count
+
+
 def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_size: int, ceiling: float,
                parts: Any) -> tuple[list[BatchRow], Callable[[int], BatchRow] | None]:
     """The APPLE recipes on one set of parts; returns the rows and a runner of the last recipe (for --sweep)."""
@@ -350,23 +405,41 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
               "paper": "APPLE paper recipe (t <= 0.35 gates, 10 % dropouts)",
               "fused": "+ fused AdamW",
               "compiled": "+ regional torch.compile of the blocks",
-              "partial": f"+ checkpointing on {args.checkpoint_fraction:.0%} of the blocks"}
-    rows, runner = [], None
+              "partial": f"+ checkpointing on {args.checkpoint_fraction:.0%} of the blocks",
+              "fp8": "compiled + fp8 frozen base (e4m3 forward and input gradient), all blocks checkpointed",
+              "fp8partial": f"+ checkpointing on {args.checkpoint_fraction:.0%} of the blocks (fp8 base)"}
+    reference = loss_reference(recipes)
+    fm_losses: dict[str, list[float]] = {}
+    start_lora: list[torch.Tensor] | None = None  # the LoRA as the reference row found it (host copy)
+    rows, runner, quantized = [], None, False
     for recipe in recipes:
-        fused = recipe in ("fused", "compiled", "partial")
+        fp8 = recipe in FP8_RECIPES
+        if fp8 and not quantized:
+            quantize_for_fp8_rows(model, device)
+            quantized = True
+        if recipe == reference:
+            start_lora = [p.detach().to("cpu", copy=True) for p in params]
+        elif fp8 and start_lora is not None:
+            with torch.no_grad():
+                for param, value in zip(params, start_lora):
+                    param.copy_(value)
+        fused = recipe in ("fused", "compiled", "partial", *FP8_RECIPES)
         settings = LossSettings(id_loss_max_t=1.0, lpips_max_t=1.0) if recipe == "worst" else LossSettings()
         optimizer = make_optimizer(params, TrainConfig(learning_rate=1e-4, weight_decay=1e-3, fused_adamw=fused))
-        if recipe in ("compiled", "partial"):
+        if recipe in ("compiled", "partial", *FP8_RECIPES):
             compile_block_functions(model)
         else:
             uncompile_block_functions(model)
-        model.enable_gradient_checkpointing(args.checkpoint_fraction if recipe == "partial" else 1.0)
+        partial = recipe in ("partial", "fp8partial")
+        model.enable_gradient_checkpointing(args.checkpoint_fraction if partial else 1.0)
 
-        def run_batch(size, settings=settings, optimizer=optimizer, label=labels[recipe]):
-            return time_steps(apple_step(parts, optimizer, settings, size, args), size, args, device, label,
-                              flops, ceiling)
+        def run_batch(size, settings=settings, optimizer=optimizer, label=labels[recipe], record=None):
+            return time_steps(apple_step(parts, optimizer, settings, size, args, record), size, args, device,
+                              label, flops, ceiling)
         try:
-            rows.append(run_batch(batch_size))
+            rows.append(run_batch(batch_size, record=fm_losses.setdefault(recipe, [])))
+            if fp8:
+                rows[-1].note += "; " + fp8_note(fm_losses[recipe], reference, fm_losses.get(reference))
         except torch.OutOfMemoryError as error:
             logger.warning("%s: out of memory (%s)", recipe, str(error).splitlines()[0][:120])
             rows.append(BatchRow(batch_size, None, float("nan"), "out of memory", labels[recipe]))

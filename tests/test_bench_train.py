@@ -88,3 +88,17 @@ def test_batch_sizes_and_time_budget(bench):
     rows = bench.sweep(lambda size: bench.BatchRow(size, 1.0, 1.0), [1, 2], lambda: None, deadline=0.0)
     assert len(rows) == 1 and rows[0].seconds is None and "not run" in rows[0].note
     assert bench.largest_fit(rows) == 0 and not bench.ran_out_of_memory(rows)
+
+
+def test_fp8_rows_compare_their_losses_with_the_bf16_reference_row(bench):
+    """The fp8 rows' loss difference is taken against the same recipe in bf16 ('compiled'), else the last
+    paper-recipe row before them (never the worst case, whose gates change the trajectory); step by step."""
+    assert bench.loss_reference(["plain", "paper", "compiled", "partial", "fp8", "fp8partial"]) == "compiled"
+    assert bench.loss_reference(["worst", "paper", "fused", "fp8"]) == "fused"
+    assert bench.loss_reference(["worst", "fp8"]) is None
+    assert bench.loss_reference(["paper", "compiled"]) is None  # no fp8 row: nothing to compare
+    mean, worst = bench.relative_loss_difference([1.1, 0.9, 2.0], [1.0, 1.0, 2.0])
+    assert math.isclose(mean, 0.2 / 3) and math.isclose(worst, 0.1)
+    note = bench.fp8_note([1.1, 0.9], "compiled", [1.0, 1.0])
+    assert "'compiled' row" in note and "2 steps" in note and "mean |rel. diff| 1.00e-01" in note
+    assert "no bf16 reference row" in bench.fp8_note([1.0], None, None)

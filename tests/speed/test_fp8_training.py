@@ -1,0 +1,247 @@
+"""fp8 frozen base weights in training (``appleswap.speed.fp8_training``): the forward and the input gradient
+against references computed here in float64 from the layer's e4m3 copies, and against the full-precision layer
+within e4m3's rounding; the row-wise ``torch._scaled_mm`` path (it runs on this CPU build) taken for both products;
+no gradient to the frozen weights while a PEFT LoRA around the fp8 base still trains; the block walk.
+"""
+
+from __future__ import annotations
+
+import appleswap.model.fp8_linear as fp8_lib
+import pytest
+import torch
+from appleswap.model.fp8_linear import FP8
+from torch import nn
+
+from appleswap.speed.fp8_training import FrozenFp8Linear, quantize_frozen_fp8
+from tests.fixtures.tiny_flux import build_tiny_transformer, one_thread  # noqa: F401
+
+HALF_ULP = 2**-4  # e4m3 rounds a normal value to within 1/16 of itself
+# e4m3 weights (and, on the fp8 GEMM path, e4m3 activations / output gradients): each element within 1/16, the
+# errors of a 64-term dot product partly cancel; measured relative L2 errors 0.022-0.034 at these shapes
+WEIGHT_ONLY_TOL, FP8_GEMM_TOL = 0.05, 0.07
+
+
+def _frozen_linear(in_features: int = 64, out_features: int = 48, seed: int = 0) -> nn.Linear:
+    """A frozen linear whose rows AND columns span two decades of magnitude: a scale taken from the wrong axis
+    (the forward's per-output scales in the backward, say) is off by up to 100x somewhere."""
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        rows = torch.logspace(0, 2, out_features)[torch.randperm(out_features, generator=generator)]
+        columns = torch.logspace(0, 2, in_features)[torch.randperm(in_features, generator=generator)]
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * rows[:, None]
+                            * columns[None, :] * 1e-3)
+        linear.bias.copy_(torch.randn(out_features, generator=generator))
+    return linear.requires_grad_(False)
+
+
+def _relative_l2(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.double() - reference.double()).norm() / reference.double().norm())
+
+
+def _forward_backward(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    out = layer(x)
+    out.backward(grad)
+    return out.detach(), x.grad
+
+
+def test_the_two_e4m3_copies_round_w_and_its_transpose():
+    """Each copy is W (or W^T) within half an e4m3 step of its own row's scale; both take the bf16 weight's bytes."""
+    linear = _frozen_linear()
+    layer = FrozenFp8Linear.from_linear(linear)
+    weight = linear.weight.double()
+    assert layer.weight_fp8.dtype == layer.weight_t_fp8.dtype == FP8
+    assert layer.weight_fp8.shape == (48, 64) and layer.weight_t_fp8.shape == (64, 48)
+    assert layer.weight_t_fp8.is_contiguous()  # so weight_t_fp8.t() is the column-major operand _scaled_mm wants
+    forward = layer.weight_fp8.double() * layer.weight_scale.double()[:, None]
+    backward = layer.weight_t_fp8.double() * layer.weight_t_scale.double()[:, None]
+    row_max, column_max = weight.abs().amax(1, keepdim=True), weight.abs().amax(0)[:, None]
+    assert ((forward - weight).abs() <= HALF_ULP * row_max).all()
+    assert ((backward - weight.t()).abs() <= HALF_ULP * column_max).all()
+    assert layer.weight_fp8.nbytes + layer.weight_t_fp8.nbytes == linear.weight.to(torch.bfloat16).nbytes
+    assert not list(layer.parameters())  # buffers only: nothing an optimizer could pick up
+
+
+def test_forward_and_input_gradient_equal_the_dequantised_products():
+    """Dequantised path (CPU, fp32): y = x W8^T + b and dx = dy Wt8^T in float64 from the stored e4m3 copies and
+    their scales; and both within e4m3's rounding of the full-precision layer."""
+    linear = _frozen_linear()
+    layer = FrozenFp8Linear.from_linear(linear)
+    generator = torch.Generator().manual_seed(1)
+    x, grad = torch.randn(2, 7, 64, generator=generator), torch.randn(2, 7, 48, generator=generator)
+    out, grad_x = _forward_backward(layer, x, grad)
+
+    forward = layer.weight_fp8.double() * layer.weight_scale.double()[:, None]  # (48, 64) ~ W
+    backward = layer.weight_t_fp8.double() * layer.weight_t_scale.double()[:, None]  # (64, 48) ~ W^T
+    torch.testing.assert_close(out.double(), x.double() @ forward.t() + linear.bias.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_x.double(), grad.double() @ backward.t(), rtol=1e-5, atol=1e-5)
+
+    exact_out, exact_grad = _forward_backward(linear, x, grad)
+    assert _relative_l2(out, exact_out) < WEIGHT_ONLY_TOL
+    assert _relative_l2(grad_x, exact_grad) < WEIGHT_ONLY_TOL
+
+
+def test_bf16_products_take_the_rowwise_scaled_mm(monkeypatch):
+    """bf16 with >= 16 rows: forward and input gradient are row-wise ``torch._scaled_mm`` calls (operands and
+    scales as Hopper wants them), within fp8 rounding of the float64 product of the dequantised copies."""
+    monkeypatch.setattr(fp8_lib, "scaled_mm_supported", lambda device: True)  # this CPU build runs _scaled_mm
+    calls = []
+    real = torch._scaled_mm
+
+    def recording(a, b, **kwargs):
+        calls.append((a.shape, b.shape, b.stride(), kwargs["scale_a"].shape, kwargs["scale_b"].shape))
+        return real(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    linear = _frozen_linear().to(torch.bfloat16)
+    layer = FrozenFp8Linear.from_linear(linear)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 16, 64, generator=generator).to(torch.bfloat16)
+    grad = torch.randn(2, 16, 48, generator=generator).to(torch.bfloat16)
+    try:
+        out, grad_x = _forward_backward(layer, x, grad)
+    except (RuntimeError, NotImplementedError) as error:  # a build without fp8 GEMMs on this device
+        pytest.skip(f"torch._scaled_mm unavailable here: {error}")
+    assert out.dtype == grad_x.dtype == torch.bfloat16
+    # forward (32, 64) @ (64, 48); backward (32, 48) @ (48, 64); second operands column-major (stride (1, rows))
+    assert calls == [((32, 64), (64, 48), (1, 64), (32, 1), (1, 48)),
+                     ((32, 48), (48, 64), (1, 48), (32, 1), (1, 64))]
+    forward = layer.weight_fp8.double() * layer.weight_scale.double()[:, None]
+    backward = layer.weight_t_fp8.double() * layer.weight_t_scale.double()[:, None]
+    reference_out = x.double().reshape(32, 64) @ forward.t() + linear.bias.double()
+    reference_grad = grad.double().reshape(32, 48) @ backward.t()
+    assert _relative_l2(out.reshape(32, 48), reference_out) < FP8_GEMM_TOL  # e4m3 activations only
+    assert _relative_l2(grad_x.reshape(32, 64), reference_grad) < FP8_GEMM_TOL  # e4m3 output gradients only
+    exact_out, exact_grad = _forward_backward(linear.double(), x.double(), grad.double())
+    assert _relative_l2(out, exact_out) < FP8_GEMM_TOL
+    assert _relative_l2(grad_x, exact_grad) < FP8_GEMM_TOL
+
+
+def test_unaligned_sizes_fall_back_to_the_dequantised_matmul(monkeypatch):
+    """Sizes that are not multiples of 16 never reach _scaled_mm (it would refuse them on a GPU)."""
+    monkeypatch.setattr(fp8_lib, "scaled_mm_supported", lambda device: True)
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: pytest.fail("_scaled_mm called on unaligned sizes"))
+    linear = _frozen_linear(40, 24).to(torch.bfloat16)
+    layer = FrozenFp8Linear.from_linear(linear)
+    x = torch.randn(32, 40).to(torch.bfloat16)
+    out, grad_x = _forward_backward(layer, x, torch.ones(32, 24, dtype=torch.bfloat16))
+    assert out.shape == (32, 24) and grad_x.shape == (32, 40)
+
+
+def test_trainable_linears_are_refused():
+    with pytest.raises(ValueError, match="frozen"):
+        FrozenFp8Linear.from_linear(nn.Linear(16, 16))
+
+
+def test_lora_around_the_fp8_base_trains_and_the_base_gets_no_gradient():
+    """A PEFT LoRA wrapper with the fp8 base, routed as the blocks route it (LoRA on the condition rows only):
+    lora_A / lora_B and the input get the gradients of the full-precision base within e4m3 rounding, and the
+    fp8 base holds no parameter and no gradient."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from appleswap.model.lora import routed_linear
+
+    def wrapped(base: nn.Module) -> nn.Module:
+        torch.manual_seed(3)
+        holder = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["proj"]),
+                                         nn.ModuleDict({"proj": base}))
+        layer = holder["proj"]
+        nn.init.normal_(layer.lora_B["default"].weight, std=0.05)  # PEFT starts B at zero: make A's gradient non-zero
+        return layer
+
+    linear = _frozen_linear()
+    reference = wrapped(linear)
+    quantized = wrapped(linear)
+    quantized.base_layer = FrozenFp8Linear.from_linear(linear)
+    x = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(4))
+    grad = torch.randn(2, 10, 48, generator=torch.Generator().manual_seed(5))
+    results = []
+    for layer in (reference, quantized):
+        layer.requires_grad_(False)
+        for module in (layer.lora_A, layer.lora_B):
+            module.requires_grad_(True)
+        inputs = x.clone().requires_grad_(True)
+        routed_linear(layer, inputs, 6).backward(grad)
+        results.append((inputs.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad))
+    (x_ref, a_ref, b_ref), (x_fp8, a_fp8, b_fp8) = results
+    assert a_fp8.abs().sum() > 0 and b_fp8.abs().sum() > 0
+    for ours, theirs in ((x_fp8, x_ref), (a_fp8, a_ref), (b_fp8, b_ref)):
+        assert _relative_l2(ours, theirs) < WEIGHT_ONLY_TOL
+    # B's gradient depends on the LoRA input alone, never on the base: the same with either base
+    torch.testing.assert_close(b_fp8, b_ref)
+    base = quantized.base_layer
+    assert not list(base.parameters())
+    assert all(buffer.grad is None and not buffer.requires_grad for buffer in base.buffers())
+    assert [name for name, p in quantized.named_parameters() if p.requires_grad] == [
+        "lora_A.default.weight", "lora_B.default.weight"]
+
+
+def test_quantize_frozen_fp8_replaces_the_block_linears_and_keeps_modulation_and_lora():
+    """Every frozen block linear except the AdaLN ones becomes FrozenFp8Linear; inside a LoRA wrapper only the
+    base layer; the LoRA matrices and everything outside the blocks keep their dtype."""
+    from appleswap.model.lora import add_condition_lora, apple_target_modules
+
+    flux = build_tiny_transformer(num_layers=1, num_single_layers=1)
+    add_condition_lora(flux, apple_target_modules(1, 1), rank=4)
+    flux.requires_grad_(False)
+    linears = {name for name, module in flux.named_modules() if type(module) is nn.Linear}
+    count = quantize_frozen_fp8(flux)
+    replaced = {name for name, module in flux.named_modules() if isinstance(module, FrozenFp8Linear)}
+    assert count == len(replaced) > 0
+    kept = {name for name, module in flux.named_modules() if type(module) is nn.Linear}
+    assert kept | replaced == linears and not kept & replaced
+    for name in replaced:
+        assert name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and ".lora_" not in name
+        assert not name.replace(".base_layer", "").endswith(("norm1.linear", "norm1_context.linear", "norm.linear"))
+    # the wrapped targets: their base layer only (e.g. attn.to_q), the unwrapped ones in place (e.g. attn.add_q_proj)
+    assert "transformer_blocks.0.attn.to_q.base_layer" in replaced
+    assert "transformer_blocks.0.attn.add_q_proj" in replaced
+    assert "transformer_blocks.0.norm1.linear.base_layer" in kept and "x_embedder.base_layer" in kept
+    assert all(".lora_" in name or not name.startswith(("transformer_blocks", "single"))
+               or name.replace(".base_layer", "").endswith(".linear") for name in kept)
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
+def test_the_fp8_layer_compiles_in_one_graph_with_the_eager_gradients():
+    """Under ``torch.compile(fullgraph=True)`` (as ``compile_blocks`` compiles the blocks) the autograd.Function
+    traces without a graph break and gives the eager output and input gradient."""
+    layer = FrozenFp8Linear.from_linear(_frozen_linear())
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(6))
+    grad = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(7))
+    compiled = torch.compile(lambda inputs: torch.nn.functional.gelu(layer(inputs * 2)), fullgraph=True)
+    inputs = x.clone().requires_grad_(True)
+    out = compiled(inputs)
+    out.backward(grad)
+    reference_inputs = x.clone().requires_grad_(True)
+    reference = torch.nn.functional.gelu(layer(reference_inputs * 2))
+    reference.backward(grad)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inputs.grad, reference_inputs.grad, rtol=1e-5, atol=1e-5)
+    assert inputs.grad.abs().sum() > 0
+
+
+def test_ddp_leaves_the_e4m3_copies_alone(tmp_path):
+    """DDP would broadcast every buffer from rank 0 before each forward (the whole frozen model per step): the fp8
+    copies, identical on every rank, are on its ignore list; the LoRA is what DDP reduces."""
+    import torch.distributed as dist
+
+    from appleswap.model.lora import add_condition_lora, apple_target_modules
+
+    flux = build_tiny_transformer(num_layers=1, num_single_layers=1)
+    add_condition_lora(flux, apple_target_modules(1, 1), rank=4)
+    flux.requires_grad_(False)
+    for name, param in flux.named_parameters():
+        param.requires_grad_(".lora_" in name)
+    quantize_frozen_fp8(flux)
+    fp8_buffers = {name for name, buffer in flux.named_buffers() if buffer.dtype == FP8}
+    assert fp8_buffers
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(flux)
+        assert not fp8_buffers & set(ddp.named_module_buffers)
+        assert not any(buffer.dtype == FP8 for buffer in ddp.modules_buffers)
+        reduced = {name for name, param in flux.named_parameters() if param.requires_grad}
+        assert reduced and all(".lora_" in name for name in reduced)
+    finally:
+        dist.destroy_process_group()
