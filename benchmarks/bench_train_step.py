@@ -20,7 +20,7 @@ Recipes (``--recipes``, rows in this order):
   checkpointed, then checkpointing on ``--checkpoint-fraction`` of the blocks. The model is quantised in place
   before the first fp8 row (so the fp8 rows come last). Each fp8 row starts from the LoRA the reference row
   (``compiled``, else the last bf16 paper-recipe row) started from and runs the same steps (indices, seeds), so
-  its note gives the mean |relative difference| of the flow-matching loss to the reference row, step by step.
+  its note gives the mean absolute relative difference of the flow-matching loss to the reference row, step by step.
 
 Each row is the mean over ``--repeats`` steps on different batches (so the t <= 0.35 gate opens as often as in
 training) after ``--warmup`` steps; the fraction of the bf16 ceiling counts the transformer's model FLOPs (forward
@@ -368,7 +368,7 @@ def fp8_note(recipe_losses: list[float], reference: str | None, reference_losses
         return "no bf16 reference row ran (add 'compiled' to --recipes) for the loss difference"
     mean, worst = relative_loss_difference(recipe_losses, reference_losses)
     return (f"fm loss vs the '{reference}' row (same LoRA start, batches and seeds, {len(recipe_losses)} steps): "
-            f"mean |rel. diff| {mean:.2e}, max {worst:.2e}")
+            f"mean abs. rel. diff {mean:.2e}, max {worst:.2e}")
 
 
 def quantize_for_fp8_rows(model: Any, device: Any) -> int:

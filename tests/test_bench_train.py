@@ -100,5 +100,31 @@ def test_fp8_rows_compare_their_losses_with_the_bf16_reference_row(bench):
     mean, worst = bench.relative_loss_difference([1.1, 0.9, 2.0], [1.0, 1.0, 2.0])
     assert math.isclose(mean, 0.2 / 3) and math.isclose(worst, 0.1)
     note = bench.fp8_note([1.1, 0.9], "compiled", [1.0, 1.0])
-    assert "'compiled' row" in note and "2 steps" in note and "mean |rel. diff| 1.00e-01" in note
+    assert "'compiled' row" in note and "2 steps" in note and "mean abs. rel. diff 1.00e-01" in note
+    assert "|" not in note  # a table cell
     assert "no bf16 reference row" in bench.fp8_note([1.0], None, None)
+
+
+def test_fp8_row_quantises_the_model_and_notes_its_loss_difference(bench, capsys, monkeypatch):
+    """The fp8 row (compile stubbed out: eager blocks, to keep this fast) quantises the frozen block linears, starts
+    from the LoRA the paper row started from and runs its steps: the losses differ, by e4m3 rounding only."""
+    from appleswap.model.transformer import AppleTransformer
+    from appleswap.speed.fp8_training import FrozenFp8Linear
+
+    monkeypatch.setattr(AppleTransformer, "compile_blocks", AppleTransformer.uncompile_blocks)
+    built = []
+    real_build = bench.build_parts
+    monkeypatch.setattr(bench, "build_parts", lambda *a: built.append(real_build(*a)) or built[-1])
+    assert bench.main(["--tiny", "--device", "cpu", "--recipes", "paper,fp8", "--batch", "2", "--repeats", "1",
+                       "--warmup", "1", "--log-level", "WARNING"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert [row[0] for row in rows] == ["APPLE paper recipe (t <= 0.35 gates, 10 % dropouts)",
+                                        ("compiled + fp8 frozen base (e4m3 forward and input gradient), all blocks "
+                                         "checkpointed")]
+    note = rows[1][-1].split("fm loss vs the 'paper' row (same LoRA start, batches and seeds, 2 steps): ")[1]
+    mean = float(note.split("mean abs. rel. diff ")[1].split(",")[0])
+    assert 0 < mean < 0.05, note
+    model = built[0].transformer
+    blocks = len(model.flux.transformer_blocks), len(model.flux.single_transformer_blocks)
+    # per double block 12 linears besides the 2 AdaLN ones, per single block 5 besides 1 (tests/speed counts them)
+    assert sum(isinstance(m, FrozenFp8Linear) for m in model.modules()) == 12 * blocks[0] + 5 * blocks[1]

@@ -82,10 +82,17 @@ def test_forward_and_input_gradient_equal_the_dequantised_products():
     assert _relative_l2(grad_x, exact_grad) < WEIGHT_ONLY_TOL
 
 
-def test_bf16_products_take_the_rowwise_scaled_mm(monkeypatch):
+CUDA_FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_FP8, reason="no GPU with fp8 GEMMs"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_products_take_the_rowwise_scaled_mm(monkeypatch, device):
     """bf16 with >= 16 rows: forward and input gradient are row-wise ``torch._scaled_mm`` calls (operands and
-    scales as Hopper wants them), within fp8 rounding of the float64 product of the dequantised copies."""
-    monkeypatch.setattr(fp8_lib, "scaled_mm_supported", lambda device: True)  # this CPU build runs _scaled_mm
+    scales as Hopper wants them), within fp8 rounding of the float64 product of the dequantised copies. On a GPU
+    with fp8 tensor cores the same test runs the real kernels (``pytest tests/speed -k scaled_mm``)."""
+    if device == "cpu":
+        monkeypatch.setattr(fp8_lib, "scaled_mm_supported", lambda device: True)  # this CPU build runs _scaled_mm
     calls = []
     real = torch._scaled_mm
 
@@ -94,11 +101,11 @@ def test_bf16_products_take_the_rowwise_scaled_mm(monkeypatch):
         return real(a, b, **kwargs)
 
     monkeypatch.setattr(torch, "_scaled_mm", recording)
-    linear = _frozen_linear().to(torch.bfloat16)
+    linear = _frozen_linear().to(device, torch.bfloat16)
     layer = FrozenFp8Linear.from_linear(linear)
     generator = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 16, 64, generator=generator).to(torch.bfloat16)
-    grad = torch.randn(2, 16, 48, generator=generator).to(torch.bfloat16)
+    x = torch.randn(2, 16, 64, generator=generator).to(device, torch.bfloat16)
+    grad = torch.randn(2, 16, 48, generator=generator).to(device, torch.bfloat16)
     try:
         out, grad_x = _forward_backward(layer, x, grad)
     except (RuntimeError, NotImplementedError) as error:  # a build without fp8 GEMMs on this device
@@ -113,9 +120,9 @@ def test_bf16_products_take_the_rowwise_scaled_mm(monkeypatch):
     reference_grad = grad.double().reshape(32, 48) @ backward.t()
     assert _relative_l2(out.reshape(32, 48), reference_out) < FP8_GEMM_TOL  # e4m3 activations only
     assert _relative_l2(grad_x.reshape(32, 64), reference_grad) < FP8_GEMM_TOL  # e4m3 output gradients only
-    exact_out, exact_grad = _forward_backward(linear.double(), x.double(), grad.double())
-    assert _relative_l2(out, exact_out) < FP8_GEMM_TOL
-    assert _relative_l2(grad_x, exact_grad) < FP8_GEMM_TOL
+    exact_out, exact_grad = _forward_backward(linear.double().cpu(), x.double().cpu(), grad.double().cpu())
+    assert _relative_l2(out.cpu(), exact_out) < FP8_GEMM_TOL
+    assert _relative_l2(grad_x.cpu(), exact_grad) < FP8_GEMM_TOL
 
 
 def test_unaligned_sizes_fall_back_to_the_dequantised_matmul(monkeypatch):
@@ -245,3 +252,20 @@ def test_ddp_leaves_the_e4m3_copies_alone(tmp_path):
         assert reduced and all(".lora_" in name for name in reduced)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not CUDA_FP8, reason="no GPU with fp8 GEMMs")
+def test_the_fp8_layer_compiles_with_the_fp8_gemms_on_the_gpu():
+    """GPU only: inductor's fp8 GEMMs in the compiled forward and backward give the eager ones' results."""
+    layer = FrozenFp8Linear.from_linear(_frozen_linear().to("cuda", torch.bfloat16))
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 32, 64, generator=generator).to("cuda", torch.bfloat16)
+    grad = torch.randn(4, 32, 48, generator=generator).to("cuda", torch.bfloat16)
+    compiled = torch.compile(lambda inputs: torch.nn.functional.gelu(layer(inputs * 2)), fullgraph=True)
+    results = []
+    for function in (compiled, lambda inputs: torch.nn.functional.gelu(layer(inputs * 2))):
+        inputs = x.clone().requires_grad_(True)
+        function(inputs).backward(grad)
+        results.append((function(x).float(), inputs.grad.float()))
+    (out, grad_x), (eager_out, eager_grad) = results
+    assert _relative_l2(out, eager_out) < 1e-2 and _relative_l2(grad_x, eager_grad) < 1e-2
