@@ -6,10 +6,10 @@ no gradient to the frozen weights while a PEFT LoRA around the fp8 base still tr
 
 from __future__ import annotations
 
-import appleswap.model.fp8_linear as fp8_lib
+import appleswap.speed.fp8_linear as fp8_lib
 import pytest
 import torch
-from appleswap.model.fp8_linear import FP8
+from appleswap.speed.fp8_linear import FP8
 from torch import nn
 
 from appleswap.speed.fp8_training import FrozenFp8Linear, quantize_frozen_fp8

@@ -3,7 +3,7 @@
 A training step multiplies every frozen block weight ``W`` (N, K) twice per forward-and-backward: the forward
 ``y = x W^T`` and the input gradient ``dx = dy W`` (no weight gradient: ``W`` is frozen; the LoRA that trains sits
 beside it, in fp32, untouched). :class:`FrozenFp8Linear` keeps ``W`` twice in e4m3, each copy with row-wise scales
-(the scheme of :mod:`appleswap.model.fp8_linear`): ``W`` (N, K) with one scale per output channel for the forward,
+(the scheme of :mod:`appleswap.speed.fp8_linear`): ``W`` (N, K) with one scale per output channel for the forward,
 and ``W^T`` (K, N), stored row-major, with one scale per input channel for the backward, so that both products are
 Hopper's row-wise ``torch._scaled_mm`` with the second operand column-major. The activations (forward) and the
 output gradients (backward) are quantised per row (token) on the fly. Together the two e4m3 copies take the
@@ -12,7 +12,7 @@ memory of the bf16 weight they replace, which is dropped.
 Where ``torch._scaled_mm`` does not apply (CPU, fp32 activations, fewer than 16 rows, sizes not multiples of 16,
 GPUs without fp8 tensor cores) the same function multiplies by the dequantised copies in the activation dtype
 (weight-only fp8), so the CPU tests run this module's own code. The forward accumulates like inference's
-:class:`~appleswap.model.fp8_linear.Fp8Linear` (``fast_accum``); the input gradient always uses the precise
+:class:`~appleswap.speed.fp8_linear.Fp8Linear` (``fast_accum``); the input gradient always uses the precise
 accumulation (as torchao's float8 training does for gradients).
 
 The product is a plain ``torch.autograd.Function`` of tensor ops, which dynamo traces into the regional
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from appleswap.model.fp8_linear import Fp8Linear, dequantize_fp8, quantize_fp8, scaled_matmul, takes_scaled_mm
+from appleswap.speed.fp8_linear import Fp8Linear, dequantize_fp8, quantize_fp8, scaled_matmul, takes_scaled_mm
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 def fp8_product(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                 scaled: bool, fast_accum: bool) -> torch.Tensor:
     """``x @ W^T (+ b)`` for a 2-D ``x`` (M, K) and e4m3 ``W`` (N, K) with per-row scales (N,): the row-wise fp8
-    GEMM when ``scaled`` (the caller checked :func:`~appleswap.model.fp8_linear.takes_scaled_mm`), else the
+    GEMM when ``scaled`` (the caller checked :func:`~appleswap.speed.fp8_linear.takes_scaled_mm`), else the
     dequantised matmul in ``x.dtype``."""
     if scaled:
         # _scaled_mm wants a row-major first operand: a gradient can arrive with transposed strides
@@ -71,7 +71,7 @@ class FrozenFp8Product(torch.autograd.Function):
 
 
 class FrozenFp8Linear(Fp8Linear):
-    """A frozen ``nn.Linear`` for training: :class:`~appleswap.model.fp8_linear.Fp8Linear`'s e4m3 weight (N, K)
+    """A frozen ``nn.Linear`` for training: :class:`~appleswap.speed.fp8_linear.Fp8Linear`'s e4m3 weight (N, K)
     and row scales for the forward, plus ``weight_t_fp8`` (K, N, row-major) and ``weight_t_scale`` (K,) for the
     input gradient. All are buffers (never trained); the bias stays in the model dtype and gets no gradient."""
 
