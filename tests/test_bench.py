@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from appleswap.benchmark.settings import BenchConfig
 from appleswap.benchmark.table import run_bench
 from tests.fixtures.tiny_flux import one_thread  # noqa: F401
@@ -96,3 +98,19 @@ def test_module_entry_point_is_the_bench_command():
                             env={"PYTHONPATH": str(src), "PATH": ""}, check=True)
     assert result.stdout.startswith("usage: python -m appleswap.benchmark")
     assert "bench bench" not in result.stdout and "--compile" in result.stdout and "--weights-dir" in result.stdout
+
+
+@pytest.mark.slow  # inductor compiles the blocks and the VAE on the CPU: a few minutes on a shared 2-core box
+def test_compiled_rows_script_runs_on_the_current_layout(capsys):
+    """benchmarks/bench_compiled_rows.py (the before/after A/B of the redesign) finds this tree's benchmark functions
+    and prints the compiled pass and swap rows."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compiled_rows.py"
+    spec = importlib.util.spec_from_file_location("bench_compiled_rows", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--tiny"]) == 0
+    table = capsys.readouterr().out
+    assert "APPLE pass, bf16, regional torch.compile" in table and "student swap (1 passes)" in table
