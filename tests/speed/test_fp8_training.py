@@ -6,12 +6,12 @@ no gradient to the frozen weights while a PEFT LoRA around the fp8 base still tr
 
 from __future__ import annotations
 
-import appleswap.speed.fp8_linear as fp8_lib
 import pytest
 import torch
-from appleswap.speed.fp8_linear import FP8
 from torch import nn
 
+import appleswap.speed.fp8_linear as fp8_lib
+from appleswap.speed.fp8_linear import FP8
 from appleswap.speed.fp8_training import FrozenFp8Linear, quantize_frozen_fp8
 from tests.fixtures.tiny_flux import build_tiny_transformer, one_thread  # noqa: F401
 
