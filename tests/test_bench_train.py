@@ -108,10 +108,10 @@ def test_fp8_rows_compare_their_losses_with_the_bf16_reference_row(bench):
 def test_fp8_row_quantises_the_model_and_notes_its_loss_difference(bench, capsys, monkeypatch):
     """The fp8 row (compile stubbed out: eager blocks, to keep this fast) quantises the frozen block linears, starts
     from the LoRA the paper row started from and runs its steps: the losses differ, by e4m3 rounding only."""
-    from appleswap.model.transformer import AppleTransformer
+    import appleswap.speed
     from appleswap.speed.fp8_training import FrozenFp8Linear
 
-    monkeypatch.setattr(AppleTransformer, "compile_blocks", AppleTransformer.uncompile_blocks)
+    monkeypatch.setattr(appleswap.speed, "compile_block_functions", appleswap.speed.uncompile_block_functions)
     built = []
     real_build = bench.build_parts
     monkeypatch.setattr(bench, "build_parts", lambda *a: built.append(real_build(*a)) or built[-1])
