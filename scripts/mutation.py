@@ -60,7 +60,7 @@ TARGETS: dict[str, Target] = {
          "appleswap.model.lora.x_apple_target_modules*")),
     "id_attention": Target(
         ("src/appleswap/model/id_attention.py",),
-        ("tests/model/test_lora_routing.py",)),
+        ("tests/model/test_lora_routing.py", "tests/model/test_id_attention.py")),
     "align": Target(
         ("src/appleswap/faces/align.py",),
         ("tests/faces/test_align_recipe.py",),
@@ -85,7 +85,7 @@ TARGETS: dict[str, Target] = {
          "appleswap.weights.x_env_override_name*", "appleswap.weights.x__missing_parts*",
          "appleswap.weights.x_locate*", "appleswap.weights.x_check__*", "appleswap.weights.x_sha256_of*")),
     "watermark": Target(
-        ("src/appleswap/app/watermark.py",),
+        ("src/appleswap/provenance/watermark.py",),
         # (tests/app/test_watermark_false_alarm.py checks the threshold, a module constant mutmut does not mutate)
         ("tests/app/test_provenance_watermark.py",)),
 }
