@@ -52,7 +52,7 @@ TARGETS: dict[str, Target] = {
         ("tests/sampling/test_samplers.py", "tests/sampling/test_steps.py", "tests/sampling/test_solver_math.py")),
     "lora": Target(
         ("src/appleswap/model/lora.py",),
-        ("tests/model/test_lora_routing.py",),
+        ("tests/model/test_lora_routing.py", "tests/model/test_lora_units.py"),
         ("appleswap.model.lora.x_routed_linear*", "appleswap.model.lora.x_lora_delta*",
          "appleswap.model.lora.x_add_to_rows*", "appleswap.model.lora.x_base_linear*",
          "appleswap.model.lora.x__active_adapters*", "appleswap.model.lora.x_is_lora_layer*",
