@@ -63,7 +63,7 @@ TARGETS: dict[str, Target] = {
         ("tests/model/test_lora_routing.py", "tests/model/test_id_attention.py")),
     "align": Target(
         ("src/appleswap/faces/align.py",),
-        ("tests/faces/test_align_recipe.py",),
+        ("tests/faces/test_align_recipe.py", "tests/faces/test_paste_back.py"),
         ("appleswap.faces.align.x__eyes_mouth*", "appleswap.faces.align.x_ffhq_quad*",
          "appleswap.faces.align.x_quad_matrix*", "appleswap.faces.align.x_align_face*",
          "appleswap.faces.align.x_invert_matrix*", "appleswap.faces.align.x__outside*",

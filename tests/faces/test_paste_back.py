@@ -1,0 +1,97 @@
+"""paste_back's blend against a hand-computed feather: with a crop that maps pixel for pixel onto the frame (a pure
+translation), every output pixel is frame * (1 - a) + face * a, where ``a`` is the crop square eroded by
+``radius + 1`` (its outer pixel ring first set to 0) and blurred by a Gaussian of reach ``radius``, sigma
+``radius / 2``, written out here in 1-D (the blur is separable)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from appleswap.faces.align import paste_back
+
+SIZE, X0, Y0 = 64, 30, 20
+FRAME, FACE = 10, 250
+
+
+def _translation() -> np.ndarray:
+    return np.array([[1.0, 0.0, -X0], [0.0, 1.0, -Y0]])
+
+
+def _feather_profile(size: int, radius: int) -> np.ndarray:
+    """Alpha along one row far from the other edges: the eroded step, blurred by the normalised Gaussian taps."""
+    step = np.zeros(size)
+    step[radius + 2:size - radius - 2] = 1.0  # ring 0 and an erosion of radius + 1
+    if radius == 0:
+        return step
+    taps = np.array([math.exp(-k * k / (2 * (radius / 2) ** 2)) for k in range(-radius, radius + 1)])
+    taps /= taps.sum()
+    padded = np.concatenate([step[radius:0:-1], step, step[-2:-radius - 2:-1]])  # mirrored, edge not repeated
+    return np.array([np.dot(taps, padded[i:i + 2 * radius + 1]) for i in range(size)])
+
+
+def _paste(**kwargs) -> np.ndarray:
+    frame = np.full((120, 140, 3), FRAME, np.uint8)
+    return paste_back(frame, np.full((SIZE, SIZE, 3), FACE, np.uint8), _translation(), **kwargs)
+
+
+@pytest.mark.parametrize("feather", [0.04, 0.1])
+def test_feathered_edge_follows_the_eroded_and_blurred_square(feather):
+    radius = round(feather * SIZE)
+    out = _paste(feather=feather)
+    alpha = _feather_profile(SIZE, radius)
+    row = out[Y0 + SIZE // 2, X0:X0 + SIZE, 0]
+    np.testing.assert_allclose(row, np.rint(FRAME + (FACE - FRAME) * alpha), atol=1)
+    col = out[Y0:Y0 + SIZE, X0 + SIZE // 2, 1]  # the same profile down a column
+    np.testing.assert_allclose(col, np.rint(FRAME + (FACE - FRAME) * alpha), atol=1)
+    assert row[0] == row[1] == FRAME and row[2 * radius + 2] == FACE  # 0 on the ring, 1 past the ramp
+    assert FRAME < row[radius + 1] < FACE
+
+
+def test_default_feather_is_four_percent():
+    assert np.array_equal(_paste(), _paste(feather=0.04))
+    assert not np.array_equal(_paste(), _paste(feather=0.06))
+
+
+def test_pixels_outside_the_crop_are_the_frame_and_the_frame_is_not_changed():
+    frame = np.random.default_rng(0).integers(0, 256, (120, 140, 3), dtype=np.uint8)
+    before = frame.copy()
+    out = paste_back(frame, np.full((SIZE, SIZE, 3), FACE, np.uint8), _translation())
+    assert np.array_equal(frame, before) and out is not frame
+    outside = np.ones(frame.shape[:2], bool)
+    outside[Y0:Y0 + SIZE, X0:X0 + SIZE] = False
+    assert np.array_equal(out[outside], frame[outside])
+    assert (out[Y0 + 20:Y0 + 44, X0 + 20:X0 + 44] == FACE).all()
+
+
+def test_mask_limits_and_weights_the_paste():
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    mask[:, 32:] = 1.0
+    out = _paste(mask=mask, feather=0.0)
+    assert (out[Y0:Y0 + SIZE, X0:X0 + 32] == FRAME).all() and (out[Y0:Y0 + SIZE, X0 + 32:X0 + SIZE] == FACE).all()
+    half = _paste(mask=np.full((SIZE, SIZE), 0.25, np.float32), feather=0.0)
+    assert (half[Y0:Y0 + SIZE, X0:X0 + SIZE] == FRAME + (FACE - FRAME) // 4).all()  # 10 + 60: no rounding tie
+    boolean = _paste(mask=mask > 0.5, feather=0.0)
+    assert np.array_equal(boolean, out)
+    feathered = _paste(mask=mask)
+    assert (feathered[Y0:Y0 + SIZE, X0:X0 + 33] == FRAME).all()  # feathered inside the mask, never outside it
+    assert (feathered[Y0 + 20:Y0 + 44, X0 + 40:X0 + 56] == FACE).all()
+
+
+def test_crop_partly_or_wholly_outside_the_frame():
+    frame = np.full((50, 60, 3), FRAME, np.uint8)
+    face = np.full((SIZE, SIZE, 3), FACE, np.uint8)
+    corner = paste_back(frame, face, np.array([[1.0, 0, 30], [0, 1.0, 40]]), feather=0.0)  # crop from (-30, -40)
+    assert (corner[:24, :34] == FACE).all() and (corner[25:, 35:] == FRAME).all()
+    away = paste_back(frame, face, np.array([[1.0, 0, -500], [0, 1.0, -500]]))
+    assert np.array_equal(away, frame)
+
+
+def test_bad_shapes_are_refused():
+    frame = np.zeros((50, 60, 3), np.uint8)
+    with pytest.raises(ValueError, match="square"):
+        paste_back(frame, np.zeros((32, 16, 3), np.uint8), _translation())
+    with pytest.raises(ValueError, match="mask shape"):
+        paste_back(frame, np.zeros((32, 32, 3), np.uint8), _translation(), mask=np.ones((16, 16)))
