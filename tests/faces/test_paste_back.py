@@ -37,7 +37,7 @@ def _paste(**kwargs) -> np.ndarray:
     return paste_back(frame, np.full((SIZE, SIZE, 3), FACE, np.uint8), _translation(), **kwargs)
 
 
-@pytest.mark.parametrize("feather", [0.04, 0.1])
+@pytest.mark.parametrize("feather", [0.02, 0.04, 0.1])  # radius 1, 3, 6
 def test_feathered_edge_follows_the_eroded_and_blurred_square(feather):
     radius = round(feather * SIZE)
     out = _paste(feather=feather)
@@ -95,3 +95,46 @@ def test_bad_shapes_are_refused():
         paste_back(frame, np.zeros((32, 16, 3), np.uint8), _translation())
     with pytest.raises(ValueError, match="mask shape"):
         paste_back(frame, np.zeros((32, 32, 3), np.uint8), _translation(), mask=np.ones((16, 16)))
+
+
+def test_face_pixels_land_where_the_matrix_says():
+    """A non-constant face through a rotated, scaled matrix: each frame pixel well inside the crop shows the face
+    pixel the matrix maps it to (bilinear between the 4 neighbours, so within the face's local range)."""
+    angle, scale = math.radians(30), 0.8  # crop px per frame px
+    cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
+    matrix = np.array([[cos, sin, -40.0], [-sin, cos, 30.0]])
+    vs, us = np.mgrid[0:SIZE, 0:SIZE]
+    face = np.stack([4 * us, 4 * vs, 200 - 2 * us - 1 * vs], axis=-1).clip(0, 255).astype(np.uint8)
+    frame = np.full((150, 150, 3), FRAME, np.uint8)
+    out = paste_back(frame, face, matrix, feather=0.0)
+    ys, xs = np.mgrid[0:150, 0:150].astype(np.float64)
+    u = matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2]
+    v = matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2]
+    inside = (u >= 0) & (u <= SIZE - 1) & (v >= 0) & (v <= SIZE - 1)
+    deep = (u >= 2) & (u <= SIZE - 3) & (v >= 2) & (v <= SIZE - 3)
+    assert deep.sum() > 1500
+    want = np.stack([4 * u, 4 * v, 200 - 2 * u - v], axis=-1)  # the face is linear there: bilinear is exact
+    assert np.abs(out[deep].astype(float) - want[deep]).max() <= 1.0
+    assert (out[inside] != FRAME).any(axis=-1).all()  # every pixel of the square is pasted
+    outside = (u < -1) | (u > SIZE) | (v < -1) | (v > SIZE)
+    assert (out[outside] == FRAME).all()
+    corner_pixels = inside & ((u < 1.5) | (u > SIZE - 2.5)) & ((v < 1.5) | (v > SIZE - 2.5))
+    assert corner_pixels.any() and (out[corner_pixels] != FRAME).any(axis=-1).all()  # the corners are reached
+
+
+def test_half_covered_edge_pixels_blend_with_the_face_edge_not_black():
+    """Magnified 2x, the frame pixel half a crop pixel outside the square gets alpha 0.5 and the face's own edge
+    colour (replicated), so 10 / 2 + 250 / 2 = 130."""
+    frame = np.full((120, 140, 3), FRAME, np.uint8)
+    matrix = np.array([[0.5, 0.0, -0.5 * X0], [0.0, 0.5, -0.5 * Y0]])
+    out = paste_back(frame, np.full((SIZE, SIZE, 3), FACE, np.uint8), matrix, feather=0.0)
+    assert out[Y0 + 10, X0 - 1, 0] == 130 and out[Y0 - 1, X0 + 10, 0] == 130
+    assert out[Y0 + 10, X0 - 2, 0] == FRAME and out[Y0 + 10, X0, 0] == FACE
+
+
+def test_crop_beside_the_frame_in_one_direction_only():
+    frame = np.full((50, 60, 3), FRAME, np.uint8)
+    face = np.full((SIZE, SIZE, 3), FACE, np.uint8)
+    right = paste_back(frame, face, np.array([[1.0, 0, -200], [0, 1.0, 0]]))  # rows overlap, columns do not
+    below = paste_back(frame, face, np.array([[1.0, 0, 0], [0, 1.0, -200]]))
+    assert np.array_equal(right, frame) and np.array_equal(below, frame)
