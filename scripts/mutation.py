@@ -15,6 +15,7 @@ to the functions whose bugs matter (``functions``: mutmut name globs).
     python scripts/mutation.py weights sampling --jobs 2
     python scripts/mutation.py --list          # the targets, their sources and tests
     python scripts/mutation.py watermark --diff   # also print each survivor's diff
+    python scripts/mutation.py align --survivors  # after writing tests: test only the last run's survivors again
 """
 
 from __future__ import annotations
@@ -146,20 +147,29 @@ def _results(folder: Path) -> dict[str, str]:
     return statuses
 
 
-def run_target(name: str, target: Target, jobs: int, fresh: bool) -> dict:
-    """Run mutmut on one target; returns its counts and survivors."""
+def run_target(name: str, target: Target, jobs: int, fresh: bool, survivors_only: bool = False) -> dict:
+    """Run mutmut on one target; returns its counts and survivors. ``survivors_only``: keep the previous run's
+    verdicts and test only its survivors again (after new tests were written)."""
     missing = [t for t in target.tests if not (REPO / t).is_file()]
     if missing:
         raise SystemExit(f"mutation: {name}: test file(s) {missing} not found")
-    folder = _prepare(name, target, fresh)
+    selection = list(target.functions)
+    if survivors_only:
+        previous = _results(WORK / name) if (WORK / name / "mutants").is_dir() else {}
+        if target.functions:
+            previous = {k: v for k, v in previous.items() if any(fnmatch.fnmatch(k, g) for g in target.functions)}
+        selection = sorted(k for k, v in previous.items() if v not in KILLED)
+        if not previous:
+            raise SystemExit(f"mutation: {name}: no previous run to take the survivors of (run it without --survivors)")
+    folder = _prepare(name, target, fresh and not survivors_only)
     start = time.monotonic()
-    proc = _mutmut(folder, "run", "--max-children", str(jobs), *target.functions)
+    proc = _mutmut(folder, "run", "--max-children", str(jobs), *selection) if selection or not survivors_only else None
     elapsed = time.monotonic() - start
     statuses = _results(folder)
     if target.functions:
         statuses = {k: v for k, v in statuses.items() if any(fnmatch.fnmatch(k, g) for g in target.functions)}
     if not statuses:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:]) if proc else ""
         raise SystemExit(f"mutation: {name}: mutmut produced no results:\n{tail}")
     equivalents = read_equivalents()
     equivalent = sorted(k for k in statuses if k in equivalents)
@@ -184,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("targets", nargs="*", help=f"targets to run (default: all): {', '.join(TARGETS)}")
     parser.add_argument("--jobs", type=int, default=1, help="mutants tested in parallel (default 1)")
     parser.add_argument("--keep", action="store_true", help="reuse the previous run's results where still valid")
+    parser.add_argument("--survivors", action="store_true",
+                        help="keep the previous run's verdicts and test only its survivors again (after new tests)")
     parser.add_argument("--diff", action="store_true", help="print each survivor's diff")
     parser.add_argument("--list", action="store_true", help="list the targets and exit")
     parser.add_argument("--tests", nargs="+", help="run the target(s) with these test files instead (a baseline)")
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         target = TARGETS[name]
         if args.tests:
             target = dataclasses.replace(target, tests=tuple(args.tests))
-        row = run_target(name, target, args.jobs, fresh=not args.keep)
+        row = run_target(name, target, args.jobs, fresh=not args.keep, survivors_only=args.survivors)
         rows.append(row)
         print(f"  {row['killed']} of {row['mutants'] - row['equivalent']} non-equivalent mutants killed "
               f"({row['score']:.1%}, {row['equivalent']} equivalent) in {row['seconds']} s", flush=True)
