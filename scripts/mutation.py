@@ -74,7 +74,8 @@ TARGETS: dict[str, Target] = {
         ("tests/preprocess/test_condition.py",)),
     "train": Target(
         ("src/appleswap/train/losses.py", "src/appleswap/train/pairs.py", "src/appleswap/train/checkpoint.py"),
-        ("tests/train/test_losses.py", "tests/train/test_pairs.py", "tests/train/test_checkpoint_resume.py"),
+        ("tests/train/test_losses.py", "tests/train/test_pairs.py", "tests/train/test_checkpoint_resume.py",
+         "tests/train/test_losses_pairs_units.py", "tests/train/test_checkpoint_units.py"),
         ("appleswap.train.losses.x_noisy_latents*", "appleswap.train.losses.x_flow_matching_loss*",
          "appleswap.train.losses.x_predicted_x0*", "appleswap.train.losses.x_gated_mean*",
          "appleswap.train.losses.x_sample_timesteps*", "appleswap.train.losses.x_crop_face*",
