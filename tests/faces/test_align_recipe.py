@@ -179,3 +179,38 @@ def test_outside_means_past_a_corner_pixel_centre(xs, ys, outside):
 
     quad = np.array([[xs[0], ys[0]], [xs[0], ys[1]], [xs[1], ys[1]], [xs[1], ys[0]]])
     assert _outside(quad, (900, 1000, 3)) is outside
+
+
+def test_matrix_when_the_eyes_set_the_size():
+    # a wide face: 2 |eye_to_eye| > 1.8 |eye_to_mouth|, the eyes' branch of FFHQ's max
+    points = KEYPOINTS.copy()
+    points[3:, 1] -= 60
+    assert 2 * np.hypot(*(points[1] - points[0])) > 1.8 * np.hypot(*((points[3] + points[4] - points[0] - points[1]) / 2))
+    aligned = align_face(np.zeros((900, 1000, 3), np.uint8), points, size=256)
+    np.testing.assert_allclose(aligned.matrix, _expected(points, 256), rtol=0, atol=1e-4)
+
+
+def test_tiny_faces_align_and_coincident_points_are_refused():
+    small = KEYPOINTS * 0.004  # a face under 2 px across is still a face
+    aligned = align_face(np.zeros((20, 20, 3), np.uint8), small, size=64)
+    np.testing.assert_allclose(aligned.matrix, _expected(small, 64), rtol=1e-4)
+    with pytest.raises(ValueError, match=r"degenerate keypoints \(eyes and mouth coincide\)"):
+        align_face(np.zeros((20, 20, 3), np.uint8), np.full((5, 2), 10.0), size=64)
+
+
+def test_keypoint_dtype_does_not_change_the_crop():
+    points = (KEYPOINTS + 0.123).astype(np.float32)
+    photo = np.random.default_rng(3).integers(0, 256, (900, 1000, 3), dtype=np.uint8)
+    single = align_face(photo, points, size=128)
+    double = align_face(photo, points.astype(np.float64), size=128)
+    assert np.array_equal(single.matrix, double.matrix) and np.array_equal(single.image, double.image)
+
+
+def test_inverse_matrix_is_float64_and_inverts():
+    from appleswap.faces.align import invert_matrix
+
+    matrix = np.array([[0.5, 0.1, 3.0], [-0.1, 0.5, -7.0]], np.float32)
+    inverse = invert_matrix(matrix)
+    assert inverse.dtype == np.float64
+    np.testing.assert_allclose(np.vstack([inverse, [0, 0, 1]]) @ np.vstack([matrix, [0, 0, 1]]), np.eye(3),
+                               atol=1e-6)

@@ -138,3 +138,38 @@ def test_crop_beside_the_frame_in_one_direction_only():
     right = paste_back(frame, face, np.array([[1.0, 0, -200], [0, 1.0, 0]]))  # rows overlap, columns do not
     below = paste_back(frame, face, np.array([[1.0, 0, 0], [0, 1.0, -200]]))
     assert np.array_equal(right, frame) and np.array_equal(below, frame)
+
+
+def test_every_frame_pixel_is_the_bilinear_blend_by_hand():
+    """Rotated and scaled, no feather: alpha is the bilinear sample of a square of ones with a zero border,
+    a(u) a(v) with a(t) = clip(1 + t, 0, 1) * clip(size - t, 0, 1), and the face is sampled at its clamped
+    coordinates (edge replicated); the frame pixel is rint(frame (1 - alpha) + face alpha) everywhere (within
+    OpenCV's 1/32 interpolation steps)."""
+    angle, scale = math.radians(-35), 0.7
+    cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
+    matrix = np.array([[cos, sin, -20.0], [-sin, cos, -45.0]])
+    vs, us = np.mgrid[0:SIZE, 0:SIZE]
+    face = np.stack([3 * us + 20, 3 * vs + 10, 240 - 3 * us], axis=-1).astype(np.uint8)
+    frame = np.full((140, 160, 3), 60, np.uint8)
+    out = paste_back(frame, face, matrix, feather=0.0)
+    ys, xs = np.mgrid[0:140, 0:160].astype(np.float64)
+    u = matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2]
+    v = matrix[1, 0] * xs + matrix[1, 1] * ys + matrix[1, 2]
+
+    def edge(t):
+        return np.clip(1 + t, 0, 1) * np.clip(SIZE - t, 0, 1)
+
+    alpha = (edge(u) * edge(v))[..., None]
+    uc, vc = np.clip(u, 0, SIZE - 1), np.clip(v, 0, SIZE - 1)
+    face_value = np.stack([3 * uc + 20, 3 * vc + 10, 240 - 3 * uc], axis=-1)
+    want = 60 * (1 - alpha) + face_value * alpha
+    assert (alpha > 0).sum() > 1500 and ((alpha > 0) & (alpha < 1)).sum() > 100
+    # OpenCV interpolates with weights in 1/32 steps: allow that much of the face-frame contrast, plus rounding
+    tolerance = 1.01 + np.abs(face_value - 60) / 32
+    assert (np.abs(out.astype(float) - want) <= tolerance).all()
+
+
+def test_black_stays_black():
+    frame = np.zeros((120, 140, 3), np.uint8)
+    out = paste_back(frame, np.zeros((SIZE, SIZE, 3), np.uint8), _translation())
+    assert not out.any()
