@@ -71,7 +71,7 @@ TARGETS: dict[str, Target] = {
          "appleswap.faces.align.x_paste_back*")),
     "condition": Target(
         ("src/appleswap/preprocess/condition.py",),
-        ("tests/preprocess/test_condition.py",)),
+        ("tests/preprocess/test_condition_pixels.py", "tests/preprocess/test_condition.py")),
     "train": Target(
         ("src/appleswap/train/losses.py", "src/appleswap/train/pairs.py", "src/appleswap/train/checkpoint.py"),
         ("tests/train/test_losses.py", "tests/train/test_pairs.py", "tests/train/test_checkpoint_resume.py",
@@ -214,16 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.targets or list(TARGETS):
         print(f"mutation: {name} ...", flush=True)
         target = TARGETS[name]
-        if args.tests:
+        label = name
+        if args.tests:  # a baseline: its own scratch folder, so the target's last run stays
             target = dataclasses.replace(target, tests=tuple(args.tests))
-        row = run_target(name, target, args.jobs, fresh=not args.keep, survivors_only=args.survivors)
+            label = f"{name}-baseline"
+        row = run_target(label, target, args.jobs, fresh=not args.keep, survivors_only=args.survivors)
         rows.append(row)
         print(f"  {row['killed']} of {row['mutants'] - row['equivalent']} non-equivalent mutants killed "
               f"({row['score']:.1%}, {row['equivalent']} equivalent) in {row['seconds']} s", flush=True)
         for mutant, status in row["survivors"].items():
             print(f"  {status}: {mutant}")
             if args.diff:
-                print(_mutmut(WORK / name, "show", mutant).stdout)
+                print(_mutmut(WORK / label, "show", mutant).stdout)
     print_table(rows)
     (WORK / "summary.json").write_text(json.dumps(rows, indent=1))
     print(f"(details: {WORK / 'summary.json'}; a survivor's diff: cd .mutation/<target> && mutmut show NAME)")

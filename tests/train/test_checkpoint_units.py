@@ -163,6 +163,7 @@ def test_prune_keeps_the_newest_full_states(tmp_path):
     for step in (1, 2, 10, 20):
         _fake_checkpoint(tmp_path, f"step{step}")
     _fake_checkpoint(tmp_path, "step30", complete=False)
+    (tmp_path / "checkpoints" / "step1" / "optimizer.safetensors").unlink()  # saved without moments
     (tmp_path / "checkpoints" / "step20" / ".default.safetensors.tmp").write_text("leftover")
     (tmp_path / "checkpoints" / ".step40.partial").mkdir()
     ckpt.prune_checkpoints(tmp_path, keep=2)

@@ -60,6 +60,7 @@ def test_flow_matching_loss_is_the_mean_squared_velocity_error_in_float32():
 def test_gated_mean_keeps_samples_at_the_gate_and_has_a_graph_when_empty():
     per = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
     assert losses.gated_mean(per, torch.tensor([0.35, 0.2, 0.5]), 0.35).item() == pytest.approx(1.5)
+    assert losses.gated_mean(per, torch.tensor([0.5, 0.1, 0.9]), 0.35).item() == 2.0  # one sample: its value
     empty = losses.gated_mean(per, torch.tensor([0.5, 0.6, 0.7]), 0.35)
     assert empty.item() == 0.0 and empty.requires_grad
     empty.backward()
@@ -78,10 +79,10 @@ def test_face_box_is_psp_crop_of_the_aligned_frame():
 
 
 def test_pair_names_and_json_round_trip():
-    pair = Pair(Item("idA", "0001"), Item("idB", "x/0002"))
-    assert pair.file_name == "idA_0001_idB_x/0002.png".replace("x/", "x/")
+    pair = Pair(Item("idA", "y/0001"), Item("idB", "x/0002"))
+    assert pair.file_name == "idA_y/0001_idB_x/0002.png"
     entry = pair.to_json()
-    assert entry == {"source": "idA/0001", "target": "idB/x/0002", "file": pair.file_name}
+    assert entry == {"source": "idA/y/0001", "target": "idB/x/0002", "file": pair.file_name}
     assert Pair.from_json(entry) == pair  # the name may hold a '/': only the first one splits
     assert Pair(Item("a", "1"), Item("b", "2")).file_name == "a_1_b_2.png"
 
@@ -90,7 +91,11 @@ def test_draw_pairs_edges(caplog):
     groups = {"a": [Item("a", "1"), Item("a", "2")], "b": [Item("b", "1")], "c": [Item("c", "9")], "empty": []}
     with caplog.at_level(logging.WARNING, logger="appleswap.train.pairs"):
         every = draw_pairs(groups, 50, seed=0)
-    assert "num_pairs=50 > 6" in caplog.text
+    assert caplog.messages == ["num_pairs=50 > 6 distinct identity pairs; drawing all of them"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="appleswap.train.pairs"):
+        assert len(draw_pairs(groups, 6, seed=0)) == 6
+    assert not caplog.messages  # exactly all pairs: nothing to warn about
     assert sorted((p.source.identity, p.target.identity) for p in every) == [
         ("a", "b"), ("a", "c"), ("b", "a"), ("b", "c"), ("c", "a"), ("c", "b")]
     assert [p.file_name for p in every] == sorted(p.file_name for p in every)
@@ -98,8 +103,10 @@ def test_draw_pairs_edges(caplog):
     for count in (3, 4):  # 3 * 2 <= 6: rejection sampling; 4 * 2 > 6: a shuffled full list
         drawn = draw_pairs(groups, count, seed=1)
         assert len({(p.source.identity, p.target.identity) for p in drawn}) == count
-    with pytest.raises(ValueError, match="at least 2 identities"):
+    with pytest.raises(ValueError, match="at least 2 identities with usable photos, found 1"):
         draw_pairs({"a": [Item("a", "1")], "empty": []}, 1, seed=0)
+    two = draw_pairs({"a": [Item("a", "1")], "b": [Item("b", "1")]}, 2, seed=0)  # 2 identities are enough
+    assert [(p.source.identity, p.target.identity) for p in two] == [("a", "b"), ("b", "a")]
     many = {f"i{k}": [Item(f"i{k}", str(n)) for n in range(4)] for k in range(40)}
     photos = {p.source.name for p in draw_pairs(many, 200, seed=5)}
     assert photos == {"0", "1", "2", "3"}  # a random photo of each identity, not always the first
@@ -111,6 +118,7 @@ def test_manifest_file_and_reading_it(tmp_path):
     saved = json.loads((tmp_path / "pairs.json").read_text())
     assert saved == {"seed": 9, "num_pairs_requested": 5, "pairs": [p.to_json() for p in pairs]}
     assert read_manifest(tmp_path) == pairs and read_manifest(str(tmp_path)) == pairs
+    assert pairs == draw_pairs(groups, 5, seed=9)  # drawn with the manifest's seed
     with pytest.raises(FileNotFoundError, match="pairs.json not found"):
         read_manifest(tmp_path / "nothing")
 
@@ -149,4 +157,32 @@ def test_thresholds_keep_values_at_the_limit_and_drop_unscored(caplog):
     assert filter_pairs(pairs, scores, {"min_aes": None}) == pairs
     with caplog.at_level(logging.INFO, logger="appleswap.train.pairs"):
         filter_pairs(pairs, scores, {"min_aes": 5.0, "max_pose_error": 3.0})
-    assert "kept 1 of 3 (2 without the needed scores)" in caplog.text
+    assert caplog.messages == ["pseudo filter {'aes': 5.0, 'pose_error': 3.0}: kept 1 of 3 "
+                               "(2 without the needed scores)"]
+
+
+def _seeded_draw(identities, count, seed, dense):
+    """The docstring's recipe by hand: one random.Random(seed); a shuffled full list (dense) or rejection-sampled
+    index pairs (sparse); then one photo per side in pair order (here: one photo each, so the order is all)."""
+    import random
+
+    rng, n = random.Random(seed), len(identities)
+    if dense:
+        chosen = [(i, j) for i in range(n) for j in range(n) if i != j]
+        rng.shuffle(chosen)
+        chosen = chosen[:count]
+    else:
+        chosen = []
+        while len(chosen) < count:
+            i, j = rng.randrange(n), rng.randrange(n)
+            if i != j and (i, j) not in chosen:
+                chosen.append((i, j))
+    return sorted(f"{identities[i]}_0_{identities[j]}_0.png" for i, j in chosen)
+
+
+@pytest.mark.parametrize(("count", "dense"), [(3, False), (4, True), (6, True)])  # 6 pairs in all: 2 x 3 = 6
+def test_seeded_draw_uses_the_documented_path(count, dense):
+    groups = {name: [Item(name, "0")] for name in ("p", "q", "r")}
+    for seed in range(6):
+        drawn = [p.file_name for p in draw_pairs(groups, count, seed)]
+        assert drawn == _seeded_draw(["p", "q", "r"], count, seed, dense), seed
