@@ -157,8 +157,8 @@ def test_thresholds_keep_values_at_the_limit_and_drop_unscored(caplog):
     assert filter_pairs(pairs, scores, {"min_aes": None}) == pairs
     with caplog.at_level(logging.INFO, logger="appleswap.train.pairs"):
         filter_pairs(pairs, scores, {"min_aes": 5.0, "max_pose_error": 3.0})
-    assert caplog.messages == ["pseudo filter {'aes': 5.0, 'pose_error': 3.0}: kept 1 of 3 "
-                               "(2 without the needed scores)"]
+    message = "pseudo filter {'aes': 5.0, 'pose_error': 3.0}: kept 1 of 3 (2 without the needed scores)"
+    assert caplog.messages == [message]
 
 
 def _seeded_draw(identities, count, seed, dense):
