@@ -144,7 +144,7 @@ def test_analysis_luma_shrinks_large_pictures_by_area():
     np.testing.assert_allclose(small, luma.reshape(500, 2, 1024, 2).mean(axis=(1, 3)), atol=1e-3)
     assert wm._analysis_luma(image[:300, :400]).shape == (300, 400)
     assert wm._analysis_luma(image[:52, :52]).shape == (52, 52)
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(ValueError, match="image 300x51 is too small to look for a watermark"):
         wm._analysis_luma(image[:51, :300])
 
 
@@ -162,11 +162,12 @@ def test_whitening_is_the_locally_normalised_high_pass():
 
 def test_autocorrelation_by_brute_force():
     rng = np.random.default_rng(4)
-    residuals = [rng.normal(size=(12, 10)) + 2.0, rng.normal(size=(12, 10))]
+    residuals = [rng.normal(size=(12, 11)) + 2.0, rng.normal(size=(12, 11))]  # an odd width too
     acf = wm._autocorrelation(residuals)
-    expected = np.zeros((12, 10))
+    assert acf.shape == (12, 11)
+    expected = np.zeros((12, 11))
     for dy in range(-6, 6):
-        for dx in range(-5, 5):
+        for dx in range(-5, 6):
             for r in residuals:
                 r = r - r.mean()
                 expected[6 + dy, 5 + dx] += np.sum(r * np.roll(r, (dy, dx), axis=(0, 1)))
@@ -180,6 +181,11 @@ def test_fold_sums_the_tiles_of_the_lattice():
     np.testing.assert_allclose(wm._fold(picture, np.array([[0.0, 64.0], [64.0, 0.0]])), 6 * tile, atol=1e-4)
     # the reference grid's basis order reads the picture transposed (the orientations undo it)
     np.testing.assert_allclose(wm._fold(picture, np.array([[64.0, 0.0], [0.0, 64.0]])), 6 * tile.T, atol=1e-4)
+    part = picture[:100, :150]  # not whole tiles: positions outside the picture add nothing
+    want = np.zeros((64, 64))
+    rows, cols = np.indices(part.shape)
+    np.add.at(want, (rows % 64, cols % 64), part)
+    np.testing.assert_allclose(wm._fold(part, np.array([[0.0, 64.0], [64.0, 0.0]])), want, atol=1e-4)
     doubled = np.repeat(np.repeat(picture, 2, axis=0), 2, axis=1)  # every tile 128 px: a lattice twice as large
     np.testing.assert_allclose(wm._fold(doubled, np.array([[0.0, 128.0], [128.0, 0.0]])), 6 * tile, atol=1e-4)
 
@@ -249,3 +255,5 @@ def test_search_sums_frames_of_one_geometry_and_keeps_the_reference_grid(faces_d
     assert wm.detect_watermark_frames([frame], key=KEY).score == pytest.approx(one.score(KEY).score)
     assert wm.detect_watermark(frame, key=KEY, threshold=1e9).threshold == 1e9
     assert wm.detect_watermark(frame, key=KEY).detected and not wm.detect_watermark(frame).detected
+    with pytest.raises(ValueError, match="^no frames to look for a watermark in$"):
+        wm.search_lattices([])

@@ -122,7 +122,7 @@ def test_landmark_and_iris_drawings():
     want = Image.new("L", (50, 40), 0)
     ImageDraw.Draw(want).ellipse((28, 19, 32, 23), fill=255)
     assert np.array_equal(iris, np.asarray(want)) and iris.flags.writeable
-    rgb = canvas_to_rgb(np.array([[0, 3], [255, 0]], np.uint8), (1, 2, 3))
+    rgb = canvas_to_rgb(np.array([[0, 1], [255, 0]], np.uint8), (1, 2, 3))  # any non-zero value is a dot
     assert rgb.dtype == np.uint8 and rgb.tolist() == [[[0, 0, 0], [1, 2, 3]], [[1, 2, 3], [0, 0, 0]]]
 
 
