@@ -44,12 +44,19 @@ def _trained(seed: int = 0, lr: float = 0.05):
 
 def test_optimizer_state_round_trips_with_its_scalars(tmp_path):
     model, optimizer = _trained()
-    first = next(iter(optimizer.state.values()))
+    params = list(model.lora_parameters())
+    first = optimizer.state[params[0]]
     first["custom_count"] = 3  # a non-tensor entry travels in the JSON metadata
+    first["ema.buffer"] = torch.ones(2)  # names may hold dots
+    first["ema.decay"] = 0.5
+    last = optimizer.state[params[-1]]
+    last.clear()
+    last["step"] = 4.0  # a parameter whose state has no tensor at all (AdamW takes a float step)
     tensors, meta = ckpt.optimizer_tensors(optimizer)
-    count = len(list(model.lora_parameters()))
-    assert set(tensors) == {f"state.{i}.{k}" for i in range(count) for k in ("step", "exp_avg", "exp_avg_sq")}
-    assert json.loads(meta["scalars"]) == {"0.custom_count": 3}
+    count = len(params)
+    assert set(tensors) == ({f"state.{i}.{k}" for i in range(count - 1) for k in ("step", "exp_avg", "exp_avg_sq")}
+                            | {"state.0.ema.buffer"})
+    assert json.loads(meta["scalars"]) == {"0.custom_count": 3, "0.ema.decay": 0.5, f"{count - 1}.step": 4.0}
     assert json.loads(meta["param_groups"])[0]["lr"] == 0.05
     from appleswap.files import save_tensors
 
@@ -121,7 +128,7 @@ def test_resume_without_optimizer_file_keeps_fresh_moments(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="appleswap.train.checkpoint"):
         state = ckpt.load_checkpoint(folder, transformer=resumed, optimizer=optimizer)
     assert state["step"] == 2 and state["data"] == {"batch": 3}
-    assert "no optimizer state" in caplog.text
+    assert f"resume: {folder} has no optimizer state; AdamW moments start afresh" in caplog.messages
     assert all(torch.equal(v, moments[k]) for k, v in next(iter(optimizer.state.values())).items())
     for (name, param), (_, saved) in zip(resumed.flux.named_parameters(), model.flux.named_parameters()):
         if ".lora_" in name:
