@@ -143,6 +143,19 @@ def test_analysis_luma_shrinks_large_pictures_by_area():
     assert small.shape == (500, 1024)
     np.testing.assert_allclose(small, luma.reshape(500, 2, 1024, 2).mean(axis=(1, 3)), atol=1e-3)
     assert wm._analysis_luma(image[:300, :400]).shape == (300, 400)
+    # 1.5 x larger than the reference: each output pixel averages the 1.5 x 1.5 input pixels it covers
+    odd = image[:300, :1536]
+
+    def area(length):
+        weights = np.zeros((round(length / 1.5), length))
+        for out in range(weights.shape[0]):
+            start, stop = 1.5 * out, 1.5 * out + 1.5
+            for pixel in range(int(start), int(np.ceil(stop))):
+                weights[out, pixel] = (min(stop, pixel + 1) - max(start, pixel)) / 1.5
+        return weights
+
+    expected = area(300) @ (odd.astype(np.float64) @ np.array([0.299, 0.587, 0.114])) @ area(1536).T
+    np.testing.assert_allclose(wm._analysis_luma(odd), expected, atol=1e-2)
     assert wm._analysis_luma(image[:52, :52]).shape == (52, 52)
     with pytest.raises(ValueError, match="image 300x51 is too small to look for a watermark"):
         wm._analysis_luma(image[:51, :300])
@@ -235,7 +248,8 @@ def test_score_is_the_best_normalised_correlation_over_shifts_and_orientations()
     other = search.score(KEY + 1)  # another key: its own (chance) correlation, at the default threshold
     assert other.score == pytest.approx(max(_z_by_hand(folded, KEY + 1)), rel=1e-9)
     assert other.threshold == wm.DETECT_THRESHOLD and not other.detected
-    assert empty.score(KEY).score == -np.inf  # a search with nothing to score finds nothing
+    nothing = empty.score(KEY)  # a search with nothing to score finds nothing
+    assert nothing.score == -np.inf and nothing.detected is False and nothing.threshold == wm.DETECT_THRESHOLD
 
 
 def test_search_sums_frames_of_one_geometry_and_keeps_the_reference_grid(faces_dir):
