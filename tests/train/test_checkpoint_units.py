@@ -89,14 +89,19 @@ def test_rng_snapshot_restores_every_generator():
     assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
 
 
-def test_save_writes_the_four_files_and_replaces_a_step_whole(tmp_path):
+def test_save_writes_the_four_files_and_replaces_a_step_whole(tmp_path, caplog):
     model, optimizer = _trained()
     folder = tmp_path / "checkpoints" / "step0000005"
     folder.mkdir(parents=True)
     (folder / "stale.txt").write_text("from an older save of this step")
-    returned = ckpt.save_checkpoint(folder, transformer=model, optimizer=optimizer, step=5,
-                                    data_state={"epoch": 1, "batch": 7}, config={"lr": 0.05})
+    leftover = tmp_path / "checkpoints" / ".step0000005.partial"  # a save of this step killed earlier
+    leftover.mkdir()
+    (leftover / "default.safetensors").write_text("half written")
+    with caplog.at_level(logging.INFO, logger="appleswap.train.checkpoint"):
+        returned = ckpt.save_checkpoint(folder, transformer=model, optimizer=optimizer, step=5,
+                                        data_state={"epoch": 1, "batch": 7}, config={"lr": 0.05})
     assert returned == folder
+    assert caplog.messages == [f"checkpoint {folder} (step 5)"]
     assert sorted(p.name for p in folder.iterdir()) == ["default.safetensors", "optimizer.safetensors",
                                                         "rng.safetensors", "state.json"]
     assert sorted(p.name for p in folder.parent.iterdir()) == ["step0000005"]  # no partial folder left
@@ -125,8 +130,10 @@ def test_resume_without_optimizer_file_keeps_fresh_moments(tmp_path, caplog):
                                   data_state={"batch": 3}, config={})
     resumed, optimizer = _trained(seed=4)
     moments = {k: v.clone() for k, v in next(iter(optimizer.state.values())).items()}
-    with caplog.at_level(logging.WARNING, logger="appleswap.train.checkpoint"):
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="appleswap.train.checkpoint"):
         state = ckpt.load_checkpoint(folder, transformer=resumed, optimizer=optimizer)
+    assert caplog.messages[-1] == f"resumed from {folder} (step 2)"
     assert state["step"] == 2 and state["data"] == {"batch": 3}
     assert f"resume: {folder} has no optimizer state; AdamW moments start afresh" in caplog.messages
     assert all(torch.equal(v, moments[k]) for k, v in next(iter(optimizer.state.values())).items())
@@ -140,9 +147,10 @@ def test_refusals(tmp_path):
     with pytest.raises(FileNotFoundError, match="state.json not found"):
         ckpt.load_checkpoint(tmp_path, transformer=model, optimizer=optimizer)
     other = AppleTransformer(build_tiny_transformer())
-    other.add_lora(rank=2, modules=["x_embedder"])
+    other.add_lora(rank=2, modules=["transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"])
     path = other.save_lora(tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match="does not match the model's LoRA"):
+    two = r"\['[^',\]]+', '[^',\]]+'\]"  # the first two names of 4 missing and 4 unexpected
+    with pytest.raises(ValueError, match=f"does not match the model's LoRA \\(missing {two}, unexpected {two}\\)"):
         ckpt.restore_lora(model, path)
 
 
