@@ -41,7 +41,8 @@ def test_read_lora_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         lora_lib.read_lora_file(tmp_path / "missing.safetensors")
     save_file({"transformer.blocks.0.q.weight": torch.ones(2)}, str(tmp_path / "base.safetensors"))
-    with pytest.raises(ValueError, match="not a LoRA weight"):
+    with pytest.raises(ValueError, match=r"key 'transformer.blocks.0.q.weight' is not a LoRA weight \(expected "
+                       r"'<module>.lora_A.weight' / 'lora_B', optionally prefixed 'transformer.'\)$"):
         lora_lib.read_lora_file(tmp_path / "base.safetensors")
     save_file({"blocks.0.q.lora_A.weightx": torch.ones(2)}, str(tmp_path / "suffix.safetensors"))
     with pytest.raises(ValueError, match="not a LoRA weight"):
@@ -55,6 +56,10 @@ def test_modules_and_rank_of_a_state():
     state = {"m1.lora_A.weight": torch.zeros(RANK, 8), "m1.lora_B.weight": torch.zeros(8, RANK),
              "m0.lora_A.weight": torch.zeros(RANK, 3), "m0.lora_B.weight": torch.zeros(5, RANK)}
     assert lora_lib.lora_modules_and_rank(state) == (["m0", "m1"], RANK)
+    odd = {"gate.lora_up.lora_A.weight": torch.zeros(RANK, 3), "gate.lora_up.lora_B.weight": torch.zeros(3, RANK)}
+    assert lora_lib.lora_modules_and_rank(odd) == (["gate.lora_up"], RANK)  # a module named '*.lora_*'
+    with pytest.raises(ValueError, match=r"^LoRA: module\(s\) \['a', 'b', 'c'\] lack"):  # the default source; 3 named
+        lora_lib.lora_modules_and_rank({f"{m}.lora_A.weight": torch.zeros(RANK, 3) for m in "abcd"})
     with pytest.raises(ValueError, match=r"f.safetensors: module\(s\) \['m0'\] lack"):
         lora_lib.lora_modules_and_rank({k: v for k, v in state.items() if k != "m0.lora_B.weight"}, "f.safetensors")
     with pytest.raises(ValueError, match=r"lack"):
