@@ -165,7 +165,8 @@ def run_target(name: str, target: Target, jobs: int, fresh: bool, survivors_only
         previous = _results(WORK / name) if (WORK / name / "mutants").is_dir() else {}
         if target.functions:
             previous = {k: v for k, v in previous.items() if any(fnmatch.fnmatch(k, g) for g in target.functions)}
-        selection = sorted(k for k, v in previous.items() if v not in KILLED)
+        equivalents = read_equivalents()
+        selection = sorted(k for k, v in previous.items() if v not in KILLED and k not in equivalents)
         if not previous:
             raise SystemExit(f"mutation: {name}: no previous run to take the survivors of (run it without --survivors)")
     folder = _prepare(name, target, fresh and not survivors_only)
