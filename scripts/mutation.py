@@ -140,6 +140,9 @@ def _prepare(name: str, target: Target, fresh: bool) -> Path:
 
 def _mutmut(folder: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut puts mutants/src first itself
+    # mutmut forks a child per mutant from a process that already ran torch: a thread pool in the parent leaves
+    # the child waiting forever on a lock only a parent thread could release, so keep every pool at one thread
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     mutmut = Path(sys.executable).with_name("mutmut")
     return subprocess.run([str(mutmut), *args], cwd=folder, env=env, capture_output=True, text=True, check=False)
 
