@@ -93,3 +93,22 @@ def test_layout_every_second_double_and_fourth_single_block(double, single, want
     assert id_attention_layout(double, single) == want
     if double == 19:
         assert len(want[0]) + len(want[1]) == 20
+
+
+def test_default_sizes_are_pulid_flux():
+    with torch.device("meta"):
+        layer = IDCrossAttention()
+    shapes = {name: tuple(value.shape) for name, value in layer.state_dict().items()}
+    assert shapes == {"norm1.weight": (2048,), "norm1.bias": (2048,), "norm2.weight": (3072,), "norm2.bias": (3072,),
+                      "to_q.weight": (2048, 3072), "to_kv.weight": (4096, 2048), "to_out.weight": (3072, 2048)}
+    assert layer.heads == 16 and layer.head_dim == 128
+
+
+def test_id_tokens_are_cast_to_the_image_tokens_dtype():
+    layer = _layer(2)  # float64
+    rng = np.random.default_rng(2)
+    ids, image = rng.normal(size=(1, 4, KV_DIM)).astype(np.float32), rng.normal(size=(1, 3, DIM))
+    out = layer(torch.from_numpy(ids), torch.from_numpy(image))  # float32 ID tokens, float64 image tokens
+    assert out.dtype == torch.float64
+    np.testing.assert_allclose(out.detach().numpy(), _by_hand(layer, ids.astype(np.float64), image), rtol=1e-9,
+                               atol=1e-10)
