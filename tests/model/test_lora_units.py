@@ -144,3 +144,44 @@ def test_dora_is_refused():
     layer = flux.transformer_blocks[0].attn.to_q
     with pytest.raises(ValueError, match="DoRA"):
         lora_lib.lora_delta(layer, torch.randn(1, 3, layer.in_features))
+
+
+class _MinimalLora(torch.nn.Module):
+    """A LoRA layer with only the attributes every LoRA layer has (no disable_adapters / merged / use_dora flags,
+    as in other PEFT versions or hand-made adapters): missing flags mean "off"."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(7)
+        self.base_layer = torch.nn.Linear(6, 5)
+        self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(6, 2, bias=False)})
+        self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(2, 5, bias=False)})
+        self.lora_dropout = torch.nn.ModuleDict({"default": torch.nn.Identity()})
+        self.scaling = {"default": 1.5}
+        self.active_adapters = ["default"]
+        with torch.no_grad():
+            for linear in (self.lora_A["default"], self.lora_B["default"]):
+                linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator))
+
+
+@torch.no_grad()
+def test_layers_without_the_optional_flags_get_their_lora():
+    layer = _MinimalLora()
+    x = torch.randn(1, 4, 6)
+    assert lora_lib.is_lora_layer(layer)
+    torch.testing.assert_close(lora_lib.lora_delta(layer, x), _delta_by_hand(layer, "default", x))
+    want = layer.base_layer(x) + _delta_by_hand(layer, "default", x) * (torch.arange(4) >= 1)[None, :, None]
+    torch.testing.assert_close(lora_lib.routed_linear(layer, x, 1), want)
+    half_made = torch.nn.Module()
+    half_made.base_layer = torch.nn.Linear(6, 5)  # a wrapper without lora_A is not a LoRA layer
+    assert not lora_lib.is_lora_layer(half_made)
+
+
+def test_functional_path_keeps_the_output_dtype():
+    _, layer = _layer()
+    layer.lora_A["default"].double()
+    layer.lora_B["default"].double()
+    x = torch.randn(1, 4, layer.in_features)
+    with torch.enable_grad():  # autograd: the concatenating path
+        routed = lora_lib.routed_linear(layer, x, 2)
+    assert routed.dtype == torch.float32
