@@ -194,7 +194,7 @@ def test_tiny_faces_align_and_coincident_points_are_refused():
     small = KEYPOINTS * 0.004  # a face under 2 px across is still a face
     aligned = align_face(np.zeros((20, 20, 3), np.uint8), small, size=64)
     np.testing.assert_allclose(aligned.matrix, _expected(small, 64), rtol=1e-4)
-    with pytest.raises(ValueError, match=r"degenerate keypoints \(eyes and mouth coincide\)"):
+    with pytest.raises(ValueError, match=r"^align_face: degenerate keypoints \(eyes and mouth coincide\)$"):
         align_face(np.zeros((20, 20, 3), np.uint8), np.full((5, 2), 10.0), size=64)
 
 
