@@ -114,3 +114,103 @@ def test_paste_back_covers_exactly_the_crop_square():
     far = (us < -1) | (us > 128) | (vs < -1) | (vs > 128)
     assert inside.sum() > 100_000
     assert (out[inside] == 250).all() and (out[far] == 10).all()
+
+
+def test_default_size_and_saved_size():
+    aligned = align_face(np.zeros((900, 1000, 3), np.uint8), KEYPOINTS)
+    assert aligned.image.shape == (512, 512, 3) and aligned.size == 512
+    assert align_face(np.zeros((900, 1000, 3), np.uint8), KEYPOINTS, size=8).size == 8  # the smallest size
+
+
+@pytest.mark.parametrize("count", [478, 468])
+def test_mesh_points_use_their_68_landmarks(count):
+    from appleswap.faces.landmarks import MESH_TO_IBUG68
+
+    rng = np.random.default_rng(1)
+    mesh = rng.uniform(350, 550, (478, 2))
+    lm68 = mesh[MESH_TO_IBUG68]
+    lm68[36:42] = KEYPOINTS[0] + rng.normal(0, 3, (6, 2))
+    lm68[42:48] = KEYPOINTS[1] + rng.normal(0, 3, (6, 2))
+    lm68[48], lm68[54] = KEYPOINTS[3], KEYPOINTS[4]
+    mesh[MESH_TO_IBUG68] = lm68
+    if count == 468:
+        assert max(MESH_TO_IBUG68) < 468
+    expected = _recipe(lm68[36:42].mean(0), lm68[42:48].mean(0), (lm68[48] + lm68[54]) / 2, 256)
+    aligned = align_face(np.zeros((900, 1000, 3), np.uint8), mesh[:count], size=256)
+    np.testing.assert_allclose(aligned.matrix, expected, rtol=0, atol=1e-3)  # the mesh is read as float32
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (100, 2), (478, 3), (5, 3), (68, 3)])
+def test_other_point_layouts_are_refused(shape):
+    with pytest.raises(ValueError, match=r"keypoints must be \(5, 2\), \(68, 2\) or \(478, 2\)"):
+        align_face(np.zeros((900, 1000, 3), np.uint8), np.ones(shape) * 400, size=64)
+
+
+def test_bad_image_or_size_is_refused():
+    for image in (np.zeros((900, 1000), np.uint8), np.zeros((900, 1000, 4), np.uint8)):
+        with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) image"):
+            align_face(image, KEYPOINTS)
+    with pytest.raises(ValueError, match="size must be >= 8, got 7"):
+        align_face(np.zeros((900, 1000, 3), np.uint8), KEYPOINTS, size=7)
+
+
+def test_crop_is_the_cubic_warp_of_the_whole_photo():
+    """On noise (where linear and cubic interpolation differ by tens of grey levels) the crop equals OpenCV's
+    cubic warp of the uncut photo by the saved matrix (the cut region only moves the origin)."""
+    import cv2
+
+    noise = np.random.default_rng(2).integers(0, 256, (900, 1000, 3), dtype=np.uint8)
+    aligned = align_face(noise, KEYPOINTS, size=512)
+    want = cv2.warpAffine(noise, aligned.matrix, (512, 512), flags=cv2.INTER_CUBIC)
+    diff = np.abs(aligned.image.astype(int) - want)
+    assert diff.max() <= 1, diff.max()
+    linear = cv2.warpAffine(noise, aligned.matrix, (512, 512), flags=cv2.INTER_LINEAR)
+    assert np.abs(linear.astype(int) - want).mean() > 5  # the comparison can tell the filters apart
+
+
+@pytest.mark.parametrize(("xs", "ys", "outside"), [
+    ((0.0, 999.0), (0.0, 899.0), False),  # exactly on the corner pixels' centres: inside
+    ((-0.01, 999.0), (0.0, 899.0), True), ((0.0, 999.01), (0.0, 899.0), True),
+    ((0.0, 999.0), (-0.01, 899.0), True), ((0.0, 999.0), (0.0, 899.01), True),
+    ((0.5, 998.5), (0.5, 898.5), False),
+])
+def test_outside_means_past_a_corner_pixel_centre(xs, ys, outside):
+    from appleswap.faces.align import _outside
+
+    quad = np.array([[xs[0], ys[0]], [xs[0], ys[1]], [xs[1], ys[1]], [xs[1], ys[0]]])
+    assert _outside(quad, (900, 1000, 3)) is outside
+
+
+def test_matrix_when_the_eyes_set_the_size():
+    # a wide face: 2 |eye_to_eye| > 1.8 |eye_to_mouth|, the eyes' branch of FFHQ's max
+    points = KEYPOINTS.copy()
+    points[3:, 1] -= 60
+    assert 2 * np.hypot(*(points[1] - points[0])) > 1.8 * np.hypot(*((points[3] + points[4] - points[0] - points[1]) / 2))
+    aligned = align_face(np.zeros((900, 1000, 3), np.uint8), points, size=256)
+    np.testing.assert_allclose(aligned.matrix, _expected(points, 256), rtol=0, atol=1e-4)
+
+
+def test_tiny_faces_align_and_coincident_points_are_refused():
+    small = KEYPOINTS * 0.004  # a face under 2 px across is still a face
+    aligned = align_face(np.zeros((20, 20, 3), np.uint8), small, size=64)
+    np.testing.assert_allclose(aligned.matrix, _expected(small, 64), rtol=1e-4)
+    with pytest.raises(ValueError, match=r"^align_face: degenerate keypoints \(eyes and mouth coincide\)$"):
+        align_face(np.zeros((20, 20, 3), np.uint8), np.full((5, 2), 10.0), size=64)
+
+
+def test_keypoint_dtype_does_not_change_the_crop():
+    points = (KEYPOINTS + 0.123).astype(np.float32)
+    photo = np.random.default_rng(3).integers(0, 256, (900, 1000, 3), dtype=np.uint8)
+    single = align_face(photo, points, size=128)
+    double = align_face(photo, points.astype(np.float64), size=128)
+    assert np.array_equal(single.matrix, double.matrix) and np.array_equal(single.image, double.image)
+
+
+def test_inverse_matrix_is_float64_and_inverts():
+    from appleswap.faces.align import invert_matrix
+
+    matrix = np.array([[0.5, 0.1, 3.0], [-0.1, 0.5, -7.0]], np.float32)
+    inverse = invert_matrix(matrix)
+    assert inverse.dtype == np.float64
+    np.testing.assert_allclose(np.vstack([inverse, [0, 0, 1]]) @ np.vstack([matrix, [0, 0, 1]]), np.eye(3),
+                               atol=1e-6)
