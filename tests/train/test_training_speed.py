@@ -220,3 +220,27 @@ def test_fp8_base_composes_with_compiled_blocks(weights):
     assert loss == pytest.approx(loss_ref, rel=1e-4)
     for name, grad in ref.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_loss_weights_scale_their_terms_in_the_training_loss(weights):
+    """The total the optimiser sees is fm + id_loss_weight * id + lpips_weight * lpips, with each term as logged
+    (an ignored weight, e.g. id_loss_weight dropped on the training path, changes the total by the term)."""
+    import torchvision
+
+    from appleswap.files import save_tensors
+    from appleswap.train.arcface import ArcFaceResNet
+    from appleswap.train.teacher import compute_loss
+
+    torch.manual_seed(0)
+    save_tensors(weights / "arc.safetensors", ArcFaceResNet((1, 1, 1, 1)).state_dict())
+    vgg = torchvision.models.vgg16(weights=None).features.state_dict()
+    save_tensors(weights / "vgg.safetensors", {f"features.{k}": v for k, v in vgg.items()})
+    parts, config = _parts(weights, id_loss="arcface", arcface=str(weights / "arc.safetensors"),
+                           vgg16=str(weights / "vgg.safetensors"), lpips_weight=1.0)
+    with torch.no_grad():
+        _, logs = compute_loss(parts, _batch(), dataclasses.replace(config, id_loss_weight=1.0, lpips_weight=1.0))
+        assert logs["loss/id"] > 0 and logs["loss/lpips"] > 0
+        for id_w, lp_w in ((2.5, 1.0), (1.0, 0.25), (0.5, 3.0)):
+            total, _ = compute_loss(parts, _batch(), dataclasses.replace(config, id_loss_weight=id_w, lpips_weight=lp_w))
+            expected = logs["loss/fm"] + id_w * logs["loss/id"] + lp_w * logs["loss/lpips"]
+            assert total.item() == pytest.approx(expected, rel=1e-5)
