@@ -135,17 +135,10 @@ class FastAppleTransformer(AppleTransformer):
                 condition_cache: ConditionCache | None = None, modulation: ConditionModulation | None = None,
                 timestep_modulation: TimestepModulation | None = None,
                 constants: PassConstants | None = None) -> torch.Tensor:
-        """Velocity (B, L, 64) for noisy ``latents`` (B, L, 64) at ``timestep`` (B,) in [0, 1].
+        """The reference forward's velocity (:meth:`AppleTransformer.forward`, same arguments), with the once-per-swap
+        inputs it may take precomputed:
 
         Args:
-            text: prompt embeddings (batch 1 or B).
-            img_ids: position ids (L, 3), shared by image and condition tokens.
-            condition: clean condition tokens (B, L, 64) or None (two branches only).
-            id_tokens: PuLID ID tokens (B or 1, 32, D) or None (ID cross-attentions skipped).
-            guidance: FLUX guidance (B,) for text and image (None: 1.0); the condition always gets 1.0.
-            id_weight: weight of the ID cross-attention residuals.
-            independent_condition: OminiControl's independent mode: condition tokens attend to themselves only
-                (not APPLE's released setting, which is full joint attention).
             condition_cache: from :meth:`build_condition_cache`: the independent mode with the condition's keys
                 and values computed once per swap (then ``condition`` must be None).
             modulation: from :meth:`condition_modulation`: the condition's AdaLN rows computed once per swap
