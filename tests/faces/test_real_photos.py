@@ -35,6 +35,7 @@ def test_every_face_found_and_no_false_faces(corpus):
     wrong = {name: r for name, r in report.items() if r[0] != r[1] or r[2]}
     assert not wrong, f"(found, expected, false) per photo: {wrong}"
     assert report["group"] == (8, 8, 0)  # 8 people, faces of 40-190 px, one tilted, one partly hidden
+    assert report["contact sheet"] == (6, 6, 0)  # portraits edge to edge, faces near the top border
 
 
 def _eyes_in_crop(crop: np.ndarray) -> np.ndarray:
