@@ -141,9 +141,9 @@ def _confirmed(image: np.ndarray, face: FaceDetection, min_score: float) -> bool
     size = max(face.box[2] - face.box[0], face.box[3] - face.box[1])
     for context in CONFIRM_CONTEXTS:
         side = min(context * size, width, height)
-        x0 = int(round(min(max(cx - side / 2, 0), width - side)))
-        y0 = int(round(min(max(cy - side / 2, 0), height - side)))
-        x1, y1 = min(x0 + int(round(side)), width), min(y0 + int(round(side)), height)
+        x0 = round(min(max(cx - side / 2, 0), width - side))
+        y0 = round(min(max(cy - side / 2, 0), height - side))
+        x1, y1 = min(x0 + round(side), width), min(y0 + round(side), height)
         if x1 - x0 < 8 or y1 - y0 < 8:
             return False
         shifted = face.box - np.array([x0, y0, x0, y0])
