@@ -21,6 +21,13 @@ Recipes (``--recipes``, rows in this order):
   before the first fp8 row (so the fp8 rows come last). Each fp8 row starts from the LoRA the reference row
   (``compiled``, else the last bf16 paper-recipe row) started from and runs the same steps (indices, seeds), so
   its note gives the mean absolute relative difference of the flow-matching loss to the reference row, step by step.
+* ``budget``, ``fp8budget``: the compiled recipe (bf16 / fp8 base) with selective activation checkpointing by the
+  compiler instead of whole-block recomputation: no block recomputed whole, each block graph keeps
+  ``--memory-budget`` of its activations (``activation_memory_budget``) and recomputes the cheapest rest.
+
+``--profile`` adds, per row, where the GPU time of two more steps goes (GEMMs, fp8 GEMMs, attention, inductor's
+fused kernels, convolutions of the VAE and loss networks, the optimizer, copies, idle) and the top kernels of the
+first row.
 
 Each row is the mean over ``--repeats`` steps on different batches (so the t <= 0.35 gate opens as often as in
 training) after ``--warmup`` steps; the fraction of the bf16 ceiling counts the transformer's model FLOPs (forward
@@ -47,8 +54,10 @@ from typing import Any
 
 logger = logging.getLogger("appleswap.bench_train_step")
 FULL_ID_DIM, TINY_ID_DIM = 2048, 64
-RECIPES = ("plain", "worst", "paper", "fused", "compiled", "partial", "fp8", "fp8partial")
-FP8_RECIPES = ("fp8", "fp8partial")
+RECIPES = ("plain", "worst", "paper", "fused", "compiled", "partial", "budget", "fp8", "fp8partial", "fp8budget")
+FP8_RECIPES = ("fp8", "fp8partial", "fp8budget")
+BUDGET_RECIPES = ("budget", "fp8budget")
+COMPILED_RECIPES = ("compiled", "partial", *BUDGET_RECIPES, *FP8_RECIPES)
 
 
 @dataclasses.dataclass
@@ -76,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4, help="batch of the recipe rows")
     parser.add_argument("--checkpoint-fraction", type=float, default=0.5,
                         help="share of the blocks recomputed in backward in the 'partial' and 'fp8partial' rows")
+    parser.add_argument("--memory-budget", type=float, default=0.3,
+                        help="share of each block's activations kept in the 'budget' and 'fp8budget' rows")
+    parser.add_argument("--profile", action="store_true", help="also profile two steps of every row (GPU time)")
     parser.add_argument("--sweep", action="store_true",
                         help="after the rows, the last recipe over larger batches up to the first OOM")
     parser.add_argument("--batches", default=None,
@@ -407,11 +419,14 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
               "compiled": "+ regional torch.compile of the blocks",
               "partial": f"+ checkpointing on {args.checkpoint_fraction:.0%} of the blocks",
               "fp8": "compiled + fp8 frozen base (e4m3 forward and input gradient), all blocks checkpointed",
-              "fp8partial": f"+ checkpointing on {args.checkpoint_fraction:.0%} of the blocks (fp8 base)"}
+              "fp8partial": f"+ checkpointing on {args.checkpoint_fraction:.0%} of the blocks (fp8 base)",
+              "budget": f"compiled, selective checkpointing: blocks keep {args.memory_budget:.0%} of activations",
+              "fp8budget": f"fp8 base, selective checkpointing: blocks keep {args.memory_budget:.0%} of activations"}
     reference = loss_reference(recipes)
     fm_losses: dict[str, list[float]] = {}
     start_lora: list[torch.Tensor] | None = None  # the LoRA as the reference row found it (host copy)
-    rows, runner, quantized = [], None, False
+    rows, runner, quantized, compiled_budget = [], None, False, "none"
+    profiles: list[tuple[str, str]] = []
     for recipe in recipes:
         fp8 = recipe in FP8_RECIPES
         if fp8 and not quantized:
@@ -423,15 +438,20 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
             with torch.no_grad():
                 for param, value in zip(params, start_lora):
                     param.copy_(value)
-        fused = recipe in ("fused", "compiled", "partial", *FP8_RECIPES)
+        fused = recipe in ("fused", *COMPILED_RECIPES)
         settings = LossSettings(id_loss_max_t=1.0, lpips_max_t=1.0) if recipe == "worst" else LossSettings()
         optimizer = make_optimizer(params, TrainConfig(learning_rate=1e-4, weight_decay=1e-3, fused_adamw=fused))
-        if recipe in ("compiled", "partial", *FP8_RECIPES):
-            compile_block_functions(model)
+        budget = args.memory_budget if recipe in BUDGET_RECIPES else None
+        if recipe in COMPILED_RECIPES:
+            if budget != compiled_budget and compiled_budget != "none":
+                torch._dynamo.reset()  # the partitioner reads the budget when a graph compiles: compile again
+            compile_block_functions(model, memory_budget=budget)
+            compiled_budget = budget
         else:
             uncompile_block_functions(model)
         partial = recipe in ("partial", "fp8partial")
-        model.enable_gradient_checkpointing(args.checkpoint_fraction if partial else 1.0)
+        model.enable_gradient_checkpointing(0.0 if budget is not None else
+                                            args.checkpoint_fraction if partial else 1.0)
 
         def run_batch(size, settings=settings, optimizer=optimizer, label=labels[recipe], record=None):
             return time_steps(apple_step(parts, optimizer, settings, size, args, record), size, args, device,
@@ -443,10 +463,64 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
         except torch.OutOfMemoryError as error:
             logger.warning("%s: out of memory (%s)", recipe, str(error).splitlines()[0][:120])
             rows.append(BatchRow(batch_size, None, float("nan"), "out of memory", labels[recipe]))
+        if args.profile and rows[-1].seconds is not None:
+            steps = apple_step(parts, optimizer, settings, batch_size, args)
+            profiles.append((labels[recipe], profile_steps(steps, device, rows[-1].seconds, top=not profiles)))
         free_after_oom(optimizer, device)
         logger.info("%s: %s", recipe, rows[-1])
         runner = run_batch
+    for label, text in profiles:
+        print(f"\n### GPU time of two steps: {label}\n{text}")
     return rows, runner
+
+
+KERNEL_KINDS = (  # (kind, substrings of the lower-cased kernel name), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("fp8 GEMM", ("e4m3", "f8f8", "fp8")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "cublas", "splitk")),
+    ("convolution", ("conv", "cudnn", "winograd", "implicit", "fprop", "dgrad", "wgrad")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("inductor fused", ("triton_",)),
+    ("copy / cast", ("copy", "cast", "memcpy", "memset", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(key in lowered for key in keys)), "other")
+
+
+def profile_steps(step: Callable[[int], dict], device: Any, seconds: float, top: bool, steps: int = 2) -> str:
+    """GPU kernel time of ``steps`` steps by kind (and, with ``top``, the 15 longest kernels): where a step goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if torch.device(device).type != "cuda":
+        return "(no GPU: nothing to profile)"
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for n in range(steps):
+            step(20_000 + n * 97)
+        sync(device)
+    wall = (time.perf_counter() - start) / steps * 1e3
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        elapsed = event.time_range.elapsed_us() / 1e3 / steps
+        by_kind[kernel_kind(event.name)] = by_kind.get(kernel_kind(event.name), 0.0) + elapsed
+        by_name[event.name] = by_name.get(event.name, 0.0) + elapsed
+    busy = sum(by_kind.values())
+    header = (f"profiled {wall:.0f} ms / step (timed row {seconds * 1e3:.0f} ms); kernels {busy:.0f} ms, idle "
+              f"{max(wall - busy, 0):.0f} ms")
+    lines = [header, "| kind | ms / step | share |", "|---|---|---|"]
+    lines += [f"| {kind} | {ms:.1f} | {ms / wall:.1%} |" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    if top:
+        lines += ["", "| kernel (top 15) | ms / step |", "|---|---|"]
+        lines += [f"| {name[:100]} | {ms:.1f} |" for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:15]]
+    return "\n".join(lines)
 
 
 def loader_rate(workers: int, batch_size: int, images: int, resolution: int, tiny: bool) -> float:

@@ -111,7 +111,8 @@ def test_fp8_row_quantises_the_model_and_notes_its_loss_difference(bench, capsys
     import appleswap.speed
     from appleswap.speed.fp8_training import FrozenFp8Linear
 
-    monkeypatch.setattr(appleswap.speed, "compile_block_functions", appleswap.speed.uncompile_block_functions)
+    monkeypatch.setattr(appleswap.speed, "compile_block_functions",
+                        lambda model, **_: appleswap.speed.uncompile_block_functions(model))
     built = []
     real_build = bench.build_parts
     monkeypatch.setattr(bench, "build_parts", lambda *a: built.append(real_build(*a)) or built[-1])
@@ -128,3 +129,14 @@ def test_fp8_row_quantises_the_model_and_notes_its_loss_difference(bench, capsys
     blocks = len(model.flux.transformer_blocks), len(model.flux.single_transformer_blocks)
     # per double block 12 linears besides the 2 AdaLN ones, per single block 5 besides 1 (tests/speed counts them)
     assert sum(isinstance(m, FrozenFp8Linear) for m in model.modules()) == 12 * blocks[0] + 5 * blocks[1]
+
+
+def test_profile_kinds_name_the_kernels_a_training_step_runs(bench):
+    """The profile's kinds, on kernel names as the CUDA profiler reports them on an H100."""
+    assert bench.kernel_kind("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>") == "attention"
+    assert bench.kernel_kind("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128") == "fp8 GEMM"
+    assert bench.kernel_kind("nvjet_tst_256x128_64x4_2x1_v_bz_coopB_TNT") == "GEMM"
+    assert bench.kernel_kind("triton_per_fused__to_copy_add_mul_native_layer_norm_0") == "inductor fused"
+    assert bench.kernel_kind("void cudnn::cnn::conv2d_grouped_direct_kernel<...>") == "convolution"
+    assert bench.kernel_kind("void at::native::(anonymous namespace)::fused_adamw_kernel<...>") == "optimizer"
+    assert bench.kernel_kind("void at::native::elementwise_kernel<128, 2, ...>") == "other"

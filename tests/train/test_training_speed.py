@@ -244,3 +244,62 @@ def test_loss_weights_scale_their_terms_in_the_training_loss(weights):
             total, _ = compute_loss(parts, _batch(), dataclasses.replace(config, id_loss_weight=id_w, lpips_weight=lp_w))
             expected = logs["loss/fm"] + id_w * logs["loss/id"] + lp_w * logs["loss/lpips"]
             assert total.item() == pytest.approx(expected, rel=1e-5)
+
+
+def _saved_bytes(parts, config, batch) -> int:
+    """Bytes autograd keeps for backward during one forward + loss (what a memory budget trims)."""
+    from appleswap.train.teacher import compute_loss
+
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss, _ = compute_loss(parts, batch, config)
+    del loss
+    return sum(saved)
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
+def test_memory_budget_keeps_less_for_backward_and_gives_the_eager_gradients(weights):
+    """`activation_memory_budget`: the compiled blocks save a share of their activations and recompute the rest.
+    Without whole-block checkpointing, a budget of 0.1 keeps less for backward than the compiled blocks with no
+    budget, and the loss and gradients are the eager step's."""
+    eager, config = _parts(weights, gradient_checkpointing=False)
+    loss_ref, ref = _gradients(eager, config, _batch())
+    kept = {}
+    for budget in (None, 0.1):
+        parts, config = _parts(weights, gradient_checkpointing=False)
+        torch._dynamo.reset()  # the partitioner reads the budget when a graph compiles
+        compile_block_functions(parts.transformer, memory_budget=budget)
+        kept[budget] = _saved_bytes(parts, config, _batch())
+        if budget is not None:
+            loss, grads = _gradients(parts, config, _batch())
+    torch._dynamo.reset()
+    assert kept[0.1] < 0.9 * kept[None], kept
+    assert loss == pytest.approx(loss_ref, rel=1e-4)
+    for name, grad in ref.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_memory_budget_outside_0_1_is_refused(weights):
+    parts, _ = _parts(weights)
+    with pytest.raises(ValueError, match="memory_budget"):
+        compile_block_functions(parts.transformer, memory_budget=1.5)
+
+
+def test_training_config_budget_reaches_the_compiled_blocks(weights, monkeypatch):
+    """`compile: true` + `activation_memory_budget` on a GPU device compile the blocks with that budget (the CPU
+    keeps eager blocks)."""
+    from appleswap.train import build
+
+    calls = []
+    monkeypatch.setattr(build, "compile_block_functions", lambda model, **kw: calls.append(kw))
+    parts, config = _parts(weights)
+    config = dataclasses.replace(config, compile=True, activation_memory_budget=0.25)
+    build.apply_training_speed(parts.transformer, config, torch.device("cpu"))
+    assert calls == []
+    build.apply_training_speed(parts.transformer, config, torch.device("cuda"))
+    assert calls == [{"memory_budget": 0.25}]

@@ -507,19 +507,45 @@ class FastAppleTransformer(AppleTransformer):
         return rank
 
 
-def compile_block_functions(model: AppleTransformer, mode: str | None = None, fullgraph: bool = True) -> None:
+def compile_block_functions(model: AppleTransformer, mode: str | None = None, fullgraph: bool = True,
+                            memory_budget: float | None = None) -> None:
     """Regional ``torch.compile``: the double-block, single-block and ID-attention functions are compiled once
     each and the graph is reused by every block of that kind (their weights are graph inputs), so compiling
     takes seconds-to-a-minute instead of minutes for the whole model. ``mode``: None (default),
     "reduce-overhead" (CUDA graphs per region) or "max-autotune-no-cudagraphs". The functional (not in-place)
     form of the blocks runs under compile; inductor fuses its slices and additions into neighbouring kernels.
+
+    ``memory_budget`` (training, 0..1): selective activation checkpointing by the compiler. Each block graph keeps
+    this share of the activations it would otherwise save for backward and recomputes the rest, choosing what is
+    cheapest to recompute (norms and pointwise ops before matmuls and attention): torch's
+    ``activation_memory_budget``, applied while these graphs compile and run. Same gradients.
     """
     import torch._dynamo
 
+    if memory_budget is not None and not 0.0 <= memory_budget <= 1.0:
+        raise ValueError(f"memory_budget {memory_budget} must be in [0, 1]")
     # one graph per block kind; a few extra for guidance batches / no-condition passes
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     options = {"mode": mode, "fullgraph": fullgraph, "dynamic": False}
-    model.block_functions = {name: torch.compile(fn, **options) for name, fn in type(model).BLOCK_FUNCTIONS.items()}
+    compiled = {name: torch.compile(fn, **options) for name, fn in type(model).BLOCK_FUNCTIONS.items()}
+    if memory_budget is not None:
+        compiled = {name: _under_memory_budget(fn, memory_budget) for name, fn in compiled.items()}
+    model.block_functions = compiled
+
+
+def _under_memory_budget(compiled, budget: float):
+    """``compiled`` called with torch's activation memory budget set (the partitioner reads it when the graph
+    compiles, at the first call)."""
+    import functools
+
+    import torch._functorch.config
+
+    @functools.wraps(compiled)
+    def run(*args, **kwargs):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return compiled(*args, **kwargs)
+    run.memory_budget = budget
+    return run
 
 
 def uncompile_block_functions(model: AppleTransformer) -> None:

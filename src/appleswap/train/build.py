@@ -115,15 +115,17 @@ def apply_training_speed(transformer: torch.nn.Module, config: TrainConfig, devi
     """The speed options of a training run that act on the model, after the LoRA is added and frozen:
     ``fp8_base`` (the frozen block linears in e4m3 for forward and input gradient; on the CPU the same layers
     multiply by their dequantised weights), then ``compile`` (regional torch.compile of the block functions, on a
-    GPU only; the CPU keeps eager blocks, which tests compare against)."""
+    GPU only; the CPU keeps eager blocks, which tests compare against), with ``activation_memory_budget``."""
     if config.fp8_base:
         from appleswap.speed.fp8_training import quantize_frozen_fp8
 
         count = quantize_frozen_fp8(transformer)
         log.info("training: %d frozen block linears in fp8 (e4m3, row-wise scales; LoRA in fp32)", count)
     if config.compile and torch.device(device).type == "cuda":
-        compile_block_functions(transformer)
-        log.info("training: transformer blocks compiled (regional torch.compile)")
+        compile_block_functions(transformer, memory_budget=config.activation_memory_budget)
+        log.info("training: transformer blocks compiled (regional torch.compile%s)",
+                 "" if config.activation_memory_budget is None
+                 else f", activation memory budget {config.activation_memory_budget}")
 
 
 def build_parts(config: TrainConfig, weights_dir: str | None, device: torch.device) -> TrainParts:

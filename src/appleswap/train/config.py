@@ -70,6 +70,10 @@ class TrainConfig:
     checkpoint_fraction: float = option(1.0, "share of the transformer blocks recomputed in backward when "
                                              "gradient_checkpointing is on (1 = all; less is faster and needs more "
                                              "memory; same gradients)")
+    activation_memory_budget: float | None = option(
+        None, "with compile on a GPU: the blocks not recomputed whole (see checkpoint_fraction) keep this share "
+              "(0-1) of their activations and recompute the cheapest rest, chosen by the compiler (selective "
+              "checkpointing: faster than whole-block recomputation for the memory; same gradients)")
     fp8_base: bool = option(False, "frozen block weights in fp8 (e4m3, row-wise scales) for the forward and the "
                                    "input gradient (faster on Hopper; changes numerics slightly, the LoRA stays "
                                    "fp32; docs/training.md)")
