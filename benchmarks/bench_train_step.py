@@ -475,12 +475,12 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
 
 
 KERNEL_KINDS = (  # (kind, substrings of the lower-cased kernel name), first match wins
+    ("inductor fused", ("triton_",)),  # inductor names them by their ops ("_to_copy", "convert_element_type")
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("fp8 GEMM", ("e4m3", "f8f8", "fp8")),
+    ("convolution", ("conv2d", "cudnn", "winograd", "implicit", "fprop", "dgrad", "wgrad")),
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "cublas", "splitk")),
-    ("convolution", ("conv", "cudnn", "winograd", "implicit", "fprop", "dgrad", "wgrad")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("inductor fused", ("triton_",)),
     ("copy / cast", ("copy", "cast", "memcpy", "memset", "fill")),
 )
 

@@ -139,4 +139,6 @@ def test_profile_kinds_name_the_kernels_a_training_step_runs(bench):
     assert bench.kernel_kind("triton_per_fused__to_copy_add_mul_native_layer_norm_0") == "inductor fused"
     assert bench.kernel_kind("void cudnn::cnn::conv2d_grouped_direct_kernel<...>") == "convolution"
     assert bench.kernel_kind("void at::native::(anonymous namespace)::fused_adamw_kernel<...>") == "optimizer"
+    assert bench.kernel_kind("triton_poi_fused__to_copy_convert_element_type_mul_1") == "inductor fused"
+    assert bench.kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
     assert bench.kernel_kind("void at::native::elementwise_kernel<128, 2, ...>") == "other"
