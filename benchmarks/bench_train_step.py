@@ -13,8 +13,9 @@ Recipes (``--recipes``, rows in this order):
 * ``worst``: APPLE's step with the ID and LPIPS gates forced open (every sample decodes and pays for both).
 * ``paper``: the paper recipe as it runs: ID + LPIPS only where t <= 0.35 (logit-normal t: ~27 % of samples),
   10 % dropout of text / condition / ID; every block recomputed in backward, eager blocks, multi-tensor AdamW.
-* ``fused``, ``compiled``, ``partial``: the paper recipe plus, cumulatively, the fused AdamW, the regional
-  torch.compile of the training blocks, and gradient checkpointing on ``--checkpoint-fraction`` of the blocks.
+* ``fused``, ``blocks``, ``compiled``, ``partial``: the paper recipe plus, cumulatively, the fused AdamW, the
+  regional torch.compile of the training blocks, the compiled VAE encoder (``compiled`` is what training's
+  ``compile: true`` does), and gradient checkpointing on ``--checkpoint-fraction`` of the blocks.
 * ``fp8``, ``fp8partial``: the compiled recipe with the frozen block linears in e4m3 (``fp8_base``:
   ``speed.fp8_training``, forward and input gradient as row-wise fp8 GEMMs; changes numerics), every block
   checkpointed, then checkpointing on ``--checkpoint-fraction`` of the blocks. The model is quantised in place
@@ -54,10 +55,10 @@ from typing import Any
 
 logger = logging.getLogger("appleswap.bench_train_step")
 FULL_ID_DIM, TINY_ID_DIM = 2048, 64
-RECIPES = ("plain", "worst", "paper", "fused", "compiled", "partial", "budget", "fp8", "fp8partial", "fp8budget")
+RECIPES = ("plain", "worst", "paper", "fused", "blocks", "compiled", "partial", "budget", "fp8", "fp8partial", "fp8budget")
 FP8_RECIPES = ("fp8", "fp8partial", "fp8budget")
 BUDGET_RECIPES = ("budget", "fp8budget")
-COMPILED_RECIPES = ("compiled", "partial", *BUDGET_RECIPES, *FP8_RECIPES)
+COMPILED_RECIPES = ("blocks", "compiled", "partial", *BUDGET_RECIPES, *FP8_RECIPES)
 
 
 @dataclasses.dataclass
@@ -416,7 +417,8 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
     labels = {"worst": "APPLE, ID + LPIPS on every sample (worst case)",
               "paper": "APPLE paper recipe (t <= 0.35 gates, 10 % dropouts)",
               "fused": "+ fused AdamW",
-              "compiled": "+ regional torch.compile of the blocks",
+              "blocks": "+ regional torch.compile of the blocks",
+              "compiled": "+ regional torch.compile of the blocks and the VAE encoder",
               "partial": f"+ checkpointing on {args.checkpoint_fraction:.0%} of the blocks",
               "fp8": "compiled + fp8 frozen base (e4m3 forward and input gradient), all blocks checkpointed",
               "fp8partial": f"+ checkpointing on {args.checkpoint_fraction:.0%} of the blocks (fp8 base)",
@@ -449,6 +451,7 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
             compiled_budget = budget
         else:
             uncompile_block_functions(model)
+        compile_encoder(parts.vae, recipe in COMPILED_RECIPES and recipe != "blocks")
         partial = recipe in ("partial", "fp8partial")
         model.enable_gradient_checkpointing(0.0 if budget is not None else
                                             args.checkpoint_fraction if partial else 1.0)
@@ -472,6 +475,17 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
     for label, text in profiles:
         print(f"\n### GPU time of two steps: {label}\n{text}")
     return rows, runner
+
+
+def compile_encoder(vae: Any, compiled: bool) -> None:
+    """The VAE encoder compiled (as training's ``compile`` does) or eager again (``Module.compile``'s wrapper
+    dropped)."""
+    from appleswap.speed.vae import compile_vae
+
+    if not compiled:
+        vae.encoder._compiled_call_impl = None
+    elif vae.encoder._compiled_call_impl is None:
+        compile_vae(vae, decoder=False)
 
 
 KERNEL_KINDS = (  # (kind, substrings of the lower-cased kernel name), first match wins

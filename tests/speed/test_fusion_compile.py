@@ -173,3 +173,14 @@ def test_graphed_vae_encoder_gives_the_same_latents_through_the_graph_runner():
     graph_vae_encoder(vae, False)
     assert not hasattr(vae, "apple_encoder_graph")
     torch.testing.assert_close(encode_images(vae, images), mode, rtol=0, atol=0)
+
+
+def test_compile_vae_for_training_compiles_the_encoder_only():
+    """Training decodes a batch whose size changes every step (the gated samples): only the encoder compiles."""
+    from appleswap.benchmark.models import BenchConfig, build_vae
+    from appleswap.speed.vae import compile_vae
+
+    vae = build_vae(BenchConfig(tiny=True), "cpu", torch.float32)
+    compile_vae(vae, decoder=False)
+    assert vae.encoder._compiled_call_impl is not None
+    assert vae.decoder._compiled_call_impl is None

@@ -10,6 +10,7 @@ import torch
 
 from appleswap.config import torch_dtype
 from appleswap.speed import compile_block_functions
+from appleswap.speed.vae import compile_vae
 from appleswap.train.config import StudentConfig, TrainConfig
 from appleswap.train.data import Dropout, IdTokenStore, TeacherDataset, index_targets, split_validation
 from appleswap.train.teacher import TrainParts
@@ -140,6 +141,8 @@ def build_parts(config: TrainConfig, weights_dir: str | None, device: torch.devi
     prepare_lora(transformer, config)
     apply_training_speed(transformer, config, device)
     vae = load_vae(flux, dtype=dtype, device=device).requires_grad_(False)
+    if config.compile and torch.device(device).type == "cuda":
+        compile_vae(vae, decoder=False)  # target + condition are encoded every step, in one batch of fixed size
     text = load_text_embeddings(flux, config.prompt, device=device, dtype=dtype)
     empty = load_text_embeddings(flux, "", device=device, dtype=dtype)
     id_loss, lpips = build_loss_networks(config, weights_dir, device)
