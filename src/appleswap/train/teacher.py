@@ -112,35 +112,39 @@ def compute_loss(parts: TrainParts, batch: dict[str, Any], settings: Any, *, epo
     # target and condition through the encoder as one batch (one call, a larger GEMM; each sample keeps its draw)
     generators = [sample_generator(settings.seed, epoch, i, tag) for tag in ("vae", "vae_condition") for i in indices]
     x0, cond = encode_posterior(parts.vae, torch.cat([target, condition]), generators).chunk(2)
-    _, t, noise = _draws(batch, settings, epoch, tuple(x0.shape[1:]))
-    x0, cond, t, noise = x0.to(device), cond.to(device), t.to(device), noise.to(device)
+    _, t_host, noise = _draws(batch, settings, epoch, tuple(x0.shape[1:]))
+    x0, cond, t, noise = x0.to(device), cond.to(device), t_host.to(device), noise.to(device)
     x_t = losses.noisy_latents(x0, noise, t)
     ids = image_ids(height, width, device=device, vae_scale=vae_scale_factor(parts.vae))
     velocity = model(x_t.to(dtype), t.to(dtype), text=batch_text(parts, batch["drop_text"], device, dtype),
                      img_ids=ids, condition=cond.to(dtype), id_tokens=batch["id_tokens"].to(device, dtype),
                      guidance=torch.ones_like(t, dtype=dtype)).float()
     fm = losses.flow_matching_loss(velocity, noise, x0)
-    total, logs = fm, {"loss/fm": fm.item(), "t/mean": t.mean().item()}
+    # logged as tensors and read once at the end: each read waits for the GPU, which then idles while the host
+    # queues the next kernels
+    total, terms = fm, {"loss/fm": fm.detach(), "t/mean": t.mean()}
     use_id = parts.id_loss is not None and settings.id_loss_weight > 0
     use_lpips = parts.lpips is not None and settings.lpips_weight > 0
     gate = max(settings.id_loss_max_t if use_id else -1.0, settings.lpips_max_t if use_lpips else -1.0)
-    chosen = (t <= gate).nonzero().flatten()
-    if len(chosen):
+    picked = (t_host <= gate).nonzero().flatten()  # on the host: no wait for the GPU before the decode
+    if len(picked):
+        chosen = picked.to(device)
         x0_hat = losses.predicted_x0(x_t[chosen], t[chosen], velocity[chosen])
         decoded = decode_differentiable(parts.vae, x0_hat, height, width)
         t_sel = t[chosen]
         if use_id:
-            per = parts.id_loss(((decoded + 1) / 2).clamp(0, 1), batch["source"][chosen.cpu()].to(device))
+            per = parts.id_loss(((decoded + 1) / 2).clamp(0, 1), batch["source"][picked].to(device))
             id_term = losses.gated_mean(per, t_sel, settings.id_loss_max_t)
             total = total + settings.id_loss_weight * id_term
-            logs["loss/id"] = id_term.item()
+            terms["loss/id"] = id_term.detach()
         if use_lpips:
-            real = batch["target"][chosen.cpu()].to(device) * 2 - 1
+            real = batch["target"][picked].to(device) * 2 - 1
             per = parts.lpips(decoded, real.to(decoded.dtype)).flatten()
             lp_term = losses.gated_mean(per, t_sel, settings.lpips_max_t)
             total = total + settings.lpips_weight * lp_term
-            logs["loss/lpips"] = lp_term.item()
-    logs["loss/total"] = total.item()
+            terms["loss/lpips"] = lp_term.detach()
+    terms["loss/total"] = total.detach()
+    logs = dict(zip(terms, torch.stack([value.float() for value in terms.values()]).tolist()))
     return total, logs
 
 
