@@ -156,15 +156,18 @@ def training_step(parts: TrainParts, batch: dict[str, Any], settings: Any, optim
     """
     params = [p for p in parts.transformer.parameters() if p.requires_grad]
     loss, logs = compute_loss(parts, batch, settings, epoch=epoch, model=model)
+    grad_norm = None
     if accelerator is not None:
         accelerator.backward(loss)
         if accelerator.sync_gradients:
-            logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, settings.max_grad_norm))
+            grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)
     else:
         loss.backward()
-        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if grad_norm is not None:  # read after the update is queued: the GPU does not wait for the host in between
+        logs["grad_norm"] = float(grad_norm)
     return logs
 
 
