@@ -125,6 +125,41 @@ def test_bf16_products_take_the_rowwise_scaled_mm(monkeypatch, device):
     assert _relative_l2(grad_x.cpu(), exact_grad) < FP8_GEMM_TOL
 
 
+@pytest.mark.parametrize("scaled", [True, False])
+def test_without_the_transposed_copy_the_input_gradient_uses_the_forward_copy(monkeypatch, scaled):
+    """``transposed_copy=False`` frees ``W^T``: the input gradient is ``(dy diag(s)) @ W_q`` from the forward's copy
+    (the per-output-channel scales folded into dy), within fp8 rounding of the float64 product of that copy (the
+    scaled path: one row-wise GEMM with unit weight scales) and of the exact gradient; the forward is unchanged."""
+    monkeypatch.setattr(fp8_lib, "scaled_mm_supported", lambda device: scaled)  # this CPU build runs _scaled_mm
+    calls = []
+    real = torch._scaled_mm
+
+    def recording(a, b, **kwargs):
+        calls.append((a.shape, b.shape, b.stride(), bool((kwargs["scale_b"] == 1).all())))
+        return real(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    linear = _frozen_linear().to(torch.bfloat16)
+    stored, lean = FrozenFp8Linear.from_linear(linear), FrozenFp8Linear.from_linear(linear)
+    lean.drop_transposed_copy()
+    assert lean.weight_t_fp8 is None and "weight_t_fp8" not in dict(lean.named_buffers())
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 16, 64, generator=generator).to(torch.bfloat16)
+    grad = torch.randn(2, 16, 48, generator=generator).to(torch.bfloat16)
+    out, grad_x = _forward_backward(lean, x, grad)
+    lean_calls = list(calls)
+    stored_out, _ = _forward_backward(stored, x, grad)
+    torch.testing.assert_close(out, stored_out, rtol=0, atol=0)
+    forward = lean.weight_fp8.double() * lean.weight_scale.double()[:, None]
+    reference_grad = grad.double().reshape(32, 48) @ forward
+    assert _relative_l2(grad_x.reshape(32, 64), reference_grad) < (FP8_GEMM_TOL if scaled else 1e-2)
+    _, exact_grad = _forward_backward(linear.double(), x.double(), grad.double())
+    assert _relative_l2(grad_x, exact_grad) < FP8_GEMM_TOL
+    # the backward GEMM of a scaled run: (32, 48) @ (48, 64), the forward copy transposed, unit scales
+    assert lean_calls[1:] == ([((32, 48), (48, 64), (1, 48), True)] if scaled else [])
+    torch.testing.assert_close(lean.dequantized_weight_t(torch.float64), forward.t())
+
+
 def test_unaligned_sizes_fall_back_to_the_dequantised_matmul(monkeypatch):
     """Sizes that are not multiples of 16 never reach _scaled_mm (it would refuse them on a GPU)."""
     monkeypatch.setattr(fp8_lib, "scaled_mm_supported", lambda device: True)

@@ -7,7 +7,9 @@ beside it, in fp32, untouched). :class:`FrozenFp8Linear` keeps ``W`` twice in e4
 and ``W^T`` (K, N), stored row-major, with one scale per input channel for the backward, so that both products are
 Hopper's row-wise ``torch._scaled_mm`` with the second operand column-major. The activations (forward) and the
 output gradients (backward) are quantised per row (token) on the fly. Together the two e4m3 copies take the
-memory of the bf16 weight they replace, which is dropped.
+memory of the bf16 weight they replace, which is dropped. Without the transposed copy (``transposed_copy=False``,
+half that memory: 11 GiB less at FLUX size) the backward transposes the forward copy, layer by layer, and folds its
+per-output-channel scales into the output gradient before quantising it (``dy W = (dy diag(s)) W_q``).
 
 Where ``torch._scaled_mm`` does not apply (CPU, fp32 activations, fewer than 16 rows, sizes not multiples of 16,
 GPUs without fp8 tensor cores) the same function multiplies by the dequantised copies in the activation dtype
@@ -55,19 +57,35 @@ class FrozenFp8Product(torch.autograd.Function):
     def forward(ctx, x, weight_fp8, weight_scale, weight_t_fp8, weight_t_scale, bias, use_scaled_mm, fast_accum):
         out_features, in_features = weight_fp8.shape
         scaled = takes_scaled_mm(use_scaled_mm, x.shape[0], in_features, out_features, x)
-        ctx.save_for_backward(weight_t_fp8, weight_t_scale)  # buffers: no copy; x is not needed (frozen W)
+        ctx.transposed_copy = weight_t_fp8 is not None
+        # buffers: no copy; x is not needed (frozen W)
+        ctx.save_for_backward(*((weight_t_fp8, weight_t_scale) if ctx.transposed_copy else (weight_fp8, weight_scale)))
         ctx.scaled = scaled
         return fp8_product(x, weight_fp8, weight_scale, bias, scaled, fast_accum)
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight_t_fp8, weight_t_scale = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # dy (M, N) @ W (N, K) = dy @ (W^T)^T: the forward's product with W^T (K, N) as the weight
             scaled = ctx.scaled and grad_out.dtype in (torch.bfloat16, torch.float16)  # row-wise GEMMs write 16-bit
-            grad_x = fp8_product(grad_out, weight_t_fp8, weight_t_scale, None, scaled, False)
+            if ctx.transposed_copy:
+                # dy (M, N) @ W (N, K) = dy @ (W^T)^T: the forward's product with W^T (K, N) as the weight
+                grad_x = fp8_product(grad_out, *ctx.saved_tensors, None, scaled, False)
+            else:
+                grad_x = input_gradient_from_forward_copy(grad_out, *ctx.saved_tensors, scaled)
         return grad_x, None, None, None, None, None, None, None
+
+
+def input_gradient_from_forward_copy(grad_out: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+                                     scaled: bool) -> torch.Tensor:
+    """``dy @ W`` from the forward's e4m3 ``W_q`` (N, K) and its per-output-channel scales ``s``: ``(dy diag(s)) @ W_q``,
+    the scales folded into ``dy`` (its columns) so the row-wise GEMM needs none on the weight, whose transpose is
+    made here (the GEMM wants it row-major) and dropped after use."""
+    if not scaled:
+        return grad_out @ dequantize_fp8(weight_fp8, weight_scale, grad_out.dtype)
+    folded = (grad_out.float() * weight_scale).to(grad_out.dtype)
+    ones = torch.ones(weight_fp8.shape[1], device=weight_fp8.device, dtype=torch.float32)
+    return scaled_matmul(folded.contiguous(), weight_fp8.t().contiguous(), ones, None, False)
 
 
 class FrozenFp8Linear(Fp8Linear):
@@ -84,6 +102,11 @@ class FrozenFp8Linear(Fp8Linear):
         self.register_buffer("weight_t_fp8", weight_t.contiguous())
         self.register_buffer("weight_t_scale", scale_t.float().reshape(-1))
 
+    def drop_transposed_copy(self) -> None:
+        """Free the backward's e4m3 ``W^T``: the input gradient then transposes the forward copy per call."""
+        self.weight_t_fp8 = None
+        self.weight_t_scale = None
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, granularity: str = "row", fast_accum: bool = True) -> FrozenFp8Linear:
         if granularity != "row":
@@ -97,7 +120,10 @@ class FrozenFp8Linear(Fp8Linear):
         return cls(weight_fp8, scale, weight_t_fp8, scale_t, bias, weight.dtype, fast_accum)
 
     def dequantized_weight_t(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The backward's copy, ``~W^T`` (K, N), dequantised (for inspection and tests)."""
+        """The backward's copy, ``~W^T`` (K, N), dequantised (for inspection and tests); without the transposed copy
+        the forward's, transposed."""
+        if self.weight_t_fp8 is None:
+            return dequantize_fp8(self.weight_fp8, self.weight_scale, dtype or self.compute_dtype).t()
         return dequantize_fp8(self.weight_t_fp8, self.weight_t_scale, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,9 +142,10 @@ def is_modulation(name: str) -> bool:
     return "norm" in name and f".{name}".endswith(".linear")
 
 
-def quantize_frozen_fp8(transformer: nn.Module, fast_accum: bool = True) -> int:
+def quantize_frozen_fp8(transformer: nn.Module, fast_accum: bool = True, transposed_copy: bool = True) -> int:
     """Replace the frozen linears of every double and single block by :class:`FrozenFp8Linear` (in place); the
     number replaced. ``transformer``: an ``AppleTransformer`` or the diffusers FLUX model itself.
+    ``transposed_copy=False``: no second e4m3 copy for the input gradient (see the module's docstring).
 
     Inside a PEFT LoRA wrapper only the ``base_layer`` is replaced, so ``model.lora.routed_linear`` (one base
     product over all tokens, the LoRA on the condition tokens) runs unchanged. The LoRA matrices, the AdaLN
@@ -138,7 +165,10 @@ def quantize_frozen_fp8(transformer: nn.Module, fast_accum: bool = True) -> int:
                     continue
                 parent_name, _, child_name = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, child_name, FrozenFp8Linear.from_linear(module, fast_accum=fast_accum))
+                layer = FrozenFp8Linear.from_linear(module, fast_accum=fast_accum)
+                if not transposed_copy:
+                    layer.drop_transposed_copy()
+                setattr(parent, child_name, layer)
                 count += 1
     ignored = {f"{name}.{buffer}" for name, module in transformer.named_modules()
                if isinstance(module, FrozenFp8Linear) for buffer, _ in module.named_buffers(recurse=False)}
