@@ -25,6 +25,8 @@ Recipes (``--recipes``, rows in this order):
 * ``budget``, ``fp8budget``: the compiled recipe (bf16 / fp8 base) with selective activation checkpointing by the
   compiler instead of whole-block recomputation: no block recomputed whole, each block graph keeps
   ``--memory-budget`` of its activations (``activation_memory_budget``) and recomputes the cheapest rest.
+* ``fp8lean``: ``fp8budget`` without the transposed e4m3 copies (``fp8_transposed_copy: false``, 11 GiB less at
+  FLUX size, dropped in place: so it comes after the other fp8 rows), at ``--lean-memory-budget``.
 
 ``--profile`` adds, per row, where the GPU time of two more steps goes (GEMMs, fp8 GEMMs, attention, inductor's
 fused kernels, convolutions of the VAE and loss networks, the optimizer, copies, idle) and the top kernels of the
@@ -55,9 +57,9 @@ from typing import Any
 
 logger = logging.getLogger("appleswap.bench_train_step")
 FULL_ID_DIM, TINY_ID_DIM = 2048, 64
-RECIPES = ("plain", "worst", "paper", "fused", "blocks", "compiled", "partial", "budget", "fp8", "fp8partial", "fp8budget")
-FP8_RECIPES = ("fp8", "fp8partial", "fp8budget")
-BUDGET_RECIPES = ("budget", "fp8budget")
+RECIPES = ("plain", "worst", "paper", "fused", "blocks", "compiled", "partial", "budget", "fp8", "fp8partial", "fp8budget", "fp8lean")
+FP8_RECIPES = ("fp8", "fp8partial", "fp8budget", "fp8lean")
+BUDGET_RECIPES = ("budget", "fp8budget", "fp8lean")
 COMPILED_RECIPES = ("blocks", "compiled", "partial", *BUDGET_RECIPES, *FP8_RECIPES)
 
 
@@ -88,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="share of the blocks recomputed in backward in the 'partial' and 'fp8partial' rows")
     parser.add_argument("--memory-budget", type=float, default=0.3,
                         help="share of each block's activations kept in the 'budget' and 'fp8budget' rows")
+    parser.add_argument("--lean-memory-budget", type=float, default=0.5,
+                        help="share of each block's activations kept in the 'fp8lean' row")
     parser.add_argument("--profile", action="store_true", help="also profile two steps of every row (GPU time)")
     parser.add_argument("--sweep", action="store_true",
                         help="after the rows, the last recipe over larger batches up to the first OOM")
@@ -440,7 +444,9 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
               "fp8": "compiled + fp8 frozen base (e4m3 forward and input gradient), all blocks checkpointed",
               "fp8partial": f"+ checkpointing on {args.checkpoint_fraction:.0%} of the blocks (fp8 base)",
               "budget": f"compiled, selective checkpointing: blocks keep {args.memory_budget:.0%} of activations",
-              "fp8budget": f"fp8 base, selective checkpointing: blocks keep {args.memory_budget:.0%} of activations"}
+              "fp8budget": f"fp8 base, selective checkpointing: blocks keep {args.memory_budget:.0%} of activations",
+              "fp8lean": (f"fp8 base without the transposed copy, blocks keep {args.lean_memory_budget:.0%} of "
+                          "activations")}
     reference = loss_reference(recipes)
     fm_losses: dict[str, list[float]] = {}
     start_lora: list[torch.Tensor] | None = None  # the LoRA as the reference row found it (host copy)
@@ -460,7 +466,10 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
         fused = recipe in ("fused", *COMPILED_RECIPES)
         settings = LossSettings(id_loss_max_t=1.0, lpips_max_t=1.0) if recipe == "worst" else LossSettings()
         optimizer = make_optimizer(params, TrainConfig(learning_rate=1e-4, weight_decay=1e-3, fused_adamw=fused))
-        budget = args.memory_budget if recipe in BUDGET_RECIPES else None
+        budget = None if recipe not in BUDGET_RECIPES else \
+            args.lean_memory_budget if recipe == "fp8lean" else args.memory_budget
+        if recipe == "fp8lean":
+            drop_transposed_copies(model, device)
         if recipe in COMPILED_RECIPES:
             if budget != compiled_budget and compiled_budget != "none":
                 torch._dynamo.reset()  # the partitioner reads the budget when a graph compiles: compile again
@@ -492,6 +501,16 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
     for label, text in profiles:
         print(f"\n### GPU time of two steps: {label}\n{text}")
     return rows, runner
+
+
+def drop_transposed_copies(model: Any, device: Any) -> None:
+    """``fp8_transposed_copy: false`` on an already quantised model: the backward's e4m3 copies freed in place."""
+    from appleswap.speed.fp8_training import FrozenFp8Linear
+
+    for module in model.modules():
+        if isinstance(module, FrozenFp8Linear):
+            module.drop_transposed_copy()
+    free_after_oom(None, device)
 
 
 def compile_encoder(vae: Any, compiled: bool) -> None:

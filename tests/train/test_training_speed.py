@@ -303,3 +303,20 @@ def test_training_config_budget_reaches_the_compiled_blocks(weights, monkeypatch
     assert calls == []
     build.apply_training_speed(parts.transformer, config, torch.device("cuda"))
     assert calls == [{"memory_budget": 0.25}]
+
+
+def test_fp8_base_without_the_transposed_copy_frees_it_and_keeps_the_step_close(weights):
+    """`fp8_transposed_copy: false`: no layer keeps the backward's e4m3 W^T, and the step's loss and LoRA gradients
+    stay within e4m3 rounding of the full-precision step, as with the copy."""
+    from appleswap.speed.fp8_training import FrozenFp8Linear
+
+    plain, config = _parts(weights, gradient_checkpointing=True)
+    loss_ref, ref = _gradients(plain, config, _batch())
+    parts, config = _parts(weights, gradient_checkpointing=True, fp8_base=True, fp8_transposed_copy=False)
+    layers = [m for m in parts.transformer.modules() if isinstance(m, FrozenFp8Linear)]
+    assert len(layers) == 17 and all(layer.weight_t_fp8 is None for layer in layers)
+    loss, grads = _gradients(parts, config, _batch())
+    assert loss == pytest.approx(loss_ref, rel=1e-3)
+    ours = torch.cat([grads[n].flatten() for n in ref])
+    theirs = torch.cat([ref[n].flatten() for n in ref])
+    assert float((ours - theirs).norm() / theirs.norm()) < 0.08

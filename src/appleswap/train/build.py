@@ -120,7 +120,7 @@ def apply_training_speed(transformer: torch.nn.Module, config: TrainConfig, devi
     if config.fp8_base:
         from appleswap.speed.fp8_training import quantize_frozen_fp8
 
-        count = quantize_frozen_fp8(transformer)
+        count = quantize_frozen_fp8(transformer, transposed_copy=config.fp8_transposed_copy)
         log.info("training: %d frozen block linears in fp8 (e4m3, row-wise scales; LoRA in fp32)", count)
     if config.compile and torch.device(device).type == "cuda":
         compile_block_functions(transformer, memory_budget=config.activation_memory_budget)

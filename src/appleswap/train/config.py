@@ -77,6 +77,9 @@ class TrainConfig:
     fp8_base: bool = option(False, "frozen block weights in fp8 (e4m3, row-wise scales) for the forward and the "
                                    "input gradient (faster on Hopper; changes numerics slightly, the LoRA stays "
                                    "fp32; docs/training.md)")
+    fp8_transposed_copy: bool = option(True, "with fp8_base: a second e4m3 copy of each frozen weight, transposed, "
+                                             "for the input gradient (+11 GiB at FLUX size); off: the backward "
+                                             "transposes the forward copy layer by layer")
 
 
 @dataclasses.dataclass(frozen=True)
