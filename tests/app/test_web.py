@@ -246,14 +246,15 @@ def _rss_mb() -> float:
 @pytest.mark.skipif(os.environ.get("CI") != "true" and os.environ.get("APPLESWAP_LOAD") != "1",
                     reason="load test: runs in CI or with APPLESWAP_LOAD=1 (about a minute on 2 cores)")
 def test_twenty_parallel_clients(server, faces_dir, tmp_path):
-    """20 clients x (faces, swap, faces) at once: no error (MediaPipe used to break for good) and bounded memory."""
+    """20 clients x (faces, swap, faces) at once, twice: no error (MediaPipe used to break for good) and no leak.
+    The first burst grows the process by what concurrency costs once (glibc's per-thread malloc arenas, gradio's
+    caches: 300-420 MB measured); the second must reuse it (a leak grows with every burst)."""
     from gradio_client import handle_file
 
     target = tmp_path / "small.jpg"
     Image.open(faces_dir / "biden2.jpg").resize((300, 300)).save(target)
     warm = _client(server)
     warm.predict([handle_file(faces_dir / "obama1.jpg")], handle_file(target), steps=1, api_name="/swap")
-    before = _rss_mb()
     errors: list[str] = []
     results: list[int] = []
 
@@ -271,18 +272,20 @@ def test_twenty_parallel_clients(server, faces_dir, tmp_path):
         except Exception as error:  # noqa: BLE001 - every failure is counted and shown
             errors.append(f"{type(error).__name__}: {error}")
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=session) for _ in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=600)
-    grown = _rss_mb() - before
-    print(f"20 clients x 3 requests: {len(errors)} errors in {time.perf_counter() - start:.0f} s, "
-          f"server+clients memory grew {grown:.0f} MB")
+    grown = []
+    for _ in range(2):
+        before, start = _rss_mb(), time.perf_counter()
+        threads = [threading.Thread(target=session) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+        grown.append(_rss_mb() - before)
+        print(f"20 clients x 3 requests: {len(errors)} errors in {time.perf_counter() - start:.0f} s, "
+              f"server+clients memory grew {grown[-1]:.0f} MB")
     assert errors == []
-    assert sorted(results) == [1] * 20 + [2] * 40  # 20 swaps done, 40 detections found both faces
-    assert grown < 400
+    assert sorted(results) == [1] * 40 + [2] * 80  # 40 swaps done, 80 detections found both faces
+    assert grown[1] < 150, grown
 
 
 # ---- in a browser

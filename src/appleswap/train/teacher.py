@@ -123,29 +123,36 @@ def compute_loss(parts: TrainParts, batch: dict[str, Any], settings: Any, *, epo
     # logged as tensors and read once at the end: each read waits for the GPU, which then idles while the host
     # queues the next kernels
     total, terms = fm, {"loss/fm": fm.detach(), "t/mean": t.mean()}
+    for name, weight, term in _auxiliary_losses(parts, batch, settings, x_t, t_host, velocity):
+        total = total + weight * term
+        terms[name] = term.detach()
+    terms["loss/total"] = total.detach()
+    logs = dict(zip(terms, torch.stack([value.float() for value in terms.values()]).tolist()))
+    return total, logs
+
+
+def _auxiliary_losses(parts: TrainParts, batch: dict[str, Any], settings: Any, x_t: torch.Tensor,
+                      t_host: torch.Tensor, velocity: torch.Tensor) -> list[tuple[str, float, torch.Tensor]]:
+    """(log name, weight, term) of the ID and LPIPS losses, on the decoded x0 estimate of the gated samples only."""
     use_id = parts.id_loss is not None and settings.id_loss_weight > 0
     use_lpips = parts.lpips is not None and settings.lpips_weight > 0
     gate = max(settings.id_loss_max_t if use_id else -1.0, settings.lpips_max_t if use_lpips else -1.0)
     picked = (t_host <= gate).nonzero().flatten()  # on the host: no wait for the GPU before the decode
-    if len(picked):
-        chosen = picked.to(device)
-        x0_hat = losses.predicted_x0(x_t[chosen], t[chosen], velocity[chosen])
-        decoded = decode_differentiable(parts.vae, x0_hat, height, width)
-        t_sel = t[chosen]
-        if use_id:
-            per = parts.id_loss(((decoded + 1) / 2).clamp(0, 1), batch["source"][picked].to(device))
-            id_term = losses.gated_mean(per, t_sel, settings.id_loss_max_t)
-            total = total + settings.id_loss_weight * id_term
-            terms["loss/id"] = id_term.detach()
-        if use_lpips:
-            real = batch["target"][picked].to(device) * 2 - 1
-            per = parts.lpips(decoded, real.to(decoded.dtype)).flatten()
-            lp_term = losses.gated_mean(per, t_sel, settings.lpips_max_t)
-            total = total + settings.lpips_weight * lp_term
-            terms["loss/lpips"] = lp_term.detach()
-    terms["loss/total"] = total.detach()
-    logs = dict(zip(terms, torch.stack([value.float() for value in terms.values()]).tolist()))
-    return total, logs
+    if not len(picked):
+        return []
+    device = velocity.device
+    chosen, t_sel = picked.to(device), t_host[picked].to(device)
+    x0_hat = losses.predicted_x0(x_t[chosen], t_sel, velocity[chosen])
+    decoded = decode_differentiable(parts.vae, x0_hat, *batch["target"].shape[-2:])
+    found = []
+    if use_id:
+        per = parts.id_loss(((decoded + 1) / 2).clamp(0, 1), batch["source"][picked].to(device))
+        found.append(("loss/id", settings.id_loss_weight, losses.gated_mean(per, t_sel, settings.id_loss_max_t)))
+    if use_lpips:
+        real = batch["target"][picked].to(device) * 2 - 1
+        per = parts.lpips(decoded, real.to(decoded.dtype)).flatten()
+        found.append(("loss/lpips", settings.lpips_weight, losses.gated_mean(per, t_sel, settings.lpips_max_t)))
+    return found
 
 
 def training_step(parts: TrainParts, batch: dict[str, Any], settings: Any, optimizer: torch.optim.Optimizer, *,
