@@ -248,8 +248,8 @@ def _rss_mb() -> float:
 def test_twenty_parallel_clients(server, faces_dir, tmp_path):
     """20 clients x (faces, swap, faces) at once, twice: no error (MediaPipe used to break for good) and no leak.
     The first burst grows the process by what concurrency costs once (glibc's per-thread malloc arenas, gradio's
-    caches: 288-412 MB measured); the second reuses most of it (140 MB measured on the 2-core dev box). The bound
-    on the second burst, 250 MB, is what keeping every request's working set would exceed."""
+    caches: 288-412 MB measured, unbounded here); the second reuses most of it (140 MB measured on the 2-core dev
+    box) and is bounded at 250 MB: headroom over that figure, well under a repeat of the first burst's growth."""
     from gradio_client import handle_file
 
     target = tmp_path / "small.jpg"
