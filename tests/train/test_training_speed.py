@@ -290,7 +290,7 @@ def test_memory_budget_outside_0_1_is_refused(weights):
         compile_block_functions(parts.transformer, memory_budget=1.5)
 
 
-def test_training_config_budget_reaches_the_compiled_blocks(weights, monkeypatch):
+def test_training_config_budget_reaches_the_compiled_blocks(weights, monkeypatch, caplog):
     """`compile: true` + `activation_memory_budget` on a GPU device compile the blocks with that budget (the CPU
     keeps eager blocks)."""
     from appleswap.train import build
@@ -298,11 +298,20 @@ def test_training_config_budget_reaches_the_compiled_blocks(weights, monkeypatch
     calls = []
     monkeypatch.setattr(build, "compile_block_functions", lambda model, **kw: calls.append(kw))
     parts, config = _parts(weights)
-    config = dataclasses.replace(config, compile=True, activation_memory_budget=0.25)
-    build.apply_training_speed(parts.transformer, config, torch.device("cpu"))
-    assert calls == []
-    build.apply_training_speed(parts.transformer, config, torch.device("cuda"))
-    assert calls == [{"memory_budget": 0.25}]
+    config = dataclasses.replace(config, compile=True, activation_memory_budget=0.25, gradient_checkpointing=True)
+    with caplog.at_level("WARNING", logger=build.log.name):
+        build.apply_training_speed(parts.transformer, config, torch.device("cpu"))
+    assert calls == [] and "no effect: it acts on compiled blocks" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=build.log.name):
+        build.apply_training_speed(parts.transformer, dataclasses.replace(config, checkpoint_fraction=1.0),
+                                   torch.device("cuda"))
+    assert "set checkpoint_fraction below 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=build.log.name):
+        build.apply_training_speed(parts.transformer, dataclasses.replace(config, checkpoint_fraction=0.0),
+                                   torch.device("cuda"))
+    assert calls == [{"memory_budget": 0.25}] * 2 and caplog.text == ""
 
 
 def test_fp8_base_without_the_transposed_copy_frees_it_and_keeps_the_step_close(weights):

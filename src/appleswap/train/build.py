@@ -122,6 +122,13 @@ def apply_training_speed(transformer: torch.nn.Module, config: TrainConfig, devi
 
         count = quantize_frozen_fp8(transformer, transposed_copy=config.fp8_transposed_copy)
         log.info("training: %d frozen block linears in fp8 (e4m3, row-wise scales; LoRA in fp32)", count)
+    budget = config.activation_memory_budget
+    if budget is not None and not (config.compile and torch.device(device).type == "cuda"):
+        log.warning("activation_memory_budget %s has no effect: it acts on compiled blocks (compile: true, a GPU)",
+                    budget)
+    elif budget is not None and config.gradient_checkpointing and config.checkpoint_fraction >= 1.0:
+        log.warning("activation_memory_budget %s has no effect while every block is recomputed whole: set "
+                    "checkpoint_fraction below 1 (0 hands every block to the budget)", budget)
     if config.compile and torch.device(device).type == "cuda":
         compile_block_functions(transformer, memory_budget=config.activation_memory_budget)
         log.info("training: transformer blocks compiled (regional torch.compile%s)",
