@@ -86,6 +86,18 @@ TARGETS: dict[str, Target] = {
          "appleswap.train.losses.x_predicted_x0*", "appleswap.train.losses.x_gated_mean*",
          "appleswap.train.losses.x_sample_timesteps*", "appleswap.train.losses.x_crop_face*",
          "appleswap.train.pairs.*", "appleswap.train.checkpoint.*")),
+    "fp8_training": Target(
+        ("src/appleswap/speed/fp8_training.py",),
+        # (not the torch.compile tests: dynamo does not trace mutmut's trampolines)
+        tuple(f"tests/speed/test_fp8_training.py::{name}" for name in (
+            "test_the_two_e4m3_copies_round_w_and_its_transpose",
+            "test_forward_and_input_gradient_equal_the_dequantised_products",
+            "test_bf16_products_take_the_rowwise_scaled_mm",
+            "test_without_the_transposed_copy_the_input_gradient_uses_the_forward_copy",
+            "test_unaligned_sizes_fall_back_to_the_dequantised_matmul", "test_trainable_linears_are_refused",
+            "test_lora_around_the_fp8_base_trains_and_the_base_gets_no_gradient",
+            "test_quantize_frozen_fp8_replaces_the_block_linears_and_keeps_modulation_and_lora",
+            "test_ddp_leaves_the_e4m3_copies_alone"))),
     "weights": Target(
         ("src/appleswap/weights.py",),
         ("tests/test_weights_registry.py",),

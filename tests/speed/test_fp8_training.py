@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import appleswap.speed.fp8_linear as fp8_lib
+from appleswap.speed import fp8_training
 from appleswap.speed.fp8_linear import FP8
 from appleswap.speed.fp8_training import FrozenFp8Linear, quantize_frozen_fp8
 from tests.fixtures.tiny_flux import build_tiny_transformer, one_thread  # noqa: F401
@@ -158,6 +159,9 @@ def test_without_the_transposed_copy_the_input_gradient_uses_the_forward_copy(mo
     # the backward GEMM of a scaled run: (32, 48) @ (48, 64), the forward copy transposed, unit scales
     assert lean_calls[1:] == ([((32, 48), (48, 64), (1, 48), True)] if scaled else [])
     torch.testing.assert_close(lean.dequantized_weight_t(torch.float64), forward.t())
+    direct = fp8_training.input_gradient_from_forward_copy(grad.reshape(32, 48), lean.weight_fp8, lean.weight_scale,
+                                                           scaled)
+    assert direct.dtype == torch.bfloat16  # dy's dtype, as autograd hands it back
 
 
 def test_unaligned_sizes_fall_back_to_the_dequantised_matmul(monkeypatch):
@@ -169,6 +173,16 @@ def test_unaligned_sizes_fall_back_to_the_dequantised_matmul(monkeypatch):
     x = torch.randn(32, 40).to(torch.bfloat16)
     out, grad_x = _forward_backward(layer, x, torch.ones(32, 24, dtype=torch.bfloat16))
     assert out.shape == (32, 24) and grad_x.shape == (32, 40)
+
+
+def test_fewer_than_16_rows_fall_back_to_the_dequantised_matmul(monkeypatch):
+    """A product with fewer than 16 rows (tokens) never reaches _scaled_mm, whatever its feature sizes."""
+    monkeypatch.setattr(fp8_lib, "scaled_mm_supported", lambda device: True)
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: pytest.fail("_scaled_mm called with 8 rows"))
+    layer = FrozenFp8Linear.from_linear(_frozen_linear().to(torch.bfloat16))
+    out, grad_x = _forward_backward(layer, torch.randn(8, 64).to(torch.bfloat16),
+                                    torch.ones(8, 48, dtype=torch.bfloat16))
+    assert out.shape == (8, 48) and grad_x.shape == (8, 64)
 
 
 def test_trainable_linears_are_refused():
