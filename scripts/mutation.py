@@ -97,7 +97,9 @@ TARGETS: dict[str, Target] = {
             "test_unaligned_sizes_fall_back_to_the_dequantised_matmul", "test_trainable_linears_are_refused",
             "test_lora_around_the_fp8_base_trains_and_the_base_gets_no_gradient",
             "test_quantize_frozen_fp8_replaces_the_block_linears_and_keeps_modulation_and_lora",
-            "test_ddp_leaves_the_e4m3_copies_alone"))),
+            "test_ddp_leaves_the_e4m3_copies_alone", "test_fewer_than_16_rows_fall_back_to_the_dequantised_matmul",
+            "test_layer_defaults_no_bias_and_the_stored_transposed_copy",
+            "test_quantize_frozen_fp8_options_and_an_apple_transformer"))),
     "weights": Target(
         ("src/appleswap/weights.py",),
         ("tests/test_weights_registry.py",),

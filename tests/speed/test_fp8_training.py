@@ -186,8 +186,41 @@ def test_fewer_than_16_rows_fall_back_to_the_dequantised_matmul(monkeypatch):
 
 
 def test_trainable_linears_are_refused():
-    with pytest.raises(ValueError, match="frozen"):
+    """A trainable weight or a trainable bias alone is refused; so are other scale granularities and a transposed
+    copy of the wrong shape."""
+    with pytest.raises(ValueError, match="fp8 base weights are for frozen layers"):
         FrozenFp8Linear.from_linear(nn.Linear(16, 16))
+    weight_only = nn.Linear(16, 16)
+    weight_only.bias.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen layers"):
+        FrozenFp8Linear.from_linear(weight_only)
+    bias_only = nn.Linear(16, 16)
+    bias_only.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen layers"):
+        FrozenFp8Linear.from_linear(bias_only)
+    with pytest.raises(ValueError, match="row-wise scales only"):
+        FrozenFp8Linear.from_linear(_frozen_linear(), granularity="tensor")
+    layer = FrozenFp8Linear.from_linear(_frozen_linear())
+    with pytest.raises(ValueError, match=r"transposed copy needs shape \(64, 48\) and 64 scales, got \(48, 64\)"):
+        FrozenFp8Linear(layer.weight_fp8, layer.weight_scale, layer.weight_fp8, layer.weight_t_scale, None,
+                        torch.bfloat16)
+
+
+def test_layer_defaults_no_bias_and_the_stored_transposed_copy():
+    """Defaults: fast accumulation in the forward, the weight's dtype for compute, the transposed copy kept (and
+    read back dequantised in the compute dtype); a linear without bias works."""
+    linear = nn.Linear(64, 48, bias=False).to(torch.bfloat16).requires_grad_(False)
+    layer = FrozenFp8Linear.from_linear(linear)
+    assert layer.fast_accum and layer.compute_dtype == torch.bfloat16 and layer.bias is None
+    assert not FrozenFp8Linear.from_linear(linear, fast_accum=False).fast_accum
+    copy = layer.dequantized_weight_t()
+    assert copy.dtype == torch.bfloat16
+    torch.testing.assert_close(layer.dequantized_weight_t(torch.float64),
+                               layer.weight_t_fp8.double() * layer.weight_t_scale.double()[:, None])
+    out, _ = _forward_backward(layer, torch.randn(32, 64).to(torch.bfloat16), torch.ones(32, 48, dtype=torch.bfloat16))
+    assert out.shape == (32, 48)
+    assert fp8_training.is_modulation("norm1.linear") and not fp8_training.is_modulation("proj.linear")
+    assert not fp8_training.is_modulation("norm_out.proj")
 
 
 def test_lora_around_the_fp8_base_trains_and_the_base_gets_no_gradient():
@@ -254,8 +287,25 @@ def test_quantize_frozen_fp8_replaces_the_block_linears_and_keeps_modulation_and
     assert "transformer_blocks.0.attn.to_q.base_layer" in replaced
     assert "transformer_blocks.0.attn.add_q_proj" in replaced
     assert "transformer_blocks.0.norm1.linear.base_layer" in kept and "x_embedder.base_layer" in kept
+    layers = [module for module in flux.modules() if isinstance(module, FrozenFp8Linear)]
+    assert all(layer.weight_t_fp8 is not None and layer.fast_accum for layer in layers)  # the defaults
     assert all(".lora_" in name or not name.startswith(("transformer_blocks", "single"))
                or name.replace(".base_layer", "").endswith(".linear") for name in kept)
+
+
+def test_quantize_frozen_fp8_options_and_an_apple_transformer():
+    """An AppleTransformer is walked through its FLUX model; `fast_accum` and `transposed_copy` reach every layer;
+    names already on DDP's ignore list stay on it."""
+    from appleswap.model.transformer import AppleTransformer
+
+    model = AppleTransformer(build_tiny_transformer(num_layers=1, num_single_layers=1)).requires_grad_(False)
+    model._ddp_params_and_buffers_to_ignore = ["kept.name"]
+    count = quantize_frozen_fp8(model, fast_accum=False, transposed_copy=False)
+    layers = [module for module in model.modules() if isinstance(module, FrozenFp8Linear)]
+    assert count == len(layers) == 17
+    assert all(not layer.fast_accum and layer.weight_t_fp8 is None for layer in layers)
+    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    assert "kept.name" in ignored and "flux.transformer_blocks.0.attn.to_q.weight_fp8" in ignored
 
 
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
