@@ -46,6 +46,13 @@ def _gradients(parts, config, batch) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), grads
 
 
+def _assert_same_step(loss, grads, loss_ref, ref, rel: float, rtol: float, atol: float) -> None:
+    """The loss within ``rel`` and every LoRA gradient within (rtol, atol) of the reference step's."""
+    assert loss == pytest.approx(loss_ref, rel=rel)
+    for name, grad in ref.items():
+        torch.testing.assert_close(grads[name], grad, rtol=rtol, atol=atol, msg=name)
+
+
 def _batch():
     from appleswap.train.teacher import example_batch
 
@@ -66,9 +73,7 @@ def test_partial_checkpointing_gives_the_plain_gradients(weights, fraction):
     blocks = len(parts.transformer.flux.transformer_blocks) + len(parts.transformer.flux.single_transformer_blocks)
     assert len(parts.transformer.checkpointed_blocks) == round(fraction * blocks)
     loss, grads = _gradients(parts, config, _batch())
-    assert loss == pytest.approx(loss_ref, rel=1e-6)
-    for name, grad in ref.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    _assert_same_step(loss, grads, loss_ref, ref, rel=1e-6, rtol=1e-5, atol=1e-7)
 
 
 def test_checkpoint_fraction_outside_0_1_is_refused(weights):
@@ -161,9 +166,7 @@ def test_compiled_training_blocks_give_the_eager_gradients(weights):
     assert all(fn is not plain for fn, plain in zip(compiled.transformer.block_functions.values(),
                                                     type(compiled.transformer).BLOCK_FUNCTIONS.values()))
     loss, grads = _gradients(compiled, dataclasses.replace(config), _batch())
-    assert loss == pytest.approx(loss_ref, rel=1e-4)
-    for name, grad in ref.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    _assert_same_step(loss, grads, loss_ref, ref, rel=1e-4, rtol=1e-3, atol=1e-5)
 
 
 def test_fp8_base_step_gives_lora_gradients_near_the_full_precision_step(weights):
@@ -217,9 +220,7 @@ def test_fp8_base_composes_with_compiled_blocks(weights):
     compiled, config = _parts(weights, gradient_checkpointing=True, fp8_base=True)
     compile_block_functions(compiled.transformer)
     loss, grads = _gradients(compiled, config, _batch())
-    assert loss == pytest.approx(loss_ref, rel=1e-4)
-    for name, grad in ref.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    _assert_same_step(loss, grads, loss_ref, ref, rel=1e-4, rtol=1e-3, atol=1e-5)
 
 
 def test_loss_weights_scale_their_terms_in_the_training_loss(weights):
@@ -279,9 +280,7 @@ def test_memory_budget_keeps_less_for_backward_and_gives_the_eager_gradients(wei
             loss, grads = _gradients(parts, config, _batch())
     torch._dynamo.reset()
     assert kept[0.1] < 0.9 * kept[None], kept
-    assert loss == pytest.approx(loss_ref, rel=1e-4)
-    for name, grad in ref.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    _assert_same_step(loss, grads, loss_ref, ref, rel=1e-4, rtol=1e-3, atol=1e-5)
 
 
 def test_memory_budget_outside_0_1_is_refused(weights):
