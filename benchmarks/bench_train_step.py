@@ -25,8 +25,13 @@ Recipes (``--recipes``, rows in this order):
 * ``budget``, ``fp8budget``: the compiled recipe (bf16 / fp8 base) with selective activation checkpointing by the
   compiler instead of whole-block recomputation: no block recomputed whole, each block graph keeps
   ``--memory-budget`` of its activations (``activation_memory_budget``) and recomputes the cheapest rest.
+* ``fp8recompute``: ``fp8budget`` with ``recompute_aux_losses``: the ID / LPIPS decode of each gated sample is
+  recomputed in backward, one sample at a time, so the peak does not grow with the number of gated samples.
 * ``fp8lean``: ``fp8budget`` without the transposed e4m3 copies (``fp8_transposed_copy: false``, 11 GiB less at
   FLUX size, dropped in place: so it comes after the other fp8 rows), at ``--lean-memory-budget``.
+
+``--all-gated`` opens the ID and LPIPS gates for every sample of every APPLE row (as ``worst`` does): the peak of
+the step where a whole batch draws t <= 0.35, which the paper recipe's random t reaches now and then.
 
 ``--profile`` adds, per row, where the GPU time of two more steps goes (GEMMs, fp8 GEMMs, attention, inductor's
 fused kernels, convolutions of the VAE and loss networks, the optimizer, copies, idle) and the top kernels of the
@@ -57,9 +62,10 @@ from typing import Any
 
 logger = logging.getLogger("appleswap.bench_train_step")
 FULL_ID_DIM, TINY_ID_DIM = 2048, 64
-RECIPES = ("plain", "worst", "paper", "fused", "blocks", "compiled", "partial", "budget", "fp8", "fp8partial", "fp8budget", "fp8lean")
-FP8_RECIPES = ("fp8", "fp8partial", "fp8budget", "fp8lean")
-BUDGET_RECIPES = ("budget", "fp8budget", "fp8lean")
+RECIPES = ("plain", "worst", "paper", "fused", "blocks", "compiled", "partial", "budget", "fp8", "fp8partial", "fp8budget",
+           "fp8recompute", "fp8lean")
+FP8_RECIPES = ("fp8", "fp8partial", "fp8budget", "fp8recompute", "fp8lean")
+BUDGET_RECIPES = ("budget", "fp8budget", "fp8recompute", "fp8lean")
 COMPILED_RECIPES = ("blocks", "compiled", "partial", *BUDGET_RECIPES, *FP8_RECIPES)
 
 
@@ -92,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="share of each block's activations kept in the 'budget' and 'fp8budget' rows")
     parser.add_argument("--lean-memory-budget", type=float, default=0.5,
                         help="share of each block's activations kept in the 'fp8lean' row")
+    parser.add_argument("--all-gated", action="store_true",
+                        help="open the ID/LPIPS gates for every sample of every APPLE row (worst-case peak memory)")
     parser.add_argument("--profile", action="store_true", help="also profile two steps of every row (GPU time)")
     parser.add_argument("--sweep", action="store_true",
                         help="after the rows, the last recipe over larger batches up to the first OOM")
@@ -429,7 +437,6 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
     from appleswap.speed import compile_block_functions, uncompile_block_functions
     from appleswap.train.build import make_optimizer
     from appleswap.train.config import TrainConfig
-    from appleswap.train.teacher import LossSettings
 
     model = parts.transformer
     params = [p for p in model.parameters() if p.requires_grad]
@@ -445,6 +452,7 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
               "fp8partial": f"+ checkpointing on {args.checkpoint_fraction:.0%} of the blocks (fp8 base)",
               "budget": f"compiled, selective checkpointing: blocks keep {args.memory_budget:.0%} of activations",
               "fp8budget": f"fp8 base, selective checkpointing: blocks keep {args.memory_budget:.0%} of activations",
+              "fp8recompute": "+ the ID / LPIPS decode recomputed per gated sample in backward (fp8 base)",
               "fp8lean": (f"fp8 base without the transposed copy, blocks keep {args.lean_memory_budget:.0%} of "
                           "activations")}
     reference = loss_reference(recipes)
@@ -464,7 +472,7 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
                 for param, value in zip(params, start_lora):
                     param.copy_(value)
         fused = recipe in ("fused", *COMPILED_RECIPES)
-        settings = LossSettings(id_loss_max_t=1.0, lpips_max_t=1.0) if recipe == "worst" else LossSettings()
+        settings = loss_settings(recipe, args.all_gated)
         optimizer = make_optimizer(params, TrainConfig(learning_rate=1e-4, weight_decay=1e-3, fused_adamw=fused))
         budget = None if recipe not in BUDGET_RECIPES else \
             args.lean_memory_budget if recipe == "fp8lean" else args.memory_budget
@@ -501,6 +509,14 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
     for label, text in profiles:
         print(f"\n### GPU time of two steps: {label}\n{text}")
     return rows, runner
+
+
+def loss_settings(recipe: str, all_gated: bool) -> Any:
+    """The paper's loss settings, gates opened for every sample for ``worst`` (or all rows with ``--all-gated``)."""
+    from appleswap.train.teacher import LossSettings
+
+    gates = {"id_loss_max_t": 1.0, "lpips_max_t": 1.0} if all_gated or recipe == "worst" else {}
+    return LossSettings(recompute_aux_losses=recipe == "fp8recompute", **gates)
 
 
 def drop_transposed_copies(model: Any, device: Any) -> None:

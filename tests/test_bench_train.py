@@ -53,6 +53,20 @@ def test_tiny_recipes_and_sweep_print_their_rows(bench, capsys):
     assert "largest batch that fit: 3 (no OOM in the sweep)" in out
 
 
+def test_all_gated_opens_the_gates_of_every_row(bench, capsys):
+    """``--all-gated`` sends every sample of a paper-recipe row through ID + LPIPS (the worst-case peak); without
+    it the same row gates by t (the default settings)."""
+    assert bench.main(["--tiny", "--device", "cpu", "--recipes", "paper", "--batch", "2", "--repeats", "1",
+                       "--warmup", "0", "--all-gated", "--log-level", "WARNING"]) == 0
+    (row,) = _table_rows(capsys.readouterr().out)
+    assert row[0].startswith("APPLE paper recipe") and row[-1].startswith("100% of samples through ID + LPIPS")
+    paper, gated = bench.loss_settings("paper", False), bench.loss_settings("paper", True)
+    assert (paper.id_loss_max_t, paper.lpips_max_t) == (0.35, 0.35) and not paper.recompute_aux_losses
+    assert (gated.id_loss_max_t, gated.lpips_max_t) == (1.0, 1.0)
+    assert bench.loss_settings("fp8recompute", False).recompute_aux_losses
+    assert not bench.loss_settings("fp8budget", True).recompute_aux_losses
+
+
 def test_paper_batches_draw_the_dataset_dropouts(bench):
     """The benchmark's batches drop text / condition / ID as the dataset does (about 10 % each over many)."""
     batches = [bench.paper_batch(8, 16, 4, start) for start in range(0, 400, 8)]

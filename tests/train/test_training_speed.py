@@ -27,7 +27,7 @@ def _parts(weights, **overrides):
     from appleswap.train import build
 
     torch.manual_seed(0)
-    config = tiny_config(weights, weights / "run", id_loss_max_t=1.0, lpips_max_t=1.0, **overrides)
+    config = tiny_config(weights, weights / "run", **{"id_loss_max_t": 1.0, "lpips_max_t": 1.0, **overrides})
     parts = build.build_parts(config, str(weights / "w"), torch.device("cpu"))
     with torch.no_grad():  # PEFT starts lora_B at zero; random B makes every LoRA matrix get a gradient
         for name, param in parts.transformer.named_parameters():
@@ -223,21 +223,28 @@ def test_fp8_base_composes_with_compiled_blocks(weights):
     _assert_same_step(loss, grads, loss_ref, ref, rel=1e-4, rtol=1e-3, atol=1e-5)
 
 
-def test_loss_weights_scale_their_terms_in_the_training_loss(weights):
-    """The total the optimiser sees is fm + id_loss_weight * id + lpips_weight * lpips, with each term as logged
-    (an ignored weight, e.g. id_loss_weight dropped on the training path, changes the total by the term)."""
+def _aux_parts(weights, **overrides):
+    """``_parts`` with both auxiliary losses on (a tiny random ArcFace and a random VGG16 trunk for LPIPS)."""
     import torchvision
 
     from appleswap.files import save_tensors
     from appleswap.train.arcface import ArcFaceResNet
+
+    if not (weights / "vgg.safetensors").exists():
+        torch.manual_seed(0)
+        save_tensors(weights / "arc.safetensors", ArcFaceResNet((1, 1, 1, 1)).state_dict())
+        vgg = torchvision.models.vgg16(weights=None).features.state_dict()
+        save_tensors(weights / "vgg.safetensors", {f"features.{k}": v for k, v in vgg.items()})
+    return _parts(weights, id_loss="arcface", arcface=str(weights / "arc.safetensors"),
+                  vgg16=str(weights / "vgg.safetensors"), lpips_weight=1.0, **overrides)
+
+
+def test_loss_weights_scale_their_terms_in_the_training_loss(weights):
+    """The total the optimiser sees is fm + id_loss_weight * id + lpips_weight * lpips, with each term as logged
+    (an ignored weight, e.g. id_loss_weight dropped on the training path, changes the total by the term)."""
     from appleswap.train.teacher import compute_loss
 
-    torch.manual_seed(0)
-    save_tensors(weights / "arc.safetensors", ArcFaceResNet((1, 1, 1, 1)).state_dict())
-    vgg = torchvision.models.vgg16(weights=None).features.state_dict()
-    save_tensors(weights / "vgg.safetensors", {f"features.{k}": v for k, v in vgg.items()})
-    parts, config = _parts(weights, id_loss="arcface", arcface=str(weights / "arc.safetensors"),
-                           vgg16=str(weights / "vgg.safetensors"), lpips_weight=1.0)
+    parts, config = _aux_parts(weights)
     with torch.no_grad():
         _, logs = compute_loss(parts, _batch(), dataclasses.replace(config, id_loss_weight=1.0, lpips_weight=1.0))
         assert logs["loss/id"] > 0 and logs["loss/lpips"] > 0
@@ -328,3 +335,49 @@ def test_fp8_base_without_the_transposed_copy_frees_it_and_keeps_the_step_close(
     ours = torch.cat([grads[n].flatten() for n in ref])
     theirs = torch.cat([ref[n].flatten() for n in ref])
     assert float((ours - theirs).norm() / theirs.norm()) < 0.08
+
+
+def test_recomputed_aux_losses_give_the_batched_loss_and_gradients(weights):
+    """`recompute_aux_losses: true` (decode + ID + LPIPS per gated sample, each in a checkpoint region) gives the
+    batched path's logged terms, total loss and LoRA gradients, with every sample of the batch gated."""
+    from appleswap.train.teacher import compute_loss
+
+    results = {}
+    for recompute in (False, True):
+        parts, config = _aux_parts(weights, recompute_aux_losses=recompute)
+        assert (config.id_loss_max_t, config.lpips_max_t) == (1.0, 1.0)  # all 3 samples gated
+        with torch.no_grad():
+            _, logs = compute_loss(parts, _batch(), config)
+        assert logs["loss/id"] > 1e-3 and logs["loss/lpips"] > 1e-3, logs  # both terms in the compared total
+        results[recompute] = (logs, *_gradients(parts, config, _batch()))
+    (logs_ref, loss_ref, ref), (logs, loss, grads) = results[False], results[True]
+    assert logs == pytest.approx(logs_ref, rel=1e-6)
+    _assert_same_step(loss, grads, loss_ref, ref, rel=1e-6, rtol=1e-5, atol=1e-7)
+
+
+def test_recomputed_aux_losses_keep_no_decoder_activations_for_backward(weights):
+    """With every sample gated, the batched aux losses keep each sample's decoder/ArcFace/VGG activations for
+    backward; `recompute_aux_losses` keeps only the checkpoint regions' inputs: far fewer saved bytes, and about
+    what the step keeps with no sample gated (the saved bytes no longer grow with the gated samples). Measured on
+    the tiny models: 309 MB batched, 11.2 MB recomputed, 10.5 MB with no sample gated."""
+    kept = {}
+    for name, overrides in (("batched", {}), ("recompute", {"recompute_aux_losses": True}),
+                            ("none gated", {"id_loss_max_t": 0.0, "lpips_max_t": 0.0})):
+        parts, config = _aux_parts(weights, **overrides)
+        kept[name] = _saved_bytes(parts, config, _batch())
+    assert kept["recompute"] < 0.7 * kept["batched"], kept
+    assert kept["recompute"] - kept["none gated"] < 0.01 * (kept["batched"] - kept["none gated"]), kept
+
+
+def test_recompute_aux_losses_is_a_flag_and_a_loss_setting():
+    """The option reaches the CLI as `--recompute-aux-losses` (teacher and student) and LossSettings, which mirrors
+    the loss fields of TrainConfig with the same defaults."""
+    from appleswap.cli import build_parser
+    from appleswap.train.config import TrainConfig
+    from appleswap.train.teacher import LossSettings
+
+    for stage in ("teacher", "student"):
+        assert build_parser().parse_args(["train", stage, "--recompute-aux-losses"]).recompute_aux_losses is True
+    config = TrainConfig()
+    for field in dataclasses.fields(LossSettings):
+        assert getattr(config, field.name) == field.default, field.name

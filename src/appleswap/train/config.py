@@ -80,6 +80,10 @@ class TrainConfig:
     fp8_transposed_copy: bool = option(True, "with fp8_base: a second e4m3 copy of each frozen weight, transposed, "
                                              "for the input gradient (+11 GiB at FLUX size); off: the backward "
                                              "transposes the forward copy layer by layer")
+    recompute_aux_losses: bool = option(False, "decode + ID loss + LPIPS of each gated sample (t <= *_max_t) in "
+                                               "its own checkpoint region, recomputed in backward: the peak memory "
+                                               "no longer grows with the gated samples, for one more decode each "
+                                               "(same gradients)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from appleswap.model.latents import image_ids, pack_latents, placement, unpack_latents, vae_scale_factor
 from appleswap.model.transformer import TextEmbeddings
@@ -45,6 +46,7 @@ class LossSettings:
     lpips_max_t: float = 0.35
     max_grad_norm: float = 0.5
     seed: int = 0
+    recompute_aux_losses: bool = False
 
 
 def sample_generator(seed: int, epoch: int, index: int, tag: str = "noise") -> torch.Generator:
@@ -141,18 +143,49 @@ def _auxiliary_losses(parts: TrainParts, batch: dict[str, Any], settings: Any, x
     if not len(picked):
         return []
     device = velocity.device
-    chosen, t_sel = picked.to(device), t_host[picked].to(device)
-    x0_hat = losses.predicted_x0(x_t[chosen], t_sel, velocity[chosen])
-    decoded = decode_differentiable(parts.vae, x0_hat, *batch["target"].shape[-2:])
+    t_sel = t_host[picked].to(device)
+    source = batch["source"][picked].to(device) if use_id else None
+    real = batch["target"][picked].to(device) * 2 - 1 if use_lpips else None
+    size = tuple(batch["target"].shape[-2:])
+    if settings.recompute_aux_losses and torch.is_grad_enabled():  # without grad nothing is kept: batched call
+        per_id, per_lpips = _recomputed_aux_terms(parts, x_t, t_sel, velocity, picked, source, real, size)
+    else:
+        chosen = picked.to(device)
+        per_id, per_lpips = _aux_terms(parts, x_t[chosen], t_sel, velocity[chosen], source, real, size)
     found = []
     if use_id:
-        per = parts.id_loss(((decoded + 1) / 2).clamp(0, 1), batch["source"][picked].to(device))
-        found.append(("loss/id", settings.id_loss_weight, losses.gated_mean(per, t_sel, settings.id_loss_max_t)))
+        found.append(("loss/id", settings.id_loss_weight, losses.gated_mean(per_id, t_sel, settings.id_loss_max_t)))
     if use_lpips:
-        real = batch["target"][picked].to(device) * 2 - 1
-        per = parts.lpips(decoded, real.to(decoded.dtype)).flatten()
-        found.append(("loss/lpips", settings.lpips_weight, losses.gated_mean(per, t_sel, settings.lpips_max_t)))
+        found.append(("loss/lpips", settings.lpips_weight,
+                      losses.gated_mean(per_lpips, t_sel, settings.lpips_max_t)))
     return found
+
+
+def _aux_terms(parts: TrainParts, x_t: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor,
+               source: torch.Tensor | None, real: torch.Tensor | None,
+               size: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-sample ID and LPIPS losses (None where off) of the decoded x0 estimates: one function for the batched
+    path and for each checkpointed sample, so both compute the same thing."""
+    decoded = decode_differentiable(parts.vae, losses.predicted_x0(x_t, t, velocity), *size)
+    per_id = parts.id_loss(((decoded + 1) / 2).clamp(0, 1), source) if source is not None else None
+    per_lpips = parts.lpips(decoded, real.to(decoded.dtype)).flatten() if real is not None else None
+    return per_id, per_lpips
+
+
+def _recomputed_aux_terms(parts: TrainParts, x_t: torch.Tensor, t_sel: torch.Tensor, velocity: torch.Tensor,
+                          picked: torch.Tensor, source: torch.Tensor | None, real: torch.Tensor | None,
+                          size: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``_aux_terms`` one gated sample at a time, each in its own checkpoint region (``recompute_aux_losses``):
+    the forward keeps only the regions' inputs and the backward recomputes one sample's decoder and loss-network
+    activations at a time, so the peak no longer grows with the number of gated samples."""
+    rows = []
+    for k, i in enumerate(picked.tolist()):
+        one = slice(k, k + 1)
+        rows.append(checkpoint(_aux_terms, parts, x_t[i:i + 1], t_sel[one], velocity[i:i + 1],
+                               None if source is None else source[one], None if real is None else real[one], size,
+                               use_reentrant=False))
+    per_id, per_lpips = zip(*rows)
+    return (None if source is None else torch.cat(per_id)), (None if real is None else torch.cat(per_lpips))
 
 
 def training_step(parts: TrainParts, batch: dict[str, Any], settings: Any, optimizer: torch.optim.Optimizer, *,
