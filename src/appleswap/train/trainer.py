@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,12 @@ from appleswap.files import save_image
 from appleswap.model.latents import image_ids, prepare_noise, vae_scale_factor
 from appleswap.train import checkpoint as ckpt
 from appleswap.train.build import make_optimizer
-from appleswap.train.step_logs import StepLogs
 from appleswap.train.teacher import (
     TrainParts,
     batch_text,
     compute_loss,
     encode_posterior,
     sample_generator,
-    to_device,
     training_step,
 )
 
@@ -71,7 +69,7 @@ def make_accelerator(config: Any, cpu: bool = False):
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: to_device(v, device) if k in ("id_tokens",) else v for k, v in batch.items()}
+    return {k: v.to(device) if k in ("id_tokens",) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -150,7 +148,7 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT") or "train",
                                   config={k: str(v) for k, v in config_to_dict(config).items()})
     progress, advance = _progress_bar(config, accelerator, step)
-    logs = StepLogs()
+    logs: dict[str, float] = {}
     while step < config.max_steps:
         train_set.set_epoch(epoch)
         sampler.set_position(epoch, position)
@@ -164,7 +162,7 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            advance(logs)  # shows the step before (read now, it waits only for that one: this one is queued)
+            advance(logs)
             _after_step(parts, val_set, config, accelerator, (model, optimizer), step, epoch, position, logs)
             if step >= config.max_steps:
                 break
@@ -173,25 +171,23 @@ def train(parts: TrainParts, train_set: Any, val_set: Any, config: Any, accelera
     progress.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"step": step, "logs": logs.read()}
+    return {"step": step, "logs": logs}
 
 
 def _progress_bar(config: Any, accelerator: Any, step: int):
     """One bar on the main process, on a terminal only (None: tqdm's check), showing the loss and samples/s;
-    returns it and ``advance(logs)``, called once per optimizer step with that step's logs. The loss shown is the
-    step before's: a step's logs are read after the next step is queued, so the read never leaves the GPU idle."""
+    returns it and ``advance(logs)``, called once per optimizer step."""
     bar = tqdm(total=config.max_steps, initial=step, disable=None if accelerator.is_local_main_process else True,
                desc="train", unit="step")
     samples_per_step = config.batch_size * config.gradient_accumulation * accelerator.num_processes
-    last, previous = [time.perf_counter()], [None]
+    last = [time.perf_counter()]
 
-    def advance(logs: Mapping[str, float]) -> None:
+    def advance(logs: dict[str, float]) -> None:
         now = time.perf_counter()
-        shown = previous[0] if previous[0] is not None else {}
-        bar.set_postfix(loss=f"{shown.get('loss/total', float('nan')):.4f}",
+        bar.set_postfix(loss=f"{logs.get('loss/total', float('nan')):.4f}",
                         samples_s=f"{samples_per_step / max(now - last[0], 1e-9):.2f}", refresh=False)
         bar.update(1)
-        last[0], previous[0] = now, logs
+        last[0] = now
 
     return bar, advance
 
@@ -205,14 +201,14 @@ def fsdp_lora_state(accelerator: Any, model: Any) -> dict[str, torch.Tensor]:
 
 
 def _after_step(parts: TrainParts, val_set: Any, config: Any, accelerator: Any, prepared: tuple, step: int,
-                epoch: int, position: int, logs: StepLogs) -> None:
+                epoch: int, position: int, logs: dict[str, float]) -> None:
     """Logging, checkpoints and previews at optimizer-step boundaries (main process writes)."""
     from accelerate.utils import DistributedType
 
     model, optimizer = prepared
     run_dir = Path(config.output_dir)
     if step % config.log_every == 0:
-        accelerator.log(dict(logs), step=step)
+        accelerator.log(logs, step=step)
     if step % config.save_every == 0 or step == config.max_steps:
         accelerator.wait_for_everyone()
         fsdp = accelerator.distributed_type == DistributedType.FSDP
