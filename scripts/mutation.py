@@ -100,6 +100,14 @@ TARGETS: dict[str, Target] = {
             "test_ddp_leaves_the_e4m3_copies_alone", "test_fewer_than_16_rows_fall_back_to_the_dequantised_matmul",
             "test_layer_defaults_no_bias_and_the_stored_transposed_copy",
             "test_quantize_frozen_fp8_options_and_an_apple_transformer"))),
+    "aux_losses": Target(
+        ("src/appleswap/train/teacher.py",),
+        tuple(f"tests/train/test_training_speed.py::{name}" for name in (
+            "test_loss_weights_scale_their_terms_in_the_training_loss",
+            "test_recomputed_aux_losses_give_the_batched_loss_and_gradients",
+            "test_recomputed_aux_losses_keep_no_decoder_activations_for_backward")),
+        ("appleswap.train.teacher.x__auxiliary_losses*", "appleswap.train.teacher.x__aux_terms*",
+         "appleswap.train.teacher.x__recomputed_aux_terms*")),
     "weights": Target(
         ("src/appleswap/weights.py",),
         ("tests/test_weights_registry.py",),
