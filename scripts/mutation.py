@@ -105,7 +105,9 @@ TARGETS: dict[str, Target] = {
         tuple(f"tests/train/test_training_speed.py::{name}" for name in (
             "test_loss_weights_scale_their_terms_in_the_training_loss",
             "test_recomputed_aux_losses_give_the_batched_loss_and_gradients",
-            "test_recomputed_aux_losses_keep_no_decoder_activations_for_backward")),
+            "test_recomputed_aux_losses_keep_no_decoder_activations_for_backward",
+            "test_aux_losses_take_exactly_the_gated_samples_in_each_network_s_range",
+            "test_each_aux_loss_decodes_only_what_its_own_gate_and_weight_ask")),
         ("appleswap.train.teacher.x__auxiliary_losses*", "appleswap.train.teacher.x__aux_terms*",
          "appleswap.train.teacher.x__recomputed_aux_terms*")),
     "weights": Target(

@@ -381,3 +381,93 @@ def test_recompute_aux_losses_is_a_flag_and_a_loss_setting():
     config = TrainConfig()
     for field in dataclasses.fields(LossSettings):
         assert getattr(config, field.name) == field.default, field.name
+
+
+def _gate_ts(config, batch) -> list[float]:
+    """The t each sample of ``batch`` draws in compute_loss (keyed by seed, epoch 0 and its dataset index)."""
+    from appleswap.train import losses
+    from appleswap.train.teacher import sample_generator
+
+    return [float(losses.sample_timesteps(1, mean=config.logit_mean, std=config.logit_std,
+                                          generator=sample_generator(config.seed, 0, int(i)))[0])
+            for i in batch["index"]]
+
+
+def _spy_aux_networks(parts) -> dict:
+    """Record what the ID network, LPIPS and the VAE decoder are given (the networks still run)."""
+    seen = {"id": [], "lpips": [], "decoded": 0}
+    id_net, lpips_net, decode = parts.id_loss, parts.lpips, parts.vae.decode
+
+    def id_spy(images, source):
+        out = id_net(images, source)
+        seen["id"].append((images.detach().clone(), source.clone(), out.detach().clone()))
+        return out
+
+    def lpips_spy(images, real):
+        seen["lpips"].append((images.detach().clone(), real.clone()))
+        return lpips_net(images, real)
+
+    def decode_spy(latents, *args, **kwargs):
+        seen["decoded"] += latents.shape[0]
+        return decode(latents, *args, **kwargs)
+
+    parts.id_loss = id_spy if id_net is not None else None
+    parts.lpips = lpips_spy if lpips_net is not None else None
+    parts.vae.decode = decode_spy
+    return seen
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_aux_losses_take_exactly_the_gated_samples_in_each_network_s_range(weights, recompute):
+    """The samples with t <= the gate (inclusive: the gate set to one sample's own t takes it) are decoded once
+    each; the ID network gets them in [0, 1] (clamped) with their source photos, LPIPS the decoded image in
+    [-1, 1] space unclamped with the real target mapped to [-1, 1]; the logged ID loss is their mean."""
+    from appleswap.train.teacher import compute_loss
+
+    batch = _batch()
+    parts, config = _aux_parts(weights, recompute_aux_losses=recompute)
+    ts = _gate_ts(config, batch)
+    gate = sorted(ts)[1]  # the middle sample's own t
+    config = dataclasses.replace(config, id_loss_max_t=gate, lpips_max_t=gate)
+    expected = [k for k, t in enumerate(ts) if t <= gate]
+    assert len(expected) == 2
+    with torch.no_grad():
+        parts.vae.decoder.conv_out.weight.mul_(20)  # decoded values well outside [-1, 1]: the clamp matters
+    seen = _spy_aux_networks(parts)
+    _, logs = compute_loss(parts, batch, config)  # with grad: the recompute path runs per sample
+    assert seen["decoded"] == len(expected)
+    id_images, sources, per_id = (torch.cat(parts) for parts in zip(*seen["id"]))
+    lpips_images, reals = (torch.cat(parts) for parts in zip(*seen["lpips"]))
+    torch.testing.assert_close(sources, batch["source"][expected], rtol=0, atol=0)
+    torch.testing.assert_close(reals, batch["target"][expected] * 2 - 1, rtol=0, atol=0)
+    assert lpips_images.min() < -1 and lpips_images.max() > 1
+    torch.testing.assert_close(id_images, ((lpips_images + 1) / 2).clamp(0, 1), rtol=0, atol=1e-6)
+    assert logs["loss/id"] == pytest.approx(per_id.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("case", ["id off", "lpips off", "no id network", "id gate wider", "lpips gate wider"])
+def test_each_aux_loss_decodes_only_what_its_own_gate_and_weight_ask(weights, case, recompute):
+    """A loss with weight 0 (or no network) is neither computed nor logged and its gate decodes nothing; the
+    samples decoded are those under the wider gate of the losses that are on."""
+    from appleswap.train.teacher import compute_loss
+
+    batch = _batch()
+    parts, config = _aux_parts(weights, recompute_aux_losses=recompute)
+    gate = sorted(_gate_ts(config, batch))[0]  # one sample at or under it
+    settings, logged, decoded = {
+        "id off": ({"id_loss_weight": 0.0, "id_loss_max_t": 1.0, "lpips_max_t": gate}, {"loss/lpips"}, 1),
+        "lpips off": ({"lpips_weight": 0.0, "lpips_max_t": 1.0, "id_loss_max_t": gate}, {"loss/id"}, 1),
+        "no id network": ({"id_loss_max_t": 1.0, "lpips_max_t": gate}, {"loss/lpips"}, 1),
+        "id gate wider": ({"id_loss_max_t": 1.0, "lpips_max_t": gate}, {"loss/id", "loss/lpips"}, 3),
+        "lpips gate wider": ({"lpips_max_t": 1.0, "id_loss_max_t": gate}, {"loss/id", "loss/lpips"}, 3),
+    }[case]
+    config = dataclasses.replace(config, **settings)
+    if case == "no id network":
+        parts.id_loss = None
+    seen = _spy_aux_networks(parts)
+    total, logs = compute_loss(parts, batch, config)
+    total.backward()  # the recompute path's backward runs with one loss alone too
+    assert {name for name in logs if name in ("loss/id", "loss/lpips")} == logged
+    assert (len(seen["id"]) > 0) == ("loss/id" in logged) and (len(seen["lpips"]) > 0) == ("loss/lpips" in logged)
+    assert seen["decoded"] == decoded * (2 if recompute else 1)  # recompute: once more in backward
