@@ -454,7 +454,7 @@ def test_each_aux_loss_decodes_only_what_its_own_gate_and_weight_ask(weights, ca
 
     batch = _batch()
     parts, config = _aux_parts(weights, recompute_aux_losses=recompute)
-    gate = sorted(_gate_ts(config, batch))[0]  # one sample at or under it
+    gate = min(_gate_ts(config, batch))  # one sample at or under it
     settings, logged, decoded = {
         "id off": ({"id_loss_weight": 0.0, "id_loss_max_t": 1.0, "lpips_max_t": gate}, {"loss/lpips"}, 1),
         "lpips off": ({"lpips_weight": 0.0, "lpips_max_t": 1.0, "id_loss_max_t": gate}, {"loss/id"}, 1),
