@@ -10,6 +10,10 @@ those are also the reference the batched outputs are compared with (max absolute
 
     PYTHONPATH=src python benchmarks/bench_pseudo.py                        # the table (H100: ~5 min)
     PYTHONPATH=src python benchmarks/bench_pseudo.py --tiny --device cpu    # smoke test of the benchmark itself
+    PYTHONPATH=src python benchmarks/bench_pseudo.py --sdpa cudnn --profile # one attention kernel; where a call goes
+
+``--sdpa`` picks PyTorch's attention backend for the whole run (the compiled blocks and recorded graphs keep the
+kernel they were traced with, so compare backends in separate runs); ``auto`` is what ``appleswap pseudo`` uses.
 
 Not timed: reading the inputs and writing PNGs and scores (``generate_pairs`` writes them on a background thread
 while the next batch runs).
@@ -23,6 +27,7 @@ import gc
 import logging
 import sys
 import time
+from pathlib import Path
 
 logger = logging.getLogger("appleswap.bench_pseudo")
 FULL_ID_DIM, TINY_ID_DIM = 2048, 64
@@ -67,8 +72,9 @@ def peak_gib(device: str) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else float("nan")
 
 
-def bench_precision(args, precision: str, rows) -> None:
-    """Rows of one precision: batch 1 (each pair alone) and every larger batch, same pairs."""
+def bench_precision(args, precision: str, rows, profiles: list[str]) -> None:
+    """Rows of one precision: batch 1 (each pair alone) and every larger batch, same pairs (``--profile``: and
+    where one call of the largest batch goes, appended to ``profiles``)."""
     import torch
 
     from appleswap.benchmark.utils import sync, time_call
@@ -106,6 +112,13 @@ def bench_precision(args, precision: str, rows) -> None:
         rows.add(f"{label}, batch {batch}", 3600 * batch / seconds, "triplets/h",
                  f"{seconds:.3f} s per batch ({seconds / batch:.3f} s per pair, median of {args.repeats}); first call "
                  f"{first:.0f} s; peak {peak_gib(args.device):.1f} GiB; max abs. difference to batch 1 {difference:.2g}")
+    if args.profile:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script or loaded by path (tests)
+        from bench_train_step import profile_steps  # the training benchmark's kernel-kind table
+
+        call = functools.partial(generator.swap, *(x[:largest] for x in pairs))
+        profiles.append(f"{label}, batch {largest}, one call profiled:\n"
+                          + profile_steps(lambda seed: call(), args.device, seconds, top=True, steps=1))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -118,6 +131,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per batch size")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager blocks and VAE")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="no CUDA graphs")
+    parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
+                        help="attention backend for the whole run (auto: PyTorch's choice, as appleswap pseudo)")
+    parser.add_argument("--profile", action="store_true", help="also profile one call of the largest batch")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     args.batches = sorted({1, *(int(b) for b in args.batches.split(","))})
@@ -141,17 +157,22 @@ def main(argv: list[str] | None = None) -> int:
         name = torch.cuda.get_device_name(args.device)
     else:
         name = "CPU"
-    rows = Rows()
+    from appleswap.benchmark.utils import sdpa_context
+
+    rows, profiles = Rows(), []
     for precision in args.precisions:
-        bench_precision(args, precision, rows)  # a fresh model each; the last one freed before the next
+        with sdpa_context(args.sdpa):
+            bench_precision(args, precision, rows, profiles)  # a fresh model each; the last one freed before the next
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(args.device)
     print(f"pseudo-triplets (teacher + inversion, {2 * args.steps} passes per pair) on {name}, torch "
           f"{torch.__version__}, {'tiny config' if args.tiny else 'full FLUX.1, 512x512'}, compile={args.compile}, "
-          f"cuda_graphs={args.cuda_graphs}")
+          f"cuda_graphs={args.cuda_graphs}, attention backend {args.sdpa}")
     print(rows.table())
+    for note in profiles:
+        print("\n" + note)
     return 0
 
 

@@ -42,3 +42,25 @@ def test_tiny_mode_prints_triplets_per_hour_for_each_batch(bench, capsys):
 def test_bad_arguments_are_a_usage_error(bench):
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--device", "cpu", "--precisions", "fp16"])
+
+
+def test_attention_backend_and_profile_are_passed_through(bench, capsys, monkeypatch):
+    """``--sdpa math`` leaves only the math kernel enabled while a precision's model is built and timed, and is named
+    in the header; ``--profile`` adds its section (on the CPU: the line saying there is nothing to profile)."""
+    import torch
+
+    enabled = []
+    run = bench.bench_precision
+
+    def recording(*args):
+        enabled.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return run(*args)
+
+    monkeypatch.setattr(bench, "bench_precision", recording)
+    assert bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--batches", "1", "--precisions", "bf16",
+                       "--repeats", "1", "--sdpa", "math", "--profile", "--log-level", "WARNING"]) == 0
+    out = capsys.readouterr().out
+    assert enabled == [(False, True)]
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the run
+    assert "attention backend math" in out
+    assert "fp32 (tiny), batch 1, one call profiled:\n(no GPU: nothing to profile)" in out
