@@ -144,7 +144,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from appleswap.benchmark.utils import Rows
+    from appleswap.benchmark.utils import Rows, sdpa_context
     from appleswap.cli_common import inference_blas_defaults
 
     args = parse(argv)
@@ -157,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         name = torch.cuda.get_device_name(args.device)
     else:
         name = "CPU"
-    from appleswap.benchmark.utils import sdpa_context
-
     rows, profiles = Rows(), []
     for precision in args.precisions:
         with sdpa_context(args.sdpa):
