@@ -440,7 +440,7 @@ def test_browser_gallery_swap_cancel_and_seek(server, faces_dir, tmp_path):
         _wait(lambda: css(By.CSS_SELECTOR, "#target-video video").get_attribute("src"), what="the video preview")
         css(By.ID, "swap").click()
         _wait(lambda: "/60 frame" in progress_text(), what="per-frame progress")
-        _wait(lambda: "1/60 frame" in progress_text() or "2/60 frame" in progress_text(), what="a frame done")
+        _wait(lambda: re.search(r"\b[1-9]\d*/60 frame", progress_text()), what="a frame done")  # polled: any count
         shot("video-progress")
         css(By.ID, "cancel").click()
         _wait(lambda: status() == "cancelled", what="the job to stop")  # after its current frame
